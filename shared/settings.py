@@ -1,0 +1,244 @@
+"""Application settings, read once from the environment.
+
+Every setting the app reads is declared in ``SETTINGS`` below; that table is the single source for
+the README settings table, ``local.settings.json.example`` and the Bicep app settings (a test keeps
+them in step). ``Settings.from_env`` reports every missing or malformed name at once.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from shared.errors import ConfigurationError
+
+MARKETPLACE_RESOURCE_ID = "20e940b3-4c77-4b0b-9a53-9e16a1b010a7"
+DEFAULT_API_BASE_URL = "https://marketplaceapi.microsoft.com/api"
+DEFAULT_API_VERSION = "2018-08-31"
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    name: str
+    default: str | None
+    description: str
+    secret: bool = False
+    # Where it is set: "app" = an app setting in Azure; "local" = local development only.
+    scope: str = "app"
+
+
+SETTINGS: tuple[SettingSpec, ...] = (
+    SettingSpec("MARKETPLACE_API_BASE_URL", DEFAULT_API_BASE_URL, "Base URL of the SaaS Fulfillment API v2."),
+    SettingSpec("MARKETPLACE_API_VERSION", DEFAULT_API_VERSION, "api-version query value."),
+    SettingSpec("MARKETPLACE_AUTH", "entra", "`entra` (bearer token from Entra ID) or `none` (local stand-ins, Microsoft's SaaS API emulator)."),
+    SettingSpec("MARKETPLACE_PUBLISHER_ID", "", "Optional; sent as the `publisherId` query parameter (Microsoft's emulator needs it)."),
+    SettingSpec("MARKETPLACE_TENANT_ID", "", "Entra tenant id of the marketplace app registration (Partner Center technical configuration)."),
+    SettingSpec("MARKETPLACE_CLIENT_ID", "", "Application (client) id of the marketplace app registration (Partner Center technical configuration)."),
+    SettingSpec("MARKETPLACE_CLIENT_SECRET", "", "Client secret of the marketplace app (use a Key Vault reference).", secret=True),
+    SettingSpec("MARKETPLACE_CLIENT_CERTIFICATE", "", "PEM or base64 PKCS#12 certificate with private key for the marketplace app (Key Vault reference).", secret=True),
+    SettingSpec("MARKETPLACE_CLIENT_CERTIFICATE_PASSWORD", "", "Password of MARKETPLACE_CLIENT_CERTIFICATE, if any.", secret=True),
+    SettingSpec("MARKETPLACE_USE_FEDERATED_IDENTITY", "false", "`true`: get the marketplace token by workload identity federation with the managed identity (no secret at all)."),
+    SettingSpec("AZURE_CLIENT_ID", "", "Client id of the user-assigned managed identity (storage, Key Vault, federation). Never the marketplace app id."),
+    SettingSpec("TABLES_CONNECTION_STRING", "", "Storage connection string (Azurite locally). Either this or TABLES_ENDPOINT.", secret=True),
+    SettingSpec("TABLES_ENDPOINT", "", "Table service endpoint for identity-based access in Azure, e.g. https://<account>.table.core.windows.net."),
+    SettingSpec("TABLES_PREFIX", "saas", "Prefix of the table names (letters and digits)."),
+    SettingSpec("RECONCILE_SCHEDULE", "0 */30 * * * *", "NCRONTAB (6 fields, UTC) schedule of the reconciliation timer."),
+    SettingSpec("RECONCILE_TIME_BUDGET_SECONDS", "480", "Wall-time budget of one reconciliation run; the run checkpoints and stops when it is spent."),
+    SettingSpec("RECONCILE_ACTIVATION_RETRY_LIMIT", "3", "How many times the reconciler re-sends an unconfirmed activation before flagging it."),
+    SettingSpec("RECONCILE_OPERATION_DEADLINE_SECONDS", "600", "Age after which an InProgress operation or an unapplied webhook is settled by the reconciler."),
+    SettingSpec("ACTIVATION_MODE", "auto", "`auto`: activate when the buyer confirms; `manual`: record PendingActivation for an operator."),
+    SettingSpec("SAAS_APP_URL", "", "URL of the publisher's SaaS application, linked from the landing page."),
+    SettingSpec("LANDING_REQUIRE_SIGNIN", "true", "Refuse to show purchase details without an App Service Authentication principal."),
+    SettingSpec("LANDING_FORM_SECRET", "", "Secret that signs the landing page's CSRF tokens (Key Vault reference; 32+ random bytes).", secret=True),
+    SettingSpec("BRAND_NAME", "Contoso SaaS", "Product name shown on the landing page."),
+    SettingSpec("BRAND_LOGO_URL", "", "Optional logo URL shown on the landing page."),
+    SettingSpec("SUPPORT_EMAIL", "", "Support contact shown on the landing page."),
+    SettingSpec("WEBHOOK_AUTH", "entra", "`entra` (validate Microsoft's bearer token) or `none` (local only; refused in Azure)."),
+    SettingSpec("WEBHOOK_AUDIENCE", "", "Expected `aud` of webhook tokens; default MARKETPLACE_CLIENT_ID."),
+    SettingSpec("WEBHOOK_OPENID_CONFIG_URL", "", "OpenID metadata URL for webhook signing keys; default the Entra one of MARKETPLACE_TENANT_ID."),
+    SettingSpec("WEBHOOK_VERIFY_OPERATION", "true", "Confirm each webhook with Get Operation before acting."),
+    SettingSpec("WEBHOOK_MAX_BODY_BYTES", "65536", "Largest webhook body accepted."),
+    SettingSpec("PUBLISHER_POLICY", "", "Optional `module:function` deciding ChangePlan/ChangeQuantity/Reinstate; default accepts all."),
+    SettingSpec("EVENTS_QUEUE_NAME", "subscription-events", "Storage queue that receives lifecycle events."),
+    SettingSpec("EVENTS_QUEUE_ENDPOINT", "", "Queue service endpoint for identity-based access; default derived from TABLES_ENDPOINT."),
+    SettingSpec("EVENTS_WEBHOOK_URL", "", "Optional HTTPS URL that receives lifecycle events, HMAC-signed."),
+    SettingSpec("EVENTS_WEBHOOK_SECRET", "", "HMAC secret for EVENTS_WEBHOOK_URL (Key Vault reference).", secret=True),
+    SettingSpec("DEV_SIGNED_IN_USER", "", "Local dev host only: `Name <email>` of the user it signs in.", scope="local"),
+)
+
+SETTING_NAMES = frozenset(spec.name for spec in SETTINGS)
+_DEFAULTS = {spec.name: spec.default for spec in SETTINGS}
+
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off", ""}
+
+
+def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...], problems: list[str]) -> str:
+    value = (env.get(name) or _DEFAULTS[name] or "").strip().lower()
+    if value not in allowed:
+        problems.append(f"{name} must be one of {', '.join(allowed)}")
+        return allowed[0]
+    return value
+
+
+def _flag(env: Mapping[str, str], name: str, problems: list[str]) -> bool:
+    value = (env.get(name) or _DEFAULTS[name] or "").strip().lower()
+    if value in TRUE_WORDS:
+        return True
+    if value in FALSE_WORDS:
+        return False
+    problems.append(f"{name} must be true or false")
+    return False
+
+
+def _int(env: Mapping[str, str], name: str, problems: list[str], minimum: int = 1) -> int:
+    raw = (env.get(name) or _DEFAULTS[name] or "").strip()
+    try:
+        value = int(raw)
+    except ValueError:
+        problems.append(f"{name} must be a whole number")
+        return int(_DEFAULTS[name] or 0)
+    if value < minimum:
+        problems.append(f"{name} must be at least {minimum}")
+    return value
+
+
+def _text(env: Mapping[str, str], name: str) -> str:
+    return (env.get(name) or _DEFAULTS[name] or "").strip()
+
+
+@dataclass(frozen=True)
+class Settings:
+    marketplace_api_base_url: str = DEFAULT_API_BASE_URL
+    marketplace_api_version: str = DEFAULT_API_VERSION
+    marketplace_auth: str = "entra"
+    marketplace_publisher_id: str = ""
+    marketplace_tenant_id: str = ""
+    marketplace_client_id: str = ""
+    marketplace_client_secret: str = field(default="", repr=False)
+    marketplace_client_certificate: str = field(default="", repr=False)
+    marketplace_client_certificate_password: str = field(default="", repr=False)
+    marketplace_use_federated_identity: bool = False
+    managed_identity_client_id: str = ""
+    tables_connection_string: str = field(default="", repr=False)
+    tables_endpoint: str = ""
+    tables_prefix: str = "saas"
+    reconcile_schedule: str = "0 */30 * * * *"
+    reconcile_time_budget_seconds: int = 480
+    reconcile_activation_retry_limit: int = 3
+    reconcile_operation_deadline_seconds: int = 600
+    activation_mode: str = "auto"
+    saas_app_url: str = ""
+    landing_require_signin: bool = True
+    landing_form_secret: str = field(default="", repr=False)
+    brand_name: str = "Contoso SaaS"
+    brand_logo_url: str = ""
+    support_email: str = ""
+    webhook_auth: str = "entra"
+    webhook_audience: str = ""
+    webhook_openid_config_url: str = ""
+    webhook_verify_operation: bool = True
+    webhook_max_body_bytes: int = 65536
+    publisher_policy: str = ""
+    events_queue_name: str = "subscription-events"
+    events_queue_endpoint: str = ""
+    events_webhook_url: str = ""
+    events_webhook_secret: str = field(default="", repr=False)
+    running_in_azure: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        """Read and validate every setting; raise one ConfigurationError naming all problems."""
+        env = os.environ if env is None else env
+        problems: list[str] = []
+        marketplace_auth = _choice(env, "MARKETPLACE_AUTH", ("entra", "none"), problems)
+        webhook_auth = _choice(env, "WEBHOOK_AUTH", ("entra", "none"), problems)
+        activation_mode = _choice(env, "ACTIVATION_MODE", ("auto", "manual"), problems)
+        tenant_id = _text(env, "MARKETPLACE_TENANT_ID")
+        client_id = _text(env, "MARKETPLACE_CLIENT_ID")
+        secret = _text(env, "MARKETPLACE_CLIENT_SECRET")
+        certificate = _text(env, "MARKETPLACE_CLIENT_CERTIFICATE")
+        federated = _flag(env, "MARKETPLACE_USE_FEDERATED_IDENTITY", problems)
+        running_in_azure = bool(env.get("WEBSITE_INSTANCE_ID"))
+
+        if marketplace_auth == "entra":
+            for name, value in (("MARKETPLACE_TENANT_ID", tenant_id), ("MARKETPLACE_CLIENT_ID", client_id)):
+                if not value:
+                    problems.append(f"{name} is required when MARKETPLACE_AUTH=entra")
+            if not (secret or certificate or federated):
+                problems.append(
+                    "one credential is required when MARKETPLACE_AUTH=entra: MARKETPLACE_CLIENT_SECRET, "
+                    "MARKETPLACE_CLIENT_CERTIFICATE or MARKETPLACE_USE_FEDERATED_IDENTITY=true"
+                )
+        if webhook_auth == "entra":
+            if not tenant_id:
+                problems.append("MARKETPLACE_TENANT_ID is required when WEBHOOK_AUTH=entra")
+            if not (_text(env, "WEBHOOK_AUDIENCE") or client_id):
+                problems.append("WEBHOOK_AUDIENCE or MARKETPLACE_CLIENT_ID is required when WEBHOOK_AUTH=entra")
+        elif running_in_azure:
+            problems.append("WEBHOOK_AUTH=none is refused when running in Azure (WEBSITE_INSTANCE_ID is set)")
+
+        connection_string = _text(env, "TABLES_CONNECTION_STRING")
+        endpoint = _text(env, "TABLES_ENDPOINT")
+        if not (connection_string or endpoint):
+            problems.append("TABLES_CONNECTION_STRING or TABLES_ENDPOINT is required")
+        prefix = _text(env, "TABLES_PREFIX")
+        if not (prefix.isalnum() and prefix.isascii() and prefix[:1].isalpha() and len(prefix) <= 40):
+            problems.append("TABLES_PREFIX must be 1-40 letters and digits, starting with a letter")
+
+        form_secret = _text(env, "LANDING_FORM_SECRET")
+        if not form_secret:
+            problems.append("LANDING_FORM_SECRET is required (32+ random characters)")
+        elif len(form_secret) < 16:
+            problems.append("LANDING_FORM_SECRET must be at least 16 characters")
+
+        base_url = _text(env, "MARKETPLACE_API_BASE_URL").rstrip("/")
+        if not base_url.startswith(("https://", "http://")):
+            problems.append("MARKETPLACE_API_BASE_URL must be an http(s) URL")
+        events_webhook_url = _text(env, "EVENTS_WEBHOOK_URL")
+        events_webhook_secret = _text(env, "EVENTS_WEBHOOK_SECRET")
+        if events_webhook_url and not events_webhook_secret:
+            problems.append("EVENTS_WEBHOOK_SECRET is required when EVENTS_WEBHOOK_URL is set")
+
+        settings = cls(
+            marketplace_api_base_url=base_url,
+            marketplace_api_version=_text(env, "MARKETPLACE_API_VERSION"),
+            marketplace_auth=marketplace_auth,
+            marketplace_publisher_id=_text(env, "MARKETPLACE_PUBLISHER_ID"),
+            marketplace_tenant_id=tenant_id,
+            marketplace_client_id=client_id,
+            marketplace_client_secret=secret,
+            marketplace_client_certificate=certificate,
+            marketplace_client_certificate_password=_text(env, "MARKETPLACE_CLIENT_CERTIFICATE_PASSWORD"),
+            marketplace_use_federated_identity=federated,
+            managed_identity_client_id=_text(env, "AZURE_CLIENT_ID"),
+            tables_connection_string=connection_string,
+            tables_endpoint=endpoint,
+            tables_prefix=prefix,
+            reconcile_schedule=_text(env, "RECONCILE_SCHEDULE"),
+            reconcile_time_budget_seconds=_int(env, "RECONCILE_TIME_BUDGET_SECONDS", problems),
+            reconcile_activation_retry_limit=_int(env, "RECONCILE_ACTIVATION_RETRY_LIMIT", problems, minimum=0),
+            reconcile_operation_deadline_seconds=_int(env, "RECONCILE_OPERATION_DEADLINE_SECONDS", problems),
+            activation_mode=activation_mode,
+            saas_app_url=_text(env, "SAAS_APP_URL"),
+            landing_require_signin=_flag(env, "LANDING_REQUIRE_SIGNIN", problems),
+            landing_form_secret=form_secret,
+            brand_name=_text(env, "BRAND_NAME"),
+            brand_logo_url=_text(env, "BRAND_LOGO_URL"),
+            support_email=_text(env, "SUPPORT_EMAIL"),
+            webhook_auth=webhook_auth,
+            webhook_audience=_text(env, "WEBHOOK_AUDIENCE") or client_id,
+            webhook_openid_config_url=_text(env, "WEBHOOK_OPENID_CONFIG_URL")
+            or (f"https://login.microsoftonline.com/{tenant_id}/v2.0/.well-known/openid-configuration" if tenant_id else ""),
+            webhook_verify_operation=_flag(env, "WEBHOOK_VERIFY_OPERATION", problems),
+            webhook_max_body_bytes=_int(env, "WEBHOOK_MAX_BODY_BYTES", problems),
+            publisher_policy=_text(env, "PUBLISHER_POLICY"),
+            events_queue_name=_text(env, "EVENTS_QUEUE_NAME"),
+            events_queue_endpoint=_text(env, "EVENTS_QUEUE_ENDPOINT"),
+            events_webhook_url=events_webhook_url,
+            events_webhook_secret=events_webhook_secret,
+            running_in_azure=running_in_azure,
+        )
+        if problems:
+            raise ConfigurationError(problems)
+        return settings
