@@ -39,7 +39,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("MARKETPLACE_CLIENT_CERTIFICATE_PASSWORD", "", "Password of MARKETPLACE_CLIENT_CERTIFICATE, if any.", secret=True),
     SettingSpec("MARKETPLACE_USE_FEDERATED_IDENTITY", "false", "`true`: get the marketplace token by workload identity federation with the managed identity (no secret at all)."),
     SettingSpec("AZURE_CLIENT_ID", "", "Client id of the user-assigned managed identity (storage, Key Vault, federation). Never the marketplace app id."),
-    SettingSpec("TABLES_CONNECTION_STRING", "", "Storage connection string (Azurite locally). Either this or TABLES_ENDPOINT.", secret=True),
+    SettingSpec("TABLES_CONNECTION_STRING", "", "Storage connection string (Azurite locally). Either this or TABLES_ENDPOINT.", secret=True, scope="local"),
     SettingSpec("TABLES_ENDPOINT", "", "Table service endpoint for identity-based access in Azure, e.g. https://<account>.table.core.windows.net."),
     SettingSpec("TABLES_PREFIX", "saas", "Prefix of the table names (letters and digits)."),
     SettingSpec("RECONCILE_SCHEDULE", "0 */30 * * * *", "NCRONTAB (6 fields, UTC) schedule of the reconciliation timer."),

@@ -1,0 +1,358 @@
+"""Domain model of the SaaS Fulfillment API v2, parsed leniently at the boundary.
+
+Microsoft extends these payloads without notice (new fields, new enum values, quantity as
+``""``/``null``/number/string, field names in varying case), so parsing never fails on what it
+does not know: unknown enum values map to ``UNKNOWN`` and the original payload is kept in ``raw``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any, Mapping
+
+
+class _LenientEnum(str, Enum):
+    @classmethod
+    def parse(cls, value: Any):
+        text = str(value or "").strip()
+        for member in cls:
+            if member.value.lower() == text.lower():
+                return member
+        return cls("Unknown")
+
+
+class SubscriptionStatus(_LenientEnum):
+    PENDING_FULFILLMENT_START = "PendingFulfillmentStart"
+    SUBSCRIBED = "Subscribed"
+    SUSPENDED = "Suspended"
+    UNSUBSCRIBED = "Unsubscribed"
+    NOT_STARTED = "NotStarted"
+    UNKNOWN = "Unknown"
+
+
+class Action(_LenientEnum):
+    CHANGE_PLAN = "ChangePlan"
+    CHANGE_QUANTITY = "ChangeQuantity"
+    SUSPEND = "Suspend"
+    REINSTATE = "Reinstate"
+    UNSUBSCRIBE = "Unsubscribe"
+    RENEW = "Renew"
+    SUBSCRIBE = "Subscribe"
+    UNKNOWN = "Unknown"
+
+
+class OperationStatus(_LenientEnum):
+    NOT_STARTED = "NotStarted"
+    IN_PROGRESS = "InProgress"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    CONFLICT = "Conflict"
+    UNKNOWN = "Unknown"
+
+
+class UpdateStatus(str, Enum):
+    """Body values of PATCH operation (note: not the same words as OperationStatus)."""
+
+    SUCCESS = "Success"
+    FAILURE = "Failure"
+
+
+# ---------------------------------------------------------------------------------------------
+# lenient field readers
+
+
+def field_of(data: Mapping[str, Any] | None, name: str, default: Any = None) -> Any:
+    """Read ``name`` from a payload, matching the key case-insensitively."""
+    if not isinstance(data, Mapping):
+        return default
+    if name in data:
+        return data[name]
+    lowered = name.lower()
+    for key, value in data.items():
+        if isinstance(key, str) and key.lower() == lowered:
+            return value
+    return default
+
+
+def parse_quantity(value: Any) -> int | None:
+    """Quantity arrives as 20, "20", 20.0, "", null or not at all."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    text = str(value).strip()
+    if not text:
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() else None
+
+
+_FRACTION = re.compile(r"(\.\d{1,6})\d*")
+
+
+def parse_timestamp(value: Any) -> datetime | None:
+    """Parse Marketplace date-times (``2023-03-28T18:59:20.1234567Z``, dates, offsets) to aware UTC."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    text = str(value or "").strip()
+    if not text:
+        return None
+    text = _FRACTION.sub(lambda m: m.group(1), text.replace("Z", "+00:00").replace("z", "+00:00"), count=1)
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.astimezone(timezone.utc)
+
+
+def format_timestamp(value: datetime | None) -> str:
+    if value is None:
+        return ""
+    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _text(data: Mapping[str, Any] | None, name: str) -> str:
+    value = field_of(data, name)
+    return "" if value is None else str(value).strip()
+
+
+def _bool(data: Mapping[str, Any] | None, name: str) -> bool:
+    value = field_of(data, name)
+    if isinstance(value, str):
+        return value.strip().lower() == "true"
+    return bool(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# value objects
+
+
+@dataclass(frozen=True)
+class AadIdentifier:
+    email_id: str = ""
+    object_id: str = ""
+    tenant_id: str = ""
+    puid: str = ""
+
+    @classmethod
+    def from_api(cls, data: Any) -> "AadIdentifier":
+        return cls(
+            email_id=_text(data, "emailId"),
+            object_id=_text(data, "objectId"),
+            tenant_id=_text(data, "tenantId"),
+            puid=_text(data, "puid"),
+        )
+
+    def to_api(self) -> dict[str, str]:
+        return {"emailId": self.email_id, "objectId": self.object_id, "tenantId": self.tenant_id, "puid": self.puid}
+
+
+@dataclass(frozen=True)
+class Term:
+    term_unit: str = ""  # open set: P1M, P1Y, P2Y, P3Y, PAY, P18M, ...
+    start_date: datetime | None = None
+    end_date: datetime | None = None
+    charge_duration: str = ""
+
+    @classmethod
+    def from_api(cls, data: Any) -> "Term":
+        return cls(
+            term_unit=_text(data, "termUnit"),
+            start_date=parse_timestamp(field_of(data, "startDate")),
+            end_date=parse_timestamp(field_of(data, "endDate")),
+            charge_duration=_text(data, "chargeDuration"),
+        )
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """The v2 Subscription object as Microsoft reports it."""
+
+    id: str
+    name: str = ""
+    publisher_id: str = ""
+    offer_id: str = ""
+    plan_id: str = ""
+    quantity: int | None = None
+    status: SubscriptionStatus = SubscriptionStatus.UNKNOWN
+    beneficiary: AadIdentifier = field(default_factory=AadIdentifier)
+    purchaser: AadIdentifier = field(default_factory=AadIdentifier)
+    term: Term = field(default_factory=Term)
+    auto_renew: bool = False
+    is_test: bool = False
+    is_free_trial: bool = False
+    allowed_customer_operations: tuple[str, ...] = ()
+    sandbox_type: str = ""
+    session_mode: str = ""
+    created: datetime | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_api(cls, data: Mapping[str, Any]) -> "Subscription":
+        operations = field_of(data, "allowedCustomerOperations") or ()
+        if isinstance(operations, str):
+            operations = (operations,)
+        return cls(
+            id=_text(data, "id"),
+            name=_text(data, "name"),
+            publisher_id=_text(data, "publisherId"),
+            offer_id=_text(data, "offerId"),
+            plan_id=_text(data, "planId"),
+            quantity=parse_quantity(field_of(data, "quantity")),
+            status=SubscriptionStatus.parse(field_of(data, "saasSubscriptionStatus")),
+            beneficiary=AadIdentifier.from_api(field_of(data, "beneficiary")),
+            purchaser=AadIdentifier.from_api(field_of(data, "purchaser")),
+            term=Term.from_api(field_of(data, "term")),
+            auto_renew=_bool(data, "autoRenew"),
+            is_test=_bool(data, "isTest"),
+            is_free_trial=_bool(data, "isFreeTrial"),
+            allowed_customer_operations=tuple(str(op).strip() for op in operations if op),
+            sandbox_type=_text(data, "sandboxType"),
+            session_mode=_text(data, "sessionMode"),
+            created=parse_timestamp(field_of(data, "created")),
+            raw=dict(data),
+        )
+
+
+@dataclass(frozen=True)
+class ResolvedPurchase:
+    """What Resolve returns for a landing page token."""
+
+    subscription_id: str
+    subscription_name: str = ""
+    offer_id: str = ""
+    plan_id: str = ""
+    quantity: int | None = None
+    subscription: Subscription | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_api(cls, data: Mapping[str, Any]) -> "ResolvedPurchase":
+        inner = field_of(data, "subscription")
+        subscription = Subscription.from_api(inner) if isinstance(inner, Mapping) else None
+        subscription_id = _text(data, "id") or (subscription.id if subscription else "")
+        if subscription is not None and not subscription.id:
+            subscription = Subscription.from_api({**inner, "id": subscription_id})
+        return cls(
+            subscription_id=subscription_id,
+            subscription_name=_text(data, "subscriptionName"),
+            offer_id=_text(data, "offerId"),
+            plan_id=_text(data, "planId"),
+            quantity=parse_quantity(field_of(data, "quantity")),
+            subscription=subscription,
+            raw=dict(data),
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    plan_id: str
+    display_name: str = ""
+    description: str = ""
+    is_private: bool = False
+    is_price_per_seat: bool = False
+    has_free_trials: bool = False
+    min_quantity: int | None = None
+    max_quantity: int | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_api(cls, data: Mapping[str, Any]) -> "Plan":
+        return cls(
+            plan_id=_text(data, "planId"),
+            display_name=_text(data, "displayName"),
+            description=_text(data, "description"),
+            is_private=_bool(data, "isPrivate"),
+            is_price_per_seat=_bool(data, "isPricePerSeat"),
+            has_free_trials=_bool(data, "hasFreeTrials"),
+            min_quantity=parse_quantity(field_of(data, "minQuantity")),
+            max_quantity=parse_quantity(field_of(data, "maxQuantity")),
+            raw=dict(data),
+        )
+
+
+@dataclass(frozen=True)
+class Operation:
+    """An operation on a subscription (Get Operation, List outstanding operations, webhooks)."""
+
+    id: str
+    subscription_id: str = ""
+    action: Action = Action.UNKNOWN
+    status: OperationStatus = OperationStatus.UNKNOWN
+    timestamp: datetime | None = None
+    plan_id: str = ""
+    quantity: int | None = None
+    offer_id: str = ""
+    publisher_id: str = ""
+    request_source: str = ""
+    error_status_code: str = ""
+    error_message: str = ""
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def action_name(self) -> str:
+        """The action as Microsoft spelled it (kept for unknown actions)."""
+        return _text(self.raw, "action") or self.action.value
+
+    @classmethod
+    def from_api(cls, data: Mapping[str, Any]) -> "Operation":
+        return cls(
+            id=_text(data, "id"),
+            subscription_id=_text(data, "subscriptionId"),
+            action=Action.parse(field_of(data, "action")),
+            status=OperationStatus.parse(field_of(data, "status")),
+            timestamp=parse_timestamp(field_of(data, "timeStamp")),
+            plan_id=_text(data, "planId"),
+            quantity=parse_quantity(field_of(data, "quantity")),
+            offer_id=_text(data, "offerId"),
+            publisher_id=_text(data, "publisherId"),
+            request_source=_text(data, "operationRequestSource") or _text(data, "operationRequestedSource"),
+            error_status_code=_text(data, "errorStatusCode"),
+            error_message=_text(data, "errorMessage"),
+            raw=dict(data),
+        )
+
+
+@dataclass(frozen=True)
+class WebhookEvent:
+    """A webhook call from Microsoft: an operation plus the subscription as Microsoft saw it."""
+
+    operation: Operation
+    subscription: Subscription | None = None
+
+    @property
+    def id(self) -> str:
+        return self.operation.id
+
+    @property
+    def subscription_id(self) -> str:
+        return self.operation.subscription_id
+
+    @property
+    def action(self) -> Action:
+        return self.operation.action
+
+    @classmethod
+    def from_api(cls, data: Mapping[str, Any]) -> "WebhookEvent":
+        """Parse a payload; raises ValueError naming the required fields that are missing."""
+        if not isinstance(data, Mapping):
+            raise ValueError("webhook body must be a JSON object")
+        missing = [name for name in ("id", "subscriptionId", "action") if not _text(data, name)]
+        if missing:
+            raise ValueError("webhook body is missing " + ", ".join(missing))
+        inner = field_of(data, "subscription")
+        subscription = Subscription.from_api(inner) if isinstance(inner, Mapping) else None
+        return cls(operation=Operation.from_api(data), subscription=subscription)

@@ -1,0 +1,597 @@
+"""Azure Table Storage repository for subscriptions, their history, webhook operations and the outbox.
+
+Schema (see docs/storage.md for the reasons): one table ``<prefix>subscriptions`` partitioned by
+subscription id. A partition holds
+
+* ``state``               the current record (ETag-guarded),
+* ``history|0000000001``  append-only history entries, one per applied change,
+* ``op|<operation id>``   the marker of a webhook operation (exactly-once handling),
+* ``event|0000000001``    outbox rows: lifecycle events waiting for the relay.
+
+Everything a change writes lives in one partition, so it is written in one entity group
+transaction: the state row (conditional on its ETag), the history entry, the operation marker and
+the outbox event either all exist or none do. A second table ``<prefix>runs`` holds the
+reconciler's checkpoint and run summaries.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable, Iterator
+
+from azure.core import MatchConditions
+from azure.core.exceptions import (
+    AzureError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+)
+from azure.data.tables import TableServiceClient, TableTransactionError, UpdateMode
+
+from shared.domain import AadIdentifier, format_timestamp, utc_now
+from shared.errors import ConflictError, StorageUnavailableError
+from shared.state_machine import HistoryEntry, LocalStatus, Outcome, SubscriptionRecord
+
+log = logging.getLogger(__name__)
+
+STATE_ROW = "state"
+HISTORY_PREFIX = "history|"
+OPERATION_PREFIX = "op|"
+EVENT_PREFIX = "event|"
+MAX_PAYLOAD_CHARS = 30_000  # a Table string property holds 64 KiB of UTF-16
+
+# Operation marker states
+OP_RECEIVED = "received"  # recorded, not applied yet: the next delivery or the reconciler finishes it
+
+
+def _seq_key(prefix: str, seq: int) -> str:
+    return f"{prefix}{seq:010d}"
+
+
+@dataclass
+class StorageMetrics:
+    """Counts storage round trips; the reconciler and benchmarks report them."""
+
+    reads: int = 0
+    writes: int = 0
+    scanned_pages: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, reads: int = 0, writes: int = 0, pages: int = 0) -> None:
+        with self._lock:
+            self.reads += reads
+            self.writes += writes
+            self.scanned_pages += pages
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {"reads": self.reads, "writes": self.writes, "scanned_pages": self.scanned_pages}
+
+
+@dataclass(frozen=True)
+class StoredRecord:
+    record: SubscriptionRecord
+    etag: str
+
+
+@dataclass(frozen=True)
+class OperationMarker:
+    subscription_id: str
+    operation_id: str
+    action: str
+    status: str
+    received_at: datetime | None
+    completed_at: datetime | None = None
+    payload: str = ""
+    correlation_id: str = ""
+    etag: str = ""
+
+    @property
+    def pending(self) -> bool:
+        return self.status == OP_RECEIVED
+
+
+@dataclass(frozen=True)
+class OutboxEvent:
+    subscription_id: str
+    seq: int
+    event_id: str
+    body: str  # the JSON document delivered to consumers
+    created_at: datetime | None
+    attempts: int = 0
+    etag: str = ""
+
+
+@dataclass(frozen=True)
+class ScanItem:
+    """One row of the reconciler's single scan."""
+
+    kind: str  # "state" | "op" | "event"
+    stored: StoredRecord | None = None
+    marker: OperationMarker | None = None
+    event: OutboxEvent | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# entity mapping
+
+
+def _dt(value: Any) -> datetime | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        from shared.domain import parse_timestamp
+
+        return parse_timestamp(value)
+    from shared.domain import parse_timestamp
+
+    return parse_timestamp(value)
+
+
+def record_to_entity(record: SubscriptionRecord) -> dict[str, Any]:
+    entity: dict[str, Any] = {
+        "PartitionKey": record.id,
+        "RowKey": STATE_ROW,
+        "Kind": "state",
+        "Status": record.status.value,
+        "MarketplaceStatus": record.marketplace_status,
+        "Name": record.name,
+        "OfferId": record.offer_id,
+        "PlanId": record.plan_id,
+        "Quantity": -1 if record.quantity is None else record.quantity,
+        "PublisherId": record.publisher_id,
+        "Purchaser": json.dumps(record.purchaser.to_api()),
+        "Beneficiary": json.dumps(record.beneficiary.to_api()),
+        "TermUnit": record.term_unit,
+        "IsFreeTrial": record.is_free_trial,
+        "AutoRenew": record.auto_renew,
+        "AllowedCustomerOperations": ",".join(record.allowed_customer_operations),
+        "SignedInUser": record.signed_in_user,
+        "ActivatedBy": record.activated_by,
+        "ActivationAttempts": record.activation_attempts,
+        "Flags": ",".join(record.flags),
+        "NeedsAttention": record.needs_attention,
+        "HistorySeq": record.history_seq,
+    }
+    for name, value in (
+        ("TermStart", record.term_start),
+        ("TermEnd", record.term_end),
+        ("LastEventAt", record.last_event_at),
+        ("CreatedAt", record.created_at),
+        ("UpdatedAt", record.updated_at),
+        ("ActivationRequestedAt", record.activation_requested_at),
+        ("UnsubscribedAt", record.unsubscribed_at),
+        ("RetainDataUntil", record.retain_data_until),
+    ):
+        entity[name] = format_timestamp(value)  # ISO strings: exact, sortable, no EDM surprises
+    return entity
+
+
+def _identifier(text: str) -> AadIdentifier:
+    try:
+        return AadIdentifier.from_api(json.loads(text or "{}"))
+    except ValueError:
+        return AadIdentifier()
+
+
+def record_from_entity(entity: dict[str, Any]) -> SubscriptionRecord:
+    quantity = entity.get("Quantity")
+    return SubscriptionRecord(
+        id=entity["PartitionKey"],
+        status=LocalStatus.parse(entity.get("Status", LocalStatus.PENDING_FULFILLMENT_START.value)),
+        marketplace_status=entity.get("MarketplaceStatus", ""),
+        name=entity.get("Name", ""),
+        offer_id=entity.get("OfferId", ""),
+        plan_id=entity.get("PlanId", ""),
+        quantity=None if quantity is None or quantity < 0 else int(quantity),
+        publisher_id=entity.get("PublisherId", ""),
+        purchaser=_identifier(entity.get("Purchaser", "")),
+        beneficiary=_identifier(entity.get("Beneficiary", "")),
+        term_unit=entity.get("TermUnit", ""),
+        term_start=_dt(entity.get("TermStart")),
+        term_end=_dt(entity.get("TermEnd")),
+        is_free_trial=bool(entity.get("IsFreeTrial", False)),
+        auto_renew=bool(entity.get("AutoRenew", False)),
+        allowed_customer_operations=tuple(x for x in entity.get("AllowedCustomerOperations", "").split(",") if x),
+        last_event_at=_dt(entity.get("LastEventAt")),
+        created_at=_dt(entity.get("CreatedAt")),
+        updated_at=_dt(entity.get("UpdatedAt")),
+        signed_in_user=entity.get("SignedInUser", ""),
+        activated_by=entity.get("ActivatedBy", ""),
+        activation_requested_at=_dt(entity.get("ActivationRequestedAt")),
+        activation_attempts=int(entity.get("ActivationAttempts", 0) or 0),
+        unsubscribed_at=_dt(entity.get("UnsubscribedAt")),
+        retain_data_until=_dt(entity.get("RetainDataUntil")),
+        flags=tuple(x for x in entity.get("Flags", "").split(",") if x),
+        history_seq=int(entity.get("HistorySeq", 0) or 0),
+    )
+
+
+def _history_to_entity(subscription_id: str, entry: HistoryEntry) -> dict[str, Any]:
+    return {
+        "PartitionKey": subscription_id,
+        "RowKey": _seq_key(HISTORY_PREFIX, entry.seq),
+        "Kind": "history",
+        "Entry": json.dumps(entry.to_json())[:MAX_PAYLOAD_CHARS],
+        "Source": entry.source,
+        "Result": entry.result,
+    }
+
+
+def _marker_from_entity(entity: dict[str, Any]) -> OperationMarker:
+    return OperationMarker(
+        subscription_id=entity["PartitionKey"],
+        operation_id=entity["RowKey"][len(OPERATION_PREFIX):],
+        action=entity.get("Action", ""),
+        status=entity.get("Status", ""),
+        received_at=_dt(entity.get("ReceivedAt")),
+        completed_at=_dt(entity.get("CompletedAt")),
+        payload=entity.get("Payload", ""),
+        correlation_id=entity.get("CorrelationId", ""),
+        etag=entity.metadata["etag"] if hasattr(entity, "metadata") else "",
+    )
+
+
+def _event_from_entity(entity: dict[str, Any]) -> OutboxEvent:
+    return OutboxEvent(
+        subscription_id=entity["PartitionKey"],
+        seq=int(entity["RowKey"][len(EVENT_PREFIX):]),
+        event_id=entity.get("EventId", ""),
+        body=entity.get("Body", "{}"),
+        created_at=_dt(entity.get("CreatedAt")),
+        attempts=int(entity.get("Attempts", 0) or 0),
+        etag=entity.metadata["etag"] if hasattr(entity, "metadata") else "",
+    )
+
+
+# Signature of the function that builds the outbox event for an outcome (see shared.events).
+EventBuilder = Callable[[Outcome, int], tuple[str, str]]
+
+
+class SubscriptionRepository:
+    """Subscriptions, history, webhook operation markers, outbox and reconciler runs."""
+
+    def __init__(self, service: TableServiceClient, prefix: str = "saas", *, metrics: StorageMetrics | None = None):
+        self._service = service
+        self.subscriptions_table_name = f"{prefix}subscriptions"
+        self.runs_table_name = f"{prefix}runs"
+        self._subscriptions = service.get_table_client(self.subscriptions_table_name)
+        self._runs = service.get_table_client(self.runs_table_name)
+        self.metrics = metrics or StorageMetrics()
+        self._tables_ready = False
+
+    # -- setup and health --------------------------------------------------------------------
+
+    def ensure_tables(self) -> None:
+        if self._tables_ready:
+            return
+        with _storage_errors("create tables"):
+            for name in (self.subscriptions_table_name, self.runs_table_name):
+                self._service.create_table_if_not_exists(name)
+        self._tables_ready = True
+
+    def check(self) -> None:
+        """Raise StorageUnavailableError unless the subscriptions table answers."""
+        self.ensure_tables()
+        with _storage_errors("health check"):
+            next(iter(self._subscriptions.query_entities("RowKey eq 'health'", results_per_page=1)), None)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def get(self, subscription_id: str) -> StoredRecord | None:
+        with _storage_errors("read subscription"):
+            self.metrics.add(reads=1)
+            try:
+                entity = self._subscriptions.get_entity(subscription_id, STATE_ROW)
+            except ResourceNotFoundError:
+                return None
+        return StoredRecord(record_from_entity(entity), entity.metadata["etag"])
+
+    def get_marker(self, subscription_id: str, operation_id: str) -> OperationMarker | None:
+        with _storage_errors("read operation marker"):
+            self.metrics.add(reads=1)
+            try:
+                entity = self._subscriptions.get_entity(subscription_id, OPERATION_PREFIX + operation_id)
+            except ResourceNotFoundError:
+                return None
+        return _marker_from_entity(entity)
+
+    def history(self, subscription_id: str) -> list[dict[str, Any]]:
+        query = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
+        params = {"pk": subscription_id, "lo": HISTORY_PREFIX, "hi": HISTORY_PREFIX[:-1] + chr(ord("|") + 1)}
+        with _storage_errors("read history"):
+            rows = list(self._subscriptions.query_entities(query, parameters=params))
+            self.metrics.add(reads=1)
+        return [json.loads(row["Entry"]) for row in sorted(rows, key=lambda r: r["RowKey"])]
+
+    def list_records(self, *, status: str = "", offer_id: str = "", plan_id: str = "") -> Iterator[SubscriptionRecord]:
+        clauses, params = ["RowKey eq @state"], {"state": STATE_ROW}
+        for column, value in (("Status", status), ("OfferId", offer_id), ("PlanId", plan_id)):
+            if value:
+                clauses.append(f"{column} eq @{column.lower()}")
+                params[column.lower()] = value
+        with _storage_errors("list subscriptions"):
+            pages = self._subscriptions.query_entities(" and ".join(clauses), parameters=params).by_page()
+            for page in pages:
+                self.metrics.add(reads=1, pages=1)
+                for entity in page:
+                    yield record_from_entity(entity)
+
+    def scan(self, *, page_size: int = 1000) -> Iterator[ScanItem]:
+        """The reconciler's one scan: every state row, pending operation marker and outbox row."""
+        query = "RowKey eq @state or Pending eq true"
+        with _storage_errors("scan"):
+            pages = self._subscriptions.query_entities(
+                query, parameters={"state": STATE_ROW}, results_per_page=page_size
+            ).by_page()
+            for page in pages:
+                self.metrics.add(reads=1, pages=1)
+                for entity in page:
+                    kind = entity.get("Kind")
+                    if kind == "state":
+                        yield ScanItem("state", stored=StoredRecord(record_from_entity(entity), entity.metadata["etag"]))
+                    elif kind == "op":
+                        yield ScanItem("op", marker=_marker_from_entity(entity))
+                    elif kind == "event":
+                        yield ScanItem("event", event=_event_from_entity(entity))
+
+    def pending_events(self, subscription_id: str) -> list[OutboxEvent]:
+        query = "PartitionKey eq @pk and Pending eq true"
+        with _storage_errors("read outbox"):
+            self.metrics.add(reads=1)
+            rows = list(self._subscriptions.query_entities(query, parameters={"pk": subscription_id}))
+        events = [_event_from_entity(r) for r in rows if r.get("Kind") == "event"]
+        return sorted(events, key=lambda e: e.seq)
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def record_operation(
+        self, subscription_id: str, operation_id: str, *, action: str, payload: str, correlation_id: str
+    ) -> tuple[bool, OperationMarker]:
+        """Durably note that a webhook operation arrived. Returns (created, marker)."""
+        now = utc_now()
+        entity = {
+            "PartitionKey": subscription_id,
+            "RowKey": OPERATION_PREFIX + operation_id,
+            "Kind": "op",
+            "Action": action,
+            "Status": OP_RECEIVED,
+            "Pending": True,
+            "ReceivedAt": format_timestamp(now),
+            "Payload": payload[:MAX_PAYLOAD_CHARS],
+            "CorrelationId": correlation_id,
+        }
+        with _storage_errors("record operation"):
+            self.metrics.add(writes=1)
+            try:
+                self._subscriptions.create_entity(entity)
+            except ResourceExistsError:
+                existing = self.get_marker(subscription_id, operation_id)
+                if existing is None:  # deleted in between: treat as fresh
+                    raise ConflictError("operation marker vanished")
+                return False, existing
+        marker = self.get_marker(subscription_id, operation_id)
+        assert marker is not None
+        return True, marker
+
+    def apply(
+        self,
+        subscription_id: str,
+        decide: Callable[[SubscriptionRecord | None], Outcome | None],
+        *,
+        operation_id: str = "",
+        build_event: EventBuilder | None = None,
+        known: StoredRecord | None = None,
+        attempts: int = 6,
+    ) -> Outcome | None:
+        """Read-decide-write with optimistic concurrency; the decision is re-made after a conflict.
+
+        ``decide`` gets the current record (None if we never saw the subscription) and returns the
+        state machine's Outcome, or None to write nothing. With ``operation_id`` the operation's
+        marker is settled in the same transaction, and the whole call does nothing (returns None)
+        if the marker is already settled: a duplicate delivery. ``known`` skips the first read
+        (the reconciler has the row from its scan); a stale ETag just costs one retry.
+        """
+        for attempt in range(attempts):
+            stored = known if attempt == 0 and known is not None else self.get(subscription_id)
+            marker = None
+            if operation_id:
+                marker = self.get_marker(subscription_id, operation_id)
+                if marker is not None and not marker.pending:
+                    return None
+            outcome = decide(stored.record if stored else None)
+            if outcome is None:
+                return None
+            try:
+                self._write(subscription_id, stored, outcome, marker, operation_id, build_event)
+                return outcome
+            except _Conflict:
+                log.info("concurrent update of subscription %s, retrying (attempt %s)", subscription_id, attempt + 1)
+                continue
+        raise ConflictError(f"subscription {subscription_id} kept changing; gave up after {attempts} attempts")
+
+    def _write(
+        self,
+        subscription_id: str,
+        stored: StoredRecord | None,
+        outcome: Outcome,
+        marker: OperationMarker | None,
+        operation_id: str,
+        build_event: EventBuilder | None,
+    ) -> None:
+        state = record_to_entity(outcome.record)
+        operations: list[tuple] = []
+        if stored is None:
+            operations.append(("create", state))
+        else:
+            operations.append(
+                ("update", state, {"mode": UpdateMode.REPLACE, "etag": stored.etag, "match_condition": MatchConditions.IfNotModified})
+            )
+        operations.append(("create", _history_to_entity(subscription_id, outcome.history)))
+        now = format_timestamp(utc_now())
+        if operation_id:
+            settled = {
+                "PartitionKey": subscription_id,
+                "RowKey": OPERATION_PREFIX + operation_id,
+                "Kind": "op",
+                "Status": outcome.result.value,
+                "Pending": False,
+                "CompletedAt": now,
+                "HistorySeq": outcome.history.seq,
+            }
+            if marker is not None:
+                operations.append(("update", settled, {"mode": UpdateMode.MERGE, "etag": marker.etag, "match_condition": MatchConditions.IfNotModified}))
+            else:
+                operations.append(("create", {**settled, "ReceivedAt": now}))
+        if outcome.event_type and build_event is not None:
+            seq = outcome.history.seq
+            event_id, body = build_event(outcome, seq)
+            operations.append(
+                (
+                    "create",
+                    {
+                        "PartitionKey": subscription_id,
+                        "RowKey": _seq_key(EVENT_PREFIX, seq),
+                        "Kind": "event",
+                        "Pending": True,
+                        "EventId": event_id,
+                        "EventType": outcome.event_type,
+                        "Body": body[:MAX_PAYLOAD_CHARS],
+                        "CreatedAt": now,
+                        "Attempts": 0,
+                    },
+                )
+            )
+        with _storage_errors("write change"):
+            self.metrics.add(writes=1)
+            try:
+                self._subscriptions.submit_transaction(operations)
+            except TableTransactionError as error:
+                if error.status_code in (409, 412):
+                    raise _Conflict() from error
+                raise
+
+    def settle_marker(self, marker: OperationMarker, status: str) -> bool:
+        """Settle a marker without a state change (refused, verified away). False if someone else did."""
+        entity = {
+            "PartitionKey": marker.subscription_id,
+            "RowKey": OPERATION_PREFIX + marker.operation_id,
+            "Status": status,
+            "Pending": False,
+            "CompletedAt": format_timestamp(utc_now()),
+        }
+        with _storage_errors("settle operation"):
+            self.metrics.add(writes=1)
+            try:
+                self._subscriptions.update_entity(
+                    entity, mode=UpdateMode.MERGE, etag=marker.etag, match_condition=MatchConditions.IfNotModified
+                )
+            except (ResourceModifiedError, ResourceNotFoundError):
+                return False
+        return True
+
+    def mark_event_delivered(self, event: OutboxEvent) -> None:
+        entity = {
+            "PartitionKey": event.subscription_id,
+            "RowKey": _seq_key(EVENT_PREFIX, event.seq),
+            "Pending": False,
+            "DeliveredAt": format_timestamp(utc_now()),
+        }
+        with _storage_errors("mark event delivered"):
+            self.metrics.add(writes=1)
+            self._subscriptions.update_entity(entity, mode=UpdateMode.MERGE)
+
+    def note_event_attempt(self, event: OutboxEvent, error: str) -> None:
+        entity = {
+            "PartitionKey": event.subscription_id,
+            "RowKey": _seq_key(EVENT_PREFIX, event.seq),
+            "Attempts": event.attempts + 1,
+            "LastError": error[:1000],
+            "LastAttemptAt": format_timestamp(utc_now()),
+        }
+        with _storage_errors("note event attempt"):
+            self.metrics.add(writes=1)
+            self._subscriptions.update_entity(entity, mode=UpdateMode.MERGE)
+
+    # -- reconciler runs -------------------------------------------------------------------------
+
+    def get_checkpoint(self) -> dict[str, Any] | None:
+        with _storage_errors("read checkpoint"):
+            self.metrics.add(reads=1)
+            try:
+                entity = self._runs.get_entity("reconcile", "checkpoint")
+            except ResourceNotFoundError:
+                return None
+        return json.loads(entity.get("State", "{}"))
+
+    def save_checkpoint(self, state: dict[str, Any] | None) -> None:
+        with _storage_errors("write checkpoint"):
+            self.metrics.add(writes=1)
+            if state is None:
+                try:
+                    self._runs.delete_entity("reconcile", "checkpoint")
+                except ResourceNotFoundError:
+                    pass
+                return
+            self._runs.upsert_entity(
+                {"PartitionKey": "reconcile", "RowKey": "checkpoint", "State": json.dumps(state)[:MAX_PAYLOAD_CHARS]},
+                mode=UpdateMode.REPLACE,
+            )
+
+    def save_run_summary(self, summary: dict[str, Any]) -> None:
+        # Inverted time in the key lists the newest run first.
+        key = f"run|{(10**13 - int(utc_now().timestamp() * 1000)):013d}"
+        with _storage_errors("write run summary"):
+            self.metrics.add(writes=1)
+            self._runs.upsert_entity(
+                {"PartitionKey": "reconcile", "RowKey": key, "Summary": json.dumps(summary)[:MAX_PAYLOAD_CHARS]}
+            )
+
+    def latest_runs(self, count: int = 10) -> list[dict[str, Any]]:
+        query = "PartitionKey eq 'reconcile' and RowKey ge 'run|' and RowKey lt 'run}'"
+        with _storage_errors("read run summaries"):
+            rows = self._runs.query_entities(query, results_per_page=count)
+            out = []
+            for row in rows:
+                out.append(json.loads(row["Summary"]))
+                if len(out) >= count:
+                    break
+        return out
+
+
+class _Conflict(Exception):
+    """An ETag or insert conflict inside a transaction; the caller re-reads and retries."""
+
+
+class _storage_errors:
+    """Turn the SDK's transport and service errors into StorageUnavailableError."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or isinstance(exc, (_Conflict, ConflictError, ResourceNotFoundError, ResourceExistsError, ResourceModifiedError)):
+            return False
+        if isinstance(exc, TableTransactionError) and exc.status_code in (409, 412):
+            return False
+        if isinstance(exc, (AzureError, HttpResponseError, OSError)):
+            log.warning("storage failed during %s: %s", self.what, type(exc).__name__)
+            raise StorageUnavailableError(f"storage unavailable during {self.what}") from exc
+        return False
+
+
+def table_service_from_settings(settings) -> TableServiceClient:
+    """Connection string (Azurite) or endpoint + managed identity (Azure). Short timeouts, few retries."""
+    options = {"retry_total": 2, "retry_backoff_factor": 0.4, "connection_timeout": 5, "read_timeout": 15}
+    if settings.tables_connection_string:
+        return TableServiceClient.from_connection_string(settings.tables_connection_string, **options)
+    from shared.credentials import storage_credential
+
+    return TableServiceClient(endpoint=settings.tables_endpoint, credential=storage_credential(settings), **options)
