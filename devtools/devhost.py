@@ -1,0 +1,1355 @@
+"""A small local stand-in for the Azure Functions host (``func start``) for v2-model Python apps.
+
+Azure Functions Core Tools cannot be installed everywhere; this module serves the functions
+registered on a ``func.FunctionApp`` by reading the app's own registrations
+(``app.get_functions()``), so routes, methods and schedules are defined in one place only.
+
+Command line (from the project root)::
+
+    python -m devtools.devhost [--app function_app:app] [--host 127.0.0.1] [--port 7071]
+                               [--settings local.settings.json] [--no-timers]
+
+In-process (tests)::
+
+    with DevHost(app, port=0, signed_in_user="Ada <ada@example.com>") as host:
+        requests.get(host.url + "/api/landing")
+
+What it emulates:
+
+* **HTTP triggers** - ``route`` (default: the function name), ``methods``, the route prefix from
+  ``host.json`` ``extensions.http.routePrefix`` (default ``api``) and ASP.NET route templates:
+  ``{name}``, ``{name:int}`` (and the other ASP.NET constraints), ``{name?}``, ``{name=default}``,
+  ``{*rest}``. Query strings are decoded once, the ASP.NET way (``+`` -> space, ``%2B`` -> ``+``);
+  repeated query keys / headers are joined with ``,`` / ``, ``. A function may return a
+  ``func.HttpResponse`` or a ``str``; anything else - or an exception - is a 500 with a generic
+  body (traceback in the log). 404 unknown route, 405 wrong method, 413 bodies over 100 MB.
+  Function keys / ``auth_level`` are not enforced, as with Core Tools.
+* **Timer triggers** - ``%SETTING%`` schedules, six-field NCRONTAB or TimeSpan (see
+  :mod:`devtools.ncrontab`), ``run_on_startup``, ``past_due``; a function never overlaps itself.
+* **Admin API** - ``POST /admin/functions/<name>`` (body ``{"input": ...}``) runs a non-HTTP
+  function in the background and answers 202; ``?wait=true`` (dev-host extension) waits and
+  answers 200/500. ``GET /admin/host/status``; ``GET /`` lists the functions.
+* **Easy Auth stand-in** - incoming ``X-MS-CLIENT-PRINCIPAL*`` / ``X-MS-TOKEN-*`` headers are
+  always stripped; when a signed-in user is configured (``DEV_SIGNED_IN_USER`` or the
+  ``signed_in_user`` argument) the headers App Service Authentication would add are injected.
+* ``AzureWebJobs.<FunctionName>.Disabled=true`` disables routing/scheduling of a function.
+
+Not emulated: bindings other than the HTTP/timer triggers and the HTTP output (inputs receive
+``None``, ``func.Out`` outputs are logged and discarded), CORS, keys, ``functionTimeout``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import html
+import importlib
+import inspect
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from enum import Enum
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import azure.functions as func
+# NB: ``func.TimerRequest`` is the abstract base class (it takes no arguments); the
+# constructible TimerRequest(past_due=, schedule_status=, schedule=) lives in azure.functions.timer.
+from azure.functions.timer import TimerRequest
+
+from . import ncrontab
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_PORT",
+    "DevHost",
+    "DevHostError",
+    "InvocationResult",
+    "MAX_REQUEST_BODY_BYTES",
+    "RouteTemplate",
+    "SignedInUser",
+    "load_app",
+    "load_local_settings",
+    "main",
+]
+
+DEFAULT_PORT = 7071
+DEFAULT_ROUTE_PREFIX = "api"
+#: the Functions host (Kestrel) rejects larger request bodies with 413
+MAX_REQUEST_BODY_BYTES = 100 * 1024 * 1024
+#: a scheduled run that starts later than this after its occurrence gets past_due=True
+PAST_DUE_TOLERANCE = timedelta(seconds=5)
+SIGNED_IN_USER_ENV = "DEV_SIGNED_IN_USER"
+SIGNED_IN_TENANT_ENV = "DEV_SIGNED_IN_TENANT_ID"
+
+_DATETIME_MIN = "0001-01-01T00:00:00"  # .NET DateTime.MinValue, what the host reports for "never"
+_ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE")
+# Headers only App Service Authentication may set; never accepted from clients.
+_EASY_AUTH_HEADER_PREFIXES = ("x-ms-client-principal", "x-ms-token-")
+# Response headers the dev host computes itself.
+_HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "keep-alive"}
+_SETTING_RE = re.compile(r"%([^%\s]+)%")
+_ADMIN_REASON = "This function was programmatically called via the host APIs."
+
+
+class DevHostError(Exception):
+    """The app cannot be served as configured (missing setting, bad schedule or route, ...)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+def _plain(value: Any) -> Any:
+    """Binding dicts carry enums (HttpMethod, AuthLevel, BindingDirection); make them plain."""
+    if isinstance(value, Enum):
+        return value.value if isinstance(value.value, str) else value.name.lower()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _next_run(schedule: ncrontab.Schedule, after: datetime) -> datetime:
+    """Next occurrence (aware UTC) of a parsed schedule strictly after the aware ``after``."""
+    naive = after.astimezone(timezone.utc).replace(tzinfo=None)
+    nxt = schedule.next_after(naive)
+    if nxt is None:  # pragma: no cover - parse_schedule rejects never-occurring crons
+        raise DevHostError(f"schedule {schedule} has no next occurrence")
+    return nxt.replace(tzinfo=timezone.utc)
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes")
+
+
+def resolve_setting_references(text: str, environ: Mapping[str, str], *, what: str) -> str:
+    """Replace ``%NAME%`` binding expressions with app settings; DevHostError when one is missing."""
+    def substitute(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in environ:
+            raise DevHostError(f"{what}: app setting '{name}' (referenced as '%{name}%') is not set; "
+                               f"add it to local.settings.json Values or the environment")
+        return environ[name]
+    return _SETTING_RE.sub(substitute, text)
+
+
+# --------------------------------------------------------------------------------------------
+# Route templates (ASP.NET Core syntax, as used by the Functions host)
+# --------------------------------------------------------------------------------------------
+
+def _int_between(low: int, high: int) -> Callable[[str], bool]:
+    def check(value: str) -> bool:
+        return bool(re.fullmatch(r"[+-]?\d+", value)) and low <= int(value) <= high
+    return check
+
+
+def _is_number(value: str) -> bool:
+    return bool(re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", value))
+
+
+def _is_guid(value: str) -> bool:
+    try:
+        uuid.UUID(value.strip("{}()"))
+    except ValueError:
+        return False
+    return True
+
+
+def _is_datetime(value: str) -> bool:
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _as_int(value: str) -> int | None:
+    return int(value) if re.fullmatch(r"[+-]?\d+", value) else None
+
+
+def _make_constraint(name: str, arg: str | None, template: str) -> Callable[[str], bool]:
+    """Build a predicate for one ASP.NET route constraint, e.g. ``int``, ``min(1)``, ``regex(..)``."""
+    simple: dict[str, Callable[[str], bool]] = {
+        "int": _int_between(-2**31, 2**31 - 1),
+        "long": _int_between(-2**63, 2**63 - 1),
+        "bool": lambda v: v.lower() in ("true", "false"),
+        "guid": _is_guid,
+        "alpha": lambda v: bool(re.fullmatch(r"[A-Za-z]+", v)),
+        "decimal": _is_number,
+        "double": _is_number,
+        "float": _is_number,
+        "datetime": _is_datetime,
+        "required": lambda v: v != "",
+        "file": lambda v: "." in v.rsplit("/", 1)[-1],
+        "nonfile": lambda v: "." not in v.rsplit("/", 1)[-1],
+    }
+    key = name.lower()
+    if key in simple and arg is None:
+        return simple[key]
+    try:
+        if key == "regex" and arg is not None:
+            pattern = re.compile(arg, re.IGNORECASE)
+            return lambda v: pattern.search(v) is not None
+        numbers = [int(x) for x in arg.split(",")] if arg is not None else []
+    except (ValueError, re.error) as exc:
+        raise DevHostError(f"route {template!r}: bad argument in constraint {name}({arg})") from exc
+    if key == "min" and len(numbers) == 1:
+        return lambda v: (n := _as_int(v)) is not None and n >= numbers[0]
+    if key == "max" and len(numbers) == 1:
+        return lambda v: (n := _as_int(v)) is not None and n <= numbers[0]
+    if key == "range" and len(numbers) == 2:
+        return lambda v: (n := _as_int(v)) is not None and numbers[0] <= n <= numbers[1]
+    if key == "length" and len(numbers) in (1, 2):
+        low, high = (numbers[0], numbers[0]) if len(numbers) == 1 else numbers
+        return lambda v: low <= len(v) <= high
+    if key == "minlength" and len(numbers) == 1:
+        return lambda v: len(v) >= numbers[0]
+    if key == "maxlength" and len(numbers) == 1:
+        return lambda v: len(v) <= numbers[0]
+    raise DevHostError(f"route {template!r}: unknown route constraint {name!r}")
+
+
+@dataclass
+class _RouteParam:
+    name: str
+    optional: bool = False
+    catch_all: bool = False
+    default: str | None = None
+    constraints: list[Callable[[str], bool]] = field(default_factory=list)
+
+
+@dataclass
+class _Segment:
+    literal: str | None = None             # a plain literal segment
+    param: _RouteParam | None = None       # a segment that is exactly one parameter
+    pattern: re.Pattern | None = None      # a "complex" segment such as {name}.{ext}
+    group_params: list[_RouteParam] = field(default_factory=list)
+
+    @property
+    def rank(self) -> int:
+        """ASP.NET inbound precedence digit: lower is more specific."""
+        if self.literal is not None:
+            return 1
+        if self.pattern is not None:
+            return 2
+        assert self.param is not None
+        if self.param.catch_all:
+            return 5
+        return 3 if self.param.constraints else 4
+
+
+def _split_parts(template: str) -> list[list[str | _RouteParam]]:
+    """Tokenise a template into segments of literal strings and parameters."""
+    segments: list[list[str | _RouteParam]] = [[]]
+    literal = ""
+    i = 0
+    while i < len(template):
+        char = template[i]
+        if template.startswith("{{", i) or template.startswith("}}", i):
+            literal += char
+            i += 2
+        elif char == "{":
+            end = i + 1
+            while end < len(template):
+                if template.startswith("}}", end):
+                    end += 2
+                elif template[end] == "}":
+                    break
+                else:
+                    end += 1
+            if end >= len(template):
+                raise DevHostError(f"route {template!r}: unbalanced '{{'")
+            if literal:
+                segments[-1].append(literal)
+                literal = ""
+            inner = template[i + 1:end].replace("{{", "{").replace("}}", "}")
+            segments[-1].append(_parse_param(inner, template))
+            i = end + 1
+        elif char == "}":
+            raise DevHostError(f"route {template!r}: unbalanced '}}'")
+        elif char == "/":
+            if literal:
+                segments[-1].append(literal)
+                literal = ""
+            segments.append([])
+            i += 1
+        else:
+            literal += char
+            i += 1
+    if literal:
+        segments[-1].append(literal)
+    return [s for s in segments if s]
+
+
+def _split_constraints(text: str) -> list[str]:
+    """Split ``:int:min(1)`` on colons outside parentheses."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+        if char == ":" and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    return [p for p in parts if p]
+
+
+def _parse_param(inner: str, template: str) -> _RouteParam:
+    catch_all = inner.startswith("*")
+    inner = inner.lstrip("*")
+    match = re.match(r"[^:=?]+", inner)
+    if not match:
+        raise DevHostError(f"route {template!r}: empty parameter name")
+    name, rest = match.group(0).strip(), inner[match.end():]
+    default = None
+    optional = False
+    # "=default" (outside of constraint parentheses)
+    depth = 0
+    for index, char in enumerate(rest):
+        depth += char == "("
+        depth -= char == ")"
+        if char == "=" and depth == 0:
+            rest, default = rest[:index], rest[index + 1:]
+            break
+    if rest.endswith("?"):
+        optional, rest = True, rest[:-1]
+    constraints = []
+    for text in _split_constraints(rest):
+        cmatch = re.fullmatch(r"(\w+)(?:\((.*)\))?", text, re.DOTALL)
+        if not cmatch:
+            raise DevHostError(f"route {template!r}: malformed constraint {text!r}")
+        constraints.append(_make_constraint(cmatch.group(1), cmatch.group(2), template))
+    return _RouteParam(name=name, optional=optional or catch_all, catch_all=catch_all,
+                       default=default, constraints=constraints)
+
+
+class RouteTemplate:
+    """A compiled route such as ``api/subscriptions/{id:guid}/{*rest}``.
+
+    ``match(path)`` takes the URL path (still percent-encoded, query string removed) and returns
+    the decoded route values, or None. Literals match case-insensitively and one trailing slash
+    is ignored, like ASP.NET Core routing.
+    """
+
+    def __init__(self, route: str, prefix: str = ""):
+        route = (route or "").strip("/")
+        prefix = (prefix or "").strip("/")
+        self.template = "/".join(p for p in (prefix, route) if p)
+        self.segments: list[_Segment] = []
+        self.params: list[_RouteParam] = []
+        parts_list = _split_parts(self.template)
+        for index, parts in enumerate(parts_list):
+            if len(parts) == 1 and isinstance(parts[0], str):
+                self.segments.append(_Segment(literal=parts[0]))
+            elif len(parts) == 1:
+                param = parts[0]
+                if param.catch_all and index != len(parts_list) - 1:
+                    raise DevHostError(f"route {self.template!r}: a catch-all must be the last segment")
+                self.segments.append(_Segment(param=param))
+                self.params.append(param)
+            else:
+                regex, group_params = "", []
+                for part in parts:
+                    if isinstance(part, str):
+                        regex += re.escape(part)
+                    else:
+                        if part.catch_all:
+                            raise DevHostError(f"route {self.template!r}: catch-all inside a segment")
+                        regex += f"(?P<p{len(group_params)}>.+?)" + ("?" if part.optional else "")
+                        group_params.append(part)
+                self.segments.append(_Segment(pattern=re.compile(regex, re.IGNORECASE | re.DOTALL),
+                                              group_params=group_params))
+                self.params.extend(group_params)
+        names = [p.name.lower() for p in self.params]
+        if len(names) != len(set(names)):
+            raise DevHostError(f"route {self.template!r}: duplicate parameter name")
+        self.precedence = tuple(s.rank for s in self.segments)
+
+    def __repr__(self) -> str:
+        return f"RouteTemplate({self.template!r})"
+
+    def match(self, path: str) -> dict[str, str] | None:
+        trimmed = path[1:] if path.startswith("/") else path
+        if trimmed.endswith("/"):
+            trimmed = trimmed[:-1]
+        pieces = [unquote(p) for p in trimmed.split("/")] if trimmed else []
+        values: dict[str, str] = {}
+        position = 0
+        for segment in self.segments:
+            if segment.literal is not None:
+                if position >= len(pieces) or pieces[position].lower() != segment.literal.lower():
+                    return None
+                position += 1
+            elif segment.param is not None:
+                param = segment.param
+                if param.catch_all:
+                    rest = "/".join(pieces[position:])
+                    position = len(pieces)
+                    if rest or param.default is not None:
+                        values[param.name] = rest or param.default
+                elif position < len(pieces) and pieces[position] != "":
+                    values[param.name] = pieces[position]
+                    position += 1
+                elif param.optional or param.default is not None:
+                    if param.default is not None:
+                        values[param.name] = param.default
+                else:
+                    return None
+            else:
+                if position >= len(pieces):
+                    return None
+                found = segment.pattern.fullmatch(pieces[position])
+                if not found:
+                    return None
+                for index, param in enumerate(segment.group_params):
+                    value = found.group(f"p{index}")
+                    if value is not None:
+                        values[param.name] = value
+                position += 1
+        if position != len(pieces):
+            return None
+        for param in self.params:
+            value = values.get(param.name)
+            if value is not None and not all(check(value) for check in param.constraints):
+                return None
+        return values
+
+
+# --------------------------------------------------------------------------------------------
+# Easy Auth stand-in
+# --------------------------------------------------------------------------------------------
+
+_CLAIM_EMAIL = "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/emailaddress"
+_CLAIM_OID = "http://schemas.microsoft.com/identity/claims/objectidentifier"
+_CLAIM_TID = "http://schemas.microsoft.com/identity/claims/tenantid"
+_CLAIM_ROLE = "http://schemas.microsoft.com/ws/2008/06/identity/claims/role"
+
+
+@dataclass(frozen=True)
+class SignedInUser:
+    """The user App Service Authentication would report, built from ``Name <email>`` or an email."""
+
+    name: str
+    email: str
+    tenant_id: str
+
+    @classmethod
+    def parse(cls, text: str, tenant_id: str | None = None) -> "SignedInUser":
+        text = text.strip()
+        match = re.fullmatch(r"(.*?)\s*<\s*([^<>\s]+@[^<>\s]+)\s*>", text) \
+            or re.fullmatch(r"()([^<>\s]+@[^<>\s]+)", text)
+        if not match:
+            raise DevHostError(f"signed-in user {text!r} is neither 'Display Name <email>' nor an email")
+        name, email = match.group(1).strip().strip('"'), match.group(2)
+        domain = email.rsplit("@", 1)[1].lower()
+        tenant = tenant_id or str(uuid.uuid5(uuid.NAMESPACE_DNS, f"devhost-tenant.{domain}"))
+        return cls(name=name or email, email=email, tenant_id=tenant)
+
+    @property
+    def object_id(self) -> str:
+        """Stable per email (uuid5), so the same dev user keeps the same id across runs."""
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, "mailto:" + self.email.lower()))
+
+    def principal(self) -> dict:
+        claims = [
+            ("name", self.name),
+            ("preferred_username", self.email),
+            (_CLAIM_EMAIL, self.email),
+            (_CLAIM_OID, self.object_id),
+            (_CLAIM_TID, self.tenant_id),
+        ]
+        return {
+            "auth_typ": "aad",
+            "claims": [{"typ": typ, "val": val} for typ, val in claims],
+            "name_typ": _CLAIM_EMAIL,
+            "role_typ": _CLAIM_ROLE,
+        }
+
+    def headers(self) -> dict[str, str]:
+        encoded = base64.b64encode(json.dumps(self.principal()).encode("utf-8")).decode("ascii")
+        return {
+            "X-MS-CLIENT-PRINCIPAL": encoded,
+            "X-MS-CLIENT-PRINCIPAL-ID": self.object_id,
+            "X-MS-CLIENT-PRINCIPAL-NAME": self.email,
+            "X-MS-CLIENT-PRINCIPAL-IDP": "aad",
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Invocation plumbing
+# --------------------------------------------------------------------------------------------
+
+class _TraceContext:
+    trace_parent = ""
+    trace_state = ""
+    attributes: dict = {}
+
+
+class _InvocationContext(func.Context):
+    """What the Python worker passes to a ``context`` parameter."""
+
+    def __init__(self, function_name: str, function_directory: str, invocation_id: str):
+        self._function_name = function_name
+        self._function_directory = function_directory
+        self._invocation_id = invocation_id
+        self._thread_local_storage = threading.local()
+        self._thread_local_storage.invocation_id = invocation_id
+
+    @property
+    def invocation_id(self) -> str:
+        return self._invocation_id
+
+    @property
+    def thread_local_storage(self):
+        return self._thread_local_storage
+
+    @property
+    def function_name(self) -> str:
+        return self._function_name
+
+    @property
+    def function_directory(self) -> str:
+        return self._function_directory
+
+    @property
+    def trace_context(self):
+        return _TraceContext()
+
+    @property
+    def retry_context(self):
+        return None
+
+
+class _Out(func.Out):
+    """A ``func.Out`` for output bindings; the value is kept for the caller to inspect."""
+
+    def __init__(self) -> None:
+        self._value: Any = None
+
+    def set(self, val: Any) -> None:
+        self._value = val
+
+    def get(self) -> Any:
+        return self._value
+
+
+@dataclass
+class InvocationResult:
+    """Outcome of one function invocation."""
+
+    function_name: str
+    invocation_id: str
+    value: Any = None
+    error: BaseException | None = None
+    duration_ms: float = 0.0
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class _FunctionInfo:
+    """One indexed function, with what the dev host needs to call it."""
+
+    name: str
+    trigger_type: str
+    trigger: dict
+    bindings: list[dict]
+    user_function: Callable[..., Any]
+    directory: str
+    signature: inspect.Signature | None
+    disabled: bool = False
+    route: RouteTemplate | None = None
+    methods: tuple[str, ...] | None = None
+    http_output: str | None = None
+    schedule_expression: str | None = None
+    schedule: ncrontab.Schedule | None = None
+    run_on_startup: bool = False
+
+    @property
+    def is_http(self) -> bool:
+        return self.trigger_type == "httpTrigger"
+
+    def describe(self, base_url: str, timers_enabled: bool) -> str:
+        if self.is_http:
+            methods = ",".join(self.methods) if self.methods else "ANY"
+            line = f"{self.name}: [{methods}] {base_url}/{self.route.template}"
+        elif self.trigger_type == "timerTrigger":
+            line = f"{self.name}: timerTrigger ({self.schedule_expression})"
+            if not timers_enabled:
+                line += " [schedule off: --no-timers]"
+        else:
+            line = f"{self.name}: {self.trigger_type} (not triggered by the dev host; "\
+                   f"POST /admin/functions/{self.name})"
+        return line + (" [disabled]" if self.disabled else "")
+
+
+def index_app(app: Any) -> list[Any]:
+    """``app.get_functions()``, callable more than once.
+
+    azure-functions 1.26 remembers indexed names on the app, so a second ``get_functions()``
+    (e.g. after a test that indexed the app) reports every function as a duplicate. The
+    memory is cleared for the call and restored afterwards; real duplicates still raise.
+    """
+    saved = getattr(app, "functions_bindings", None)
+    if hasattr(app, "functions_bindings"):
+        app.functions_bindings = None
+    try:
+        return list(app.get_functions())
+    finally:
+        if hasattr(app, "functions_bindings"):
+            app.functions_bindings = saved
+
+
+def read_route_prefix(host_json: Path | str | None) -> str:
+    """``extensions.http.routePrefix`` from host.json; ``api`` when absent."""
+    if host_json is None or not Path(host_json).is_file():
+        return DEFAULT_ROUTE_PREFIX
+    try:
+        document = json.loads(Path(host_json).read_text(encoding="utf-8-sig"))
+    except ValueError as exc:
+        raise DevHostError(f"{host_json}: not valid JSON ({exc})") from exc
+    prefix = ((document.get("extensions") or {}).get("http") or {}).get("routePrefix")
+    return DEFAULT_ROUTE_PREFIX if prefix is None else str(prefix).strip("/")
+
+
+# --------------------------------------------------------------------------------------------
+# Timers
+# --------------------------------------------------------------------------------------------
+
+class _TimerRunner:
+    """Runs one timer function at its occurrences, in its own thread."""
+
+    def __init__(self, host: "DevHost", fn: _FunctionInfo):
+        self.host = host
+        self.fn = fn
+        self.last: datetime | None = None
+        self.next_due: datetime | None = None
+        self.thread: threading.Thread | None = None
+
+    def status(self, started: datetime, scheduled: datetime | None) -> dict:
+        return {
+            "Last": self.last.isoformat() if self.last else _DATETIME_MIN,
+            "Next": _next_run(self.fn.schedule, scheduled or started).isoformat(),
+            "LastUpdated": started.isoformat(),
+        }
+
+    def run_once(self, scheduled: datetime | None, reason: str) -> InvocationResult:
+        """One run; waits for a run in progress to finish first (no overlap)."""
+        with self.host._run_lock(self.fn.name):
+            started = _utcnow()
+            past_due = scheduled is not None and started - scheduled > PAST_DUE_TOLERANCE
+            request = TimerRequest(past_due=past_due,
+                                   schedule_status=self.status(started, scheduled),
+                                   schedule={"AdjustForDST": True})
+            result = self.host._invoke(self.fn, request, reason=reason)
+            if scheduled is not None:  # like the host's schedule monitor: manual runs don't count
+                self.last = scheduled
+            return result
+
+    def loop(self, stop: threading.Event) -> None:
+        if self.fn.run_on_startup and not stop.is_set():
+            self.run_once(None, "run_on_startup")
+        due = _next_run(self.fn.schedule, _utcnow())
+        while not stop.is_set():
+            self.next_due = due
+            logger.debug("Timer %s: next run at %s", self.fn.name, due.isoformat())
+            delay = (due - _utcnow()).total_seconds()
+            if delay > 0 and stop.wait(delay):
+                break
+            self.run_once(due, f"Timer fired at {due.isoformat()}")
+            due = _next_run(self.fn.schedule, max(_utcnow(), due))
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP server
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class _Response:
+    status: int
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+
+    @classmethod
+    def text(cls, status: int, text: str | None = None, headers: Iterable[tuple[str, str]] = ()):
+        body = (text if text is not None else HTTPStatus(status).phrase).encode("utf-8")
+        return cls(status, [("Content-Type", "text/plain; charset=utf-8"), *headers], body)
+
+    @classmethod
+    def json(cls, status: int, payload: Any):
+        return cls(status, [("Content-Type", "application/json; charset=utf-8")],
+                   json.dumps(payload).encode("utf-8"))
+
+
+class _RequestError(Exception):
+    def __init__(self, status: int, message: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], devhost: "DevHost"):
+        self.devhost = devhost
+        super().__init__(address, _Handler)
+
+
+def _redact_query(text: str) -> str:
+    """Query strings may carry marketplace purchase tokens: never let them reach a log."""
+    return re.sub(r"\?[^\s'\"]*", "?<redacted>", text)
+
+
+def _split_target(target: str) -> tuple[str, str]:
+    """Request target -> (raw path, raw query); also accepts absolute-form targets."""
+    target = target.split("#", 1)[0]
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", target):
+        parts = urlsplit(target)
+        return parts.path or "/", parts.query
+    path, _, query = target.partition("?")
+    return path or "/", query
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "AzureFunctionsDevHost/1.0"
+    timeout = 120  # seconds an idle keep-alive connection may linger
+
+    server: _Server
+
+    # -- logging: one line per request, written by _dispatch; never the query string
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        pass
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        message = _redact_query(format % args)
+        logger.log(logging.DEBUG if "timed out" in message else logging.WARNING, "%s", message)
+
+    def handle_expect_100(self) -> bool:
+        length = self.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self.server.devhost.max_request_body_bytes:
+            path, _ = _split_target(self.path)
+            self.close_connection = True
+            self._send(_Response.text(413))
+            logger.info("%s %s %d 0ms", self.command, path, 413)
+            return False
+        return super().handle_expect_100()
+
+    def _dispatch(self) -> None:
+        started = time.perf_counter()
+        path, query = _split_target(self.path)
+        try:
+            body = self._read_body()
+        except _RequestError as exc:
+            self.close_connection = True  # the rest of the body is unread
+            response = _Response.text(exc.status, exc.message)
+        else:
+            devhost = self.server.devhost
+            host_header = self.headers.get("Host") or f"{devhost.host}:{devhost.port}"
+            try:
+                response = devhost._handle(self.command, path, query, self.headers.items(),
+                                           body, f"http://{host_header}")
+            except Exception:  # noqa: BLE001 - a dev-host bug must still produce a response
+                logger.exception("Dev host failed handling %s %s", self.command, path)
+                response = _Response.text(500)
+        try:
+            self._send(response)
+        except (ConnectionError, TimeoutError) as exc:
+            logger.debug("client went away: %s", exc)
+            self.close_connection = True
+        elapsed = (time.perf_counter() - started) * 1000
+        logger.info("%s %s %d %.0fms", self.command, path, response.status, elapsed)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_TRACE = _dispatch
+
+    def _read_body(self) -> bytes:
+        limit = self.server.devhost.max_request_body_bytes
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return self._read_chunked(limit)
+        length_text = self.headers.get("Content-Length")
+        if length_text is None:
+            return b""
+        if not length_text.strip().isdigit():
+            raise _RequestError(400, "Invalid Content-Length")
+        length = int(length_text)
+        if length > limit:
+            raise _RequestError(413)
+        body = self.rfile.read(length)
+        if len(body) != length:
+            raise _RequestError(400, "Incomplete request body")
+        return body
+
+    def _read_chunked(self, limit: int) -> bytes:
+        chunks, total = [], 0
+        while True:
+            line = self.rfile.readline(65537)
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise _RequestError(400, "Malformed chunked body") from None
+            if size == 0:
+                while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return b"".join(chunks)
+            total += size
+            if total > limit:
+                raise _RequestError(413)
+            chunks.append(self.rfile.read(size))
+            self.rfile.readline(65537)  # CRLF after the chunk
+
+    def _send(self, response: _Response) -> None:
+        status = response.status
+        self.send_response(status)
+        for name, value in response.headers:
+            self.send_header(name, value)
+        no_body = self.command == "HEAD" or status in (204, 304) or status < 200
+        if status not in (204, 304) and status >= 200:
+            self.send_header("Content-Length", str(len(response.body)))
+        self.end_headers()
+        if not no_body and response.body:
+            self.wfile.write(response.body)
+        self.wfile.flush()
+
+
+# --------------------------------------------------------------------------------------------
+# The host
+# --------------------------------------------------------------------------------------------
+
+class DevHost:
+    """Serve a v2-model ``func.FunctionApp`` over HTTP and run its timers.
+
+    :param app: the ``func.FunctionApp`` (indexed immediately: configuration errors such as a
+        missing ``%SETTING%`` raise :class:`DevHostError` here).
+    :param host: interface to bind; :param port: 0 picks a free port (see :attr:`url`).
+    :param timers: False disables the schedules (``run_on_startup`` included); on-demand runs
+        through ``POST /admin/functions/<name>`` still work.
+    :param signed_in_user: ``"Name <email>"`` / ``"email"``; ``None`` = use ``DEV_SIGNED_IN_USER``,
+        ``""`` = nobody signed in.
+    :param route_prefix: overrides host.json; :param host_json: the host.json to read for
+        ``extensions.http.routePrefix`` (default: ``./host.json``; :meth:`from_module` uses the
+        one beside the app module). No host.json means the default prefix ``api``.
+    :param environ: where ``%SETTING%`` references are resolved (default ``os.environ``).
+    """
+
+    max_request_body_bytes = MAX_REQUEST_BODY_BYTES
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *,
+                 timers: bool = True, signed_in_user: str | None = None,
+                 route_prefix: str | None = None, host_json: str | Path | None = None,
+                 environ: Mapping[str, str] | None = None):
+        self.app = app
+        self.host = host
+        self.port = port
+        self.timers_enabled = timers
+        self._environ = os.environ if environ is None else environ
+        if signed_in_user is None:
+            signed_in_user = self._environ.get(SIGNED_IN_USER_ENV, "")
+        self.signed_in_user = SignedInUser.parse(
+            signed_in_user, self._environ.get(SIGNED_IN_TENANT_ENV) or None) if signed_in_user.strip() else None
+        if route_prefix is None:
+            route_prefix = read_route_prefix(Path("host.json") if host_json is None else host_json)
+        self.route_prefix = route_prefix.strip("/")
+        self.functions: dict[str, _FunctionInfo] = {}
+        for function in index_app(app):
+            info = self._describe_function(function)
+            self.functions[info.name.lower()] = info
+        self._http_functions = sorted((f for f in self.functions.values() if f.is_http),
+                                      key=lambda f: f.route.precedence)
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._stop = threading.Event()
+        self._server: _Server | None = None
+        self._server_thread: threading.Thread | None = None
+        self._timers = {name: _TimerRunner(self, info) for name, info in self.functions.items()
+                        if info.trigger_type == "timerTrigger"}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._loop_guard = threading.Lock()
+
+    @classmethod
+    def from_module(cls, spec: str = "function_app:app", **kwargs: Any) -> "DevHost":
+        """Import ``module:attribute`` and serve it; host.json is read beside the module."""
+        app, module = load_app(spec)
+        if "route_prefix" not in kwargs and "host_json" not in kwargs and getattr(module, "__file__", None):
+            kwargs["host_json"] = Path(module.__file__).resolve().parent / "host.json"
+        return cls(app, **kwargs)
+
+    # -- indexing ------------------------------------------------------------------------------
+
+    def _describe_function(self, function: Any) -> _FunctionInfo:
+        name = function.get_function_name()
+        bindings = [_plain(b) for b in function.get_bindings_dict()["bindings"]]
+        trigger = next((b for b in bindings if str(b.get("type", "")).lower().endswith("trigger")), None)
+        if trigger is None:
+            raise DevHostError(f"function {name!r} has no trigger")
+        user_function = function.get_user_function()
+        try:
+            signature = inspect.signature(user_function)
+        except (TypeError, ValueError):
+            signature = None
+        source = inspect.getsourcefile(user_function) if inspect.isfunction(user_function) else None
+        info = _FunctionInfo(
+            name=name, trigger_type=trigger["type"], trigger=trigger, bindings=bindings,
+            user_function=user_function, signature=signature,
+            directory=str(Path(source).parent) if source else str(Path.cwd()),
+            disabled=_truthy(self._environ.get(f"AzureWebJobs.{name}.Disabled")),
+        )
+        if info.is_http:
+            info.route = RouteTemplate(trigger.get("route") or name, self.route_prefix)
+            methods = trigger.get("methods")
+            info.methods = tuple(dict.fromkeys(str(m).upper() for m in methods)) if methods else None
+            outputs = [b for b in bindings if b.get("type") == "http" and b.get("direction") == "out"]
+            info.http_output = outputs[0]["name"] if outputs else "$return"
+        elif info.trigger_type == "timerTrigger":
+            what = f"function {name!r} timer schedule"
+            info.schedule_expression = resolve_setting_references(str(trigger.get("schedule", "")),
+                                                                  self._environ, what=what)
+            try:
+                info.schedule = ncrontab.parse_schedule(info.schedule_expression)
+            except ValueError as exc:
+                raise DevHostError(f"{what}: {exc}") from exc
+            info.run_on_startup = bool(trigger.get("runOnStartup"))
+        for binding in bindings:
+            if binding is trigger or binding.get("type") == "http":
+                continue
+            logger.warning("Function %s: %s binding '%s' is not emulated by the dev host (%s)",
+                           name, binding.get("type"), binding.get("name"),
+                           "receives None" if binding.get("direction") == "in"
+                           else "the value set is discarded")
+        return info
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:7071`` (the real port once started with port 0)."""
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
+        return f"http://{host}:{self.port}"
+
+    def describe(self) -> list[str]:
+        """One line per function, like ``func start`` prints them."""
+        return [info.describe(self.url, self.timers_enabled)
+                for info in sorted(self.functions.values(), key=lambda f: f.name.lower())]
+
+    def start(self) -> "DevHost":
+        """Bind, serve in a background thread and start the timer schedules."""
+        if self._server is not None:
+            raise RuntimeError("DevHost already started")
+        self._stop.clear()
+        self._server = _Server((self.host, self.port), self)
+        self.port = self._server.server_address[1]
+        self._server_thread = threading.Thread(target=self._server.serve_forever,
+                                               kwargs={"poll_interval": 0.2},
+                                               name="devhost-http", daemon=True)
+        self._server_thread.start()
+        logger.info("Dev host listening on %s (route prefix %r)", self.url, self.route_prefix)
+        for line in self.describe():
+            logger.info("  %s", line)
+        if self.timers_enabled:
+            for runner in self._timers.values():
+                if not runner.fn.disabled:
+                    runner.thread = threading.Thread(target=runner.loop, args=(self._stop,),
+                                                     name=f"devhost-timer-{runner.fn.name}", daemon=True)
+                    runner.thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop serving and scheduling; waits up to ``timeout`` s for running timer functions."""
+        self._stop.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        for runner in self._timers.values():
+            if runner.thread is not None:
+                runner.thread.join(timeout)
+                if runner.thread.is_alive():
+                    logger.warning("Timer %s still running at shutdown", runner.fn.name)
+                runner.thread = None
+        with self._loop_guard:
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._loop_thread.join(timeout)
+                if not self._loop.is_running():
+                    self._loop.close()
+                self._loop = self._loop_thread = None
+        logger.info("Dev host stopped")
+
+    def __enter__(self) -> "DevHost":
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    # -- invoking functions --------------------------------------------------------------------
+
+    def _run_lock(self, name: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(name.lower(), threading.Lock())
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """One shared loop for async functions, as in the Python worker."""
+        with self._loop_guard:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                self._loop_thread = threading.Thread(target=self._loop.run_forever,
+                                                     name="devhost-asyncio", daemon=True)
+                self._loop_thread.start()
+            return self._loop
+
+    def _arguments(self, info: _FunctionInfo, trigger_value: Any,
+                   context: _InvocationContext) -> tuple[dict[str, Any], dict[str, _Out]]:
+        """Keyword arguments by parameter name, as the worker binds them."""
+        by_name = {b.get("name"): b for b in info.bindings}
+        kwargs: dict[str, Any] = {}
+        outputs: dict[str, _Out] = {}
+        if info.signature is None:
+            return {info.trigger["name"]: trigger_value}, outputs
+        for parameter in info.signature.parameters.values():
+            if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                continue
+            binding = by_name.get(parameter.name)
+            if parameter.name == info.trigger["name"]:
+                kwargs[parameter.name] = trigger_value
+            elif binding is not None and binding.get("direction") == "out":
+                outputs[parameter.name] = kwargs[parameter.name] = _Out()
+            elif binding is not None:
+                kwargs[parameter.name] = None
+            elif parameter.name == "context" or parameter.annotation in (func.Context, "func.Context"):
+                kwargs[parameter.name] = context
+            elif parameter.default is parameter.empty:
+                kwargs[parameter.name] = None
+        return kwargs, outputs
+
+    def _invoke(self, info: _FunctionInfo, trigger_value: Any, *, reason: str) -> InvocationResult:
+        """Call the user function (sync, or async on the shared loop); never raises."""
+        invocation_id = str(uuid.uuid4())
+        log_level = logging.DEBUG if info.is_http else logging.INFO
+        logger.log(log_level, "Executing 'Functions.%s' (Reason='%s', Id=%s)", info.name, reason, invocation_id)
+        context = _InvocationContext(info.name, info.directory, invocation_id)
+        result = InvocationResult(info.name, invocation_id)
+        started = time.perf_counter()
+        try:
+            kwargs, outputs = self._arguments(info, trigger_value, context)
+            value = info.user_function(**kwargs)
+            if inspect.isawaitable(value):
+                value = asyncio.run_coroutine_threadsafe(_await(value), self._event_loop()).result()
+            result.value = value
+            result.outputs = {name: out.get() for name, out in outputs.items()}
+        except Exception as exc:  # noqa: BLE001 - a failing function must not take the host down
+            result.error = exc
+        result.duration_ms = (time.perf_counter() - started) * 1000
+        if result.error is not None:
+            logger.error("Executed 'Functions.%s' (Failed, Id=%s, Duration=%.0fms)", info.name,
+                         invocation_id, result.duration_ms, exc_info=result.error)
+        else:
+            logger.log(log_level, "Executed 'Functions.%s' (Succeeded, Id=%s, Duration=%.0fms)",
+                       info.name, invocation_id, result.duration_ms)
+            for name, value in result.outputs.items():
+                if value is not None and name != info.http_output:
+                    logger.info("Function %s set output binding '%s' (not emulated; discarded)",
+                                info.name, name)
+        return result
+
+    def invoke(self, name: str, input: Any = None, *, reason: str = "manual") -> InvocationResult:  # noqa: A002
+        """Run a non-HTTP function now (what ``POST /admin/functions/<name>?wait=true`` does).
+
+        Timer functions get a ``TimerRequest``; queue triggers a ``func.QueueMessage``;
+        other triggers the raw ``input``. Waits for a run of the same function in progress.
+        """
+        info = self.functions.get(name.lower())
+        if info is None:
+            raise KeyError(name)
+        if info.is_http:
+            raise ValueError(f"{info.name} is an HTTP function; call its URL instead")
+        if info.trigger_type == "timerTrigger":
+            return self._timers[info.name.lower()].run_once(None, reason)
+        if info.trigger_type == "queueTrigger":
+            trigger_value: Any = func.QueueMessage(id=str(uuid.uuid4()),
+                                                   body=input if isinstance(input, (str, bytes)) else json.dumps(input))
+        else:
+            trigger_value = input
+        with self._run_lock(info.name):
+            return self._invoke(info, trigger_value, reason=reason)
+
+    # -- HTTP handling -------------------------------------------------------------------------
+
+    def _handle(self, method: str, path: str, query: str, header_items: Iterable[tuple[str, str]],
+                body: bytes, base_url: str) -> _Response:
+        method = method.upper()
+        if path.lower() == "/admin" or path.lower().startswith("/admin/"):
+            return self._handle_admin(method, path, query, body)
+        matched: list[tuple[_FunctionInfo, dict[str, str]]] = []
+        for info in self._http_functions:
+            if info.disabled:
+                continue
+            values = info.route.match(path)
+            if values is not None:
+                matched.append((info, values))
+        for info, values in matched:
+            if info.methods is None or method in info.methods:
+                return self._call_http_function(info, method, path, query, header_items, body,
+                                                base_url, values)
+        if matched:
+            allowed = sorted({m for info, _ in matched for m in (info.methods or _ALL_METHODS)})
+            return _Response.text(405, headers=[("Allow", ", ".join(allowed))])
+        if path == "/" and method in ("GET", "HEAD"):
+            return self._index_page()
+        return _Response.text(404)
+
+    def _request_headers(self, header_items: Iterable[tuple[str, str]]) -> dict[str, str]:
+        headers: dict[str, tuple[str, str]] = {}
+        for name, value in header_items:
+            key = name.lower()
+            if key.startswith(_EASY_AUTH_HEADER_PREFIXES):
+                continue  # never trust these from a client, like Easy Auth
+            if key in headers:
+                headers[key] = (headers[key][0], f"{headers[key][1]}, {value}")
+            else:
+                headers[key] = (name, value)
+        if self.signed_in_user is not None:
+            for name, value in self.signed_in_user.headers().items():
+                headers[name.lower()] = (name, value)
+        return dict(headers.values())
+
+    @staticmethod
+    def _query_params(query: str) -> dict[str, str]:
+        """Decode once like ASP.NET: '+' is a space, '%2B' a plus; repeated keys joined by ','."""
+        params: dict[str, str] = {}
+        for key, value in parse_qsl(query, keep_blank_values=True):
+            params[key] = f"{params[key]},{value}" if key in params else value
+        return params
+
+    def _call_http_function(self, info: _FunctionInfo, method: str, path: str, query: str,
+                            header_items: Iterable[tuple[str, str]], body: bytes, base_url: str,
+                            route_values: dict[str, str]) -> _Response:
+        request = func.HttpRequest(
+            method=method,
+            url=base_url + path + (f"?{query}" if query else ""),
+            headers=self._request_headers(header_items),
+            params=self._query_params(query),
+            route_params=route_values,
+            body=body,
+        )
+        result = self._invoke(info, request, reason=f"HTTP {method} {path}")
+        if result.error is not None:
+            return _Response.text(500)
+        value = result.value if info.http_output == "$return" else result.outputs.get(info.http_output)
+        try:
+            return self._convert_response(value)
+        except (TypeError, ValueError) as exc:
+            logger.error("Function %s: %s", info.name, exc)
+            return _Response.text(500)
+
+    @staticmethod
+    def _convert_response(value: Any) -> _Response:
+        if isinstance(value, str):
+            return _Response(200, [("Content-Type", "text/plain; charset=utf-8")], value.encode("utf-8"))
+        if not isinstance(value, func.HttpResponse):
+            raise TypeError(f"returned {type(value).__name__}; an HTTP function must return "
+                            f"func.HttpResponse or str")
+        headers = [(k, v) for k, v in value.headers.items() if k.lower() not in _HOP_BY_HOP]
+        for name, header_value in headers:
+            if "\r" in name or "\n" in name or "\r" in header_value or "\n" in header_value:
+                raise ValueError(f"response header {name!r} contains a line break")
+        if not any(k.lower() == "content-type" for k, _ in headers):
+            mimetype = value.mimetype
+            content_type = f"{mimetype}; charset={value.charset}" if mimetype.startswith("text/") else mimetype
+            headers.append(("Content-Type", content_type))
+        return _Response(int(value.status_code), headers, value.get_body() or b"")
+
+    def _handle_admin(self, method: str, path: str, query: str, body: bytes) -> _Response:
+        parts = [unquote(p) for p in path.strip("/").split("/")]
+        if parts == ["admin", "host", "status"] and method in ("GET", "HEAD"):
+            return _Response.json(200, {"state": "Running", "version": "devhost"})
+        if len(parts) == 2 and parts[1].lower() == "functions" and method in ("GET", "HEAD"):
+            return _Response.json(200, [self._metadata(f) for f in self.functions.values()])
+        if len(parts) != 3 or parts[1].lower() != "functions":
+            return _Response.text(404)
+        info = self.functions.get(parts[2].lower())
+        if info is None:
+            return _Response.text(404, f"No function named {parts[2]!r}")
+        if method in ("GET", "HEAD"):
+            return _Response.json(200, self._metadata(info))
+        if method != "POST":
+            return _Response.text(405, headers=[("Allow", "GET, POST")])
+        if info.is_http:
+            return _Response.text(400, f"{info.name} is an HTTP function; call its URL instead")
+        try:
+            payload = json.loads(body) if body.strip() else {}
+            input_value = payload.get("input") if isinstance(payload, dict) else None
+        except ValueError:
+            return _Response.text(400, "Body must be JSON such as {\"input\": \"...\"}")
+        wait = _truthy(self._query_params(query).get("wait"))
+        if not wait:
+            threading.Thread(target=self._invoke_in_background, args=(info.name, input_value),
+                             name=f"devhost-run-{info.name}", daemon=True).start()
+            return _Response(202)
+        result = self.invoke(info.name, input_value, reason=_ADMIN_REASON)
+        payload = {"name": info.name, "invocationId": result.invocation_id,
+                   "status": "Succeeded" if result.succeeded else "Failed",
+                   "durationMs": round(result.duration_ms)}
+        if not result.succeeded:
+            payload["error"] = type(result.error).__name__  # details are in the host log
+        return _Response.json(200 if result.succeeded else 500, payload)
+
+    def _invoke_in_background(self, name: str, input_value: Any) -> None:
+        try:
+            self.invoke(name, input_value, reason=_ADMIN_REASON)
+        except Exception:  # noqa: BLE001 - invoke() already logs function failures
+            logger.exception("On-demand run of %s failed", name)
+
+    def _metadata(self, info: _FunctionInfo) -> dict:
+        data = {"name": info.name, "trigger": info.trigger_type, "disabled": info.disabled,
+                "config": {"bindings": info.bindings}}
+        if info.is_http:
+            data["invoke_url_template"] = f"{self.url}/{info.route.template}"
+        if info.schedule_expression is not None:
+            data["schedule"] = info.schedule_expression
+        return data
+
+    def _index_page(self) -> _Response:
+        items = []
+        for info in sorted(self.functions.values(), key=lambda f: f.name.lower()):
+            line = html.escape(info.describe(self.url, self.timers_enabled))
+            if info.is_http and "{" not in info.route.template and (info.methods is None or "GET" in info.methods):
+                link = html.escape(f"/{info.route.template}")
+                line = f'<a href="{link}">{line}</a>'
+            items.append(f"<li>{line}</li>")
+        page = ("<!doctype html><html><head><meta charset=\"utf-8\"><title>Functions dev host</title>"
+                "</head><body><h1>Functions dev host</h1><ul>" + "".join(items) + "</ul>"
+                "<p>Run a non-HTTP function: <code>POST /admin/functions/&lt;name&gt;</code></p>"
+                "</body></html>")
+        return _Response(200, [("Content-Type", "text/html; charset=utf-8")], page.encode("utf-8"))
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+# --------------------------------------------------------------------------------------------
+# Settings, app loading, command line
+# --------------------------------------------------------------------------------------------
+
+def load_local_settings(path: str | Path, *, required: bool = False,
+                        environ: dict[str, str] | None = None) -> dict:
+    """Load ``Values`` of a local.settings.json into the environment; the environment wins.
+
+    Returns the parsed document (``{}`` when the file is absent and not ``required``).
+    """
+    environ = os.environ if environ is None else environ
+    settings_path = Path(path)
+    if not settings_path.is_file():
+        if required:
+            raise DevHostError(f"settings file {settings_path} not found")
+        logger.info("No %s; using the environment only", settings_path)
+        return {}
+    try:
+        document = json.loads(settings_path.read_text(encoding="utf-8-sig"))
+    except ValueError as exc:
+        raise DevHostError(f"{settings_path}: not valid JSON ({exc})") from exc
+    if document.get("IsEncrypted"):
+        raise DevHostError(f"{settings_path}: encrypted settings are not supported "
+                           f"(run 'func settings decrypt' or set IsEncrypted to false)")
+    applied = []
+    for name, value in (document.get("Values") or {}).items():
+        if value is None or name in environ:
+            continue
+        environ[name] = value if isinstance(value, str) else json.dumps(value)
+        applied.append(name)
+    logger.info("Loaded %d setting(s) from %s (existing environment variables win)",
+                len(applied), settings_path)
+    return document
+
+
+def load_app(spec: str) -> tuple[Any, Any]:
+    """Import ``module[:attribute]`` (attribute defaults to ``app``); returns (app, module)."""
+    module_name, _, attribute = spec.partition(":")
+    if str(Path.cwd()) not in sys.path and "" not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    module = importlib.import_module(module_name)
+    try:
+        app = getattr(module, attribute or "app")
+    except AttributeError:
+        raise DevHostError(f"module {module_name!r} has no attribute {attribute or 'app'!r}") from None
+    if not hasattr(app, "get_functions"):
+        raise DevHostError(f"{spec} is not a func.FunctionApp")
+    return app, module
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m devtools.devhost",
+                                     description="Serve an Azure Functions v2 Python app locally.")
+    parser.add_argument("--app", default="function_app:app", help="module:attribute (default %(default)s)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default %(default)s)")
+    parser.add_argument("--port", type=int, default=None,
+                        help=f"port (default: Host.LocalHttpPort of the settings file, else {DEFAULT_PORT})")
+    parser.add_argument("--settings", default=None,
+                        help="local.settings.json to load (default: ./local.settings.json if present)")
+    parser.add_argument("--no-timers", action="store_true",
+                        help="do not run timer schedules (POST /admin/functions/<name> still works)")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    try:
+        settings = load_local_settings(args.settings or "local.settings.json",
+                                       required=args.settings is not None)
+        port = args.port
+        if port is None:
+            port = int((settings.get("Host") or {}).get("LocalHttpPort") or DEFAULT_PORT)
+        host = DevHost.from_module(args.app, host=args.host, port=port, timers=not args.no_timers)
+        host.start()
+    except (DevHostError, ImportError, OSError, ValueError) as exc:
+        logger.error("Cannot start: %s", exc)
+        return 1
+
+    print("\nFunctions:\n")
+    for line in host.describe():
+        print(f"        {line}\n")
+    print("For detailed output, run with --log-level DEBUG. Stop with Ctrl+C.", flush=True)
+
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    try:
+        while not stopping.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    host.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
