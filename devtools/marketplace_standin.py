@@ -895,7 +895,8 @@ class MarketplaceStandIn:
             return self._activate_calls[subscription_id]
 
     def last_request(self, kind: str | None = None) -> dict[str, Any] | None:
-        """The latest recorded request (optionally of one route kind) with its headers and status."""
+        """The latest recorded request (optionally of one route kind): method, path, kind, headers
+        (as sent, lower-case names), status, and for API calls the effective requestId/correlationId."""
         with self._lock:
             return next((entry for entry in reversed(self.last_requests) if kind in (None, entry["kind"])), None)
 
@@ -1173,6 +1174,7 @@ class MarketplaceStandIn:
         entry = self._record(request, route.kind if route else "unknown")
         request_id = request.headers.get("x-ms-requestid") or _new_id()
         correlation_id = request.headers.get("x-ms-correlationid") or _new_id()
+        entry.update(requestId=request_id, correlationId=correlation_id)
         if self.latency_seconds:
             time.sleep(self.latency_seconds)
         fault = self._take_fault(request)
