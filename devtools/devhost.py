@@ -377,7 +377,8 @@ class RouteTemplate:
                     else:
                         if part.catch_all:
                             raise DevHostError(f"route {self.template!r}: catch-all inside a segment")
-                        regex += f"(?P<p{len(group_params)}>.+?)" + ("?" if part.optional else "")
+                        # greedy: ASP.NET matches complex segments right to left
+                        regex += f"(?P<p{len(group_params)}>.+)" + ("?" if part.optional else "")
                         group_params.append(part)
                 self.segments.append(_Segment(pattern=re.compile(regex, re.IGNORECASE | re.DOTALL),
                                               group_params=group_params))
@@ -966,7 +967,7 @@ class DevHost:
         self._server = _Server((self.host, self.port), self)
         self.port = self._server.server_address[1]
         self._server_thread = threading.Thread(target=self._server.serve_forever,
-                                               kwargs={"poll_interval": 0.2},
+                                               kwargs={"poll_interval": 0.1},
                                                name="devhost-http", daemon=True)
         self._server_thread.start()
         logger.info("Dev host listening on %s (route prefix %r)", self.url, self.route_prefix)

@@ -1,8 +1,8 @@
 """A tiny v2-model function app for the dev-host tests.
 
 Deliberately independent of the project's ``function_app.py``: it exercises the dev host with
-blueprints, route parameters, a POST echo, a failing function, an async function and a timer
-whose schedule comes from the ``SAMPLE_SCHEDULE`` app setting.
+blueprints, route parameters, a POST echo, a failing function, an async function, a timer
+whose schedule comes from the ``SAMPLE_SCHEDULE`` app setting and a timer that always fails.
 """
 from __future__ import annotations
 
@@ -79,6 +79,11 @@ async def slow_async(req: func.HttpRequest) -> func.HttpResponse:
 def sample_timer(timer: func.TimerRequest) -> None:
     with TIMER_RUNS_LOCK:
         TIMER_RUNS.append({"past_due": timer.past_due, "schedule_status": dict(timer.schedule_status)})
+
+
+@jobs.timer_trigger(schedule="0 0 0 1 1 *", arg_name="timer")
+def failing_job(timer: func.TimerRequest) -> None:
+    raise ValueError("this job always fails")
 
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
