@@ -69,6 +69,7 @@ class Kind(str, Enum):
     CHANGE_QUANTITY = "change_quantity"
     FLAG = "flag"  # something needs an operator; no state change
     UNKNOWN_ACTION = "unknown_action"  # recorded for reconciliation
+    REFUSED = "refused"  # the publisher's policy refused a requested change; state stays
 
 
 class Result(str, Enum):
@@ -403,7 +404,7 @@ def _decide(record: SubscriptionRecord, change: Change) -> _Decision:
         if change.flag in record.flags:
             return _Decision(Result.NOOP)
         return _Decision(Result.RECORDED, {"flags": record.flags + (change.flag,)}, EVENT_FLAGGED)
-    if kind is Kind.UNKNOWN_ACTION:
+    if kind in (Kind.UNKNOWN_ACTION, Kind.REFUSED):
         return _Decision(Result.RECORDED)
     if kind is Kind.UNSUBSCRIBE:
         if status is LocalStatus.UNSUBSCRIBED:
@@ -463,7 +464,7 @@ def apply(record: SubscriptionRecord | None, change: Change, *, now: datetime | 
     """Apply ``change`` to ``record`` (None: not recorded yet) and say what happened."""
     now = now or utc_now()
     current = record if record is not None else new_record(_subscription_id(change), now)
-    if record is not None and change.kind not in (Kind.FLAG, Kind.UNKNOWN_ACTION) and is_stale(record, change):
+    if record is not None and change.kind not in (Kind.FLAG, Kind.UNKNOWN_ACTION, Kind.REFUSED) and is_stale(record, change):
         decision = _Decision(Result.STALE, detail="older than the last applied change")
     else:
         decision = _decide(current, change)

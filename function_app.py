@@ -1,0 +1,11 @@
+"""Azure Functions entry point (Python v2 programming model): creates the app, registers the blueprints."""
+import azure.functions as func
+
+from landing_page import bp as landing_page_bp
+from reconcile_timer import bp as reconcile_timer_bp
+from webhook import bp as webhook_bp
+
+app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
+app.register_functions(landing_page_bp)
+app.register_functions(webhook_bp)
+app.register_functions(reconcile_timer_bp)

@@ -1,0 +1,33 @@
+"""CSRF tokens for the landing page form: bound to the subscription, the signed-in user and an expiry.
+
+Signed with LANDING_FORM_SECRET (HS256 via PyJWT). The purchase token is never part of the form.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import jwt
+
+from shared.errors import ForbiddenError
+
+FORM_TOKEN_TTL = timedelta(minutes=30)
+_AUDIENCE = "landing-form"
+
+
+def issue_form_token(secret: str, subscription_id: str, user_id: str, now: datetime) -> str:
+    claims = {"sid": subscription_id, "uid": user_id, "aud": _AUDIENCE, "iat": now, "exp": now + FORM_TOKEN_TTL}
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+def verify_form_token(secret: str, token: str, subscription_id: str, user_id: str) -> None:
+    """Raise ForbiddenError unless the token is ours, unexpired and bound to this subscription and user."""
+    try:
+        claims = jwt.decode(token or "", secret, algorithms=["HS256"], audience=_AUDIENCE, options={"require": ["exp", "sid", "uid"]})
+    except jwt.ExpiredSignatureError as error:
+        raise ForbiddenError("the form has expired; reload the page") from error
+    except jwt.PyJWTError as error:
+        raise ForbiddenError("the form token is not valid") from error
+    if claims["sid"] != subscription_id:
+        raise ForbiddenError("the form token belongs to another subscription")
+    if claims["uid"] != user_id:
+        raise ForbiddenError("the form token belongs to another user")

@@ -1,0 +1,22 @@
+"""Health check: is the configuration complete and does storage answer? Never reveals secrets."""
+from __future__ import annotations
+
+from typing import Callable
+
+from shared.errors import AppError, ConfigurationError
+
+
+def check_health(get_services: Callable[[], object]) -> tuple[int, dict]:
+    checks: dict[str, object] = {}
+    try:
+        services = get_services()
+    except ConfigurationError as error:
+        return 503, {"status": "unhealthy", "checks": {"configuration": {"ok": False, "problems": error.problems}}}
+    checks["configuration"] = {"ok": True}
+    try:
+        services.repository.check()
+        checks["storage"] = {"ok": True}
+    except AppError as error:
+        checks["storage"] = {"ok": False, "error": error.code}
+    healthy = all(check["ok"] for check in checks.values())
+    return (200 if healthy else 503), {"status": "healthy" if healthy else "unhealthy", "checks": checks}

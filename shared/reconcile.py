@@ -1,0 +1,334 @@
+"""Reconciliation: make our records equal Microsoft's again, and tell operators what could not be fixed.
+
+One run:
+1. one scan of our table (state rows, pending webhook operations, pending outbox events) into a
+   compact in-memory index (a fingerprint per subscription, not the records: bounded memory);
+2. page through List subscriptions (from the checkpoint, if the last run ran out of time);
+   subscriptions whose fingerprint matches cost nothing; the others are read once and repaired
+   through the state machine with source ``reconcile`` (ETag-guarded, re-decided on conflict);
+3. stuck work: unconfirmed or failed activations are retried up to a limit and then flagged,
+   PendingActivation is flagged for an operator, recorded-but-unapplied webhook operations are
+   finished, and InProgress operations of suspended subscriptions past their deadline are settled;
+4. a summary is stored and logged as one structured line.
+
+A change applied locally after the listing page was fetched (or within SETTLE_WINDOW before it)
+wins over the listing: Microsoft's list can lag behind an operation it just notified us of.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from shared import state_machine as sm
+from shared.activation import CLAIM_TIMEOUT, ActivationResult, activate
+from shared.domain import Action, OperationStatus, Subscription, SubscriptionStatus, WebhookEvent
+from shared.errors import AppError, MarketplaceError, StorageUnavailableError
+from shared.events import build_event_document
+from shared.observability import current_correlation_id
+from shared.repository import OperationMarker, StoredRecord
+from shared.state_machine import Change, Kind, LocalStatus, Source
+
+log = logging.getLogger(__name__)
+
+SETTLE_WINDOW = timedelta(minutes=2)
+EVENT_DELAY_WARNING = timedelta(minutes=15)
+FLAG_ACTIVATION_STUCK = "activation_stuck"
+FLAG_AWAITING_OPERATOR = "awaiting_operator"
+FLAG_UNKNOWN_STATUS = "unknown_marketplace_status"
+MAX_DIFFERENCES_KEPT = 500
+
+
+def _fingerprint_values(values: dict[str, Any]) -> bytes:
+    text = json.dumps({k: sm._jsonable(v) for k, v in sorted(values.items())}, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=12).digest()
+
+
+def _record_fingerprint(record: sm.SubscriptionRecord) -> bytes:
+    return _fingerprint_values({name: getattr(record, name) for name in sm._SNAPSHOT_FIELDS})
+
+
+def _subscription_fingerprint(subscription: Subscription) -> bytes:
+    return _fingerprint_values(sm._snapshot_values(subscription))
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """What the scan keeps per subscription: enough to tell drift without keeping the record."""
+
+    status: LocalStatus
+    fingerprint: bytes
+    updated_at: datetime | None
+    activation_requested_at: datetime | None
+    activation_attempts: int
+    flags: tuple[str, ...]
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    dry_run: bool
+    started_at: str
+    completed: bool = False
+    stopped_reason: str = ""
+    resumed_from_checkpoint: bool = False
+    subscriptions_seen: int = 0
+    pages: int = 0
+    repairs: dict[str, int] = field(default_factory=dict)
+    flagged: list[dict[str, str]] = field(default_factory=list)
+    deferred: int = 0
+    events_waiting_too_long: int = 0
+    events_pending: int = 0
+    differences: list[dict[str, Any]] = field(default_factory=list)
+    duration_seconds: float = 0.0
+    marketplace_calls: int = 0
+    storage_reads: int = 0
+    storage_writes: int = 0
+
+    def count(self, kind: str) -> None:
+        self.repairs[kind] = self.repairs.get(kind, 0) + 1
+
+    def flag(self, subscription_id: str, reason: str) -> None:
+        self.flagged.append({"subscriptionId": subscription_id, "reason": reason})
+
+    def to_json(self, *, with_differences: bool = False) -> dict[str, Any]:
+        data = {k: v for k, v in self.__dict__.items() if k != "differences"}
+        data["repairs_total"] = sum(self.repairs.values())
+        data["flagged_count"] = len(self.flagged)
+        if with_differences:
+            data["differences"] = self.differences
+        return data
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+class Reconciler:
+    def __init__(self, services, *, dry_run: bool = False, time_budget_seconds: float | None = None):
+        self.services = services
+        self.settings = services.settings
+        self.repository = services.repository
+        self.marketplace = services.marketplace
+        self.dry_run = dry_run
+        self.budget = time_budget_seconds if time_budget_seconds is not None else self.settings.reconcile_time_budget_seconds
+        self._started = time.monotonic()
+        now = services.clock()
+        self.summary = RunSummary(run_id=current_correlation_id() or now.isoformat(), dry_run=dry_run, started_at=now.isoformat())
+        self.index: dict[str, IndexEntry] = {}
+        self.pending_markers: list[OperationMarker] = []
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _out_of_time(self) -> bool:
+        return time.monotonic() - self._started > self.budget
+
+    def _change(self, kind: Kind, occurred_at: datetime, **extra) -> Change:
+        return Change(kind=kind, source=Source.RECONCILE, occurred_at=occurred_at, correlation_id=current_correlation_id(), **extra)
+
+    def _difference(self, subscription_id: str, kind: str, detail: Any) -> None:
+        if len(self.summary.differences) < MAX_DIFFERENCES_KEPT:
+            self.summary.differences.append({"subscriptionId": subscription_id, "kind": kind, "detail": detail})
+
+    # -- phases --------------------------------------------------------------------------------
+
+    def scan(self) -> None:
+        now = self.services.clock()
+        for item in self.repository.scan():
+            if item.kind == "state":
+                record = item.stored.record
+                self.index[record.id] = IndexEntry(
+                    record.status, _record_fingerprint(record), record.updated_at,
+                    record.activation_requested_at, record.activation_attempts, record.flags,
+                )
+            elif item.kind == "op":
+                self.pending_markers.append(item.marker)
+            elif item.kind == "event":
+                self.summary.events_pending += 1
+                if item.event.created_at and now - item.event.created_at > EVENT_DELAY_WARNING:
+                    self.summary.events_waiting_too_long += 1
+
+    def compare_listing(self, start_link: str | None) -> None:
+        link = start_link
+        pages = self.marketplace.list_subscription_pages(start_link)
+        while True:
+            fetched_at = self.services.clock()
+            try:
+                page, next_link = next(pages)
+            except StopIteration:
+                return
+            self.summary.pages += 1
+            for subscription in page:
+                self.summary.subscriptions_seen += 1
+                self.compare(subscription, fetched_at)
+            link = next_link
+            if link and self._out_of_time():
+                self._checkpoint_link = link
+                raise _OutOfTime()
+            if not link:
+                return
+
+    def compare(self, subscription: Subscription, fetched_at: datetime) -> None:
+        entry = self.index.get(subscription.id)
+        if entry is None:
+            self._difference(subscription.id, "missing_locally", subscription.status.value)
+            self._repair(subscription, fetched_at, "recorded_new")
+            return
+        target = sm.status_for_snapshot(entry.status, subscription.status)
+        if target is None:
+            self._flag(subscription.id, FLAG_UNKNOWN_STATUS, fetched_at, entry)
+            return
+        in_step = target is entry.status and _subscription_fingerprint(subscription) == entry.fingerprint
+        if not in_step:
+            kind = "status_drift" if target is not entry.status else "detail_drift"
+            self._difference(subscription.id, kind, {"local": entry.status.value, "marketplace": subscription.status.value})
+            self._repair(subscription, fetched_at, kind)
+        if subscription.status is SubscriptionStatus.PENDING_FULFILLMENT_START:
+            self._stuck_activation(subscription.id, entry, fetched_at)
+        elif subscription.status is SubscriptionStatus.SUSPENDED:
+            self._settle_overdue_operations(subscription.id)
+
+    def _repair(self, subscription: Subscription, fetched_at: datetime, kind: str) -> None:
+        if self.dry_run:
+            self.summary.count(kind)
+            return
+        change = self._change(Kind.SYNC, fetched_at, subscription=subscription, detail=kind)
+        deferred = {"value": False}
+
+        def decide(record: sm.SubscriptionRecord | None):
+            deferred["value"] = False
+            if record is None:
+                return sm.apply(None, change, now=self.services.clock())
+            if not sm.drift(record, subscription):
+                return None
+            if record.updated_at and record.updated_at > fetched_at - SETTLE_WINDOW:
+                deferred["value"] = True  # a newer local change wins; the next run looks again
+                return None
+            return sm.apply(record, change, now=self.services.clock())
+
+        outcome = self.repository.apply(subscription.id, decide, build_event=build_event_document)
+        if outcome is not None and outcome.result is sm.Result.APPLIED:
+            self.summary.count(kind)
+        elif deferred["value"]:
+            self.summary.deferred += 1
+
+    def _flag(self, subscription_id: str, reason: str, at: datetime, entry: IndexEntry | None) -> None:
+        self.summary.flag(subscription_id, reason)
+        if self.dry_run or (entry is not None and reason in entry.flags):
+            return
+        change = self._change(Kind.FLAG, at, flag=reason, detail=reason)
+        self.repository.apply(subscription_id, lambda record: sm.apply(record, change, now=self.services.clock()) if record else None,
+                              build_event=build_event_document)
+
+    def _stuck_activation(self, subscription_id: str, entry: IndexEntry, at: datetime) -> None:
+        status = entry.status
+        if status is LocalStatus.PENDING_ACTIVATION:
+            self._flag(subscription_id, FLAG_AWAITING_OPERATOR, at, entry)
+            return
+        if status not in (LocalStatus.ACTIVATION_REQUESTED, LocalStatus.ACTIVATION_FAILED):
+            return
+        requested = entry.activation_requested_at
+        if requested is not None and at - requested < CLAIM_TIMEOUT:
+            return  # just sent; Microsoft needs a moment
+        if entry.activation_attempts >= self.settings.reconcile_activation_retry_limit:
+            self._flag(subscription_id, FLAG_ACTIVATION_STUCK, at, entry)
+            return
+        self._difference(subscription_id, "activation_retry", {"attempts": entry.activation_attempts})
+        if self.dry_run:
+            self.summary.count("activation_retried")
+            return
+        result = activate(self.services, subscription_id, actor="reconciler", source=Source.RECONCILE, force_retry=True)
+        self.summary.count("activation_confirmed" if result.result in (ActivationResult.ACTIVATED, ActivationResult.ALREADY_ACTIVE) else "activation_retried")
+
+    def _settle_overdue_operations(self, subscription_id: str) -> None:
+        """A Reinstate nobody answered keeps a subscription Suspended forever: settle it."""
+        deadline = timedelta(seconds=self.settings.reconcile_operation_deadline_seconds)
+        now = self.services.clock()
+        for operation in self.marketplace.list_outstanding_operations(subscription_id):
+            if operation.status is not OperationStatus.IN_PROGRESS:
+                continue
+            if operation.timestamp and now - operation.timestamp < deadline:
+                continue
+            self._difference(subscription_id, "overdue_operation", {"operationId": operation.id, "action": operation.action_name})
+            if self.dry_run:
+                self.summary.count("operation_settled")
+                continue
+            self._finish_operation(subscription_id, operation.id, operation.raw)
+            self.summary.count("operation_settled")
+
+    def _finish_operation(self, subscription_id: str, operation_id: str, payload: dict) -> None:
+        from shared.webhook import apply_operation
+
+        event = WebhookEvent.from_api({**payload, "id": operation_id, "subscriptionId": subscription_id,
+                                       "action": payload.get("action") or "Unknown"})
+        operation = self.marketplace.get_operation(subscription_id, operation_id)
+        if self.repository.get_marker(subscription_id, operation_id) is None:
+            self.repository.record_operation(subscription_id, operation_id, action=operation.action_name,
+                                             payload=json.dumps(payload), correlation_id=current_correlation_id())
+        apply_operation(self.services, event, operation)
+
+    def replay_operations(self, *, all_pending: bool = False) -> None:
+        """Finish webhook operations that were recorded but never applied (a crash, an outage)."""
+        deadline = timedelta(seconds=self.settings.reconcile_operation_deadline_seconds)
+        now = self.services.clock()
+        for marker in self.pending_markers:
+            if not all_pending and marker.received_at and now - marker.received_at < deadline:
+                continue  # probably still being handled by a webhook delivery
+            self._difference(marker.subscription_id, "unapplied_operation", {"operationId": marker.operation_id, "action": marker.action})
+            if self.dry_run:
+                self.summary.count("operation_replayed")
+                continue
+            try:
+                payload = json.loads(marker.payload or "{}")
+            except ValueError:
+                payload = {}
+            self._finish_operation(marker.subscription_id, marker.operation_id, payload if isinstance(payload, dict) else {})
+            self.summary.count("operation_replayed")
+            if self._out_of_time():
+                raise _OutOfTime()
+
+    # -- run -------------------------------------------------------------------------------------
+
+    def run(self) -> RunSummary:
+        repository = self.repository
+        reads0, writes0 = repository.metrics.reads, repository.metrics.writes
+        calls0 = self.marketplace.counter.total
+        self._checkpoint_link = None
+        try:
+            checkpoint = None if self.dry_run else repository.get_checkpoint()
+            start_link = (checkpoint or {}).get("next_link") or None
+            self.summary.resumed_from_checkpoint = bool(start_link)
+            self.scan()
+            self.replay_operations()
+            self.compare_listing(start_link)
+            self.summary.completed = True
+            if not self.dry_run and checkpoint:
+                repository.save_checkpoint(None)
+        except _OutOfTime:
+            self.summary.stopped_reason = "time_budget"
+            if not self.dry_run and self._checkpoint_link:
+                repository.save_checkpoint({"next_link": self._checkpoint_link, "run_id": self.summary.run_id})
+        except (MarketplaceError, StorageUnavailableError) as error:
+            self.summary.stopped_reason = f"{error.code}: {error.message}"
+            log.error("reconciliation stopped: %s", error)
+        self.summary.duration_seconds = round(time.monotonic() - self._started, 3)
+        self.summary.marketplace_calls = self.marketplace.counter.total - calls0
+        self.summary.storage_reads = repository.metrics.reads - reads0
+        self.summary.storage_writes = repository.metrics.writes - writes0
+        if not self.dry_run:
+            try:
+                repository.save_run_summary(self.summary.to_json())
+                self.summary.storage_writes += 1
+            except AppError:
+                log.error("could not store the reconciliation summary")
+        level = logging.WARNING if (self.summary.flagged or not self.summary.completed) else logging.INFO
+        log.log(level, "reconcile summary %s", json.dumps(self.summary.to_json(), sort_keys=True))
+        return self.summary
+
+
+def run_reconciliation(services, *, dry_run: bool = False, time_budget_seconds: float | None = None) -> RunSummary:
+    return Reconciler(services, dry_run=dry_run, time_budget_seconds=time_budget_seconds).run()

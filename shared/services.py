@@ -1,0 +1,87 @@
+"""The services bundle every use case receives, and the one cached factory handlers get it from.
+
+Tests swap the factory (``set_services_factory``), not SDK internals.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Callable
+
+from shared.domain import utc_now
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    marketplace: "MarketplaceClient"  # noqa: F821 - imported lazily for cold start
+    repository: "SubscriptionRepository"  # noqa: F821
+    clock: Callable[[], datetime] = utc_now
+    _lazy: dict = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _once(self, name: str, build: Callable[[], object]):
+        with self._lock:
+            if name not in self._lazy:
+                self._lazy[name] = build()
+            return self._lazy[name]
+
+    @property
+    def webhook_authenticator(self):
+        """Built on first use: only the webhook needs PyJWT and the signing keys."""
+        from shared.webhook_auth import WebhookAuthenticator
+
+        return self._once("webhook_authenticator", lambda: WebhookAuthenticator.from_settings(self.settings))
+
+    @property
+    def policy(self):
+        from shared.policy import load_policy
+
+        return self._once("policy", lambda: load_policy(self.settings.publisher_policy))
+
+    @property
+    def events(self):
+        from shared.events import EventRelay
+
+        return self._once("events", lambda: EventRelay.from_settings(self.settings, self.repository))
+
+    def close(self) -> None:
+        self.marketplace.close()
+
+
+def build_services(settings: Settings | None = None) -> Services:
+    from shared.marketplace import MarketplaceClient
+    from shared.observability import install_log_filter
+    from shared.repository import SubscriptionRepository, table_service_from_settings
+
+    install_log_filter()
+    settings = settings or Settings.from_env()
+    repository = SubscriptionRepository(table_service_from_settings(settings), settings.tables_prefix)
+    return Services(settings=settings, marketplace=MarketplaceClient.from_settings(settings), repository=repository)
+
+
+_factory: Callable[[], Services] = build_services
+_cached: Services | None = None
+_cache_lock = threading.Lock()
+
+
+def get_services() -> Services:
+    """The process-wide services (built once; a ConfigurationError is raised again on every call)."""
+    global _cached
+    with _cache_lock:
+        if _cached is None:
+            _cached = _factory()
+        return _cached
+
+
+def set_services_factory(factory: Callable[[], Services] | None) -> None:
+    """Replace the factory (tests, dev tools); None restores the default. Drops the cached bundle."""
+    global _factory, _cached
+    with _cache_lock:
+        _factory = factory or build_services
+        _cached = None

@@ -1,0 +1,210 @@
+"""Webhook use case: authenticate, verify, and apply each Marketplace operation exactly once.
+
+Microsoft delivers at least once, in no guaranteed order, and reads a 4xx on ChangePlan and
+ChangeQuantity as a rejection. So: 4xx only for input that is really bad (unauthenticated,
+malformed, unverifiable); every transient problem escapes as a 5xx error so Microsoft retries, and
+nothing is half-written because each change is one storage transaction.
+
+Order of work for an event:
+1. authenticate the bearer token; parse the body leniently;
+2. a settled operation marker means a duplicate: answer 200, change nothing;
+3. verify with Get Operation (the operation exists, for that subscription and action);
+4. record the operation marker (durable before acting; a crash after this is finished by the
+   next delivery or by the reconciler's replay);
+5. for an InProgress ChangePlan/ChangeQuantity/Reinstate ask the publisher policy and PATCH the
+   operation Success/Failure;
+6. apply through the state machine in one transaction with the marker and the outbox event.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+from shared import state_machine as sm
+from shared.domain import Action, Operation, OperationStatus, UpdateStatus, WebhookEvent
+from shared.errors import (
+    BadRequestError,
+    MarketplaceBadRequestError,
+    MarketplaceConflictError,
+    MarketplaceNotFoundError,
+)
+from shared.events import build_event_document
+from shared.observability import current_correlation_id
+from shared.policy import PolicyDecision, PolicyRequest
+from shared.state_machine import Change, Kind, Source
+
+log = logging.getLogger(__name__)
+
+NEEDS_ANSWER = frozenset({Action.CHANGE_PLAN, Action.CHANGE_QUANTITY, Action.REINSTATE})
+
+_KIND_FOR_ACTION = {
+    Action.CHANGE_PLAN: Kind.CHANGE_PLAN,
+    Action.CHANGE_QUANTITY: Kind.CHANGE_QUANTITY,
+    Action.SUSPEND: Kind.SUSPEND,
+    Action.REINSTATE: Kind.REINSTATE,
+    Action.UNSUBSCRIBE: Kind.UNSUBSCRIBE,
+    Action.RENEW: Kind.RENEW,
+    Action.SUBSCRIBE: Kind.SUBSCRIBE,
+}
+
+
+class PayloadTooLargeError(BadRequestError):
+    """The webhook body is larger than WEBHOOK_MAX_BODY_BYTES."""
+
+    http_status = 413
+    code = "payload_too_large"
+
+
+class VerificationFailedError(BadRequestError):
+    """Get Operation does not confirm this event."""
+
+    code = "verification_failed"
+
+
+@dataclass(frozen=True)
+class WebhookResult:
+    status: int
+    result: str
+    operation_id: str = ""
+    subscription_id: str = ""
+
+    def body(self) -> dict:
+        return {"result": self.result, "operationId": self.operation_id, "subscriptionId": self.subscription_id}
+
+
+def parse_event(body: bytes, max_bytes: int) -> WebhookEvent:
+    if len(body) > max_bytes:
+        raise PayloadTooLargeError(f"body is larger than {max_bytes} bytes")
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise BadRequestError("body is not valid JSON") from error
+    try:
+        return WebhookEvent.from_api(data)
+    except ValueError as error:
+        raise BadRequestError(str(error)) from error
+
+
+def _verify(services, event: WebhookEvent) -> Operation:
+    """The authoritative operation from Microsoft; refuses events it does not confirm."""
+    try:
+        operation = services.marketplace.get_operation(event.subscription_id, event.id)
+    except (MarketplaceNotFoundError, MarketplaceBadRequestError) as error:
+        raise VerificationFailedError("Marketplace does not know this operation") from error
+    if operation.subscription_id and operation.subscription_id.lower() != event.subscription_id.lower():
+        raise VerificationFailedError("operation belongs to another subscription")
+    if operation.action_name.lower() != event.operation.action_name.lower():
+        raise VerificationFailedError("operation action does not match the event")
+    return operation
+
+
+def _change_for(event: WebhookEvent, operation: Operation, services, kind: Kind, detail: str = "") -> Change:
+    term = event.subscription.term if event.subscription is not None else None
+    return Change(
+        kind=kind,
+        source=Source.WEBHOOK,
+        occurred_at=operation.timestamp or event.operation.timestamp or services.clock(),
+        subscription=event.subscription,
+        plan_id=operation.plan_id or event.operation.plan_id,
+        quantity=operation.quantity if operation.quantity is not None else event.operation.quantity,
+        term=term,
+        operation_id=event.id,
+        correlation_id=current_correlation_id(),
+        detail=detail,
+    )
+
+
+def _ensure_known(services, subscription_id: str) -> None:
+    """A webhook for a subscription we never saw (auto-activation, lost landing visit): fetch and record it."""
+    if services.repository.get(subscription_id) is not None:
+        return
+    subscription = services.marketplace.get_subscription(subscription_id)
+    change = Change(
+        kind=Kind.SYNC, source=Source.WEBHOOK, occurred_at=services.clock(), subscription=subscription,
+        correlation_id=current_correlation_id(), detail="first seen in a webhook",
+    )
+
+    def decide(record):
+        return None if record is not None else sm.apply(None, change, now=change.occurred_at)
+
+    services.repository.apply(subscription_id, decide, build_event=build_event_document)
+
+
+def _answer(services, event: WebhookEvent, operation: Operation) -> tuple[PolicyDecision, Operation]:
+    """Ask the policy and PATCH the operation; returns the decision and the settled operation."""
+    stored = services.repository.get(event.subscription_id)
+    request = PolicyRequest(
+        action=operation.action.value,
+        subscription_id=event.subscription_id,
+        record=stored.record if stored else None,
+        plan_id=operation.plan_id or event.operation.plan_id,
+        quantity=operation.quantity if operation.quantity is not None else event.operation.quantity,
+        operation_id=event.id,
+    )
+    try:
+        decision = services.policy(request)
+    except Exception:  # a broken policy must not silently accept or reject: let Microsoft retry
+        log.exception("publisher policy failed for operation %s", event.id)
+        raise
+    status = UpdateStatus.SUCCESS if decision.accepted else UpdateStatus.FAILURE
+    try:
+        services.marketplace.update_operation(event.subscription_id, event.id, status)
+    except MarketplaceConflictError:
+        # Already settled (our earlier attempt, or Microsoft's 10-second auto-accept): follow Microsoft.
+        settled = services.marketplace.get_operation(event.subscription_id, event.id)
+        accepted = settled.status is OperationStatus.SUCCEEDED
+        return PolicyDecision(accepted, "settled before our answer"), settled
+    log.info("answered operation %s with %s", event.id, status.value)
+    return decision, operation
+
+
+def handle_webhook(services, authorization: str | None, body: bytes) -> WebhookResult:
+    settings = services.settings
+    services.webhook_authenticator.authenticate(authorization)
+    event = parse_event(body, settings.webhook_max_body_bytes)
+    subscription_id, operation_id = event.subscription_id, event.id
+    log.info("webhook %s for subscription %s, operation %s", event.operation.action_name, subscription_id, operation_id)
+
+    repository = services.repository
+    marker = repository.get_marker(subscription_id, operation_id)
+    if marker is not None and not marker.pending:
+        return WebhookResult(200, "duplicate", operation_id, subscription_id)
+
+    operation = _verify(services, event) if settings.webhook_verify_operation else event.operation
+    if marker is None:
+        repository.record_operation(
+            subscription_id, operation_id, action=event.operation.action_name,
+            payload=body.decode("utf-8", "replace"), correlation_id=current_correlation_id(),
+        )
+    return apply_operation(services, event, operation)
+
+
+def apply_operation(services, event: WebhookEvent, operation: Operation) -> WebhookResult:
+    """Steps 5-6 for a recorded operation (also used by the reconciler's replay)."""
+    subscription_id, operation_id = event.subscription_id, event.id
+    _ensure_known(services, subscription_id)
+
+    kind = _KIND_FOR_ACTION.get(operation.action if operation.action is not Action.UNKNOWN else event.action)
+    detail = ""
+    if kind is None:
+        kind, detail = Kind.UNKNOWN_ACTION, f"unknown action {event.operation.action_name!r}, left to reconciliation"
+    elif operation.action in NEEDS_ANSWER and operation.status is OperationStatus.IN_PROGRESS:
+        decision, operation = _answer(services, event, operation)
+        if not decision.accepted:
+            kind, detail = Kind.REFUSED, f"refused {operation.action.value}: {decision.reason}"
+    elif operation.status in (OperationStatus.FAILED, OperationStatus.CONFLICT):
+        kind, detail = Kind.REFUSED, f"operation {operation.status.value} at Microsoft; nothing to apply"
+
+    change = _change_for(event, operation, services, kind, detail)
+    outcome = services.repository.apply(
+        subscription_id,
+        lambda record: sm.apply(record, change, now=services.clock()),
+        operation_id=operation_id,
+        build_event=build_event_document,
+    )
+    if outcome is None:
+        return WebhookResult(200, "duplicate", operation_id, subscription_id)
+    log.info("operation %s on %s: %s", operation_id, subscription_id, outcome.result.value)
+    return WebhookResult(200, outcome.result.value if kind is not Kind.REFUSED else "refused", operation_id, subscription_id)
+
