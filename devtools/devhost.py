@@ -971,6 +971,9 @@ class DevHost:
                                                name="devhost-http", daemon=True)
         self._server_thread.start()
         logger.info("Dev host listening on %s (route prefix %r)", self.url, self.route_prefix)
+        if self.host not in ("127.0.0.1", "localhost", "::1"):
+            logger.warning("Listening on %s: anyone who can reach it may run functions through "
+                           "/admin and act as the configured signed-in user", self.host)
         for line in self.describe():
             logger.info("  %s", line)
         if self.timers_enabled:
@@ -1132,7 +1135,8 @@ class DevHost:
             if key.startswith(_EASY_AUTH_HEADER_PREFIXES):
                 continue  # never trust these from a client, like Easy Auth
             if key in headers:
-                headers[key] = (headers[key][0], f"{headers[key][1]}, {value}")
+                separator = "; " if key == "cookie" else ", "
+                headers[key] = (headers[key][0], f"{headers[key][1]}{separator}{value}")
             else:
                 headers[key] = (name, value)
         if self.signed_in_user is not None:
@@ -1332,8 +1336,11 @@ def main(argv: list[str] | None = None) -> int:
             port = int((settings.get("Host") or {}).get("LocalHttpPort") or DEFAULT_PORT)
         host = DevHost.from_module(args.app, host=args.host, port=port, timers=not args.no_timers)
         host.start()
-    except (DevHostError, ImportError, OSError, ValueError) as exc:
+    except DevHostError as exc:
         logger.error("Cannot start: %s", exc)
+        return 1
+    except (ImportError, OSError, ValueError) as exc:
+        logger.error("Cannot start: %s", exc, exc_info=not isinstance(exc, OSError))
         return 1
 
     print("\nFunctions:\n")
@@ -1353,4 +1360,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the package module rather than this __main__ copy, so logger names and the classes
+    # are the same ones the app and tests import (devtools.devhost).
+    from devtools.devhost import main as _main
+
+    sys.exit(_main())

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import uuid
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import azure.functions as func
@@ -267,7 +268,10 @@ def test_timer_fires_on_its_schedule(monkeypatch):
         wait_until(lambda: len(sample.TIMER_RUNS) > before, timeout=3)
     run = sample.TIMER_RUNS[before]
     assert run["past_due"] is False
-    assert run["schedule_status"]["Next"] > run["schedule_status"]["LastUpdated"][:19]
+    status = {key: datetime.fromisoformat(value) for key, value in run["schedule_status"].items()
+              if key != "Last"}
+    assert status["Next"] > status["LastUpdated"] - timedelta(seconds=1)
+    assert status["Next"].microsecond == 0  # an occurrence of the every-second schedule
 
 
 def _tracking_app(run_on_startup: bool = False):
