@@ -974,8 +974,8 @@ class DevHost:
         if self.host not in ("127.0.0.1", "localhost", "::1"):
             logger.warning("Listening on %s: anyone who can reach it may run functions through "
                            "/admin and act as the configured signed-in user", self.host)
-        for line in self.describe():
-            logger.info("  %s", line)
+        for line in self.describe():  # the command line prints these to stdout
+            logger.debug("  %s", line)
         if self.timers_enabled:
             for runner in self._timers.values():
                 if not runner.fn.disabled:
