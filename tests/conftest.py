@@ -1,0 +1,122 @@
+"""Shared test harness: real Azurite (npm), the marketplace stand-in over real HTTP, and the dev host.
+
+Each test gets its own table prefix, so tests never see each other's data while sharing one
+Azurite process, one stand-in and one dev host for the whole session.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+
+import pytest
+
+from devtools.azurite import Azurite
+from devtools.marketplace_standin import MarketplaceStandIn
+
+TENANT_ID = "72f988bf-0000-4000-8000-0000000000aa"
+APP_CLIENT_ID = "a1b2c3d4-0000-4000-8000-0000000000bb"
+FORM_SECRET = "test-form-secret-0123456789abcdef"
+TEST_USER = "Ada Lovelace <ada@contoso.example>"
+
+
+@pytest.fixture(scope="session")
+def azurite():
+    instance = Azurite(in_memory=False).start()
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture(scope="session")
+def standin_session():
+    instance = MarketplaceStandIn(host="127.0.0.1", port=0, tenant_id=TENANT_ID, audience=APP_CLIENT_ID)
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture
+def standin(standin_session):
+    standin_session.reset()
+    standin_session.auto_accept_seconds = None  # tests answer operations explicitly
+    yield standin_session
+    standin_session.reset()
+
+
+def make_env(azurite, standin, **overrides) -> dict[str, str]:
+    env = {
+        "MARKETPLACE_API_BASE_URL": standin.api_base_url,
+        "MARKETPLACE_AUTH": "none",
+        "MARKETPLACE_TENANT_ID": TENANT_ID,
+        "MARKETPLACE_CLIENT_ID": APP_CLIENT_ID,
+        "TABLES_CONNECTION_STRING": azurite.connection_string,
+        "TABLES_PREFIX": "t" + uuid.uuid4().hex[:12],
+        "LANDING_FORM_SECRET": FORM_SECRET,
+        "WEBHOOK_AUTH": "entra",
+        "WEBHOOK_OPENID_CONFIG_URL": standin.openid_config_url,
+        "SAAS_APP_URL": "https://app.contoso.example/",
+        "SUPPORT_EMAIL": "support@contoso.example",
+        "BRAND_NAME": "Contoso Analytics",
+    }
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture
+def make_services(azurite, standin):
+    """Build a services bundle against Azurite and the stand-in, and install it as the app's factory."""
+    from shared.services import build_services, set_services_factory
+    from shared.settings import Settings
+
+    built = []
+
+    def factory(**overrides):
+        settings = Settings.from_env(make_env(azurite, standin, **overrides))
+        services = build_services(settings)
+        services.repository.ensure_tables()
+        set_services_factory(lambda: services)
+        built.append(services)
+        return services
+
+    yield factory
+    set_services_factory(None)
+    for services in built:
+        services.close()
+
+
+@pytest.fixture
+def services(make_services):
+    return make_services()
+
+
+@pytest.fixture(scope="session")
+def devhost_session():
+    from devtools.devhost import DevHost
+    from function_app import app
+
+    os.environ.setdefault("RECONCILE_SCHEDULE", "0 0 0 1 1 *")
+    host = DevHost(app, host="127.0.0.1", port=0, signed_in_user=TEST_USER, timers=False)
+    host.start()
+    yield host
+    host.stop()
+
+
+def sign_in(host, user: str | None) -> None:
+    """Make the dev host's Easy Auth stand-in sign in ``user`` ("Name <email>"), or nobody (None)."""
+    from devtools.devhost import SignedInUser
+
+    host.signed_in_user = SignedInUser.parse(user) if user else None
+
+
+@pytest.fixture
+def devhost(devhost_session, services):
+    """The dev host serving function_app.app, wired to this test's services."""
+    sign_in(devhost_session, TEST_USER)
+    yield devhost_session
+    sign_in(devhost_session, TEST_USER)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_azure_logs():
+    logging.getLogger("azure").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
