@@ -549,6 +549,7 @@ class MarketplaceStandIn:
         self.last_requests: deque[dict[str, Any]] = deque(maxlen=500)
         self.patches: list[dict[str, Any]] = []
         self.webhook_deliveries: list[tuple[str, int | None]] = []
+        self._webhook_tokens: dict[tuple[str, ...], tuple[str, float]] = {}  # bearer cache: (token, exp)
 
     def start(self) -> "MarketplaceStandIn":
         """Bind (port 0 picks a free port) and serve on a background thread."""
@@ -887,7 +888,8 @@ class MarketplaceStandIn:
 
     def operations_for(self, subscription_id: str) -> list[dict[str, Any]]:
         with self._lock:
-            return [copy.deepcopy(self._operations[op_id]) for op_id in self._operations_by_subscription[subscription_id]]
+            return [copy.deepcopy(self._operations[op_id])
+                    for op_id in self._operations_by_subscription.get(subscription_id, ())]
 
     def activation_count(self, subscription_id: str) -> int:
         """How many Activate calls the subscription received (any outcome)."""
@@ -1121,8 +1123,20 @@ class MarketplaceStandIn:
                 break
         return status
 
-    def _post_webhook(self, url: str, body: bytes) -> int | None:
+    def _webhook_bearer(self) -> str:
+        """Entra issues one token per hour and Microsoft reuses it; so does the stand-in (RSA is slow)."""
+        cache_key = (self.webhook_token_version, self._signing_key.kid, self.audience, self.tenant_id)
+        with self._lock:
+            token, expires = self._webhook_tokens.get(cache_key, ("", 0.0))
+            if expires - time.time() > 300:
+                return token
         token = self.sign_token(version=self.webhook_token_version)
+        with self._lock:
+            self._webhook_tokens[cache_key] = (token, jwt.decode(token, options={"verify_signature": False})["exp"])
+        return token
+
+    def _post_webhook(self, url: str, body: bytes) -> int | None:
+        token = self._webhook_bearer()
         request = urllib.request.Request(url, data=body, method="POST", headers={
             "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
         try:
@@ -1554,6 +1568,7 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: benchmarks make thousands of calls
+    disable_nagle_algorithm = True  # headers and body are separate writes: avoid the 40 ms delayed-ACK stall
     server_version = "MarketplaceStandIn/1.0"
     server: _Server
 

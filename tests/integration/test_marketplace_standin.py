@@ -425,6 +425,16 @@ def test_duplicate_and_concurrent_deliveries(standin, receiver):
     assert len(standin.webhook_deliveries) == 7
 
 
+def test_failed_deliveries_are_retried_when_asked(standin, receiver):
+    receiver.status = 500
+    standin.webhook_retries, standin.webhook_retry_delay_seconds = 2, 0.01
+    operation = standin.trigger(subscribed(standin), "Suspend")
+    assert standin.webhook_deliveries == [(operation["id"], 500)] * 3
+    standin.webhook_url = "http://127.0.0.1:9/unreachable"
+    standin.webhook_retries = 0
+    assert standin.deliver(operation["id"]) == [None]
+
+
 def test_operations_of_unknown_subscriptions(standin, http):
     assert api(http, standin, "GET", "/saas/subscriptions/unknown/operations").json() == {"operations": []}
     sid = subscribed(standin)
