@@ -727,13 +727,14 @@ class MarketplaceStandIn:
             return []
         body = json.dumps(self.webhook_payload(operation_id)).encode()
         statuses = [self._post_with_retries(url, operation_id, body) for _ in range(times)]
-        self._after_delivery(operation_id, statuses[-1])
+        if statuses:
+            self._after_delivery(operation_id, statuses[-1])
         return statuses
 
     def deliver_many(self, operation_ids: Iterable[str], concurrency: int = 8) -> list[int | None]:
         """Deliver several webhooks concurrently; returns one status per operation, in order."""
         with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="standin-burst") as pool:
-            results = list(pool.map(lambda operation_id: self.deliver(operation_id), operation_ids))
+            results = list(pool.map(self.deliver, operation_ids))
         return [statuses[-1] if statuses else None for statuses in results]
 
     def webhook_payload(self, operation_id: str) -> dict[str, Any]:
