@@ -1,0 +1,181 @@
+// Alerts on the signals that matter for a marketplace integration. All three are log search alerts
+// on Application Insights telemetry (requests and traces tables):
+//   1. function failures       - any function execution that threw or answered 5xx (4xx answers are
+//                                callers' mistakes; the webhook's 401s have their own alert);
+//   2. webhook 401s            - more than `webhook401Threshold` rejected webhook calls in the window:
+//                                a wrong MARKETPLACE_TENANT_ID / MARKETPLACE_CLIENT_ID / WEBHOOK_AUDIENCE
+//                                would reject Microsoft's real events (Microsoft retries for 8 hours,
+//                                then gives up);
+//   3. reconciliation flags    - a reconciliation run flagged items for an operator (the reconciler
+//                                logs a line containing `reconcileFlaggedMarker` when it does).
+// With `alertEmail` set the alerts notify that address through an action group; without it they
+// still fire and show in the portal (Monitor > Alerts).
+
+@description('Azure region of the alert rules.')
+param location string
+
+@description('Tags applied to the alert rules.')
+param tags object = {}
+
+@description('Resource id of the Application Insights component the alerts query.')
+param applicationInsightsId string
+
+@description('Prefix of the alert rule names.')
+param namePrefix string
+
+@description('Action group name (used when alertEmail is set).')
+param actionGroupName string
+
+@description('E-mail address notified by the alerts. Empty: no action group, alerts only show in the portal.')
+param alertEmail string = ''
+
+@description('The webhook 401 alert fires when more than this many webhook calls are rejected with 401 within the window.')
+@minValue(0)
+param webhook401Threshold int = 3
+
+@description('Text the reconciler writes to its log when a run flags items for an operator.')
+param reconcileFlaggedMarker string = 'reconcile.flagged'
+
+var webhookPath = '/api/webhook'
+
+// Every function execution is a row in `requests` (HTTP and timer alike). A 4xx is the caller's
+// mistake (a bad landing page token, a probe without a token) and not a failure of ours, so
+// failures are executions that threw or answered 5xx; the webhook's 401s are counted separately.
+var queries = {
+  functionFailures: 'requests | where success == false | where not(toint(resultCode) between (400 .. 499)) | summarize failures = count() by operation_Name'
+  webhook401: format('requests | where url contains "{0}" and resultCode == "401"', webhookPath)
+  reconcileFlagged: format('traces | where message contains "{0}"', reconcileFlaggedMarker)
+}
+
+resource actionGroup 'Microsoft.Insights/actionGroups@2023-01-01' = if (!empty(alertEmail)) {
+  name: actionGroupName
+  location: 'global'
+  tags: tags
+  properties: {
+    enabled: true
+    groupShortName: 'saasfulfil'
+    emailReceivers: [
+      {
+        name: 'operator'
+        emailAddress: alertEmail
+        useCommonAlertSchema: true
+      }
+    ]
+  }
+}
+
+var actions = empty(alertEmail) ? {} : {
+  actionGroups: [
+    actionGroup.id
+  ]
+}
+
+resource functionFailuresAlert 'Microsoft.Insights/scheduledQueryRules@2021-08-01' = {
+  name: '${namePrefix}function-failures'
+  location: location
+  tags: tags
+  properties: {
+    displayName: 'SaaS fulfillment: function failures'
+    description: 'A function execution failed (exception or 5xx). Check the failures blade of Application Insights; the reconciler repairs missed webhook work, but repeated failures need a look.'
+    severity: 2
+    enabled: true
+    scopes: [
+      applicationInsightsId
+    ]
+    evaluationFrequency: 'PT5M'
+    windowSize: 'PT15M'
+    criteria: {
+      allOf: [
+        {
+          query: queries.functionFailures
+          timeAggregation: 'Total'
+          metricMeasureColumn: 'failures'
+          dimensions: [
+            {
+              name: 'operation_Name'
+              operator: 'Include'
+              values: [
+                '*'
+              ]
+            }
+          ]
+          operator: 'GreaterThan'
+          threshold: 0
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    autoMitigate: true
+    actions: actions
+  }
+}
+
+resource webhook401Alert 'Microsoft.Insights/scheduledQueryRules@2021-08-01' = {
+  name: '${namePrefix}webhook-401'
+  location: location
+  tags: tags
+  properties: {
+    displayName: 'SaaS fulfillment: webhook calls rejected with 401'
+    description: 'The webhook rejected Microsoft\'s bearer token. Unless someone is probing the URL, MARKETPLACE_TENANT_ID / MARKETPLACE_CLIENT_ID (or WEBHOOK_AUDIENCE) do not match Partner Center\'s technical configuration and real events are being lost.'
+    severity: 1
+    enabled: true
+    scopes: [
+      applicationInsightsId
+    ]
+    evaluationFrequency: 'PT5M'
+    windowSize: 'PT15M'
+    criteria: {
+      allOf: [
+        {
+          query: queries.webhook401
+          timeAggregation: 'Count'
+          operator: 'GreaterThan'
+          threshold: webhook401Threshold
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    autoMitigate: true
+    actions: actions
+  }
+}
+
+resource reconcileFlaggedAlert 'Microsoft.Insights/scheduledQueryRules@2021-08-01' = {
+  name: '${namePrefix}reconcile-flagged'
+  location: location
+  tags: tags
+  properties: {
+    displayName: 'SaaS fulfillment: reconciliation flagged items'
+    description: 'A reconciliation run flagged subscriptions or operations it could not settle by itself (for example an activation Microsoft never confirmed). See the flagged items in the run\'s log lines.'
+    severity: 2
+    enabled: true
+    scopes: [
+      applicationInsightsId
+    ]
+    // One evaluation per hour over the last hour: a flag needs a person, not a page every 5 minutes.
+    evaluationFrequency: 'PT1H'
+    windowSize: 'PT1H'
+    criteria: {
+      allOf: [
+        {
+          query: queries.reconcileFlagged
+          timeAggregation: 'Count'
+          operator: 'GreaterThan'
+          threshold: 0
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    autoMitigate: false
+    actions: actions
+  }
+}
