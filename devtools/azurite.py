@@ -66,13 +66,11 @@ class Azurite:
             "--skipApiVersionCheck",
             "--loose",
             "--disableProductStyleUrl",
-            "--location", self._workdir,
             "--blobHost", self.host, "--blobPort", str(self.blob_port),
             "--queueHost", self.host, "--queuePort", str(self.queue_port),
             "--tableHost", self.host, "--tablePort", str(self.table_port),
         ]
-        if self.in_memory:
-            command.append("--inMemoryPersistence")
+        command += ["--inMemoryPersistence"] if self.in_memory else ["--location", self._workdir]
         self._process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=self._workdir, start_new_session=True
         )

@@ -78,4 +78,6 @@ def install_log_filter() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in root.handlers:
         handler.addFilter(filt)
+    # The storage SDK logs every request and response header at INFO: noise, and a leak risk.
+    logging.getLogger("azure").setLevel(logging.WARNING)
     _installed = True
