@@ -62,7 +62,7 @@ param marketplaceCredentialType string = 'certificate'
 
 // ---- Landing page sign-in (App Service Authentication) --------------------------------------------
 
-@description('Application (client) id of the multi-tenant landing page sign-in app registration (docs/deploy.md, step 2). Empty: sign-in is switched off and the landing page refuses to show purchases.')
+@description('Application (client) id of the multi-tenant landing page sign-in app registration (docs/deploy.md, step 2). Empty: the landing page answers 401 until it is set.')
 param signInClientId string = ''
 
 @description('secret: the sign-in app\'s client secret in Key Vault; federated: the sign-in app trusts the managed identity (App Service Authentication preview feature, no secret).')

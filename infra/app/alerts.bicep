@@ -6,8 +6,8 @@
 //                                a wrong MARKETPLACE_TENANT_ID / MARKETPLACE_CLIENT_ID / WEBHOOK_AUDIENCE
 //                                would reject Microsoft's real events (Microsoft retries for 8 hours,
 //                                then gives up);
-//   3. reconciliation flags    - a reconciliation run flagged items for an operator (the reconciler
-//                                logs a line containing `reconcileFlaggedMarker` when it does).
+//   3. reconciliation flags    - a reconciliation run flagged items for an operator: every run logs
+//                                `reconcile summary {json}` (shared/reconcile.py) with `flagged_count`.
 // With `alertEmail` set the alerts notify that address through an action group; without it they
 // still fire and show in the portal (Monitor > Alerts).
 
@@ -33,9 +33,6 @@ param alertEmail string = ''
 @minValue(0)
 param webhook401Threshold int = 3
 
-@description('Text the reconciler writes to its log when a run flags items for an operator.')
-param reconcileFlaggedMarker string = 'reconcile.flagged'
-
 var webhookPath = '/api/webhook'
 
 // Every function execution is a row in `requests` (HTTP and timer alike). A 4xx is the caller's
@@ -44,7 +41,8 @@ var webhookPath = '/api/webhook'
 var queries = {
   functionFailures: 'requests | where success == false | where not(toint(resultCode) between (400 .. 499)) | summarize failures = count() by operation_Name'
   webhook401: format('requests | where url contains "{0}" and resultCode == "401"', webhookPath)
-  reconcileFlagged: format('traces | where message contains "{0}"', reconcileFlaggedMarker)
+  // The summary line is `[cid=...] reconcile summary {"flagged_count": 2, ...}`.
+  reconcileFlagged: 'traces | where message contains "reconcile summary" | extend summary = parse_json(substring(message, indexof(message, "{"))) | where toint(summary.flagged_count) > 0'
 }
 
 resource actionGroup 'Microsoft.Insights/actionGroups@2023-01-01' = if (!empty(alertEmail)) {

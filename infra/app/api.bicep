@@ -90,7 +90,7 @@ param marketplaceCredentialType string = 'certificate'
 
 // ---- Landing page sign-in (App Service Authentication) -------------------------------------
 
-@description('Application (client) id of the multi-tenant landing page sign-in app registration. Empty: App Service Authentication is not configured, and the landing page refuses to show purchases (LANDING_REQUIRE_SIGNIN=true).')
+@description('Application (client) id of the multi-tenant landing page sign-in app registration. Empty: App Service Authentication has no provider yet and answers 401 on every path except the webhook and the health check.')
 param signInClientId string = ''
 
 @description('How App Service Authentication redeems sign-in codes: a client secret in Key Vault, or a federated credential on the sign-in app that trusts the managed identity (preview feature of App Service Authentication).')
@@ -139,6 +139,8 @@ param supportEmail string = ''
 @description('PUBLISHER_POLICY: optional `module:function` that decides ChangePlan/ChangeQuantity/Reinstate.')
 param publisherPolicy string = ''
 
+var signInEnabled = !empty(signInClientId)
+
 // A Key Vault reference to the current version of a secret, resolved by the platform with the
 // identity named in keyVaultReferenceIdentity; the value never appears in the app's configuration.
 var kvReferencePrefix = '@Microsoft.KeyVault(SecretUri=${keyVaultUri}secrets/'
@@ -157,10 +159,10 @@ var appSettings = {
 
   // ---- App Service Authentication: the setting named by clientSecretSettingName ----
   // 'secret': a Key Vault reference to the sign-in app's client secret.
-  MICROSOFT_PROVIDER_AUTHENTICATION_SECRET: signInCredentialType == 'secret' && !empty(signInClientId) ? '${kvReferencePrefix}${secretNames.signInClientSecret})' : ''
+  MICROSOFT_PROVIDER_AUTHENTICATION_SECRET: signInCredentialType == 'secret' && signInEnabled ? '${kvReferencePrefix}${secretNames.signInClientSecret})' : ''
   // 'federated': the managed identity's client id; the platform then sends a managed identity
   // token as client assertion (the sign-in app must trust the identity, see docs/deploy.md).
-  OVERRIDE_USE_MI_FIC_ASSERTION_CLIENTID: signInCredentialType == 'federated' && !empty(signInClientId) ? identityClientId : ''
+  OVERRIDE_USE_MI_FIC_ASSERTION_CLIENTID: signInCredentialType == 'federated' && signInEnabled ? identityClientId : ''
 
   // ---- The app's own settings (shared/settings.py, scope "app") ----
   MARKETPLACE_API_BASE_URL: 'https://marketplaceapi.microsoft.com/api'
@@ -283,8 +285,9 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
 // App Service Authentication (Easy Auth v2) with Microsoft Entra ID, for the landing page.
 // Everything requires a signed-in user except the two paths that Microsoft and probes call:
 // the webhook (it validates Microsoft's bearer token itself) and the health check.
-// With signInClientId empty the feature is declared but disabled (declared rather than omitted, so a
-// later deployment without it switches it off instead of leaving an old configuration behind).
+// Easy Auth stays on even before the sign-in app exists (signInClientId empty): it is what strips
+// X-MS-CLIENT-PRINCIPAL* headers sent by clients, so with it off anyone could claim to be signed in.
+// Without a provider every protected path answers 401 until the sign-in app is configured.
 resource siteAuth 'Microsoft.Web/sites/config@2024-04-01' = {
   parent: site
   name: 'authsettingsV2'
@@ -292,12 +295,12 @@ resource siteAuth 'Microsoft.Web/sites/config@2024-04-01' = {
     // checkov:skip=CKV_AZURE_13: False positive: the check reads `properties.enabled` of the legacy authsettings resource; this is authsettingsV2, enabled by `platform.enabled`.
     // checkov:skip=CKV_AZURE_222: False positive: public network access is a site property (see the site for why it is public).
     platform: {
-      enabled: !empty(signInClientId)
+      enabled: true
       runtimeVersion: '~1'
     }
     globalValidation: {
       requireAuthentication: true
-      unauthenticatedClientAction: 'RedirectToLoginPage'
+      unauthenticatedClientAction: signInEnabled ? 'RedirectToLoginPage' : 'Return401'
       redirectToProvider: 'azureactivedirectory'
       excludedPaths: [
         '/api/webhook'
@@ -306,7 +309,7 @@ resource siteAuth 'Microsoft.Web/sites/config@2024-04-01' = {
     }
     identityProviders: {
       azureActiveDirectory: {
-        enabled: !empty(signInClientId)
+        enabled: signInEnabled
         registration: {
           clientId: signInClientId
           clientSecretSettingName: signInCredentialType == 'federated' ? 'OVERRIDE_USE_MI_FIC_ASSERTION_CLIENTID' : 'MICROSOFT_PROVIDER_AUTHENTICATION_SECRET'
@@ -320,10 +323,10 @@ resource siteAuth 'Microsoft.Web/sites/config@2024-04-01' = {
           ]
         }
         validation: {
-          allowedAudiences: [
+          // Tokens issued to the sign-in app itself (its ID tokens).
+          allowedAudiences: signInEnabled ? [
             signInClientId
-            'api://${signInClientId}'
-          ]
+          ] : []
         }
       }
     }

@@ -285,6 +285,51 @@ def test_azd_layout_is_consistent() -> None:
         assert name in outputs, f"main.bicep must output {name}"
 
 
+def _http_routes() -> dict[str, str]:
+    """Function name -> public path (/<routePrefix>/<route>) of every HTTP function of the app."""
+    from function_app import app
+
+    host = json.loads((ROOT / "host.json").read_text(encoding="utf-8"))
+    prefix = ((host.get("extensions") or {}).get("http") or {}).get("routePrefix", "api").strip("/")
+    routes = {}
+    for function in app.get_functions():
+        for binding in function.get_bindings_dict()["bindings"]:
+            if binding.get("type") == "httpTrigger":
+                routes[function.get_function_name()] = "/" + "/".join(part for part in (prefix, binding["route"].strip("/")) if part)
+    return routes
+
+
+def test_urls_and_alerts_match_the_function_app() -> None:
+    routes = _http_routes()
+    for name in ("landing_page", "webhook", "health"):
+        assert name in routes, f"the function app has no HTTP function {name!r}; update infra/ if it was renamed"
+
+    outputs = _template(INFRA / "main.bicep").get("outputs") or {}
+    landing = outputs["PARTNER_CENTER_LANDING_PAGE_URL"]["value"]
+    webhook = outputs["PARTNER_CENTER_CONNECTION_WEBHOOK"]["value"]
+    assert landing.endswith(routes["landing_page"]), f"landing page URL {landing!r} does not end with {routes['landing_page']!r}"
+    assert webhook.endswith(routes["webhook"]), f"webhook URL {webhook!r} does not end with {routes['webhook']!r}"
+
+    # Easy Auth must let Microsoft's webhook calls and health probes through to the code.
+    api = _template(API_BICEP)
+    auth = [
+        resource["config"]
+        for resource in api["resources"].values()
+        if resource["type"] == "Microsoft.Web/sites/config" and _unquote(str(resource["config"].get("name"))) == "authsettingsV2"
+    ]
+    assert len(auth) == 1, "api.bicep must declare one authsettingsV2 resource"
+    excluded = set(auth[0]["properties"]["globalValidation"]["excludedPaths"])
+    assert {routes["webhook"], routes["health"]} <= excluded, f"authsettingsV2 excludedPaths {sorted(excluded)} must contain the webhook and health paths"
+    assert routes["landing_page"] not in excluded, "the landing page must stay behind sign-in"
+
+    # The alerts query what the code writes.
+    alerts = (INFRA / "app" / "alerts.bicep").read_text(encoding="utf-8")
+    assert f"'{routes['webhook']}'" in alerts, "alerts.bicep must filter webhook 401s on the webhook path"
+    reconcile = (ROOT / "shared" / "reconcile.py").read_text(encoding="utf-8")
+    for marker in ("reconcile summary", "flagged_count"):
+        assert marker in alerts and marker in reconcile, f"the reconciliation alert and shared/reconcile.py must both use {marker!r}"
+
+
 # ---- 2. checkov ----------------------------------------------------------------------------------
 
 
