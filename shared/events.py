@@ -41,3 +41,177 @@ def build_event_document(outcome: Outcome, seq: int) -> tuple[str, str]:
     if outcome.event_type == EVENT_UNSUBSCRIBED:
         document["retainDataUntil"] = format_timestamp(record.retain_data_until)
     return event_id, json.dumps(document, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The relay: outbox rows -> Storage queue (and the optional signed HTTPS hook)
+
+import hashlib  # noqa: E402 - kept next to the relay that uses them
+import hmac  # noqa: E402
+import logging  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from datetime import timedelta  # noqa: E402
+
+from shared.domain import utc_now  # noqa: E402
+from shared.errors import AppError  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "X-Marketplace-Signature"
+EVENT_ID_HEADER = "X-Marketplace-Event-Id"
+HOOK_TIMEOUT_SECONDS = 5.0
+MAX_BACKOFF = timedelta(hours=1)
+LEASE_SECONDS = 60
+
+
+def sign_payload(secret: str, body: str, timestamp: int) -> str:
+    """``t=<unix time>,v1=<hex HMAC-SHA256 of "<t>.<body>">``, as receivers verify it."""
+    digest = hmac.new(secret.encode(), f"{timestamp}.{body}".encode(), hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={digest}"
+
+
+def verify_signature(secret: str, body: str, header: str, *, tolerance_seconds: int = 300, now: float | None = None) -> bool:
+    """Receiver side: True when ``header`` signs ``body`` with ``secret`` and is recent enough."""
+    try:
+        parts = dict(item.split("=", 1) for item in header.split(","))
+        timestamp = int(parts["t"])
+        signature = parts["v1"]
+    except (ValueError, KeyError):
+        return False
+    current = time.time() if now is None else now
+    if abs(current - timestamp) > tolerance_seconds:
+        return False
+    expected = sign_payload(secret, body, timestamp).split("v1=", 1)[1]
+    return hmac.compare_digest(expected, signature)
+
+
+def backoff_for(attempts: int) -> timedelta:
+    return min(timedelta(seconds=15 * (2 ** min(attempts, 12))), MAX_BACKOFF)
+
+
+@dataclass
+class RelayStats:
+    delivered: int = 0
+    failed: int = 0
+    skipped: int = 0
+    subscriptions: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class EventRelay:
+    """Delivers outbox events in order per subscription, at least once, never dropping one."""
+
+    def __init__(self, repository, *, queue_client=None, hook_url: str = "", hook_secret: str = "", http_session=None):
+        self.repository = repository
+        self.queue_client = queue_client
+        self.hook_url = hook_url
+        self.hook_secret = hook_secret
+        self._session = http_session
+        self._queue_ready = False
+
+    @classmethod
+    def from_settings(cls, settings, repository) -> "EventRelay":
+        from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
+
+        # Base64 text messages: what a queue-triggered Azure Function expects by default.
+        options = {"message_encode_policy": TextBase64EncodePolicy(), "message_decode_policy": TextBase64DecodePolicy(),
+                   "retry_total": 2, "connection_timeout": 5, "read_timeout": 10}
+        if settings.tables_connection_string:
+            queue = QueueClient.from_connection_string(settings.tables_connection_string, settings.events_queue_name, **options)
+        else:
+            from shared.credentials import storage_credential
+
+            endpoint = settings.events_queue_endpoint or settings.tables_endpoint.replace(".table.", ".queue.")
+            queue = QueueClient(endpoint, settings.events_queue_name, credential=storage_credential(settings), **options)
+        return cls(repository, queue_client=queue, hook_url=settings.events_webhook_url, hook_secret=settings.events_webhook_secret)
+
+    # -- sinks ---------------------------------------------------------------------------------
+
+    def _send_to_queue(self, body: str) -> None:
+        from azure.core.exceptions import ResourceExistsError
+
+        if not self._queue_ready:
+            try:
+                self.queue_client.create_queue()
+            except ResourceExistsError:
+                pass
+            self._queue_ready = True
+        self.queue_client.send_message(body)
+
+    def _send_to_hook(self, event_id: str, body: str) -> None:
+        import requests
+
+        session = self._session or requests
+        headers = {
+            "Content-Type": "application/json",
+            EVENT_ID_HEADER: event_id,
+            SIGNATURE_HEADER: sign_payload(self.hook_secret, body, int(time.time())),
+        }
+        response = session.post(self.hook_url, data=body.encode(), headers=headers, timeout=HOOK_TIMEOUT_SECONDS)
+        if response.status_code >= 300:
+            raise RuntimeError(f"hook answered {response.status_code}")
+
+    # -- delivery ------------------------------------------------------------------------------
+
+    def relay_subscription(self, subscription_id: str, stats: RelayStats | None = None, *, respect_backoff: bool = True) -> RelayStats:
+        """Deliver this subscription's pending events in sequence; stop at the first failure."""
+        stats = stats or RelayStats()
+        lease = self.repository.try_lease(subscription_id, LEASE_SECONDS)
+        if lease is None:
+            stats.skipped += 1  # another deliverer holds this subscription; it delivers in order
+            return stats
+        try:
+            stats.subscriptions += 1
+            now = utc_now()
+            for event in self.repository.pending_events(subscription_id):
+                if respect_backoff and event.attempts and event.last_attempt_at and now < event.last_attempt_at + backoff_for(event.attempts):
+                    stats.skipped += 1
+                    return stats  # keep order: later events wait for this one
+                try:
+                    if not event.queue_done:
+                        self._send_to_queue(event.body)
+                        self.repository.mark_event_progress(event, queue_done=True)
+                    if self.hook_url and not event.hook_done:
+                        self._send_to_hook(event.event_id, event.body)
+                    self.repository.mark_event_delivered(event)
+                    stats.delivered += 1
+                except (AppError, Exception) as error:  # noqa: BLE001 - any sink failure: retry later
+                    stats.failed += 1
+                    stats.errors.append(f"{event.event_id}: {type(error).__name__}")
+                    log.warning("event %s for %s not delivered yet: %s", event.event_id, subscription_id, type(error).__name__)
+                    try:
+                        self.repository.note_event_attempt(event, type(error).__name__)
+                    except AppError:
+                        pass
+                    return stats
+        finally:
+            self.repository.release_lease(subscription_id, lease)
+        return stats
+
+    def relay_pending(self, *, time_budget_seconds: float = 60.0) -> RelayStats:
+        """Deliver every pending event (the timer's pass; also picks up crashed inline deliveries)."""
+        started = time.monotonic()
+        stats = RelayStats()
+        seen: set[str] = set()
+        for event in self.repository.scan_pending_events():
+            if event.subscription_id in seen:
+                continue
+            seen.add(event.subscription_id)
+            self.relay_subscription(event.subscription_id, stats)
+            if time.monotonic() - started > time_budget_seconds:
+                break
+        return stats
+
+    def relay_in_background(self, subscription_id: str) -> threading.Thread:
+        """Deliver right after a change without delaying the caller's answer; the timer is the safety net."""
+        thread = threading.Thread(target=self._relay_quietly, args=(subscription_id,), daemon=True, name=f"relay-{subscription_id[:8]}")
+        thread.start()
+        return thread
+
+    def _relay_quietly(self, subscription_id: str) -> None:
+        try:
+            self.relay_subscription(subscription_id)
+        except Exception:  # noqa: BLE001 - never let a background delivery crash the worker
+            log.warning("background relay for %s failed; the timer will retry", subscription_id)

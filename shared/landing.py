@@ -44,9 +44,10 @@ def restore_token(raw: str | None) -> str:
     """The host already URL-decoded the query once; a '+' that arrived as a space is put back.
 
     Purchase tokens are base64-like and never contain spaces, so a space can only be a '+' that
-    a browser or proxy sent unencoded. Never decode a second time.
+    a browser or proxy sent unencoded. Never decode a second time. Spaces are restored before
+    other whitespace is trimmed: a token may start or end with '+'.
     """
-    return (raw or "").strip().replace(" ", "+")
+    return (raw or "").replace(" ", "+").strip()
 
 
 def _base_context(services, user: SignedInUser | None) -> dict[str, Any]:

@@ -83,6 +83,8 @@ class RunSummary:
     deferred: int = 0
     events_waiting_too_long: int = 0
     events_pending: int = 0
+    events_delivered: int = 0
+    events_failed: int = 0
     differences: list[dict[str, Any]] = field(default_factory=list)
     duration_seconds: float = 0.0
     marketplace_calls: int = 0
@@ -291,6 +293,15 @@ class Reconciler:
             if self._out_of_time():
                 raise _OutOfTime()
 
+    def relay_events(self) -> None:
+        """Deliver lifecycle events that are still waiting (the inline delivery's safety net)."""
+        if self.dry_run or not self.summary.events_pending:
+            return
+        remaining = max(5.0, self.budget - (time.monotonic() - self._started))
+        stats = self.services.events.relay_pending(time_budget_seconds=min(60.0, remaining))
+        self.summary.events_delivered += stats.delivered
+        self.summary.events_failed += stats.failed
+
     # -- run -------------------------------------------------------------------------------------
 
     def run(self) -> RunSummary:
@@ -305,6 +316,7 @@ class Reconciler:
             self.scan()
             self.replay_operations()
             self.compare_listing(start_link)
+            self.relay_events()
             self.summary.completed = True
             if not self.dry_run and checkpoint:
                 repository.save_checkpoint(None)

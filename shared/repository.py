@@ -19,7 +19,7 @@ import json
 import logging
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Callable, Iterator
 
 from azure.core import MatchConditions
@@ -32,7 +32,7 @@ from azure.core.exceptions import (
 )
 from azure.data.tables import TableServiceClient, TableTransactionError, UpdateMode
 
-from shared.domain import AadIdentifier, format_timestamp, utc_now
+from shared.domain import AadIdentifier, format_timestamp, parse_timestamp, utc_now
 from shared.errors import ConflictError, StorageUnavailableError
 from shared.state_machine import HistoryEntry, LocalStatus, Outcome, SubscriptionRecord
 
@@ -42,6 +42,7 @@ STATE_ROW = "state"
 HISTORY_PREFIX = "history|"
 OPERATION_PREFIX = "op|"
 EVENT_PREFIX = "event|"
+LEASE_ROW = "relay-lease"
 MAX_PAYLOAD_CHARS = 30_000  # a Table string property holds 64 KiB of UTF-16
 
 # Operation marker states
@@ -104,6 +105,9 @@ class OutboxEvent:
     created_at: datetime | None
     attempts: int = 0
     etag: str = ""
+    queue_done: bool = False
+    hook_done: bool = False
+    last_attempt_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -121,15 +125,7 @@ class ScanItem:
 
 
 def _dt(value: Any) -> datetime | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, datetime):
-        from shared.domain import parse_timestamp
-
-        return parse_timestamp(value)
-    from shared.domain import parse_timestamp
-
-    return parse_timestamp(value)
+    return parse_timestamp(value) if value not in (None, "") else None
 
 
 def record_to_entity(record: SubscriptionRecord) -> dict[str, Any]:
@@ -245,6 +241,9 @@ def _event_from_entity(entity: dict[str, Any]) -> OutboxEvent:
         created_at=_dt(entity.get("CreatedAt")),
         attempts=int(entity.get("Attempts", 0) or 0),
         etag=entity.metadata["etag"] if hasattr(entity, "metadata") else "",
+        queue_done=bool(entity.get("QueueDone", False)),
+        hook_done=bool(entity.get("HookDone", False)),
+        last_attempt_at=_dt(entity.get("LastAttemptAt")),
     )
 
 
@@ -257,14 +256,23 @@ class SubscriptionRepository:
 
     def __init__(self, service: TableServiceClient, prefix: str = "saas", *, metrics: StorageMetrics | None = None):
         self._service = service
+        self.prefix = prefix
         self.subscriptions_table_name = f"{prefix}subscriptions"
         self.runs_table_name = f"{prefix}runs"
         self._subscriptions = service.get_table_client(self.subscriptions_table_name)
         self._runs = service.get_table_client(self.runs_table_name)
         self.metrics = metrics or StorageMetrics()
         self._tables_ready = False
+        # Called with the subscription id after a change that wrote an outbox event (the relay).
+        self.on_event_written: Callable[[str], object] | None = None
 
     # -- setup and health --------------------------------------------------------------------
+
+    def sibling(self) -> "SubscriptionRepository":
+        """Same tables and connection, separate metrics (background work must not skew a run's counts)."""
+        other = SubscriptionRepository(self._service, self.prefix)
+        other._tables_ready = self._tables_ready
+        return other
 
     def ensure_tables(self) -> None:
         if self._tables_ready:
@@ -408,10 +416,15 @@ class SubscriptionRepository:
                 return None
             try:
                 self._write(subscription_id, stored, outcome, marker, operation_id, build_event)
-                return outcome
             except _Conflict:
                 log.info("concurrent update of subscription %s, retrying (attempt %s)", subscription_id, attempt + 1)
                 continue
+            if outcome.event_type and build_event is not None and self.on_event_written is not None:
+                try:
+                    self.on_event_written(subscription_id)
+                except Exception:  # noqa: BLE001 - delivery is retried by the relay pass
+                    log.warning("could not start event delivery for %s", subscription_id)
+            return outcome
         raise ConflictError(f"subscription {subscription_id} kept changing; gave up after {attempts} attempts")
 
     def _write(
@@ -494,11 +507,28 @@ class SubscriptionRepository:
                 return False
         return True
 
+    def scan_pending_events(self) -> Iterator[OutboxEvent]:
+        """Every undelivered outbox row, in one filtered scan (the relay timer's work list)."""
+        with _storage_errors("scan outbox"):
+            pages = self._subscriptions.query_entities("Pending eq true and Kind eq 'event'").by_page()
+            for page in pages:
+                self.metrics.add(reads=1, pages=1)
+                for entity in page:
+                    yield _event_from_entity(entity)
+
+    def mark_event_progress(self, event: OutboxEvent, *, queue_done: bool) -> None:
+        entity = {"PartitionKey": event.subscription_id, "RowKey": _seq_key(EVENT_PREFIX, event.seq), "QueueDone": queue_done}
+        with _storage_errors("mark event progress"):
+            self.metrics.add(writes=1)
+            self._subscriptions.update_entity(entity, mode=UpdateMode.MERGE)
+
     def mark_event_delivered(self, event: OutboxEvent) -> None:
         entity = {
             "PartitionKey": event.subscription_id,
             "RowKey": _seq_key(EVENT_PREFIX, event.seq),
             "Pending": False,
+            "QueueDone": True,
+            "HookDone": True,
             "DeliveredAt": format_timestamp(utc_now()),
         }
         with _storage_errors("mark event delivered"):
@@ -516,6 +546,45 @@ class SubscriptionRepository:
         with _storage_errors("note event attempt"):
             self.metrics.add(writes=1)
             self._subscriptions.update_entity(entity, mode=UpdateMode.MERGE)
+
+    # -- relay lease: one deliverer per subscription at a time, across instances ----------------
+
+    def try_lease(self, subscription_id: str, seconds: float) -> str | None:
+        """Take the subscription's relay lease; returns its ETag, or None while someone else holds it."""
+        now = utc_now()
+        until = format_timestamp(now + timedelta(seconds=seconds))
+        with _storage_errors("take relay lease"):
+            self.metrics.add(reads=1, writes=1)
+            try:
+                current = self._subscriptions.get_entity(subscription_id, LEASE_ROW)
+            except ResourceNotFoundError:
+                try:
+                    meta = self._subscriptions.create_entity({"PartitionKey": subscription_id, "RowKey": LEASE_ROW, "Kind": "lease", "LeaseUntil": until})
+                except ResourceExistsError:
+                    return None
+                return meta["etag"]
+            held_until = _dt(current.get("LeaseUntil"))
+            if held_until is not None and held_until > now:
+                return None
+            try:
+                meta = self._subscriptions.update_entity(
+                    {"PartitionKey": subscription_id, "RowKey": LEASE_ROW, "Kind": "lease", "LeaseUntil": until},
+                    mode=UpdateMode.REPLACE, etag=current.metadata["etag"], match_condition=MatchConditions.IfNotModified,
+                )
+            except (ResourceModifiedError, ResourceNotFoundError):
+                return None
+            return meta["etag"]
+
+    def release_lease(self, subscription_id: str, etag: str) -> None:
+        with _storage_errors("release relay lease"):
+            self.metrics.add(writes=1)
+            try:
+                self._subscriptions.update_entity(
+                    {"PartitionKey": subscription_id, "RowKey": LEASE_ROW, "Kind": "lease", "LeaseUntil": ""},
+                    mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified,
+                )
+            except (ResourceModifiedError, ResourceNotFoundError):
+                pass  # expired and taken by someone else: theirs now
 
     # -- reconciler runs -------------------------------------------------------------------------
 

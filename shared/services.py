@@ -48,7 +48,7 @@ class Services:
     def events(self):
         from shared.events import EventRelay
 
-        return self._once("events", lambda: EventRelay.from_settings(self.settings, self.repository))
+        return self._once("events", lambda: EventRelay.from_settings(self.settings, self.repository.sibling()))
 
     def close(self) -> None:
         self.marketplace.close()
@@ -62,7 +62,10 @@ def build_services(settings: Settings | None = None) -> Services:
     install_log_filter()
     settings = settings or Settings.from_env()
     repository = SubscriptionRepository(table_service_from_settings(settings), settings.tables_prefix)
-    return Services(settings=settings, marketplace=MarketplaceClient.from_settings(settings), repository=repository)
+    services = Services(settings=settings, marketplace=MarketplaceClient.from_settings(settings), repository=repository)
+    # Lifecycle events leave right after the change that wrote them, without delaying the answer.
+    repository.on_event_written = lambda subscription_id: services.events.relay_in_background(subscription_id)
+    return services
 
 
 _factory: Callable[[], Services] = build_services
