@@ -19,14 +19,16 @@ def issue_form_token(secret: str, subscription_id: str, user_id: str, now: datet
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
-def verify_form_token(secret: str, token: str, subscription_id: str, user_id: str) -> None:
+def verify_form_token(secret: str, token: str, subscription_id: str, user_id: str, now: datetime) -> None:
     """Raise ForbiddenError unless the token is ours, unexpired and bound to this subscription and user."""
     try:
-        claims = jwt.decode(token or "", secret, algorithms=["HS256"], audience=_AUDIENCE, options={"require": ["exp", "sid", "uid"]})
-    except jwt.ExpiredSignatureError as error:
-        raise ForbiddenError("the form has expired; reload the page") from error
+        # Expiry is checked below against the caller's clock, the same one that issued the token.
+        claims = jwt.decode(token or "", secret, algorithms=["HS256"], audience=_AUDIENCE,
+                            options={"require": ["exp", "sid", "uid"], "verify_exp": False})
     except jwt.PyJWTError as error:
         raise ForbiddenError("the form token is not valid") from error
+    if not isinstance(claims["exp"], (int, float)) or claims["exp"] < now.timestamp():
+        raise ForbiddenError("the form has expired; reload the page")
     if claims["sid"] != subscription_id:
         raise ForbiddenError("the form token belongs to another subscription")
     if claims["uid"] != user_id:

@@ -168,7 +168,9 @@ def confirm_activation(services, subscription_id: str, form_token: str, user: Si
         return _error_page(services, None, 401, "sign_in_expired.html")
     subscription_id = (subscription_id or "").strip()
     try:
-        verify_form_token(services.settings.landing_form_secret, form_token, subscription_id, user.id if user else ANONYMOUS_USER_ID)
+        verify_form_token(
+            services.settings.landing_form_secret, form_token, subscription_id, user.id if user else ANONYMOUS_USER_ID, services.clock()
+        )
     except ForbiddenError as error:
         log.warning("landing form refused: %s", error.message)
         return _error_page(services, user, 403, "forbidden.html", reason=error.message)

@@ -1,0 +1,215 @@
+"""In-memory fakes of the repository and the Marketplace client, for fast use-case unit tests.
+
+They follow the real interfaces (``shared.repository.SubscriptionRepository``,
+``shared.marketplace.MarketplaceClient``) closely enough that the use cases cannot tell; the
+integration tests run the same use cases against Azurite and the stand-in over HTTP.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable
+
+from shared import errors
+from shared.domain import Operation, Plan, ResolvedPurchase, Subscription, SubscriptionStatus, UpdateStatus
+from shared.marketplace import CallCounter
+from shared.repository import OP_RECEIVED, OperationMarker, StorageMetrics, StoredRecord
+from shared.services import Services
+from shared.settings import Settings
+from shared.state_machine import Outcome, SubscriptionRecord
+
+
+class FakeRepository:
+    def __init__(self):
+        self.records: dict[str, tuple[SubscriptionRecord, int]] = {}
+        self.histories: dict[str, list[dict]] = {}
+        self.markers: dict[tuple[str, str], OperationMarker] = {}
+        self.events: list[tuple[str, str, str]] = []  # (subscription id, event id, body)
+        self.metrics = StorageMetrics()
+        self.on_event_written = None
+        self.down = False
+        self._lock = threading.Lock()
+
+    def _check(self):
+        if self.down:
+            raise errors.StorageUnavailableError("storage is down (fake)")
+
+    def ensure_tables(self):
+        self._check()
+
+    def check(self):
+        self._check()
+
+    def get(self, subscription_id: str) -> StoredRecord | None:
+        self._check()
+        with self._lock:
+            found = self.records.get(subscription_id)
+        return StoredRecord(found[0], str(found[1])) if found else None
+
+    def get_marker(self, subscription_id: str, operation_id: str) -> OperationMarker | None:
+        self._check()
+        return self.markers.get((subscription_id, operation_id))
+
+    def history(self, subscription_id: str) -> list[dict]:
+        return list(self.histories.get(subscription_id, []))
+
+    def record_operation(self, subscription_id, operation_id, *, action, payload, correlation_id):
+        self._check()
+        with self._lock:
+            key = (subscription_id, operation_id)
+            if key in self.markers:
+                return False, self.markers[key]
+            marker = OperationMarker(subscription_id, operation_id, action, OP_RECEIVED, datetime.now(timezone.utc),
+                                     payload=payload, correlation_id=correlation_id, etag="1")
+            self.markers[key] = marker
+            return True, marker
+
+    def settle_marker(self, marker: OperationMarker, status: str) -> bool:
+        self.markers[(marker.subscription_id, marker.operation_id)] = replace(marker, status=status)
+        return True
+
+    def apply(self, subscription_id: str, decide: Callable, *, operation_id: str = "", build_event=None, known=None, attempts: int = 6):
+        self._check()
+        for _ in range(attempts):
+            stored = self.get(subscription_id)
+            if operation_id:
+                marker = self.markers.get((subscription_id, operation_id))
+                if marker is not None and not marker.pending:
+                    return None
+            outcome: Outcome | None = decide(stored.record if stored else None)
+            if outcome is None:
+                return None
+            with self._lock:
+                current = self.records.get(subscription_id)
+                version = current[1] if current else 0
+                if stored is not None and str(version) != stored.etag or (stored is None and current is not None):
+                    continue  # a concurrent writer won: re-decide
+                self._check()
+                self.records[subscription_id] = (outcome.record, version + 1)
+                self.histories.setdefault(subscription_id, []).append(outcome.history.to_json())
+                if operation_id:
+                    key = (subscription_id, operation_id)
+                    base = self.markers.get(key) or OperationMarker(subscription_id, operation_id, "", OP_RECEIVED, None)
+                    self.markers[key] = replace(base, status=outcome.result.value)
+                if outcome.event_type and build_event is not None:
+                    event_id, body = build_event(outcome, outcome.history.seq)
+                    self.events.append((subscription_id, event_id, body))
+            return outcome
+        raise errors.ConflictError("kept changing")
+
+
+class FakeMarketplace:
+    """Microsoft's side in memory, with the documented status codes."""
+
+    def __init__(self):
+        self.subscriptions: dict[str, dict[str, Any]] = {}
+        self.tokens: dict[str, str] = {}
+        self.operations: dict[str, dict[str, Any]] = {}
+        self.activations: list[str] = []
+        self.updates: list[tuple[str, str, str]] = []
+        self.counter = CallCounter()
+        self.fail_with: errors.MarketplaceError | None = None
+        self.activation_completes = True
+
+    def close(self):
+        pass
+
+    def _maybe_fail(self, operation: str):
+        self.counter.add(operation)
+        if self.fail_with is not None:
+            raise self.fail_with
+
+    def add(self, subscription_id: str, status: str = "PendingFulfillmentStart", plan_id: str = "basic", quantity: int | None = None, name: str = "Sub", token: str = "") -> dict:
+        data = {
+            "id": subscription_id, "name": name, "offerId": "offer", "planId": plan_id, "quantity": quantity,
+            "saasSubscriptionStatus": status, "publisherId": "contoso",
+            "purchaser": {"emailId": "buyer@customer.example"}, "beneficiary": {"emailId": "buyer@customer.example"},
+            "term": {"termUnit": "P1M"}, "allowedCustomerOperations": ["Read", "Update", "Delete"],
+        }
+        self.subscriptions[subscription_id] = data
+        if token:
+            self.tokens[token] = subscription_id
+        return data
+
+    def add_operation(self, operation_id: str, subscription_id: str, action: str, status: str = "Succeeded", **fields) -> dict:
+        data = {"id": operation_id, "subscriptionId": subscription_id, "action": action, "status": status,
+                "timeStamp": fields.pop("timeStamp", datetime.now(timezone.utc).isoformat()), **fields}
+        self.operations[operation_id] = data
+        return data
+
+    def resolve(self, token: str) -> ResolvedPurchase:
+        self._maybe_fail("resolve")
+        if token not in self.tokens:
+            raise errors.MarketplaceBadRequestError("bad token", status=400)
+        data = self.subscriptions[self.tokens[token]]
+        return ResolvedPurchase.from_api({"id": data["id"], "subscriptionName": data["name"], "offerId": data["offerId"],
+                                          "planId": data["planId"], "quantity": data["quantity"], "subscription": data})
+
+    def activate(self, subscription_id: str, plan_id: str = "", quantity: int | None = None) -> None:
+        self._maybe_fail("activate")
+        data = self.subscriptions.get(subscription_id)
+        if data is None or data["saasSubscriptionStatus"] == "Unsubscribed":
+            raise errors.MarketplaceNotFoundError("not found", status=404)
+        if data["saasSubscriptionStatus"] != "PendingFulfillmentStart":
+            raise errors.MarketplaceBadRequestError("already active", status=400)
+        self.activations.append(subscription_id)
+        if self.activation_completes:
+            data["saasSubscriptionStatus"] = "Subscribed"
+
+    def get_subscription(self, subscription_id: str) -> Subscription:
+        self._maybe_fail("get_subscription")
+        if subscription_id not in self.subscriptions:
+            raise errors.MarketplaceNotFoundError("not found", status=404)
+        return Subscription.from_api(self.subscriptions[subscription_id])
+
+    def list_available_plans(self, subscription_id: str) -> list[Plan]:
+        self._maybe_fail("list_plans")
+        return [Plan.from_api({"planId": "basic", "displayName": "Basic"}), Plan.from_api({"planId": "standard", "displayName": "Standard"})]
+
+    def list_subscription_pages(self, start_link=None):
+        self._maybe_fail("list_subscriptions")
+        items = [Subscription.from_api(d) for d in self.subscriptions.values()]
+        yield items, ""
+
+    def list_outstanding_operations(self, subscription_id: str) -> list[Operation]:
+        self._maybe_fail("list_operations")
+        return [Operation.from_api(op) for op in self.operations.values()
+                if op["subscriptionId"] == subscription_id and op["status"] == "InProgress"]
+
+    def get_operation(self, subscription_id: str, operation_id: str) -> Operation:
+        self._maybe_fail("get_operation")
+        op = self.operations.get(operation_id)
+        if op is None or op["subscriptionId"] != subscription_id:
+            raise errors.MarketplaceNotFoundError("no such operation", status=404)
+        return Operation.from_api(op)
+
+    def update_operation(self, subscription_id: str, operation_id: str, status: UpdateStatus) -> None:
+        self._maybe_fail("update_operation")
+        op = self.operations[operation_id]
+        if op["status"] != "InProgress":
+            raise errors.MarketplaceConflictError("settled", status=409)
+        self.updates.append((subscription_id, operation_id, UpdateStatus(status).value))
+        op["status"] = "Succeeded" if status == UpdateStatus.SUCCESS else "Failed"
+
+
+class FakeClock:
+    def __init__(self, start: datetime | None = None):
+        self.now = start or datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta) -> None:
+        self.now += timedelta(**delta)
+
+
+def fake_services(**setting_overrides) -> Services:
+    env = {
+        "MARKETPLACE_AUTH": "none", "WEBHOOK_AUTH": "none", "TABLES_CONNECTION_STRING": "UseDevelopmentStorage=true",
+        "LANDING_FORM_SECRET": "unit-test-form-secret-0123456789", "SAAS_APP_URL": "https://app.example/",
+        **setting_overrides,
+    }
+    services = Services(settings=Settings.from_env(env), marketplace=FakeMarketplace(), repository=FakeRepository())
+    services.clock = FakeClock()
+    return services
