@@ -3,8 +3,9 @@
 // Authentication (Easy Auth) with Microsoft Entra ID in front of the landing page.
 //
 // The `appSettings` variable below is the single list of app settings (the site's
-// siteConfig.appSettings is built from it). tests/infra/test_infra.py reads it and fails when a name is missing compared with shared/settings.py (scope "app"), or
-// present here but unknown to the code (apart from the commented platform allow-list in the test).
+// siteConfig.appSettings is built from it). tests/infra/test_infra.py reads it and fails when a
+// name of shared/settings.py (scope "app") is missing here, or a name here is unknown to the code
+// (apart from the commented platform allow-list in the test).
 
 @description('Function App name (globally unique host name prefix).')
 param name string
