@@ -1,0 +1,70 @@
+"""The function app's registrations, read the way the Functions host reads them (in a fresh process)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_INDEX = """
+import json
+from function_app import app
+out = {}
+for fn in app.get_functions():
+    out[fn.get_function_name()] = [
+        {k: (str(v.value) if hasattr(v, "value") else [str(getattr(m, "value", m)) for m in v] if isinstance(v, list) else v)
+         for k, v in b.items()}
+        for b in fn.get_bindings_dict()["bindings"]
+    ]
+print(json.dumps(out))
+"""
+
+
+def _index() -> dict:
+    # A fresh interpreter with no app settings: indexing must not need configuration or I/O.
+    result = subprocess.run([sys.executable, "-c", _INDEX], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_functions_are_registered_with_the_contracted_names_routes_and_triggers():
+    functions = _index()
+    assert set(functions) == {"landing_page", "webhook", "reconcile_timer", "health"}
+
+    def trigger(name):
+        return next(b for b in functions[name] if b["direction"] == "0")
+
+    assert trigger("landing_page")["route"] == "landing"
+    assert sorted(trigger("landing_page")["methods"]) == ["GET", "POST"]
+    assert trigger("webhook")["route"] == "webhook" and trigger("webhook")["methods"] == ["POST"]
+    assert trigger("health")["route"] == "health" and trigger("health")["methods"] == ["GET"]
+    for name in ("landing_page", "webhook", "health"):
+        # No function keys: Microsoft sends none and keys in URLs fail certification.
+        assert trigger(name)["authLevel"] == "anonymous"
+    timer = trigger("reconcile_timer")
+    assert timer["type"] == "timerTrigger"
+    assert timer["schedule"] == "%RECONCILE_SCHEDULE%"
+    assert timer["runOnStartup"] is False
+
+
+def test_host_json_keeps_the_api_prefix_and_an_extension_bundle():
+    host = json.loads((ROOT / "host.json").read_text())
+    assert host["version"] == "2.0"
+    assert host["extensions"]["http"]["routePrefix"] == "api"
+    assert host["extensionBundle"]["id"] == "Microsoft.Azure.Functions.ExtensionBundle"
+
+
+def test_requirements_are_pinned_and_only_what_the_app_imports():
+    lines = [l.strip() for l in (ROOT / "requirements.txt").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    assert all("==" in line for line in lines), lines
+    names = {line.split("==")[0].lower() for line in lines}
+    assert "pytest" not in names and "playwright" not in names and "azure-functions-worker" not in names
+
+
+def test_funcignore_keeps_development_files_out_of_the_package():
+    ignored = (ROOT / ".funcignore").read_text().split()
+    for entry in ("tests/", ".venv/", "devtools/", "infra/", "local.settings.json"):
+        assert entry in ignored
