@@ -99,12 +99,14 @@ def _verify(services, event: WebhookEvent) -> Operation:
     return operation
 
 
-def _change_for(event: WebhookEvent, operation: Operation, services, kind: Kind, detail: str = "") -> Change:
+def _change_for(
+    event: WebhookEvent, operation: Operation, services, kind: Kind, detail: str = "", occurred_at=None
+) -> Change:
     term = event.subscription.term if event.subscription is not None else None
     return Change(
         kind=kind,
         source=Source.WEBHOOK,
-        occurred_at=operation.timestamp or event.operation.timestamp or services.clock(),
+        occurred_at=occurred_at or operation.timestamp or event.operation.timestamp or services.clock(),
         subscription=event.subscription,
         plan_id=operation.plan_id or event.operation.plan_id,
         quantity=operation.quantity if operation.quantity is not None else event.operation.quantity,
@@ -187,16 +189,22 @@ def apply_operation(services, event: WebhookEvent, operation: Operation) -> Webh
 
     kind = _KIND_FOR_ACTION.get(operation.action if operation.action is not Action.UNKNOWN else event.action)
     detail = ""
+    occurred_at = None
     if kind is None:
         kind, detail = Kind.UNKNOWN_ACTION, f"unknown action {event.operation.action_name!r}, left to reconciliation"
     elif operation.action in NEEDS_ANSWER and operation.status is OperationStatus.IN_PROGRESS:
         decision, operation = _answer(services, event, operation)
         if not decision.accepted:
             kind, detail = Kind.REFUSED, f"refused {operation.action.value}: {decision.reason}"
+        else:
+            # An InProgress change takes effect when it is accepted, not when Microsoft opened it:
+            # a snapshot read in between (first sighting above, a reconciliation run) predates it
+            # and must not make the accepted change look stale.
+            occurred_at = services.clock()
     elif operation.status in (OperationStatus.FAILED, OperationStatus.CONFLICT):
         kind, detail = Kind.REFUSED, f"operation {operation.status.value} at Microsoft; nothing to apply"
 
-    change = _change_for(event, operation, services, kind, detail)
+    change = _change_for(event, operation, services, kind, detail, occurred_at)
     outcome = services.repository.apply(
         subscription_id,
         lambda record: sm.apply(record, change, now=services.clock()),

@@ -45,6 +45,7 @@ class SigningKeys:
         self._timeout = timeout
         self._keys: dict[str, Any] = {}
         self._fetched_at = 0.0
+        self._refreshed_at = float("-inf")  # last refresh caused by an unknown kid (rate limit)
         self._lock = threading.Lock()
         self.fetch_count = 0
 
@@ -53,8 +54,12 @@ class SigningKeys:
         errors = 0
         for url in self._metadata_urls:
             try:
-                metadata = requests.get(url, timeout=self._timeout).json()
-                jwks = requests.get(metadata["jwks_uri"], timeout=self._timeout).json()
+                response = requests.get(url, timeout=self._timeout)
+                response.raise_for_status()  # an error page is not a key set
+                metadata = response.json()
+                response = requests.get(metadata["jwks_uri"], timeout=self._timeout)
+                response.raise_for_status()
+                jwks = response.json()
             except (requests.RequestException, ValueError, KeyError, TypeError) as error:
                 errors += 1
                 log.warning("could not read signing keys from %s: %s", url, type(error).__name__)
@@ -65,8 +70,9 @@ class SigningKeys:
                         keys[entry["kid"]] = jwt.PyJWK.from_dict(entry, algorithm="RS256").key
                     except jwt.PyJWTError:
                         continue
-        if errors == len(self._metadata_urls):
-            raise SigningKeysUnavailableError("no OpenID metadata document could be read")
+        if errors == len(self._metadata_urls) or not keys:
+            # Never cache an empty key set: every genuine webhook would get 401 until the next refresh.
+            raise SigningKeysUnavailableError("no signing keys could be read from the OpenID metadata")
         self.fetch_count += 1
         return keys
 
@@ -74,8 +80,13 @@ class SigningKeys:
         with self._lock:
             now = time.monotonic()
             stale = now - self._fetched_at > MAX_KEY_AGE_SECONDS
-            unknown = kid not in self._keys
-            if not self._keys or stale or (unknown and now - self._fetched_at > REFRESH_INTERVAL_SECONDS):
+            if not self._keys or stale:
+                self._keys = self._fetch()
+                self._fetched_at = now
+            elif kid not in self._keys and now - self._refreshed_at > REFRESH_INTERVAL_SECONDS:
+                # A rotated key: refresh now (not only once the last fetch is an interval old), but
+                # at most once per interval, so made-up kids cannot make us hammer the metadata.
+                self._refreshed_at = now
                 self._keys = self._fetch()
                 self._fetched_at = now
             return self._keys.get(kid)
