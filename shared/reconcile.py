@@ -27,7 +27,13 @@ from typing import Any
 from shared import state_machine as sm
 from shared.activation import CLAIM_TIMEOUT, ActivationResult, activate
 from shared.domain import Action, OperationStatus, Subscription, SubscriptionStatus, WebhookEvent
-from shared.errors import AppError, MarketplaceError, StorageUnavailableError
+from shared.errors import (
+    AppError,
+    MarketplaceBadRequestError,
+    MarketplaceError,
+    MarketplaceNotFoundError,
+    StorageUnavailableError,
+)
 from shared.events import build_event_document
 from shared.observability import current_correlation_id
 from shared.repository import OperationMarker, StoredRecord
@@ -38,7 +44,8 @@ log = logging.getLogger(__name__)
 SETTLE_WINDOW = timedelta(minutes=2)
 EVENT_DELAY_WARNING = timedelta(minutes=15)
 FLAG_ACTIVATION_STUCK = "activation_stuck"
-FLAG_AWAITING_OPERATOR = "awaiting_operator"
+# Flags that start with "activation" are cleared by the state machine once the subscription is active.
+FLAG_AWAITING_OPERATOR = "activation_awaiting_operator"
 FLAG_UNKNOWN_STATUS = "unknown_marketplace_status"
 MAX_DIFFERENCES_KEPT = 500
 
@@ -236,7 +243,8 @@ class Reconciler:
         requested = entry.activation_requested_at
         if requested is not None and at - requested < CLAIM_TIMEOUT:
             return  # just sent; Microsoft needs a moment
-        if entry.activation_attempts >= self.settings.reconcile_activation_retry_limit:
+        resent = max(entry.activation_attempts - 1, 0)  # the first attempt was the buyer's (or the operator's)
+        if resent >= self.settings.reconcile_activation_retry_limit:
             self._flag(subscription_id, FLAG_ACTIVATION_STUCK, at, entry)
             return
         self._difference(subscription_id, "activation_retry", {"attempts": entry.activation_attempts})
@@ -288,7 +296,16 @@ class Reconciler:
                 payload = json.loads(marker.payload or "{}")
             except ValueError:
                 payload = {}
-            self._finish_operation(marker.subscription_id, marker.operation_id, payload if isinstance(payload, dict) else {})
+            try:
+                self._finish_operation(marker.subscription_id, marker.operation_id, payload if isinstance(payload, dict) else {})
+            except (MarketplaceNotFoundError, MarketplaceBadRequestError) as error:
+                # Microsoft does not confirm this operation (unverified webhook, purged operation):
+                # settle the marker so it stops blocking every run; the listing repairs any drift.
+                log.warning("operation %s of %s cannot be replayed: %s", marker.operation_id, marker.subscription_id, error)
+                self.repository.settle_marker(marker, "unverifiable")
+                self._difference(marker.subscription_id, "unverifiable_operation", {"operationId": marker.operation_id})
+                self.summary.count("operation_unverifiable")
+                continue
             self.summary.count("operation_replayed")
             if self._out_of_time():
                 raise _OutOfTime()
@@ -301,6 +318,30 @@ class Reconciler:
         stats = self.services.events.relay_pending(time_budget_seconds=min(60.0, remaining))
         self.summary.events_delivered += stats.delivered
         self.summary.events_failed += stats.failed
+
+    def replay_pending(self, *, all_pending: bool = True) -> RunSummary:
+        """Scan, then finish recorded-but-unapplied webhook operations (the operator's ``replay``).
+
+        ``all_pending`` also takes markers younger than RECONCILE_OPERATION_DEADLINE_SECONDS. No
+        listing and no stored run summary; errors end the pass cleanly like a run's.
+        """
+        repository = self.repository
+        reads0, writes0 = repository.metrics.reads, repository.metrics.writes
+        calls0 = self.marketplace.counter.total
+        try:
+            self.scan()
+            self.replay_operations(all_pending=all_pending)
+            self.summary.completed = True
+        except _OutOfTime:
+            self.summary.stopped_reason = "time_budget"
+        except (MarketplaceError, StorageUnavailableError) as error:
+            self.summary.stopped_reason = f"{error.code}: {error.message}"
+            log.error("replay stopped: %s", error)
+        self.summary.duration_seconds = round(time.monotonic() - self._started, 3)
+        self.summary.marketplace_calls = self.marketplace.counter.total - calls0
+        self.summary.storage_reads = repository.metrics.reads - reads0
+        self.summary.storage_writes = repository.metrics.writes - writes0
+        return self.summary
 
     # -- run -------------------------------------------------------------------------------------
 
@@ -315,7 +356,14 @@ class Reconciler:
             self.summary.resumed_from_checkpoint = bool(start_link)
             self.scan()
             self.replay_operations()
-            self.compare_listing(start_link)
+            try:
+                self.compare_listing(start_link)
+            except (MarketplaceBadRequestError, MarketplaceNotFoundError) as error:
+                if not start_link or self.summary.pages:
+                    raise
+                log.warning("the checkpoint's continuation link was refused (%s); listing from the start", error)
+                self.summary.resumed_from_checkpoint = False
+                self.compare_listing(None)
             self.relay_events()
             self.summary.completed = True
             if not self.dry_run and checkpoint:
