@@ -1,0 +1,404 @@
+"""Operator command line: look at subscriptions, reconcile, activate (manual mode), replay webhooks.
+
+Uses the app's own settings (the same environment variables as the function app, read by
+``Settings.from_env``) and the same use cases, so what it does is exactly what the app would do::
+
+    python -m shared.cli list [--status S] [--offer O] [--plan P] [--json]
+    python -m shared.cli show SUBSCRIPTION_ID [--json]
+    python -m shared.cli reconcile [--dry-run] [--time-budget SECONDS] [--json]
+    python -m shared.cli activate SUBSCRIPTION_ID [--json]
+    python -m shared.cli replay [--dry-run] [--json]
+
+Exit codes: 0 success, 1 the operation failed (or found nothing to act on), 2 usage or
+configuration error. ``--json`` prints one JSON document on standard output; messages and logs go
+to standard error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Callable, TextIO
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class _UsageError(Exception):
+    """A usage problem found after parsing (e.g. an unknown status)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# output helpers
+
+
+def _emit_json(out: TextIO, data: Any) -> None:
+    out.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _table(out: TextIO, headers: list[str], rows: list[list[Any]]) -> None:
+    cells = [[("" if value is None else str(value)) for value in row] for row in rows]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
+    out.write("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip() + "\n")
+    for row in cells:
+        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
+
+
+def _stderr(message: str) -> None:
+    sys.stderr.write(message.rstrip("\n") + "\n")
+
+
+def _operator() -> str:
+    user = os.environ.get("USER") or os.environ.get("USERNAME") or os.environ.get("LOGNAME")
+    if not user:
+        try:
+            import getpass
+
+            user = getpass.getuser()
+        except Exception:  # noqa: BLE001 - no user database (containers)
+            user = "unknown"
+    return f"operator:{user}"
+
+
+def _record_json(record) -> dict[str, Any]:
+    from shared.domain import format_timestamp
+
+    data = record.snapshot()
+    data.update(
+        {
+            "publisherId": record.publisher_id,
+            "allowedCustomerOperations": list(record.allowed_customer_operations),
+            "signedInUser": record.signed_in_user,
+            "activationAttempts": record.activation_attempts,
+            "activationRequestedAt": format_timestamp(record.activation_requested_at),
+            "unsubscribedAt": format_timestamp(record.unsubscribed_at),
+            "lastEventAt": format_timestamp(record.last_event_at),
+            "createdAt": format_timestamp(record.created_at),
+            "updatedAt": format_timestamp(record.updated_at),
+            "needsAttention": record.needs_attention,
+            "historyCount": record.history_seq,
+        }
+    )
+    return data
+
+
+def _status_value(text: str) -> str:
+    """The stored spelling of a local status, matched case-insensitively."""
+    from shared.state_machine import LocalStatus
+
+    for status in LocalStatus:
+        if status.value.lower() == text.strip().lower():
+            return status.value
+    raise _UsageError(f"unknown status {text!r}; one of: {', '.join(s.value for s in LocalStatus)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_list(services, args, out: TextIO) -> int:
+    status = _status_value(args.status) if args.status else ""
+    records = sorted(
+        services.repository.list_records(status=status, offer_id=args.offer or "", plan_id=args.plan or ""),
+        key=lambda r: (r.created_at is None, r.created_at, r.id),
+    )
+    if args.json:
+        _emit_json(out, [_record_json(record) for record in records])
+        return EXIT_OK
+    if not records:
+        out.write("No subscriptions.\n")
+        return EXIT_OK
+    _table(
+        out,
+        ["ID", "STATUS", "OFFER", "PLAN", "QTY", "FLAGS", "UPDATED"],
+        [
+            [r.id, r.status.value, r.offer_id, r.plan_id, "-" if r.quantity is None else r.quantity,
+             ",".join(r.flags) or "-", r.updated_at.strftime("%Y-%m-%d %H:%M") if r.updated_at else "-"]
+            for r in records
+        ],
+    )
+    out.write(f"{len(records)} subscription(s)\n")
+    return EXIT_OK
+
+
+def cmd_show(services, args, out: TextIO) -> int:
+    stored = services.repository.get(args.subscription_id)
+    if stored is None:
+        if args.json:
+            _emit_json(out, {"error": "not_found", "subscriptionId": args.subscription_id})
+        _stderr(f"No subscription {args.subscription_id} is recorded.")
+        return EXIT_FAILED
+    record = stored.record
+    history = services.repository.history(args.subscription_id)
+    data = _record_json(record)
+    data["history"] = history
+    if args.json:
+        _emit_json(out, data)
+        return EXIT_OK
+    fields = [
+        ("Subscription", record.id),
+        ("Name", record.name),
+        ("Status", f"{record.status.value} (Microsoft: {record.marketplace_status or '-'})"),
+        ("Offer / plan", f"{record.offer_id or '-'} / {record.plan_id or '-'}"),
+        ("Quantity", "-" if record.quantity is None else record.quantity),
+        ("Term", f"{record.term_unit or '-'} {data['term']['startDate'] or '-'} .. {data['term']['endDate'] or '-'}"),
+        ("Purchaser", record.purchaser.email_id or "-"),
+        ("Beneficiary", record.beneficiary.email_id or "-"),
+        ("Activated by", record.activated_by or "-"),
+        ("Activation attempts", record.activation_attempts),
+        ("Flags", ", ".join(record.flags) or "-"),
+        ("Created / updated", f"{data['createdAt'] or '-'} / {data['updatedAt'] or '-'}"),
+    ]
+    if record.unsubscribed_at:
+        fields.append(("Unsubscribed", f"{data['unsubscribedAt']} (keep data until {data['retainDataUntil']})"))
+    width = max(len(name) for name, _ in fields)
+    for name, value in fields:
+        out.write(f"{name.ljust(width)}  {value}\n")
+    out.write(f"\nHistory ({len(history)}):\n")
+    _table(
+        out,
+        ["SEQ", "RECORDED", "SOURCE", "KIND", "RESULT", "STATUS", "DETAIL"],
+        [
+            [h.get("seq"), h.get("recordedAt"), h.get("source"), h.get("kind"), h.get("result"),
+             f"{h.get('fromStatus') or '-'} -> {h.get('toStatus') or '-'}",
+             h.get("detail") or ", ".join(sorted((h.get("changes") or {}).keys()))]
+            for h in history
+        ],
+    )
+    return EXIT_OK
+
+
+def _describe_difference(difference: dict[str, Any]) -> str:
+    detail = difference.get("detail")
+    if isinstance(detail, dict):
+        return ", ".join(f"{key}={value}" for key, value in detail.items())
+    return str(detail)
+
+
+def _print_summary(out: TextIO, summary: dict[str, Any], *, what: str) -> None:
+    dry = summary.get("dry_run")
+    state = "completed" if summary.get("completed") else f"stopped ({summary.get('stopped_reason') or 'unknown'})"
+    out.write(f"{what} {state}{' - dry run, nothing was changed' if dry else ''}\n")
+    repairs = summary.get("repairs") or {}
+    label = "Would repair" if dry else "Repairs"
+    out.write(f"  {label}: " + (", ".join(f"{k}={v}" for k, v in sorted(repairs.items())) or "none") + "\n")
+    if summary.get("deferred"):
+        out.write(f"  Deferred (changed locally meanwhile; next run looks again): {summary['deferred']}\n")
+    flagged = summary.get("flagged") or []
+    out.write(f"  Flagged for an operator: {len(flagged)}\n")
+    for flag in flagged:
+        out.write(f"    {flag['subscriptionId']}  {flag['reason']}\n")
+    if "subscriptions_seen" in summary and summary.get("pages"):
+        out.write(f"  Subscriptions seen: {summary['subscriptions_seen']} in {summary['pages']} page(s)"
+                  f"{' (resumed from checkpoint)' if summary.get('resumed_from_checkpoint') else ''}\n")
+    if summary.get("events_pending"):
+        out.write(f"  Lifecycle events pending: {summary['events_pending']}"
+                  f" (waiting over 15 minutes: {summary.get('events_waiting_too_long', 0)})\n")
+    out.write(
+        f"  Marketplace calls: {summary.get('marketplace_calls', 0)}, storage reads: {summary.get('storage_reads', 0)},"
+        f" writes: {summary.get('storage_writes', 0)}, {summary.get('duration_seconds', 0)} s\n"
+    )
+    if summary.get("stopped_reason") == "time_budget" and not dry:
+        out.write("  Out of time: a checkpoint was saved; run again to continue.\n")
+
+
+def cmd_reconcile(services, args, out: TextIO) -> int:
+    from shared.reconcile import run_reconciliation
+
+    summary = run_reconciliation(services, dry_run=args.dry_run, time_budget_seconds=args.time_budget)
+    data = summary.to_json(with_differences=True)
+    failed = not summary.completed and summary.stopped_reason != "time_budget"
+    if args.json:
+        _emit_json(out, data)
+    else:
+        differences = data["differences"]
+        out.write(f"Differences ({len(differences)}):\n")
+        if differences:
+            _table(out, ["SUBSCRIPTION", "KIND", "DETAIL"],
+                   [[d["subscriptionId"], d["kind"], _describe_difference(d)] for d in differences])
+        else:
+            out.write("  none: our records match Microsoft's\n")
+        _print_summary(out, data, what="Reconciliation")
+    if failed:
+        _stderr(f"reconciliation stopped: {summary.stopped_reason}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_activate(services, args, out: TextIO) -> int:
+    from shared.activation import ActivationResult, activate
+    from shared.state_machine import Source
+
+    subscription_id = args.subscription_id
+    if services.repository.get(subscription_id) is None:
+        if args.json:
+            _emit_json(out, {"subscriptionId": subscription_id, "result": "not_found"})
+        _stderr(f"No subscription {subscription_id} is recorded (run `reconcile` to pick up purchases).")
+        return EXIT_FAILED
+    if services.settings.activation_mode != "manual":
+        _stderr("note: ACTIVATION_MODE is not manual; activating anyway.")
+    actor = _operator()
+    result = activate(services, subscription_id, actor=actor, source=Source.OPERATOR)
+    ok = result.result in (ActivationResult.ACTIVATED, ActivationResult.ALREADY_ACTIVE, ActivationResult.REQUESTED)
+    messages = {
+        ActivationResult.ACTIVATED: "activated: Microsoft shows it Subscribed",
+        ActivationResult.ALREADY_ACTIVE: "already active: nothing sent",
+        ActivationResult.REQUESTED: "activation sent; Microsoft has not confirmed yet (the reconciler confirms it)",
+        ActivationResult.IN_PROGRESS: "another activation is in flight; try again in two minutes",
+        ActivationResult.CANCELLED: "the subscription is cancelled (Unsubscribed)",
+        ActivationResult.FAILED: "activation failed",
+    }
+    record = result.record
+    if args.json:
+        _emit_json(out, {
+            "subscriptionId": subscription_id,
+            "result": result.result.value,
+            "ok": ok,
+            "actor": actor,
+            "status": record.status.value if record else None,
+            "error": str(result.error) if result.error else None,
+        })
+    else:
+        out.write(f"{subscription_id}: {messages.get(result.result, result.result.value)}\n")
+        if record is not None:
+            out.write(f"  status: {record.status.value}, by {actor}\n")
+        if result.error:
+            out.write(f"  error: {result.error}\n")
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def cmd_replay(services, args, out: TextIO) -> int:
+    from shared.reconcile import Reconciler
+
+    reconciler = Reconciler(services, dry_run=args.dry_run, time_budget_seconds=args.time_budget)
+    summary = reconciler.replay_pending(all_pending=True)
+    data = summary.to_json(with_differences=True)
+    data["pending_found"] = len(reconciler.pending_markers)
+    if args.json:
+        _emit_json(out, data)
+    else:
+        found = data["pending_found"]
+        out.write(f"Recorded but unapplied webhook operations: {found}\n")
+        if data["differences"]:
+            _table(out, ["SUBSCRIPTION", "KIND", "DETAIL"],
+                   [[d["subscriptionId"], d["kind"], _describe_difference(d)] for d in data["differences"]])
+        _print_summary(out, data, what="Replay")
+    if not summary.completed:
+        _stderr(f"replay stopped: {summary.stopped_reason}")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[..., int]] = {
+    "list": cmd_list,
+    "show": cmd_show,
+    "reconcile": cmd_reconcile,
+    "activate": cmd_activate,
+    "replay": cmd_replay,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# parsing and main
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a number of seconds") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: `--json` before or after the command both work.
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON document")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress to stderr")
+
+    parser = argparse.ArgumentParser(
+        prog="python -m shared.cli",
+        description="Operate the marketplace SaaS integration with the app's own settings (environment variables).",
+        parents=[common],
+        epilog="Exit codes: 0 success, 1 operation failed, 2 usage or configuration error.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = commands.add_parser("list", parents=[common], help="list recorded subscriptions")
+    p.add_argument("--status", help="local status, e.g. Subscribed, Suspended, PendingActivation")
+    p.add_argument("--offer", help="offer id")
+    p.add_argument("--plan", help="plan id")
+
+    p = commands.add_parser("show", parents=[common], help="one subscription with its full history")
+    p.add_argument("subscription_id", metavar="SUBSCRIPTION_ID")
+
+    p = commands.add_parser("reconcile", parents=[common], help="compare with Microsoft and repair the differences")
+    p.add_argument("--dry-run", action="store_true", help="only print the differences; change nothing")
+    p.add_argument("--time-budget", type=_positive_seconds, metavar="SECONDS",
+                   help="stop (and checkpoint) after this long; default RECONCILE_TIME_BUDGET_SECONDS")
+
+    p = commands.add_parser("activate", parents=[common], help="activate a subscription (ACTIVATION_MODE=manual)")
+    p.add_argument("subscription_id", metavar="SUBSCRIPTION_ID")
+
+    p = commands.add_parser("replay", parents=[common], help="finish webhook operations recorded but never applied")
+    p.add_argument("--dry-run", action="store_true", help="only list them")
+    p.add_argument("--time-budget", type=_positive_seconds, metavar="SECONDS", help=argparse.SUPPRESS)
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("azure", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None, *, services=None, out: TextIO | None = None) -> int:
+    out = out if out is not None else sys.stdout
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse: usage errors (2) and --help (0)
+        return int(exit_.code or 0)
+    args.json = getattr(args, "json", False)
+    args.verbose = getattr(args, "verbose", False)
+    args.time_budget = getattr(args, "time_budget", None)
+
+    from shared.errors import AppError, ConfigurationError
+
+    owned = services is None
+    try:
+        if owned:
+            _configure_logging(args.verbose)
+            from shared.services import build_services
+            from shared.settings import Settings
+
+            services = build_services(Settings.from_env())
+            services.repository.ensure_tables()
+        return COMMANDS[args.command](services, args, out)
+    except ConfigurationError as error:
+        if args.json:
+            _emit_json(out, {"error": error.code, "problems": error.problems})
+        _stderr("configuration error:\n" + "\n".join(f"  - {problem}" for problem in error.problems))
+        return EXIT_USAGE
+    except _UsageError as error:
+        if args.json:
+            _emit_json(out, {"error": "usage", "message": str(error)})
+        _stderr(f"{parser.prog}: error: {error}")
+        return EXIT_USAGE
+    except AppError as error:
+        if args.json:
+            _emit_json(out, {"error": error.code, "message": str(error)})
+        _stderr(f"{args.command} failed: {error}")
+        return EXIT_FAILED
+    finally:
+        if owned and services is not None:
+            services.close()
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised through subprocess tests
+    sys.exit(main())
