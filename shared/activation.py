@@ -59,8 +59,27 @@ def _record(services, subscription_id: str, change: Change, build_event=True) ->
 
 
 def request_operator_activation(services, subscription_id: str, actor: str, source: Source) -> Activation:
-    outcome = _record(services, subscription_id, _change(services, Kind.REQUEST_ACTIVATION, source, actor))
-    record = outcome.record if outcome else None
+    """Manual mode: record PendingActivation once; an active or cancelled subscription is left alone."""
+    from shared.events import build_event_document
+
+    change = _change(services, Kind.REQUEST_ACTIVATION, source, actor)
+
+    def decide(record: SubscriptionRecord | None):
+        if record is None or record.status not in (LocalStatus.PENDING_FULFILLMENT_START, LocalStatus.ACTIVATION_FAILED):
+            return None  # unknown, already requested, active or cancelled: nothing to record
+        return sm.apply(record, change, now=services.clock())
+
+    outcome = services.repository.apply(subscription_id, decide, build_event=build_event_document)
+    if outcome is not None:
+        return Activation(ActivationResult.PENDING_OPERATOR, outcome.record)
+    stored = services.repository.get(subscription_id)
+    record = stored.record if stored else None
+    if record is None:
+        return Activation(ActivationResult.FAILED, None)
+    if record.status in sm.ACTIVE:
+        return Activation(ActivationResult.ALREADY_ACTIVE, record)
+    if record.status is LocalStatus.UNSUBSCRIBED:
+        return Activation(ActivationResult.CANCELLED, record)
     return Activation(ActivationResult.PENDING_OPERATOR, record)
 
 
