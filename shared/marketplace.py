@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import InvalidHeader
 from urllib3.util.retry import Retry
 
 from shared.domain import Operation, Plan, ResolvedPurchase, Subscription, UpdateStatus
@@ -53,10 +54,20 @@ class CappedRetry(Retry):
     max_retry_after: float = 10.0
 
     def get_retry_after(self, response):  # noqa: D401 - urllib3 hook
-        value = super().get_retry_after(response)
+        try:
+            value = super().get_retry_after(response)
+        except InvalidHeader:  # e.g. "0.5": urllib3 would fail the call; back off as without the header
+            return None
         if value is None:
             return None
         return min(value, self.max_retry_after)
+
+    def is_retry(self, method, status_code, has_retry_after=False):  # noqa: D401 - urllib3 hook
+        # urllib3 also retries 413/503 that carry Retry-After even when they are not in
+        # status_forcelist; only the statuses the policy lists may be repeated (PATCH/DELETE: 429).
+        if self.status_forcelist is not None and status_code not in self.status_forcelist:
+            return False
+        return super().is_retry(method, status_code, has_retry_after)
 
     def new(self, **kw):
         retry = super().new(**kw)
