@@ -73,7 +73,12 @@ def sign_payload(secret: str, body: str, timestamp: int) -> str:
 
 
 def verify_signature(secret: str, body: str, header: str, *, tolerance_seconds: int = 300, now: float | None = None) -> bool:
-    """Receiver side: True when ``header`` signs ``body`` with ``secret`` and is recent enough."""
+    """Receiver side: True when ``header`` signs ``body`` with ``secret`` and is recent enough.
+
+    A missing (None) or malformed header is refused, never raised on.
+    """
+    if not isinstance(header, str):
+        return False
     try:
         parts = dict(item.split("=", 1) for item in header.split(","))
         timestamp = int(parts["t"])
@@ -84,7 +89,8 @@ def verify_signature(secret: str, body: str, header: str, *, tolerance_seconds: 
     if abs(current - timestamp) > tolerance_seconds:
         return False
     expected = sign_payload(secret, body, timestamp).split("v1=", 1)[1]
-    return hmac.compare_digest(expected, signature)
+    # bytes: compare_digest raises TypeError on non-ASCII str, which a forged header may contain
+    return hmac.compare_digest(expected.encode(), signature.encode())
 
 
 def backoff_for(attempts: int) -> timedelta:
