@@ -171,7 +171,33 @@ def cmd_show(services, args, out: TextIO) -> int:
     return EXIT_OK
 
 
+EXPLAIN_LIMIT = 100  # dry run: field-level detail for this many differences (one read each side)
+
+
+def _explain(services, differences: list[dict[str, Any]]) -> None:
+    """Dry run: add the differing fields (ours -> Microsoft's) to status and detail drift."""
+    from shared import state_machine as sm
+    from shared.errors import AppError
+
+    explained = 0
+    for difference in differences:
+        if difference["kind"] not in ("status_drift", "detail_drift") or explained >= EXPLAIN_LIMIT:
+            continue
+        explained += 1
+        try:
+            stored = services.repository.get(difference["subscriptionId"])
+            subscription = services.marketplace.get_subscription(difference["subscriptionId"])
+        except AppError:
+            continue
+        if stored is not None:
+            difference["changes"] = sm.drift(stored.record, subscription)
+
+
 def _describe_difference(difference: dict[str, Any]) -> str:
+    changes = difference.get("changes")
+    if changes:
+        return "; ".join(f"{name}: {ours} -> {theirs}" for name, (ours, theirs) in sorted(changes.items())
+                         if not (name == "marketplace_status" and "status" in changes))
     detail = difference.get("detail")
     if isinstance(detail, dict):
         return ", ".join(f"{key}={value}" for key, value in detail.items())
@@ -210,6 +236,8 @@ def cmd_reconcile(services, args, out: TextIO) -> int:
 
     summary = run_reconciliation(services, dry_run=args.dry_run, time_budget_seconds=args.time_budget)
     data = summary.to_json(with_differences=True)
+    if args.dry_run:
+        _explain(services, data["differences"])
     failed = not summary.completed and summary.stopped_reason != "time_budget"
     if args.json:
         _emit_json(out, data)
