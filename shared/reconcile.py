@@ -29,6 +29,7 @@ from shared.activation import CLAIM_TIMEOUT, ActivationResult, activate
 from shared.domain import Action, OperationStatus, Subscription, SubscriptionStatus, WebhookEvent
 from shared.errors import (
     AppError,
+    ConflictError,
     MarketplaceBadRequestError,
     MarketplaceError,
     MarketplaceNotFoundError,
@@ -47,6 +48,8 @@ FLAG_ACTIVATION_STUCK = "activation_stuck"
 # Flags that start with "activation" are cleared by the state machine once the subscription is active.
 FLAG_AWAITING_OPERATOR = "activation_awaiting_operator"
 FLAG_UNKNOWN_STATUS = "unknown_marketplace_status"
+# Microsoft's record cannot be adopted (e.g. it shows Subscribed again after our terminal Unsubscribed).
+FLAG_MARKETPLACE_CONFLICT = "marketplace_conflict"
 MAX_DIFFERENCES_KEPT = 500
 
 
@@ -173,7 +176,12 @@ class Reconciler:
             self.summary.pages += 1
             for subscription in page:
                 self.summary.subscriptions_seen += 1
-                self.compare(subscription, fetched_at)
+                try:
+                    self.compare(subscription, fetched_at)
+                except ConflictError:
+                    # It kept changing under us (every write lost the ETag race): the next run looks again.
+                    log.warning("subscription %s kept changing during reconciliation; deferred", subscription.id)
+                    self.summary.deferred += 1
             link = next_link
             if link and self._out_of_time():
                 self._checkpoint_link = link
@@ -207,9 +215,11 @@ class Reconciler:
             return
         change = self._change(Kind.SYNC, fetched_at, subscription=subscription, detail=kind)
         deferred = {"value": False}
+        refused: dict[str, sm.Outcome | None] = {"outcome": None}
 
         def decide(record: sm.SubscriptionRecord | None):
             deferred["value"] = False
+            refused["outcome"] = None
             if record is None:
                 return sm.apply(None, change, now=self.services.clock())
             if not sm.drift(record, subscription):
@@ -217,13 +227,23 @@ class Reconciler:
             if record.updated_at and record.updated_at > fetched_at - SETTLE_WINDOW:
                 deferred["value"] = True  # a newer local change wins; the next run looks again
                 return None
-            return sm.apply(record, change, now=self.services.clock())
+            outcome = sm.apply(record, change, now=self.services.clock())
+            if outcome.result is not sm.Result.APPLIED:
+                # Rejected or stale: writing that history entry would repeat on every run.
+                refused["outcome"] = outcome
+                return None
+            return outcome
 
         outcome = self.repository.apply(subscription.id, decide, build_event=build_event_document)
         if outcome is not None and outcome.result is sm.Result.APPLIED:
             self.summary.count(kind)
         elif deferred["value"]:
             self.summary.deferred += 1
+        elif refused["outcome"] is not None:
+            if refused["outcome"].result is sm.Result.REJECTED:
+                self._flag(subscription.id, FLAG_MARKETPLACE_CONFLICT, fetched_at, self.index.get(subscription.id))
+            else:  # stale: our record has a change newer than this listing; a later run adopts it
+                self.summary.deferred += 1
 
     def _flag(self, subscription_id: str, reason: str, at: datetime, entry: IndexEntry | None) -> None:
         self.summary.flag(subscription_id, reason)
@@ -298,6 +318,11 @@ class Reconciler:
                 payload = {}
             try:
                 self._finish_operation(marker.subscription_id, marker.operation_id, payload if isinstance(payload, dict) else {})
+            except ConflictError:
+                log.warning("operation %s of %s: the subscription kept changing; the next run replays it",
+                            marker.operation_id, marker.subscription_id)
+                self.summary.deferred += 1
+                continue
             except (MarketplaceNotFoundError, MarketplaceBadRequestError) as error:
                 # Microsoft does not confirm this operation (unverified webhook, purged operation):
                 # settle the marker so it stops blocking every run; the listing repairs any drift.

@@ -23,6 +23,7 @@ from shared.events import build_event_document
 from shared.reconcile import (
     FLAG_ACTIVATION_STUCK,
     FLAG_AWAITING_OPERATOR,
+    FLAG_MARKETPLACE_CONFLICT,
     Reconciler,
     run_reconciliation,
 )
@@ -376,8 +377,8 @@ def test_overdue_reinstate_on_a_suspended_subscription_is_settled(standin, make_
 def test_a_webhook_racing_a_run_loses_no_update(standin, services):
     clock = with_clock(services)
     standin.page_size = 40
-    ids = standin.seed(120, plan_id="standard", quantity=5)
-    target = ids[-1]  # last on the last page: the run repairs 119 others around the webhook
+    ids = standin.seed(80, plan_id="standard", quantity=5)
+    target = ids[-1]  # last on the last page: the run repairs 79 others around the webhook
     initial_sync(services, clock)
     for sid in ids:
         standin.set_subscription(sid, quantity=6)
@@ -386,7 +387,7 @@ def test_a_webhook_racing_a_run_loses_no_update(standin, services):
     runner = threading.Thread(target=lambda: result.update(summary=run_reconciliation(services)))
     runner.start()
     deadline = time.monotonic() + 30
-    while standin.calls["list"] < 3 + 1 and time.monotonic() < deadline:  # 3 pages in the sync + this run's 3rd
+    while standin.calls["list"] < 2 + 2 and time.monotonic() < deadline:  # 2 pages in the sync + this run's 2nd
         time.sleep(0.005)
     # Microsoft suspends it after the run fetched the page (the page still says Subscribed), and the
     # webhook is applied while the run is busy repairing.
@@ -396,7 +397,7 @@ def test_a_webhook_racing_a_run_loses_no_update(standin, services):
     runner.join(60)
     assert not runner.is_alive()
     summary = result["summary"]
-    assert summary.completed and summary.subscriptions_seen == 120
+    assert summary.completed and summary.subscriptions_seen == 80
 
     record = record_of(services, target)
     assert record.status is LocalStatus.SUSPENDED  # the newer local change survived the run
@@ -404,7 +405,7 @@ def test_a_webhook_racing_a_run_loses_no_update(standin, services):
     webhook_at = next(i for i, h in enumerate(history) if h["operationId"] == operation["id"])
     assert all(h["toStatus"] == "Suspended" for h in history[webhook_at:])
     others = [record_of(services, sid).quantity for sid in ids[:-1]]
-    assert others == [6] * 119
+    assert others == [6] * 79
 
     clock.at(5)  # a later run adopts whatever is still different, keeping the suspension
     later = run_reconciliation(services)
@@ -488,6 +489,71 @@ def test_an_etag_conflict_during_the_repair_re_decides_and_keeps_the_other_write
     assert record.status is LocalStatus.SUSPENDED and record.quantity == 5
     history = services.repository.history(x)
     assert history[-1]["operationId"] == fired[0] and all(h["source"] != "reconcile" for h in history[1:])
+
+
+def test_a_subscription_that_keeps_changing_is_deferred_and_the_run_goes_on(standin, services, make_services):
+    clock = with_clock(services)
+    x, y = standin.seed(2, plan_id="standard", quantity=5)
+    initial_sync(services, clock)
+    standin.set_subscription(x, quantity=9)
+    standin.set_subscription(y, quantity=9)
+    busy = make_services(TABLES_PREFIX=services.settings.tables_prefix)
+    busy.clock = lambda: utc_now() - timedelta(minutes=30)  # its changes look old: the run keeps trying
+    writes = []
+
+    class BusyClock(Clock):
+        """Each time the repair of x decides, another instance changes x first (six times in a row)."""
+
+        def __call__(self):
+            if armed.is_set() and len(writes) < 6:
+                flag = Change(kind=Kind.FLAG, source=Source.OPERATOR, occurred_at=busy.clock(), flag=f"busy{len(writes)}")
+                busy.repository.apply(x, lambda record: sm.apply(record, flag, now=busy.clock()))
+                writes.append(flag.flag)
+            return super().__call__()
+
+    armed = threading.Event()
+    services.clock = BusyClock()
+    original = services.marketplace.list_subscription_pages
+
+    def arm_after_fetch(start_link=None):
+        for page, next_link in original(start_link):
+            armed.set()
+            yield page, next_link
+
+    services.marketplace.list_subscription_pages = arm_after_fetch
+    summary = run_reconciliation(services)  # must not raise
+    services.marketplace.list_subscription_pages = original
+
+    assert len(writes) == 6
+    assert summary.completed and summary.deferred == 1 and summary.repairs == {"detail_drift": 1}
+    assert record_of(services, x).quantity == 5 and record_of(services, y).quantity == 9
+    assert services.repository.latest_runs(1)[0]["run_id"] == summary.run_id
+    services.clock = clock.at(5)
+    assert run_reconciliation(services).repairs == {"detail_drift": 1}
+    assert record_of(services, x).quantity == 9
+
+
+def test_microsoft_state_we_cannot_adopt_is_flagged_once_not_rewritten_every_run(standin, services):
+    clock = with_clock(services)
+    (x,) = standin.seed(1)
+    initial_sync(services, clock, minutes_ago=20)
+    standin.trigger(x, "Unsubscribe", deliver=False)
+    initial_sync(services, clock, minutes_ago=10)
+    assert record_of(services, x).status is LocalStatus.UNSUBSCRIBED
+    standin.set_subscription(x, status="Subscribed")  # Microsoft's record contradicts a terminal state
+
+    summary = run_reconciliation(services)
+    assert summary.repairs == {} and summary.flagged == [{"subscriptionId": x, "reason": FLAG_MARKETPLACE_CONFLICT}]
+    assert summary.storage_writes == 2  # the flag + the summary
+    record = record_of(services, x)
+    assert record.status is LocalStatus.UNSUBSCRIBED and FLAG_MARKETPLACE_CONFLICT in record.flags
+    before = stored_state(services)
+    again = run_reconciliation(services)
+    assert again.repairs == {} and again.storage_writes == 1
+    clock.at(5)
+    later = run_reconciliation(services)  # still contradicting: reported again, not re-written
+    assert later.flagged == summary.flagged and later.repairs == {} and later.storage_writes == 1
+    assert stored_state(services) == before
 
 
 # ------------------------------------------------------------------------------ budget and faults
