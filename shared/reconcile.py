@@ -148,15 +148,17 @@ class Reconciler:
 
     # -- phases --------------------------------------------------------------------------------
 
+    def _index(self, record: sm.SubscriptionRecord) -> None:
+        self.index[record.id] = IndexEntry(
+            record.status, _record_fingerprint(record), record.updated_at,
+            record.activation_requested_at, record.activation_attempts, record.flags,
+        )
+
     def scan(self) -> None:
         now = self.services.clock()
         for item in self.repository.scan():
             if item.kind == "state":
-                record = item.stored.record
-                self.index[record.id] = IndexEntry(
-                    record.status, _record_fingerprint(record), record.updated_at,
-                    record.activation_requested_at, record.activation_attempts, record.flags,
-                )
+                self._index(item.stored.record)
             elif item.kind == "op":
                 self.pending_markers.append(item.marker)
             elif item.kind == "event":
@@ -332,6 +334,9 @@ class Reconciler:
                 self.summary.count("operation_unverifiable")
                 continue
             self.summary.count("operation_replayed")
+            stored = self.repository.get(marker.subscription_id)  # the listing compares with what replay left
+            if stored is not None:
+                self._index(stored.record)
             if self._out_of_time():
                 raise _OutOfTime()
 
