@@ -481,6 +481,12 @@ def apply(record: SubscriptionRecord | None, change: Change, *, now: datetime | 
     elif record is None:
         # A first sighting that changed nothing still creates the record, so history has a home.
         updated = current
+    elif decision.result is Result.NOOP and change.kind not in (Kind.FLAG, Kind.UNKNOWN_ACTION, Kind.REFUSED):
+        # "Already so" still dates the state: an older event arriving later must be stale (e.g. a
+        # Reinstate that found us Subscribed, then the earlier Suspend). Only the ordering clock moves.
+        last = current.last_event_at
+        if last is None or change.occurred_at > last:
+            updated = replace(current, last_event_at=change.occurred_at)
     updated = replace(updated, history_seq=current.history_seq + 1)
 
     entry = HistoryEntry(

@@ -262,7 +262,9 @@ def test_transition(kind, status):
     assert entry.occurred_at == LATER and entry.recorded_at == NOW
 
     if expected_result in (Result.NOOP, Result.REJECTED):
-        assert outcome.record == replace(before, history_seq=before.history_seq + 1)  # nothing else moved
+        # nothing else moved; a NOOP still dates the state ("already so at LATER"), a REJECTED does not
+        clock = LATER if expected_result is Result.NOOP and kind is not Kind.FLAG else T0
+        assert outcome.record == replace(before, history_seq=before.history_seq + 1, last_event_at=clock)
         assert entry.changes == {}
         assert outcome.event_type is None
         assert not outcome.changed
@@ -288,7 +290,8 @@ def test_same_value_is_noop(kind, status):
     outcome = apply(before, SAME_VALUE[kind](before), now=NOW)
     expected = Result.REJECTED if status is UNSUB else Result.NOOP
     assert outcome.result is expected
-    assert outcome.record == replace(before, history_seq=before.history_seq + 1)
+    clock = T0 if status is UNSUB else LATER
+    assert outcome.record == replace(before, history_seq=before.history_seq + 1, last_event_at=clock)
     assert outcome.event_type is None
 
 
@@ -431,12 +434,35 @@ def test_ordering_clock_only_moves_forward():
     record = record_in(SUB)
     applied = apply(record, change(Kind.CHANGE_QUANTITY, at=LATER, quantity=7), now=NOW).record
     assert applied.last_event_at == LATER
-    # a NOOP does not move it
-    noop = apply(applied, change(Kind.CHANGE_QUANTITY, at=LATER + timedelta(hours=1), quantity=7), now=NOW).record
-    assert noop.last_event_at == LATER
-    # so an event between the two is still accepted
-    between = apply(noop, change(Kind.CHANGE_PLAN, at=LATER + timedelta(minutes=30), plan_id="premium"), now=NOW)
-    assert between.result is Result.APPLIED
+    # a NOOP dates the state too ("already 7 at LATER+1h"), without touching anything else
+    noop = apply(applied, change(Kind.CHANGE_QUANTITY, at=LATER + timedelta(hours=1), quantity=7), now=NOW)
+    assert noop.result is Result.NOOP
+    assert noop.record.last_event_at == LATER + timedelta(hours=1)
+    assert noop.record.updated_at == applied.updated_at
+    assert noop.history.changes == {}
+    # so an event from before it is stale
+    between = apply(noop.record, change(Kind.CHANGE_PLAN, at=LATER + timedelta(minutes=30), plan_id="premium"), now=NOW)
+    assert between.result is Result.STALE
+    # a NOOP older than the clock (stale anyway) never moves it back
+    old_noop = apply(noop.record, change(Kind.CHANGE_QUANTITY, at=LATER, quantity=7), now=NOW).record
+    assert old_noop.last_event_at == LATER + timedelta(hours=1)
+    # a REJECTED change says nothing about the state: the clock stays
+    suspended = apply(record_in(SUSP), change(Kind.SUBSCRIBE, at=LATER), now=NOW)
+    assert suspended.result is Result.REJECTED
+    assert suspended.record.last_event_at == T0
+    # history-only kinds never move it
+    flagged = apply(record_in(SUB, flags=("x",)), change(Kind.FLAG, at=LATER, flag="x"), now=NOW)
+    assert flagged.result is Result.NOOP and flagged.record.last_event_at == T0
+
+
+def test_reinstate_noop_then_late_suspend_is_stale():
+    """Microsoft suspended then reinstated; we only hear the Reinstate (a NOOP), then the older Suspend."""
+    suspend_at, reinstate_at = LATER, LATER + timedelta(seconds=5)
+    reinstated = apply(record_in(SUB), change(Kind.REINSTATE, at=reinstate_at), now=NOW)
+    assert reinstated.result is Result.NOOP
+    late_suspend = apply(reinstated.record, change(Kind.SUSPEND, at=suspend_at), now=NOW)
+    assert late_suspend.result is Result.STALE
+    assert late_suspend.record.status is SUB
 
 
 def test_out_of_order_delivery_never_moves_backwards():
