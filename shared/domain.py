@@ -111,7 +111,10 @@ def parse_timestamp(value: Any) -> datetime | None:
         return None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.astimezone(timezone.utc)
+    try:
+        return parsed.astimezone(timezone.utc)
+    except OverflowError:  # e.g. the 0001-01-01 placeholder with a positive offset: not a real moment
+        return None
 
 
 def format_timestamp(value: datetime | None) -> str:

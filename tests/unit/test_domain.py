@@ -293,6 +293,10 @@ def test_emulator_spelling_of_request_source():
         ("", None),
         (None, None),
         ("not a date", None),
+        ("2023-13-45T00:00:00Z", None),
+        ("0001-01-01T00:00:00+05:00", None),  # out of range in UTC: never an exception
+        ("9999-12-31T23:59:59-05:00", None),
+        (12345, None),
     ],
 )
 def test_parse_timestamp(raw, expected):
@@ -363,6 +367,8 @@ def test_pending_fulfillment_start_without_term_dates():
 
 
 def test_minimal_and_odd_subscriptions_never_fail():
+    placeholder = Subscription.from_api(subscription_payload(created="0001-01-01T00:00:00+05:00"))
+    assert placeholder.created is None
     bare = Subscription.from_api({"id": SUBSCRIPTION_ID})
     assert bare.status is SubscriptionStatus.UNKNOWN
     assert bare.quantity is None
