@@ -64,6 +64,7 @@ EVENT_ID_HEADER = "X-Marketplace-Event-Id"
 HOOK_TIMEOUT_SECONDS = 5.0
 MAX_BACKOFF = timedelta(hours=1)
 LEASE_SECONDS = 60
+MAX_PASSES = 20  # lease takes per relay_subscription call (events keep arriving: the timer finishes)
 
 
 def sign_payload(secret: str, body: str, timestamp: int) -> str:
@@ -162,39 +163,58 @@ class EventRelay:
     # -- delivery ------------------------------------------------------------------------------
 
     def relay_subscription(self, subscription_id: str, stats: RelayStats | None = None, *, respect_backoff: bool = True) -> RelayStats:
-        """Deliver this subscription's pending events in sequence; stop at the first failure."""
+        """Deliver this subscription's pending events in sequence; stop at the first failure.
+
+        While the lease is held, other callers skip this subscription, including the inline relay
+        of an event written meanwhile. So after releasing the lease the holder looks again, and
+        delivers what arrived in the meantime (a skipped caller's event was committed before it
+        tried the lease, so this second look, or the next lease holder's, sees it).
+        """
         stats = stats or RelayStats()
-        lease = self.repository.try_lease(subscription_id, LEASE_SECONDS)
-        if lease is None:
-            stats.skipped += 1  # another deliverer holds this subscription; it delivers in order
-            return stats
-        try:
-            stats.subscriptions += 1
-            now = utc_now()
-            for event in self.repository.pending_events(subscription_id):
-                if respect_backoff and event.attempts and event.last_attempt_at and now < event.last_attempt_at + backoff_for(event.attempts):
-                    stats.skipped += 1
-                    return stats  # keep order: later events wait for this one
-                try:
-                    if not event.queue_done:
-                        self._send_to_queue(event.body)
-                        self.repository.mark_event_progress(event, queue_done=True)
-                    if self.hook_url and not event.hook_done:
-                        self._send_to_hook(event.event_id, event.body)
-                    self.repository.mark_event_delivered(event)
-                    stats.delivered += 1
-                except (AppError, Exception) as error:  # noqa: BLE001 - any sink failure: retry later
-                    stats.failed += 1
-                    stats.errors.append(f"{event.event_id}: {type(error).__name__}")
-                    log.warning("event %s for %s not delivered yet: %s", event.event_id, subscription_id, type(error).__name__)
-                    try:
-                        self.repository.note_event_attempt(event, type(error).__name__)
-                    except AppError:
-                        pass
-                    return stats
-        finally:
-            self.repository.release_lease(subscription_id, lease)
+        counted = False
+        for _ in range(MAX_PASSES):
+            lease = self.repository.try_lease(subscription_id, LEASE_SECONDS)
+            if lease is None:
+                stats.skipped += 1  # another deliverer holds this subscription; it delivers in order
+                return stats
+            if not counted:
+                stats.subscriptions += 1
+                counted = True
+            try:
+                finished = self._deliver_pending(subscription_id, stats, respect_backoff, time.monotonic())
+            finally:
+                self.repository.release_lease(subscription_id, lease)
+            if not finished or not self.repository.pending_events(subscription_id):
+                return stats
         return stats
+
+    def _deliver_pending(self, subscription_id: str, stats: RelayStats, respect_backoff: bool, leased_at: float) -> bool:
+        """One pass under the lease. False: stopped by a failure or a backoff (retry later)."""
+        now = utc_now()
+        for event in self.repository.pending_events(subscription_id):
+            if time.monotonic() - leased_at > LEASE_SECONDS / 2:
+                return True  # release and take the lease again rather than let it expire mid-pass
+            if respect_backoff and event.attempts and event.last_attempt_at and now < event.last_attempt_at + backoff_for(event.attempts):
+                stats.skipped += 1
+                return False  # keep order: later events wait for this one
+            try:
+                if not event.queue_done:
+                    self._send_to_queue(event.body)
+                    self.repository.mark_event_progress(event, queue_done=True)
+                if self.hook_url and not event.hook_done:
+                    self._send_to_hook(event.event_id, event.body)
+                self.repository.mark_event_delivered(event)
+                stats.delivered += 1
+            except (AppError, Exception) as error:  # noqa: BLE001 - any sink failure: retry later
+                stats.failed += 1
+                stats.errors.append(f"{event.event_id}: {type(error).__name__}")
+                log.warning("event %s for %s not delivered yet: %s", event.event_id, subscription_id, type(error).__name__)
+                try:
+                    self.repository.note_event_attempt(event, type(error).__name__)
+                except AppError:
+                    pass
+                return False
+        return True
 
     def relay_pending(self, *, time_budget_seconds: float = 60.0) -> RelayStats:
         """Deliver every pending event (the timer's pass; also picks up crashed inline deliveries)."""
