@@ -85,7 +85,7 @@ class Azurite:
         if self._process is not None and self._process.poll() is None:
             self._process.terminate()
             try:
-                self._process.wait(timeout=10)
+                self._process.wait(timeout=3)
             except subprocess.TimeoutExpired:
                 self._process.kill()
         self._process = None
