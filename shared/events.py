@@ -15,6 +15,12 @@ SCHEMA_VERSION = "1.0"
 _EVENT_NAMESPACE = uuid.UUID("5b0c3c8e-9a4f-4f0e-8f43-0d6c5a2f7e11")
 
 
+def _camel(name: str) -> str:
+    """plan_id -> planId: the event document speaks the same case as Microsoft's API and our snapshot."""
+    head, *rest = name.split("_")
+    return head + "".join(part.capitalize() for part in rest)
+
+
 def event_id_for(subscription_id: str, seq: int) -> str:
     """Stable id: the same transition always yields the same id, so consumers can de-duplicate."""
     return str(uuid.uuid5(_EVENT_NAMESPACE, f"{subscription_id}:{seq}"))
@@ -23,7 +29,7 @@ def event_id_for(subscription_id: str, seq: int) -> str:
 def build_event_document(outcome: Outcome, seq: int) -> tuple[str, str]:
     record, entry = outcome.record, outcome.history
     event_id = event_id_for(record.id, seq)
-    previous = {name: values[0] for name, values in entry.changes.items()}
+    previous = {_camel(name): values[0] for name, values in entry.changes.items()}
     document = {
         "schemaVersion": SCHEMA_VERSION,
         "eventId": event_id,

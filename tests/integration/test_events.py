@@ -259,14 +259,14 @@ def test_each_transition_through_landing_page_and_webhooks_yields_exactly_one_ev
     assert by_type[sm.EVENT_ACTIVATED]["subscription"]["activatedBy"] == USER.label
     assert by_type[sm.EVENT_ACTIVATED]["previous"]["status"] == "ActivationRequested"
     plan = by_type[sm.EVENT_PLAN_CHANGED]
-    assert (plan["previous"]["plan_id"], plan["subscription"]["planId"]) == ("standard", "premium")
+    assert (plan["previous"]["planId"], plan["subscription"]["planId"]) == ("standard", "premium")
     quantity = by_type[sm.EVENT_QUANTITY_CHANGED]
     assert (quantity["previous"]["quantity"], quantity["subscription"]["quantity"]) == (5, 12)
     assert by_type[sm.EVENT_SUSPENDED]["subscription"]["status"] == "Suspended"
     assert by_type[sm.EVENT_REINSTATED]["previous"]["status"] == "Suspended"
     renewed = by_type[sm.EVENT_RENEWED]
     assert renewed["subscription"]["term"]["startDate"][:10] == standin.get_subscription(subscription_id)["term"]["startDate"][:10]
-    assert "term_start" in renewed["previous"] and renewed["previous"]["term_start"] != renewed["subscription"]["term"]["startDate"]
+    assert "termStart" in renewed["previous"] and renewed["previous"]["termStart"] != renewed["subscription"]["term"]["startDate"]
 
     # the unsubscribed event carries the date until which data must be kept: >= 7 days after
     gone = by_type[sm.EVENT_UNSUBSCRIBED]

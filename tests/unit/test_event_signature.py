@@ -409,7 +409,7 @@ def test_event_document_fields_reflect_the_transition():
     sequences = [d["sequence"] for d in every_event_type() if d["subscriptionId"] == SUBSCRIPTION_ID]
     assert sequences == sorted(set(sequences))
     plan = documents[sm.EVENT_PLAN_CHANGED]
-    assert (plan["previous"]["plan_id"], plan["subscription"]["planId"]) == ("standard", "premium")
+    assert (plan["previous"]["planId"], plan["subscription"]["planId"]) == ("standard", "premium")
     quantity = documents[sm.EVENT_QUANTITY_CHANGED]
     assert (quantity["previous"]["quantity"], quantity["subscription"]["quantity"]) == (5, 12)
     assert documents[sm.EVENT_SUSPENDED]["previous"]["status"] == "Subscribed"
