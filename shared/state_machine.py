@@ -427,8 +427,10 @@ def _decide(record: SubscriptionRecord, change: Change) -> _Decision:
         return _Decision(Result.APPLIED, updates)
     if kind is Kind.ACTIVATION_CONFIRMED:
         flags = tuple(f for f in record.flags if not f.startswith("activation"))
-        return _move(record, NOT_YET_ACTIVE, LocalStatus.SUBSCRIBED, marketplace_status="Subscribed", flags=flags,
-                     activated_by=record.activated_by or change.actor)
+        # Microsoft's read-back carries what activation set (term dates); adopt it with the status.
+        snapshot = _snapshot_values(change.subscription) if change.subscription is not None else {}
+        return _move(record, NOT_YET_ACTIVE, LocalStatus.SUBSCRIBED, **{**snapshot, "marketplace_status": "Subscribed"},
+                     flags=flags, activated_by=record.activated_by or change.actor)
     if kind is Kind.ACTIVATION_FAILED:
         return _move(record, NOT_YET_ACTIVE, LocalStatus.ACTIVATION_FAILED)
     if kind is Kind.SUBSCRIBE:

@@ -156,6 +156,7 @@ class FakeMarketplace:
         self.activations.append(subscription_id)
         if self.activation_completes:
             data["saasSubscriptionStatus"] = "Subscribed"
+            data["term"] = {"termUnit": "P1M", "startDate": "2026-11-01T00:00:00Z", "endDate": "2026-11-30T00:00:00Z"}
 
     def get_subscription(self, subscription_id: str) -> Subscription:
         self._maybe_fail("get_subscription")

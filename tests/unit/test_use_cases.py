@@ -95,6 +95,8 @@ def test_confirm_activates_exactly_once(services):
     record = services.repository.get(SUB).record
     assert record.status is LocalStatus.SUBSCRIBED
     assert record.activated_by == "Ada Lovelace <ada@contoso.example>"
+    # The read-back's term dates (set by activation) are recorded with the status.
+    assert record.term_start is not None and record.term_start.isoformat().startswith("2026-11-01")
 
 
 def test_concurrent_confirms_activate_once(services):
