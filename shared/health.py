@@ -12,6 +12,10 @@ def check_health(get_services: Callable[[], object]) -> tuple[int, dict]:
         services = get_services()
     except ConfigurationError as error:
         return 503, {"status": "unhealthy", "checks": {"configuration": {"ok": False, "problems": error.problems}}}
+    try:
+        services.policy  # a PUBLISHER_POLICY that cannot be loaded is a configuration problem
+    except ConfigurationError as error:
+        return 503, {"status": "unhealthy", "checks": {"configuration": {"ok": False, "problems": error.problems}}}
     checks["configuration"] = {"ok": True}
     try:
         services.repository.check()

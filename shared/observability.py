@@ -17,7 +17,8 @@ from typing import Iterator
 _correlation_id: contextvars.ContextVar[str] = contextvars.ContextVar("correlation_id", default="")
 
 _SECRET_PATTERNS = (
-    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9\-_=\.~+/]+"),  # RFC 6750 b64token
+    # RFC 6750 b64token; prose such as "not a Bearer token" stays readable.
+    re.compile(r"(?i)(bearer\s+)(?!(?:token|tokens|scheme|auth)\b)[A-Za-z0-9\-_=\.~+/]+"),
     re.compile(r"(?i)(token=)[^&\s]+"),
     re.compile(r"(?i)(x-ms-marketplace-token['\"]?\s*[:=]\s*['\"]?)[^'\"\s,}]+"),
     re.compile(r"(eyJ[A-Za-z0-9_\-]{8,}\.)[A-Za-z0-9_\-\.]+"),

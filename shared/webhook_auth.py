@@ -95,6 +95,7 @@ class SigningKeys:
 class WebhookAuthenticator:
     def __init__(self, *, tenant_id: str, audience: str, metadata_url: str, enabled: bool = True):
         self.enabled = enabled
+        tenant_id = tenant_id.strip().lower()  # GUIDs: compare case-insensitively
         self.tenant_id = tenant_id
         self.audiences = [audience, f"api://{audience}"] if audience and not audience.startswith("api://") else [audience]
         self.issuers = {f"https://sts.windows.net/{tenant_id}/", f"https://login.microsoftonline.com/{tenant_id}/v2.0"}
@@ -150,9 +151,9 @@ class WebhookAuthenticator:
             raise UnauthorizedError(f"claim {error.claim!r} is missing") from error
         except jwt.PyJWTError as error:
             raise UnauthorizedError(f"token is invalid ({type(error).__name__})") from error
-        if claims.get("iss") not in self.issuers:
+        if str(claims.get("iss", "")).lower() not in self.issuers:
             raise UnauthorizedError("issuer is not our tenant")
-        if claims.get("tid") != self.tenant_id:
+        if str(claims.get("tid", "")).lower() != self.tenant_id:
             raise UnauthorizedError("tenant is not ours")
         caller = claims.get("azp") or claims.get("appid")
         if caller != MARKETPLACE_RESOURCE_ID:
