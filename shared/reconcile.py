@@ -51,6 +51,8 @@ FLAG_UNKNOWN_STATUS = "unknown_marketplace_status"
 # Microsoft's record cannot be adopted (e.g. it shows Subscribed again after our terminal Unsubscribed).
 FLAG_MARKETPLACE_CONFLICT = "marketplace_conflict"
 MAX_DIFFERENCES_KEPT = 500
+# The stored summary is one Table property (MAX_PAYLOAD_CHARS): keep it well under that, count them all.
+MAX_FLAGS_KEPT = 200
 
 
 def _fingerprint_values(values: dict[str, Any]) -> bytes:
@@ -90,6 +92,7 @@ class RunSummary:
     pages: int = 0
     repairs: dict[str, int] = field(default_factory=dict)
     flagged: list[dict[str, str]] = field(default_factory=list)
+    flagged_count: int = 0  # all of them; ``flagged`` lists the first MAX_FLAGS_KEPT
     deferred: int = 0
     events_waiting_too_long: int = 0
     events_pending: int = 0
@@ -105,12 +108,13 @@ class RunSummary:
         self.repairs[kind] = self.repairs.get(kind, 0) + 1
 
     def flag(self, subscription_id: str, reason: str) -> None:
-        self.flagged.append({"subscriptionId": subscription_id, "reason": reason})
+        self.flagged_count += 1
+        if len(self.flagged) < MAX_FLAGS_KEPT:
+            self.flagged.append({"subscriptionId": subscription_id, "reason": reason})
 
     def to_json(self, *, with_differences: bool = False) -> dict[str, Any]:
         data = {k: v for k, v in self.__dict__.items() if k != "differences"}
         data["repairs_total"] = sum(self.repairs.values())
-        data["flagged_count"] = len(self.flagged)
         if with_differences:
             data["differences"] = self.differences
         return data

@@ -24,7 +24,9 @@ from shared.reconcile import (
     FLAG_ACTIVATION_STUCK,
     FLAG_AWAITING_OPERATOR,
     FLAG_MARKETPLACE_CONFLICT,
+    MAX_FLAGS_KEPT,
     Reconciler,
+    RunSummary,
     run_reconciliation,
 )
 from shared.state_machine import Change, Kind, LocalStatus, Source
@@ -631,6 +633,16 @@ def test_storage_reads_are_page_scans_not_per_subscription(standin, services):
     assert large.storage_reads == small.storage_reads == 2  # the checkpoint + one scan page
     assert large.storage_writes == small.storage_writes == 1
     assert large.marketplace_calls == 2 and small.marketplace_calls == 1  # listing pages only
+
+
+def test_a_summary_with_many_flags_is_still_stored_and_readable(services):
+    summary = RunSummary(run_id="many-flags", dry_run=False, started_at=utc_now().isoformat(), completed=True)
+    for _ in range(1000):  # e.g. a thousand purchases waiting for an operator in manual mode
+        summary.flag(str(uuid.uuid4()), FLAG_AWAITING_OPERATOR)
+    services.repository.save_run_summary(summary.to_json())
+    (stored,) = services.repository.latest_runs(1)
+    assert stored["run_id"] == "many-flags" and stored["flagged_count"] == 1000
+    assert stored["flagged"] == summary.flagged and len(stored["flagged"]) == MAX_FLAGS_KEPT
 
 
 # ------------------------------------------------------------------------------------- the timer
