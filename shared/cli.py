@@ -214,7 +214,9 @@ def _print_summary(out: TextIO, summary: dict[str, Any], *, what: str) -> None:
     if summary.get("deferred"):
         out.write(f"  Deferred (changed locally meanwhile; next run looks again): {summary['deferred']}\n")
     flagged = summary.get("flagged") or []
-    out.write(f"  Flagged for an operator: {len(flagged)}\n")
+    total = summary.get("flagged_count", len(flagged))
+    shown = f" (first {len(flagged)} listed)" if total > len(flagged) else ""
+    out.write(f"  Flagged for an operator: {total}{shown}\n")
     for flag in flagged:
         out.write(f"    {flag['subscriptionId']}  {flag['reason']}\n")
     if "subscriptions_seen" in summary and summary.get("pages"):

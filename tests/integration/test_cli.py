@@ -137,7 +137,9 @@ def test_activate_in_manual_mode_activates_exactly_once(standin, make_services, 
     sid = standin.create_purchase(plan_id="basic")["subscriptionId"]
     sync_in_the_past(services)
     assert request_operator_activation(services, sid, "buyer", Source.LANDING_PAGE).result is ActivationResult.PENDING_OPERATOR
-    assert run_reconciliation(services).flagged == [{"subscriptionId": sid, "reason": FLAG_AWAITING_OPERATOR}]
+    code, text = cli(services, "reconcile")
+    assert code == 0 and "Flagged for an operator: 1" in text and f"{sid}  {FLAG_AWAITING_OPERATOR}" in text
+    assert services.repository.latest_runs(1)[0]["flagged"] == [{"subscriptionId": sid, "reason": FLAG_AWAITING_OPERATOR}]
     pending = cli_json(services, "list", "--status", "PendingActivation")
     assert [row["id"] for row in pending] == [sid] and pending[0]["needsAttention"]
 
