@@ -19,13 +19,11 @@ import requests
 from shared import state_machine as sm
 from shared.activation import ActivationResult, activate, request_operator_activation
 from shared.domain import Operation, WebhookEvent, parse_timestamp, utc_now
-from shared.events import build_event_document
 from shared.reconcile import (
     FLAG_ACTIVATION_STUCK,
     FLAG_AWAITING_OPERATOR,
     FLAG_MARKETPLACE_CONFLICT,
     MAX_FLAGS_KEPT,
-    Reconciler,
     RunSummary,
     run_reconciliation,
 )
