@@ -50,6 +50,8 @@ FLAG_AWAITING_OPERATOR = "activation_awaiting_operator"
 FLAG_UNKNOWN_STATUS = "unknown_marketplace_status"
 # Microsoft's record cannot be adopted (e.g. it shows Subscribed again after our terminal Unsubscribed).
 FLAG_MARKETPLACE_CONFLICT = "marketplace_conflict"
+# Flags whose reason disappears once Microsoft's record and ours agree again.
+SELF_CLEARING_FLAGS = frozenset({FLAG_UNKNOWN_STATUS, FLAG_MARKETPLACE_CONFLICT})
 MAX_DIFFERENCES_KEPT = 500
 # The stored summary is one Table property (MAX_PAYLOAD_CHARS): keep it well under that, count them all.
 MAX_FLAGS_KEPT = 200
@@ -206,7 +208,10 @@ class Reconciler:
             self._flag(subscription.id, FLAG_UNKNOWN_STATUS, fetched_at, entry)
             return
         in_step = target is entry.status and _subscription_fingerprint(subscription) == entry.fingerprint
-        if not in_step:
+        if in_step:
+            for flag in SELF_CLEARING_FLAGS & set(entry.flags):
+                self._clear_flag(subscription.id, flag, fetched_at)
+        else:
             kind = "status_drift" if target is not entry.status else "detail_drift"
             self._difference(subscription.id, kind, {"local": entry.status.value, "marketplace": subscription.status.value})
             self._repair(subscription, fetched_at, kind)
@@ -258,6 +263,19 @@ class Reconciler:
         change = self._change(Kind.FLAG, at, flag=reason, detail=reason)
         self.repository.apply(subscription_id, lambda record: sm.apply(record, change, now=self.services.clock()) if record else None,
                               build_event=build_event_document)
+
+    def _clear_flag(self, subscription_id: str, reason: str, at: datetime) -> None:
+        """Microsoft and we agree again: the flag's reason is gone."""
+        self._difference(subscription_id, "flag_cleared", reason)
+        if self.dry_run:
+            self.summary.count("flag_cleared")
+            return
+        change = self._change(Kind.CLEAR_FLAG, at, flag=reason, detail=reason)
+        outcome = self.repository.apply(
+            subscription_id, lambda record: sm.apply(record, change, now=self.services.clock()) if record else None
+        )
+        if outcome is not None and outcome.result is sm.Result.RECORDED:
+            self.summary.count("flag_cleared")
 
     def _stuck_activation(self, subscription_id: str, entry: IndexEntry, at: datetime) -> None:
         status = entry.status

@@ -207,12 +207,21 @@ def record_from_entity(entity: dict[str, Any]) -> SubscriptionRecord:
     )
 
 
+def _bounded_entry(document: dict[str, Any]) -> str:
+    """History must stay valid JSON: drop the bulky parts rather than cut the text."""
+    text = json.dumps(document)
+    if len(text) <= MAX_PAYLOAD_CHARS:
+        return text
+    slim = {**document, "changes": {"omitted": "too large to store"}, "detail": str(document.get("detail", ""))[:1000]}
+    return json.dumps(slim)
+
+
 def _history_to_entity(subscription_id: str, entry: HistoryEntry) -> dict[str, Any]:
     return {
         "PartitionKey": subscription_id,
         "RowKey": _seq_key(HISTORY_PREFIX, entry.seq),
         "Kind": "history",
-        "Entry": json.dumps(entry.to_json())[:MAX_PAYLOAD_CHARS],
+        "Entry": _bounded_entry(entry.to_json()),
         "Source": entry.source,
         "Result": entry.result,
     }
@@ -259,8 +268,8 @@ class SubscriptionRepository:
         self.prefix = prefix
         self.subscriptions_table_name = f"{prefix}subscriptions"
         self.runs_table_name = f"{prefix}runs"
-        self._subscriptions = service.get_table_client(self.subscriptions_table_name)
-        self._runs = service.get_table_client(self.runs_table_name)
+        self._subscriptions_client = service.get_table_client(self.subscriptions_table_name)
+        self._runs_client = service.get_table_client(self.runs_table_name)
         self.metrics = metrics or StorageMetrics()
         self._tables_ready = False
         # Called with the subscription id after a change that wrote an outbox event (the relay).
@@ -273,6 +282,16 @@ class SubscriptionRepository:
         other = SubscriptionRepository(self._service, self.prefix)
         other._tables_ready = self._tables_ready
         return other
+
+    @property
+    def _subscriptions(self):
+        self.ensure_tables()  # a fresh storage account has no tables: create them on first use
+        return self._subscriptions_client
+
+    @property
+    def _runs(self):
+        self.ensure_tables()
+        return self._runs_client
 
     def ensure_tables(self) -> None:
         if self._tables_ready:

@@ -68,8 +68,13 @@ class Kind(str, Enum):
     CHANGE_PLAN = "change_plan"
     CHANGE_QUANTITY = "change_quantity"
     FLAG = "flag"  # something needs an operator; no state change
+    CLEAR_FLAG = "clear_flag"  # the reason for a flag is gone
     UNKNOWN_ACTION = "unknown_action"  # recorded for reconciliation
     REFUSED = "refused"  # the publisher's policy refused a requested change; state stays
+
+
+# Kinds that record a fact without moving the subscription: never "stale".
+HISTORY_ONLY_KINDS = frozenset({Kind.FLAG, Kind.CLEAR_FLAG, Kind.UNKNOWN_ACTION, Kind.REFUSED})
 
 
 class Result(str, Enum):
@@ -404,6 +409,10 @@ def _decide(record: SubscriptionRecord, change: Change) -> _Decision:
         if change.flag in record.flags:
             return _Decision(Result.NOOP)
         return _Decision(Result.RECORDED, {"flags": record.flags + (change.flag,)}, EVENT_FLAGGED)
+    if kind is Kind.CLEAR_FLAG:
+        if change.flag not in record.flags:
+            return _Decision(Result.NOOP)
+        return _Decision(Result.RECORDED, {"flags": tuple(f for f in record.flags if f != change.flag)})
     if kind in (Kind.UNKNOWN_ACTION, Kind.REFUSED):
         return _Decision(Result.RECORDED)
     if kind is Kind.UNSUBSCRIBE:
@@ -466,7 +475,7 @@ def apply(record: SubscriptionRecord | None, change: Change, *, now: datetime | 
     """Apply ``change`` to ``record`` (None: not recorded yet) and say what happened."""
     now = now or utc_now()
     current = record if record is not None else new_record(_subscription_id(change), now)
-    if record is not None and change.kind not in (Kind.FLAG, Kind.UNKNOWN_ACTION, Kind.REFUSED) and is_stale(record, change):
+    if record is not None and change.kind not in HISTORY_ONLY_KINDS and is_stale(record, change):
         decision = _Decision(Result.STALE, detail="older than the last applied change")
     else:
         decision = _decide(current, change)
@@ -483,7 +492,7 @@ def apply(record: SubscriptionRecord | None, change: Change, *, now: datetime | 
     elif record is None:
         # A first sighting that changed nothing still creates the record, so history has a home.
         updated = current
-    elif decision.result is Result.NOOP and change.kind not in (Kind.FLAG, Kind.UNKNOWN_ACTION, Kind.REFUSED):
+    elif decision.result is Result.NOOP and change.kind not in HISTORY_ONLY_KINDS:
         # "Already so" still dates the state: an older event arriving later must be stale (e.g. a
         # Reinstate that found us Subscribed, then the earlier Suspend). Only the ordering clock moves.
         last = current.last_event_at

@@ -559,6 +559,23 @@ def test_microsoft_state_we_cannot_adopt_is_flagged_once_not_rewritten_every_run
     assert stored_state(services) == before
 
 
+def test_the_conflict_flag_clears_once_microsoft_agrees_again(standin, services):
+    clock = with_clock(services)
+    (x,) = standin.seed(1)
+    initial_sync(services, clock, minutes_ago=20)
+    standin.trigger(x, "Unsubscribe", deliver=False)
+    initial_sync(services, clock, minutes_ago=10)
+    standin.set_subscription(x, status="Subscribed")
+    run_reconciliation(services)
+    assert FLAG_MARKETPLACE_CONFLICT in record_of(services, x).flags
+
+    standin.set_subscription(x, status="Unsubscribed")  # Microsoft's record agrees with ours again
+    summary = run_reconciliation(services)
+    assert summary.repairs == {"flag_cleared": 1} and summary.flagged == []
+    assert FLAG_MARKETPLACE_CONFLICT not in record_of(services, x).flags
+    assert run_reconciliation(services).storage_writes == 1  # nothing left to clear
+
+
 # ------------------------------------------------------------------------------ budget and faults
 
 

@@ -231,7 +231,8 @@ CASES = [(kind, status) for kind in TRANSITIONS for status in ALL]
 
 
 def test_tables_cover_every_kind_and_status():
-    covered = set(TRANSITIONS) | {Kind.RECORD_PURCHASE, Kind.SYNC}  # snapshot kinds: own table below
+    # snapshot kinds have their own table below; CLEAR_FLAG depends on the record's flags (own test)
+    covered = set(TRANSITIONS) | {Kind.RECORD_PURCHASE, Kind.SYNC, Kind.CLEAR_FLAG}
     assert covered == set(Kind)
     for _, table in TRANSITIONS.values():
         assert set(table) == set(LocalStatus)
@@ -706,3 +707,15 @@ def test_snapshot_of_a_record_is_json_ready():
     assert document["status"] == "Unsubscribed"
     assert document["retainDataUntil"] == "2024-05-08T13:00:00.123456Z"
     assert {f.name for f in fields(SubscriptionRecord)} >= {"retain_data_until", "history_seq"}
+
+
+@pytest.mark.parametrize("status", ALL)
+def test_clear_flag_removes_only_that_flag_and_never_moves_the_subscription(status):
+    before = record_in(status, flags=("marketplace_conflict", "activation_stuck"))
+    cleared = apply(before, change(Kind.CLEAR_FLAG, at=T0 - timedelta(days=1), flag="marketplace_conflict"), now=NOW)
+    assert cleared.result is Result.RECORDED  # never stale: it records a fact about us, not Microsoft
+    assert cleared.record.flags == ("activation_stuck",)
+    assert cleared.record.status is status and cleared.record.last_event_at == before.last_event_at
+    assert cleared.event_type is None
+    again = apply(cleared.record, change(Kind.CLEAR_FLAG, flag="marketplace_conflict"), now=NOW)
+    assert again.result is Result.NOOP and again.record.flags == ("activation_stuck",)
