@@ -117,13 +117,17 @@ def _change_for(
     )
 
 
-def _ensure_known(services, subscription_id: str) -> None:
-    """A webhook for a subscription we never saw (auto-activation, lost landing visit): fetch and record it."""
+def _ensure_known(services, subscription_id: str, as_of) -> None:
+    """A webhook for a subscription we never saw (auto-activation, lost landing visit): fetch and record it.
+
+    The snapshot is dated at the event (``as_of``), not now: it is the state the event belongs to,
+    so the event then applies (usually as a no-op) instead of looking older than our first sighting.
+    """
     if services.repository.get(subscription_id) is not None:
         return
     subscription = services.marketplace.get_subscription(subscription_id)
     change = Change(
-        kind=Kind.SYNC, source=Source.WEBHOOK, occurred_at=services.clock(), subscription=subscription,
+        kind=Kind.SYNC, source=Source.WEBHOOK, occurred_at=as_of or services.clock(), subscription=subscription,
         correlation_id=current_correlation_id(), detail="first seen in a webhook",
     )
 
@@ -185,7 +189,7 @@ def handle_webhook(services, authorization: str | None, body: bytes) -> WebhookR
 def apply_operation(services, event: WebhookEvent, operation: Operation) -> WebhookResult:
     """Steps 5-6 for a recorded operation (also used by the reconciler's replay)."""
     subscription_id, operation_id = event.subscription_id, event.id
-    _ensure_known(services, subscription_id)
+    _ensure_known(services, subscription_id, operation.timestamp or event.operation.timestamp)
 
     kind = _KIND_FOR_ACTION.get(operation.action if operation.action is not Action.UNKNOWN else event.action)
     detail = ""
@@ -214,5 +218,24 @@ def apply_operation(services, event: WebhookEvent, operation: Operation) -> Webh
     if outcome is None:
         return WebhookResult(200, "duplicate", operation_id, subscription_id)
     log.info("operation %s on %s: %s", operation_id, subscription_id, outcome.result.value)
+    if outcome.result is sm.Result.STALE:
+        _adopt_current_record(services, subscription_id)
     return WebhookResult(200, outcome.result.value if kind is not Kind.REFUSED else "refused", operation_id, subscription_id)
+
+
+def _adopt_current_record(services, subscription_id: str) -> None:
+    """A stale event means our record is newer than it, or a listing we synced was. When in doubt,
+    Microsoft's current record decides (its list can lag behind an operation it just notified)."""
+    subscription = services.marketplace.get_subscription(subscription_id)
+    change = Change(
+        kind=Kind.SYNC, source=Source.WEBHOOK, occurred_at=services.clock(), subscription=subscription,
+        correlation_id=current_correlation_id(), detail="stale event: adopted Microsoft's current record",
+    )
+
+    def decide(record):
+        if record is not None and not sm.drift(record, subscription):
+            return None  # already in step: the usual case for a late duplicate
+        return sm.apply(record, change, now=change.occurred_at)
+
+    services.repository.apply(subscription_id, decide, build_event=build_event_document)
 

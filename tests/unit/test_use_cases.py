@@ -279,3 +279,22 @@ def test_webhook_fields_match_case_insensitively(services):
     services.marketplace.add_operation("op-c", SUB, "Suspend")
     body = json.dumps({"Id": "op-c", "SubscriptionId": SUB, "Action": "suspend"}).encode()
     assert handle_webhook(services, None, body).result == "applied"
+
+
+def test_stale_webhook_defers_to_microsofts_current_record(services):
+    # Our record was synced (at the fake clock's now) from a listing that did not show the Suspend yet.
+    _known(services)
+    services.marketplace.subscriptions[SUB]["saasSubscriptionStatus"] = "Suspended"
+    services.marketplace.add_operation("op-s", SUB, "Suspend", timeStamp="2026-11-01T11:00:00Z")
+    result = handle_webhook(services, None, _body("op-s", "Suspend"))
+    assert result.result == "stale"  # older than what we had applied...
+    assert services.repository.get(SUB).record.status is LocalStatus.SUSPENDED  # ...but Microsoft's truth wins
+    assert services.repository.history(SUB)[-1]["detail"].startswith("stale event")
+
+
+def test_stale_duplicate_that_microsoft_agrees_with_writes_nothing_more(services):
+    _known(services)
+    services.marketplace.add_operation("op-old", SUB, "Renew", timeStamp="2026-11-01T11:00:00Z")
+    before = len(services.repository.history(SUB))
+    assert handle_webhook(services, None, _body("op-old", "Renew")).result == "stale"
+    assert len(services.repository.history(SUB)) == before + 1  # the stale entry only, no sync
