@@ -430,6 +430,9 @@ def test_activate_records_subscribed_and_who_activated(host, standin, services):
     assert record.status is LocalStatus.SUBSCRIBED
     assert record.marketplace_status == "Subscribed"
     assert record.activated_by == TEST_USER
+    microsoft_term = standin.get_subscription(sid)["term"]
+    assert record.term_start.date().isoformat() == microsoft_term["startDate"][:10]
+    assert page.text("term").endswith(microsoft_term["endDate"][:10])
     history = services.repository.history(sid)
     assert [entry["kind"] for entry in history] == ["record_purchase", "activation_sent", "activation_confirmed"]
     assert [entry["toStatus"] for entry in history] == ["PendingFulfillmentStart", "ActivationRequested", "Subscribed"]
@@ -567,6 +570,38 @@ def test_stale_form_for_a_subscription_activated_elsewhere(host, standin, servic
     assert page.title == "Your subscription is active"
     assert standin.activation_count(sid) == 0
     assert stored(services, sid).status is LocalStatus.SUBSCRIBED
+
+
+def test_activated_at_microsoft_while_our_record_is_pending(host, standin, services):
+    """Our record still says pending but Microsoft is already Subscribed: Activate's 400 is read back as done."""
+    purchase = standin.create_purchase()
+    sid = purchase["subscriptionId"]
+    fields = open_confirmation(host, purchase["token"])
+    standin.set_subscription(sid, status="Subscribed")
+
+    response, page = post_form(host, fields)
+
+    assert response.status_code == 200
+    assert page.title == "Your subscription is active"
+    assert standin.last_request("activate")["status"] == 400
+    assert standin.activation_count(sid) == 1
+    record = stored(services, sid)
+    assert record.status is LocalStatus.SUBSCRIBED
+    assert record.term_start is not None  # adopted from Microsoft's read-back
+
+
+def test_cancelled_at_microsoft_before_confirmation(host, standin, services):
+    purchase = standin.create_purchase()
+    sid = purchase["subscriptionId"]
+    fields = open_confirmation(host, purchase["token"])
+    standin.set_subscription(sid, status="Unsubscribed")
+
+    response, page = post_form(host, fields)
+
+    assert response.status_code == 200
+    assert page.title == "This subscription was cancelled"
+    assert stored(services, sid).status is LocalStatus.UNSUBSCRIBED
+    assert standin.get_subscription(sid)["saasSubscriptionStatus"] == "Unsubscribed"
 
 
 def test_manual_mode_records_pending_activation(host_with, standin):
