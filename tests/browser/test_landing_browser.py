@@ -1,10 +1,13 @@
 """The buyer's journey in headless Chromium: dev host (function_app.app) + Azurite + marketplace stand-in.
 
 Each page is screenshotted under ``test-artifacts/browser/<test>/``; the new-purchase test also writes
-``docs/images/landing-confirm.png`` and ``docs/images/landing-success.png`` for the README.
+``landing-confirm.png`` and ``landing-success.png`` for the README: into ``docs/images/`` when
+``UPDATE_DOC_IMAGES=1`` (they carry a random support reference and today's date, so an ordinary run
+must not dirty the work tree), otherwise into ``test-artifacts/docs-images/``.
 """
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -20,7 +23,8 @@ from tests.conftest import TEST_USER, sign_in
 
 pytestmark = [pytest.mark.browser, pytest.mark.azurite]
 
-DOCS_IMAGES = Path(__file__).resolve().parents[2] / "docs" / "images"
+_ROOT = Path(__file__).resolve().parents[2]
+DOCS_IMAGES = _ROOT / "docs" / "images" if os.environ.get("UPDATE_DOC_IMAGES") == "1" else _ROOT / "test-artifacts" / "docs-images"
 SAAS_APP_URL = "https://app.contoso.example/"
 ACTIVATE = "Activate subscription"
 
