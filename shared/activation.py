@@ -72,6 +72,11 @@ def request_operator_activation(services, subscription_id: str, actor: str, sour
     outcome = services.repository.apply(subscription_id, decide, build_event=build_event_document)
     if outcome is not None:
         return Activation(ActivationResult.PENDING_OPERATOR, outcome.record)
+    return _nothing_to_do(services, subscription_id, otherwise=ActivationResult.PENDING_OPERATOR)
+
+
+def _nothing_to_do(services, subscription_id: str, *, otherwise: ActivationResult) -> Activation:
+    """Why a request recorded nothing: unknown, already active, cancelled, or ``otherwise``."""
     stored = services.repository.get(subscription_id)
     record = stored.record if stored else None
     if record is None:
@@ -80,16 +85,14 @@ def request_operator_activation(services, subscription_id: str, actor: str, sour
         return Activation(ActivationResult.ALREADY_ACTIVE, record)
     if record.status is LocalStatus.UNSUBSCRIBED:
         return Activation(ActivationResult.CANCELLED, record)
-    return Activation(ActivationResult.PENDING_OPERATOR, record)
+    return Activation(otherwise, record)
 
 
 def activate(services, subscription_id: str, *, actor: str, source: Source, force_retry: bool = False) -> Activation:
     """Activate once, however many callers ask at the same time."""
     now = services.clock()
-    claimed: dict[str, bool] = {"won": False}
 
     def claim(record: SubscriptionRecord | None):
-        claimed["won"] = False
         if record is None:
             return None
         if record.status in sm.ACTIVE or record.status is LocalStatus.UNSUBSCRIBED:
@@ -98,30 +101,19 @@ def activate(services, subscription_id: str, *, actor: str, source: Source, forc
             requested = record.activation_requested_at
             if requested is not None and now - requested < CLAIM_TIMEOUT:
                 return None
-        claimed["won"] = True
         change = _change(services, Kind.ACTIVATION_SENT, source, actor)
         return sm.apply(record, change, now=now)
 
     from shared.events import build_event_document
 
     outcome = services.repository.apply(subscription_id, claim, build_event=build_event_document)
-    if outcome is None:
-        stored = services.repository.get(subscription_id)
-        record = stored.record if stored else None
-        if record is None:
-            return Activation(ActivationResult.FAILED, None)
-        if record.status in sm.ACTIVE:
-            return Activation(ActivationResult.ALREADY_ACTIVE, record)
-        if record.status is LocalStatus.UNSUBSCRIBED:
-            return Activation(ActivationResult.CANCELLED, record)
-        return Activation(ActivationResult.IN_PROGRESS, record)
+    if outcome is None:  # another request holds the claim, or there is nothing to activate
+        return _nothing_to_do(services, subscription_id, otherwise=ActivationResult.IN_PROGRESS)
 
     record = outcome.record
     try:
         services.marketplace.activate(subscription_id, record.plan_id, record.quantity)
-    except MarketplaceNotFoundError as error:
-        return _after_refusal(services, subscription_id, actor, source, error)
-    except MarketplaceBadRequestError as error:
+    except (MarketplaceNotFoundError, MarketplaceBadRequestError) as error:
         return _after_refusal(services, subscription_id, actor, source, error)
     except MarketplaceError as error:
         log.warning("activation of %s failed: %s", subscription_id, error)
