@@ -20,9 +20,10 @@ import hashlib
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Iterator
 
 from shared import state_machine as sm
 from shared.activation import CLAIM_TIMEOUT, ActivationResult, activate
@@ -377,31 +378,35 @@ class Reconciler:
         ``all_pending`` also takes markers younger than RECONCILE_OPERATION_DEADLINE_SECONDS. No
         listing and no stored run summary; errors end the pass cleanly like a run's.
         """
-        repository = self.repository
-        reads0, writes0 = repository.metrics.reads, repository.metrics.writes
-        calls0 = self.marketplace.counter.total
-        try:
-            self.scan()
-            self.replay_operations(all_pending=all_pending)
-            self.summary.completed = True
-        except _OutOfTime:
-            self.summary.stopped_reason = "time_budget"
-        except (MarketplaceError, StorageUnavailableError) as error:
-            self.summary.stopped_reason = f"{error.code}: {error.message}"
-            log.error("replay stopped: %s", error)
-        self.summary.duration_seconds = round(time.monotonic() - self._started, 3)
-        self.summary.marketplace_calls = self.marketplace.counter.total - calls0
-        self.summary.storage_reads = repository.metrics.reads - reads0
-        self.summary.storage_writes = repository.metrics.writes - writes0
+        with self._measured():
+            try:
+                self.scan()
+                self.replay_operations(all_pending=all_pending)
+                self.summary.completed = True
+            except _OutOfTime:
+                self.summary.stopped_reason = "time_budget"
+            except (MarketplaceError, StorageUnavailableError) as error:
+                self.summary.stopped_reason = f"{error.code}: {error.message}"
+                log.error("replay stopped: %s", error)
         return self.summary
+
+    @contextmanager
+    def _measured(self) -> Iterator[None]:
+        """Fill the summary's duration, Marketplace calls and storage reads/writes for the block."""
+        metrics, counter = self.repository.metrics, self.marketplace.counter
+        reads0, writes0, calls0 = metrics.reads, metrics.writes, counter.total
+        try:
+            yield
+        finally:
+            self.summary.duration_seconds = round(time.monotonic() - self._started, 3)
+            self.summary.marketplace_calls = counter.total - calls0
+            self.summary.storage_reads = metrics.reads - reads0
+            self.summary.storage_writes = metrics.writes - writes0
 
     # -- run -------------------------------------------------------------------------------------
 
-    def run(self) -> RunSummary:
+    def _run_phases(self) -> None:
         repository = self.repository
-        reads0, writes0 = repository.metrics.reads, repository.metrics.writes
-        calls0 = self.marketplace.counter.total
-        self._checkpoint_link = None
         try:
             checkpoint = None if self.dry_run else repository.get_checkpoint()
             start_link = (checkpoint or {}).get("next_link") or None
@@ -427,10 +432,12 @@ class Reconciler:
         except (MarketplaceError, StorageUnavailableError) as error:
             self.summary.stopped_reason = f"{error.code}: {error.message}"
             log.error("reconciliation stopped: %s", error)
-        self.summary.duration_seconds = round(time.monotonic() - self._started, 3)
-        self.summary.marketplace_calls = self.marketplace.counter.total - calls0
-        self.summary.storage_reads = repository.metrics.reads - reads0
-        self.summary.storage_writes = repository.metrics.writes - writes0
+
+    def run(self) -> RunSummary:
+        repository = self.repository
+        self._checkpoint_link = None
+        with self._measured():
+            self._run_phases()
         if not self.dry_run:
             try:
                 repository.save_run_summary(self.summary.to_json())
