@@ -59,16 +59,16 @@ MAX_FLAGS_KEPT = 200
 
 
 def _fingerprint_values(values: dict[str, Any]) -> bytes:
-    text = json.dumps({k: sm._jsonable(v) for k, v in sorted(values.items())}, sort_keys=True, default=str)
+    text = json.dumps({k: sm.jsonable(v) for k, v in sorted(values.items())}, sort_keys=True, default=str)
     return hashlib.blake2b(text.encode(), digest_size=12).digest()
 
 
 def _record_fingerprint(record: sm.SubscriptionRecord) -> bytes:
-    return _fingerprint_values({name: getattr(record, name) for name in sm._SNAPSHOT_FIELDS})
+    return _fingerprint_values({name: getattr(record, name) for name in sm.SNAPSHOT_FIELDS})
 
 
 def _subscription_fingerprint(subscription: Subscription) -> bytes:
-    return _fingerprint_values(sm._snapshot_values(subscription))
+    return _fingerprint_values(sm.snapshot_values(subscription))
 
 
 @dataclass(frozen=True)

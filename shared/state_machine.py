@@ -239,7 +239,7 @@ _STATUS_FROM_MARKETPLACE = {
 }
 
 # Fields copied from Microsoft's snapshot (Microsoft is the source of truth for these).
-_SNAPSHOT_FIELDS = (
+SNAPSHOT_FIELDS = (
     "marketplace_status",
     "name",
     "offer_id",
@@ -255,10 +255,10 @@ _SNAPSHOT_FIELDS = (
     "auto_renew",
     "allowed_customer_operations",
 )
-_TRACKED_FIELDS = ("status",) + _SNAPSHOT_FIELDS + ("activated_by", "activation_attempts", "flags")
+_TRACKED_FIELDS = ("status",) + SNAPSHOT_FIELDS + ("activated_by", "activation_attempts", "flags")
 
 
-def _snapshot_values(subscription: Subscription) -> dict[str, Any]:
+def snapshot_values(subscription: Subscription) -> dict[str, Any]:
     return {
         "marketplace_status": subscription.status.value,
         "name": subscription.name,
@@ -290,20 +290,20 @@ def status_for_snapshot(current: LocalStatus | None, marketplace: SubscriptionSt
 
 def drift(record: SubscriptionRecord, subscription: Subscription) -> dict[str, list[Any]]:
     """Fields where our record differs from Microsoft's snapshot (empty: in step)."""
-    wanted: dict[str, Any] = _snapshot_values(subscription)
+    wanted: dict[str, Any] = snapshot_values(subscription)
     target = status_for_snapshot(record.status, subscription.status)
     if target is None:
         wanted.pop("marketplace_status")  # an unknown Microsoft status: nothing to adopt
     else:
         wanted["status"] = target
     return {
-        name: [_jsonable(getattr(record, name)), _jsonable(value)]
+        name: [jsonable(getattr(record, name)), jsonable(value)]
         for name, value in wanted.items()
         if getattr(record, name) != value
     }
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     from shared.domain import format_timestamp
 
     if isinstance(value, Enum):
@@ -323,7 +323,7 @@ def _diff(before: SubscriptionRecord | None, after: SubscriptionRecord) -> dict[
         old = getattr(before, name) if before is not None else None
         new = getattr(after, name)
         if old != new:
-            changes[name] = [_jsonable(old), _jsonable(new)]
+            changes[name] = [jsonable(old), jsonable(new)]
     return changes
 
 
@@ -347,7 +347,7 @@ def _adopt_snapshot(record: SubscriptionRecord, change: Change) -> _Decision:
     subscription = change.subscription
     if subscription is None:
         return _Decision(Result.REJECTED, detail="no snapshot")
-    updates = _snapshot_values(subscription)
+    updates = snapshot_values(subscription)
     target = status_for_snapshot(record.status, subscription.status)
     if target is None:
         updates.pop("marketplace_status")
@@ -437,7 +437,7 @@ def _decide(record: SubscriptionRecord, change: Change) -> _Decision:
     if kind is Kind.ACTIVATION_CONFIRMED:
         flags = tuple(f for f in record.flags if not f.startswith("activation"))
         # Microsoft's read-back carries what activation set (term dates); adopt it with the status.
-        snapshot = _snapshot_values(change.subscription) if change.subscription is not None else {}
+        snapshot = snapshot_values(change.subscription) if change.subscription is not None else {}
         return _move(record, NOT_YET_ACTIVE, LocalStatus.SUBSCRIBED, **{**snapshot, "marketplace_status": "Subscribed"},
                      flags=flags, activated_by=record.activated_by or change.actor)
     if kind is Kind.ACTIVATION_FAILED:
