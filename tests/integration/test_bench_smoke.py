@@ -1,0 +1,105 @@
+"""Smoke test of the benchmarks (devtools/bench.py) at tiny sizes: structure, never timings.
+
+The figures in docs/benchmarks.md come from `make bench`; here the same functions run against the
+session's Azurite and stand-in, with the app in its own process, and only the structural results
+are checked: no webhook errors, the design's per-event Marketplace calls, every InProgress
+operation answered, nothing left to repair afterwards; reconciliation writes exactly the drifted
+subscriptions plus the summary, and its reads are page scans, not one read per subscription.
+"""
+from __future__ import annotations
+
+import pytest
+
+from devtools import bench
+
+pytestmark = pytest.mark.azurite
+
+
+@pytest.fixture
+def environment(azurite, standin):
+    with bench.BenchEnvironment(azurite=azurite, standin=standin) as environment:
+        yield environment
+
+
+def test_classify_storage_request():
+    base = "http://127.0.0.1:10002/devstoreaccount1"
+    assert bench.classify_storage_request("GET", f"{base}/tsubscriptions(PartitionKey='a',RowKey='state')") == "point_read"
+    assert bench.classify_storage_request("PUT", f"{base}/tsubscriptions(PartitionKey='a',RowKey='state')") == "update"
+    assert bench.classify_storage_request("PATCH", f"{base}/tsubscriptions(PartitionKey='a',RowKey='op%7C1')") == "update"
+    assert bench.classify_storage_request("GET", f"{base}/tsubscriptions()?$filter=RowKey%20eq%20'state'") == "query_page"
+    assert bench.classify_storage_request("POST", f"{base}/tsubscriptions") == "insert"
+    assert bench.classify_storage_request("POST", f"{base}/$batch") == "transaction"
+    assert bench.classify_storage_request("POST", f"{base}/Tables") == "table_admin"
+    assert bench.classify_storage_request("POST", "http://127.0.0.1:10001/devstoreaccount1/events/messages") == "queue_send"
+
+
+def test_webhook_actions_follow_the_mix():
+    actions = bench.webhook_actions(20)
+    assert len(actions) == 20
+    assert actions.count("ChangeQuantity") == 5 and actions.count("Reinstate") == 2
+    assert actions[:2] != ["ChangeQuantity", "ChangeQuantity"]  # interleaved, not in blocks
+
+
+def test_webhook_burst_structure(environment):
+    result = bench.bench_webhook(environment, events=20, senders=5, auth_samples=20)
+
+    assert result["errors"] == 0, result["statuses"]
+    assert sum(result["results"].values()) == 20
+    assert result["setup_recorded"] >= 20
+    # The design's Marketplace calls: one Get Operation per event, one PATCH per InProgress event.
+    assert result["marketplace_calls"].get("get_operation") == 20
+    assert result["marketplace_calls"].get("update_operation", 0) == result["answered_events"] > 0
+    assert result["patches"] == result["answered_events"]
+    assert set(result["patch_statuses"]) == {"Success"}
+    # At least the design's minimum storage work: each new event is written once, in one transaction.
+    assert result["storage_wire"].get("transaction") == 20
+    assert result["storage_writes_per_event"] >= bench.MIN_STORAGE_WRITES
+    assert result["storage_reads_per_event"] >= bench.MIN_STORAGE_READS
+    # The wire count and the repository's own metrics agree.
+    assert result["repo_reads_per_event"] == result["storage_reads_per_event"]
+    assert result["repo_writes_per_event"] == result["storage_writes_per_event"]
+    # Each probe ran alone: a plain event is one Get Operation, an InProgress one adds the PATCH.
+    probes = {probe["label"]: probe for probe in result["probes"]}
+    assert probes["Suspend"]["marketplace"] == {"get_operation": 1}
+    assert probes["ChangeQuantity"]["marketplace"] == {"get_operation": 1, "patch_operation": 1}
+    assert probes["duplicate (redelivery)"]["result"] == "duplicate"
+    assert probes["duplicate (redelivery)"]["marketplace"] == {}
+    assert probes["duplicate (redelivery)"]["writes"] == 0
+    assert all(probe["status"] == 200 for probe in result["probes"])
+    # JWT validation was timed and the local state equals Microsoft's after the burst.
+    assert result["auth_alone_ms"]["samples"] == 20
+    assert 0 < result["auth_alone_share_of_handle"] < 1
+    assert result["consistency_repairs"] == {} and result["consistency_completed"]
+
+
+def test_reconcile_writes_and_reads(environment):
+    run = bench.bench_reconcile(environment, subscriptions=150, memory=False)
+    drift, clean = run["drift_run"], run["clean_run"]
+
+    assert run["setup"]["recorded"] == 150
+    assert run["drifted"] == 2 and sum(run["drift_kinds"].values()) == 2
+    assert drift["completed"] and clean["completed"]
+    assert drift["subscriptions_seen"] == clean["subscriptions_seen"] == 150
+    # Writes: the drifted subscriptions plus the summary; a run with nothing to do writes the summary only.
+    assert drift["repairs_total"] == run["drifted"]
+    assert drift["storage_writes"] == run["drifted"] + 1
+    assert clean["storage_writes"] == 1 and clean["repairs_total"] == 0
+    # Reads are page scans (+ the checkpoint), not one per subscription: 150 subscriptions, 1 scan page.
+    pages = clean["wire"].get("query_page", 0)
+    assert pages == 1
+    assert clean["wire"].get("point_read", 0) == 1  # the checkpoint
+    assert clean["storage_reads"] == pages + 1
+    # Only a drifted subscription costs a point read of its own (its current ETag before the write).
+    assert drift["storage_reads"] == clean["storage_reads"] + run["drifted"]
+    # Marketplace: the list pages, plus List operations for each subscription suspended at Microsoft.
+    assert clean["pages"] == 2  # stand-in pages of 100
+    assert clean["marketplace_calls"] == clean["pages"] + run["drift_kinds"].get("status", 0)
+
+
+def test_coldstart_parses_importtime():
+    rows = bench.parse_importtime(
+        "import time: self [us] | cumulative | imported package\n"
+        "import time:       100 |        100 |   json.decoder\n"
+        "import time:       246 |       1346 | function_app\n"
+    )
+    assert rows == [("json.decoder", 100, 100, 1), ("function_app", 246, 1346, 0)]
