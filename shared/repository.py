@@ -395,15 +395,15 @@ class SubscriptionRepository:
         with _storage_errors("record operation"):
             self.metrics.add(writes=1)
             try:
-                self._subscriptions.create_entity(entity)
+                metadata = self._subscriptions.create_entity(entity)
             except ResourceExistsError:
                 existing = self.get_marker(subscription_id, operation_id)
                 if existing is None:  # deleted in between: treat as fresh
                     raise ConflictError("operation marker vanished")
                 return False, existing
-        marker = self.get_marker(subscription_id, operation_id)
-        assert marker is not None
-        return True, marker
+        # The insert's answer carries the ETag: no read-back needed.
+        return True, OperationMarker(subscription_id, operation_id, action, OP_RECEIVED, now, payload=entity["Payload"],
+                                     correlation_id=correlation_id, etag=metadata["etag"])
 
     def apply(
         self,
@@ -413,6 +413,7 @@ class SubscriptionRepository:
         operation_id: str = "",
         build_event: EventBuilder | None = None,
         known: StoredRecord | None = None,
+        known_marker: OperationMarker | None = None,
         attempts: int = 6,
     ) -> Outcome | None:
         """Read-decide-write with optimistic concurrency; the decision is re-made after a conflict.
@@ -420,14 +421,15 @@ class SubscriptionRepository:
         ``decide`` gets the current record (None if we never saw the subscription) and returns the
         state machine's Outcome, or None to write nothing. With ``operation_id`` the operation's
         marker is settled in the same transaction, and the whole call does nothing (returns None)
-        if the marker is already settled: a duplicate delivery. ``known`` skips the first read
-        (the reconciler has the row from its scan); a stale ETag just costs one retry.
+        if the marker is already settled: a duplicate delivery. ``known`` and ``known_marker`` skip
+        the first reads (the caller just read or wrote those rows); a stale ETag costs one retry.
         """
         for attempt in range(attempts):
-            stored = known if attempt == 0 and known is not None else self.get(subscription_id)
+            first = attempt == 0
+            stored = known if first and known is not None else self.get(subscription_id)
             marker = None
             if operation_id:
-                marker = self.get_marker(subscription_id, operation_id)
+                marker = known_marker if first and known_marker is not None else self.get_marker(subscription_id, operation_id)
                 if marker is not None and not marker.pending:
                     return None
             outcome = decide(stored.record if stored else None)

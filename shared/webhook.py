@@ -32,6 +32,7 @@ from shared.errors import (
 from shared.events import build_event_document
 from shared.observability import current_correlation_id
 from shared.policy import PolicyDecision, PolicyRequest
+from shared.repository import OperationMarker, StoredRecord
 from shared.state_machine import Change, Kind, Source
 
 log = logging.getLogger(__name__)
@@ -117,14 +118,15 @@ def _change_for(
     )
 
 
-def _ensure_known(services, subscription_id: str, as_of) -> None:
+def _ensure_known(services, subscription_id: str, as_of) -> StoredRecord | None:
     """A webhook for a subscription we never saw (auto-activation, lost landing visit): fetch and record it.
 
     The snapshot is dated at the event (``as_of``), not now: it is the state the event belongs to,
     so the event then applies (usually as a no-op) instead of looking older than our first sighting.
     """
-    if services.repository.get(subscription_id) is not None:
-        return
+    stored = services.repository.get(subscription_id)
+    if stored is not None:
+        return stored
     subscription = services.marketplace.get_subscription(subscription_id)
     change = Change(
         kind=Kind.SYNC, source=Source.WEBHOOK, occurred_at=as_of or services.clock(), subscription=subscription,
@@ -135,15 +137,17 @@ def _ensure_known(services, subscription_id: str, as_of) -> None:
         return None if record is not None else sm.apply(None, change, now=change.occurred_at)
 
     services.repository.apply(subscription_id, decide, build_event=build_event_document)
+    return services.repository.get(subscription_id)  # the rare path: read it back with its ETag
 
 
-def _answer(services, event: WebhookEvent, operation: Operation) -> tuple[PolicyDecision, Operation]:
+def _answer(
+    services, event: WebhookEvent, operation: Operation, record: sm.SubscriptionRecord | None
+) -> tuple[PolicyDecision, Operation]:
     """Ask the policy and PATCH the operation; returns the decision and the settled operation."""
-    stored = services.repository.get(event.subscription_id)
     request = PolicyRequest(
         action=operation.action.value,
         subscription_id=event.subscription_id,
-        record=stored.record if stored else None,
+        record=record,
         plan_id=operation.plan_id or event.operation.plan_id,
         quantity=operation.quantity if operation.quantity is not None else event.operation.quantity,
         operation_id=event.id,
@@ -179,17 +183,21 @@ def handle_webhook(services, authorization: str | None, body: bytes) -> WebhookR
 
     operation = _verify(services, event) if settings.webhook_verify_operation else event.operation
     if marker is None:
-        repository.record_operation(
+        _, marker = repository.record_operation(
             subscription_id, operation_id, action=event.operation.action_name,
             payload=body.decode("utf-8", "replace"), correlation_id=current_correlation_id(),
         )
-    return apply_operation(services, event, operation)
+    return apply_operation(services, event, operation, marker=marker)
 
 
-def apply_operation(services, event: WebhookEvent, operation: Operation) -> WebhookResult:
-    """Steps 5-6 for a recorded operation (also used by the reconciler's replay)."""
+def apply_operation(services, event: WebhookEvent, operation: Operation, *, marker: OperationMarker | None = None) -> WebhookResult:
+    """Steps 5-6 for a recorded operation (also used by the reconciler's replay).
+
+    ``marker`` is the operation's marker when the caller has it (saves a read; a stale one only
+    costs a retry inside the repository).
+    """
     subscription_id, operation_id = event.subscription_id, event.id
-    _ensure_known(services, subscription_id, operation.timestamp or event.operation.timestamp)
+    stored = _ensure_known(services, subscription_id, operation.timestamp or event.operation.timestamp)
 
     kind = _KIND_FOR_ACTION.get(operation.action if operation.action is not Action.UNKNOWN else event.action)
     detail = ""
@@ -197,7 +205,7 @@ def apply_operation(services, event: WebhookEvent, operation: Operation) -> Webh
     if kind is None:
         kind, detail = Kind.UNKNOWN_ACTION, f"unknown action {event.operation.action_name!r}, left to reconciliation"
     elif operation.action in NEEDS_ANSWER and operation.status is OperationStatus.IN_PROGRESS:
-        decision, operation = _answer(services, event, operation)
+        decision, operation = _answer(services, event, operation, stored.record if stored else None)
         if not decision.accepted:
             kind, detail = Kind.REFUSED, f"refused {operation.action.value}: {decision.reason}"
         else:
@@ -214,6 +222,8 @@ def apply_operation(services, event: WebhookEvent, operation: Operation) -> Webh
         lambda record: sm.apply(record, change, now=services.clock()),
         operation_id=operation_id,
         build_event=build_event_document,
+        known=stored,
+        known_marker=marker,
     )
     if outcome is None:
         return WebhookResult(200, "duplicate", operation_id, subscription_id)

@@ -69,7 +69,9 @@ class FakeRepository:
         self.markers[(marker.subscription_id, marker.operation_id)] = replace(marker, status=status)
         return True
 
-    def apply(self, subscription_id: str, decide: Callable, *, operation_id: str = "", build_event=None, known=None, attempts: int = 6):
+    def apply(self, subscription_id: str, decide: Callable, *, operation_id: str = "", build_event=None, known=None,
+              known_marker=None, attempts: int = 6):
+        # known/known_marker only save reads in the real repository; the fake always reads.
         self._check()
         for _ in range(attempts):
             stored = self.get(subscription_id)
