@@ -206,7 +206,8 @@ class EventRelay:
             try:
                 if not event.queue_done:
                     self._send_to_queue(event.body)
-                    self.repository.mark_event_progress(event, queue_done=True)
+                    if self.hook_url:  # remember the queue has it, so a hook failure does not resend it
+                        self.repository.mark_event_progress(event, queue_done=True)
                 if self.hook_url and not event.hook_done:
                     self._send_to_hook(event.event_id, event.body)
                 self.repository.mark_event_delivered(event)
