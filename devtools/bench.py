@@ -26,6 +26,7 @@ import random
 import re
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -36,11 +37,11 @@ import traceback
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -868,8 +869,8 @@ def bench_reconcile(bench: BenchEnvironment, subscriptions: int = 1000, drift_ra
     result: dict[str, Any] = {"subscriptions": subscriptions, "drifted": drifted, "page_size": standin.page_size}
     skew = RECONCILE_CLOCK_SKEW_SECONDS
 
-    with contextlib_exit_stack() as stack:
-        app = stack.enter(bench.app(env, f"reconcile-{subscriptions}-setup"))
+    with ExitStack() as stack:  # every app process is stopped, also on errors
+        app = stack.enter_context(bench.app(env, f"reconcile-{subscriptions}-setup"))
         started = time.perf_counter()
         setup = app.call("reconcile")
         result["setup"] = {"seconds": round(time.perf_counter() - started, 2),
@@ -878,35 +879,17 @@ def bench_reconcile(bench: BenchEnvironment, subscriptions: int = 1000, drift_ra
                            "relays_still_running": setup["relays_still_running"]}
         if memory:
             app.stop()
-            app = stack.enter(bench.app(env, f"reconcile-{subscriptions}-drift"))
+            app = stack.enter_context(bench.app(env, f"reconcile-{subscriptions}-drift"))
         result["drift_kinds"] = drift_subscriptions(standin, ids, drifted)
         probe_ids = random.Random(subscriptions).sample(ids, min(50, len(ids)))
         result["drift_run"] = _run_figures(app.call("reconcile", clock_skew_seconds=skew, probe_ids=probe_ids), subscriptions)
         result["clean_run"] = _run_figures(app.call("reconcile", clock_skew_seconds=skew), subscriptions)
         if memory:
             drift_subscriptions(standin, ids, drifted, offset=max(1, len(ids) // (2 * drifted)))
-            app = stack.enter(bench.app(env, f"reconcile-{subscriptions}-memory"))
+            app = stack.enter_context(bench.app(env, f"reconcile-{subscriptions}-memory"))
             result["memory_run"] = _run_figures(app.call("reconcile", clock_skew_seconds=skew, trace_memory=True), subscriptions)
         result["log"] = app.log_counts()
     return result
-
-
-class contextlib_exit_stack:
-    """A minimal ExitStack for AppProcess objects (stopped in reverse order, even on errors)."""
-
-    def __init__(self) -> None:
-        self._items: list[AppProcess] = []
-
-    def enter(self, item: AppProcess) -> AppProcess:
-        self._items.append(item)
-        return item
-
-    def __enter__(self) -> "contextlib_exit_stack":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for item in reversed(self._items):
-            item.stop()
 
 
 # =================================================================================================
@@ -1005,8 +988,23 @@ def bench_coldstart(runs: int = 5) -> dict[str, Any]:
 # Report
 
 
+def _git_state() -> str:
+    """The commit measured, and whether the app's code had uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "shared", "function_app.py", "webhook",
+                                "landing_page", "reconcile_timer"], cwd=ROOT, capture_output=True, text=True,
+                               timeout=10).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    changed = sorted({line[3:].strip() for line in dirty if line.strip()})
+    return f"{head or 'unknown'}" + (f" + uncommitted changes in {', '.join(changed)}" if changed else " (clean)")
+
+
 def machine_info() -> dict[str, str]:
     return {
+        "code": _git_state(),
         "nproc": str(os.cpu_count()),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -1065,7 +1063,7 @@ def render_markdown(results: dict[str, Any], machine: dict[str, str], argv: list
         "",
         "## Machine and reproduction",
         "",
-        f"- Date: {machine['date']}",
+        f"- Date: {machine['date']}; code: {machine.get('code', 'unknown')}",
         f"- CPUs (nproc): {machine['nproc']}; Python {machine['python']}; {machine['platform']}",
         f"- Load average when the run finished: {machine['load_average']} (the machine was shared with other work;"
         " latencies and wall times carry that noise, call counts do not)",
@@ -1335,8 +1333,11 @@ def interpret(results: dict[str, Any]) -> list[str]:
         cpu_ratio, wall_ratio = ratio("drift_run", "cpu_seconds"), ratio("drift_run", "wall_seconds")
         read_ratio = ratio("drift_run", "point_read_ms") if small["drift_run"]["point_read_ms"] and large["drift_run"]["point_read_ms"] else 1.0
 
+        def value_is_linear(value: float) -> bool:
+            return value <= scale * 1.25
+
         def verdict(value: float) -> str:
-            return "linear" if value <= scale * 1.25 else "more than linear"
+            return "linear within 25 %" if value <= scale * 1.25 else "more than linear"
 
         text = (
             f"Linearity ({scale:.0f}x the subscriptions): the clean run took {ratio('clean_run', 'wall_seconds'):.1f}x the time"
@@ -1347,7 +1348,7 @@ def interpret(results: dict[str, Any]) -> list[str]:
             f" ({small['drift_run']['cpu_ms_per_subscription']} -> {large['drift_run']['cpu_ms_per_subscription']} ms per"
             f" subscription, {verdict(cpu_ratio)})."
         )
-        if verdict(wall_ratio) != "linear" and verdict(cpu_ratio) == "linear":
+        if value_is_linear(cpu_ratio) and not value_is_linear(wall_ratio):
             text += (
                 " So the extra time is spent waiting on storage: a point read alone took"
                 f" {small['drift_run']['point_read_ms']} ms after the {small['subscriptions']:,} run and"
@@ -1534,12 +1535,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the raw results as JSON to this path")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # SIGTERM (timeout, CI cancel): unwind normally so Azurite and the app processes are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     reconcile_sizes = tuple(int(x) for x in args.reconcile_sizes.split(",")) if args.reconcile_sizes else None
     started = time.perf_counter()
+    code = _git_state()  # at the start: other work may change the tree while the bench runs
     results = run(args.quick, args.only, reconcile_sizes=reconcile_sizes)
     results["interpretation"] = interpret(results)
     results["findings"] = findings(results)
-    results["machine"] = machine_info()
+    results["machine"] = {**machine_info(), "code": code}
     print_summary(results)
     print(f"total bench time {time.perf_counter() - started:.0f} s")
     output = args.output or (str(DEFAULT_OUTPUT) if not args.quick and not args.only else None)
