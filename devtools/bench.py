@@ -1348,14 +1348,17 @@ def interpret(results: dict[str, Any]) -> list[str]:
             f" ({small['drift_run']['cpu_ms_per_subscription']} -> {large['drift_run']['cpu_ms_per_subscription']} ms per"
             f" subscription, {verdict(cpu_ratio)})."
         )
-        if value_is_linear(cpu_ratio) and not value_is_linear(wall_ratio):
+        clean_ratio = ratio("clean_run", "wall_seconds")
+        if value_is_linear(cpu_ratio) and not (value_is_linear(wall_ratio) and value_is_linear(clean_ratio)):
+            scan_ratio = large["clean_run"]["phases_seconds"].get("scan", 0) / max(small["clean_run"]["phases_seconds"].get("scan", 0), 1e-9)
             text += (
-                " So the extra time is spent waiting on storage: a point read alone took"
+                " The app's own CPU stays about linear, so the excess is mostly waiting on storage: the scan phase of the clean run grew"
+                f" {scan_ratio:.1f}x (the filter `RowKey eq 'state' or Pending eq true` is evaluated over every row of the"
+                " table, history, marker and outbox rows included), and a point read alone took"
                 f" {small['drift_run']['point_read_ms']} ms after the {small['subscriptions']:,} run and"
                 f" {large['drift_run']['point_read_ms']} ms after the {large['subscriptions']:,} run"
                 + (" (the emulator slows down as the table grows)" if read_ratio > 1.2 else "")
-                + ", and each repair is a point read + a transaction, one after the other, with the relay's requests"
-                " competing in the background."
+                + "; each repair is a point read + a transaction, one after the other."
             )
         notes.append(text)
     if sizes:
@@ -1414,14 +1417,18 @@ def findings(results: dict[str, Any]) -> list[str]:
             )
         relay = webhook["relay_storage_per_event"]
         if relay:
+            sample = plain["relay_storage"] if plain else {}
+            marks = max(0, sample.get("update", 0) - 2)  # minus the lease's take and release
+            request_path = webhook["storage_reads_per_event"] + webhook["storage_writes_per_event"]
             out.append(
                 f"Event relay: every applied change starts a new thread (`shared/services.py` `on_event_written` ->"
                 f" `shared/events.py` `EventRelay.relay_in_background`; no pool, no bound) that makes {relay} storage requests"
-                f" per event ({_fmt_counts(webhook['relay_storage_wire'])} over the burst): lease read and write, the outbox"
-                " query (twice: again after the lease is released), queue send, `mark_event_progress` then"
-                " `mark_event_delivered` (two writes where one does without a hook URL) and the lease release. That is more"
-                " storage traffic than the request itself, and the thread count is unbounded (one per change: a first sync"
-                " of 10,000 subscriptions starts 10,000 threads)."
+                f" per event ({_fmt_counts(webhook['relay_storage_wire'])} over the burst; one event alone:"
+                f" {_fmt_counts(sample)}): the lease (read, then write), the outbox query ({sample.get('query_page', 0)}x:"
+                f" before delivering and again after the lease is released), the queue send, {marks} event mark(s) and the"
+                f" lease release: {relay / max(request_path, 1e-9):.1f}x the request path's {request_path:g} storage requests, in"
+                " the same process, and the thread count is unbounded (one per change: a first sync of 10,000 subscriptions"
+                " starts 10,000 threads)."
             )
         pool_full = webhook["log"].get("of which 'connection pool is full'", 0)
         if pool_full:
