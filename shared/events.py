@@ -70,6 +70,7 @@ EVENT_ID_HEADER = "X-Marketplace-Event-Id"
 HOOK_TIMEOUT_SECONDS = 5.0
 MAX_BACKOFF = timedelta(hours=1)
 LEASE_SECONDS = 60
+BACKGROUND_WORKERS = 4
 MAX_PASSES = 20  # lease takes per relay_subscription call (events keep arriving: the timer finishes)
 
 
@@ -123,6 +124,9 @@ class EventRelay:
         self.hook_secret = hook_secret
         self._session = http_session
         self._queue_ready = False
+        self._executor = None
+        self._queued: set[str] = set()
+        self._background_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings, repository) -> "EventRelay":
@@ -237,13 +241,25 @@ class EventRelay:
                 break
         return stats
 
-    def relay_in_background(self, subscription_id: str) -> threading.Thread:
-        """Deliver right after a change without delaying the caller's answer; the timer is the safety net."""
-        thread = threading.Thread(target=self._relay_quietly, args=(subscription_id,), daemon=True, name=f"relay-{subscription_id[:8]}")
-        thread.start()
-        return thread
+    def relay_in_background(self, subscription_id: str) -> None:
+        """Deliver right after a change without delaying the caller's answer; the timer is the safety net.
+
+        A small fixed pool does the work, and a subscription already waiting for the pool is not
+        queued twice (its job delivers every pending event), so a burst costs bounded threads.
+        """
+        with self._background_lock:
+            if subscription_id in self._queued:
+                return
+            self._queued.add(subscription_id)
+            if self._executor is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._executor = ThreadPoolExecutor(max_workers=BACKGROUND_WORKERS, thread_name_prefix="event-relay")
+        self._executor.submit(self._relay_quietly, subscription_id)
 
     def _relay_quietly(self, subscription_id: str) -> None:
+        with self._background_lock:
+            self._queued.discard(subscription_id)  # changes from now on queue a new job
         try:
             self.relay_subscription(subscription_id)
         except Exception:  # noqa: BLE001 - never let a background delivery crash the worker

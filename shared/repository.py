@@ -679,7 +679,16 @@ class _storage_errors:
 
 def table_service_from_settings(settings) -> TableServiceClient:
     """Connection string (Azurite) or endpoint + managed identity (Azure). Short timeouts, few retries."""
-    options = {"retry_total": 2, "retry_backoff_factor": 0.4, "connection_timeout": 5, "read_timeout": 15}
+    import requests
+    from azure.core.pipeline.transport import RequestsTransport
+
+    # A pool as large as the concurrency we run at (the SDK's default of 10 drops connections under a burst).
+    session = requests.Session()
+    session.mount("http://", requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64))
+    session.mount("https://", requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64))
+    timeouts = {"connection_timeout": 5, "read_timeout": 15}
+    options = {"retry_total": 2, "retry_backoff_factor": 0.4, **timeouts,
+               "transport": RequestsTransport(session=session, session_owner=False, **timeouts)}
     if settings.tables_connection_string:
         return TableServiceClient.from_connection_string(settings.tables_connection_string, **options)
     from shared.credentials import storage_credential
