@@ -45,6 +45,8 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
+from shared.events import BACKGROUND_WORKERS  # noqa: E402
+
 DEFAULT_OUTPUT = ROOT / "docs" / "benchmarks.md"
 
 BENCH_TENANT_ID = "0be1c4a2-0000-4000-8000-00000000be01"
@@ -1421,14 +1423,14 @@ def findings(results: dict[str, Any]) -> list[str]:
             marks = max(0, sample.get("update", 0) - 2)  # minus the lease's take and release
             request_path = webhook["storage_reads_per_event"] + webhook["storage_writes_per_event"]
             out.append(
-                f"Event relay: every applied change starts a new thread (`shared/services.py` `on_event_written` ->"
-                f" `shared/events.py` `EventRelay.relay_in_background`; no pool, no bound) that makes {relay} storage requests"
-                f" per event ({_fmt_counts(webhook['relay_storage_wire'])} over the burst; one event alone:"
-                f" {_fmt_counts(sample)}): the lease (read, then write), the outbox query ({sample.get('query_page', 0)}x:"
-                f" before delivering and again after the lease is released), the queue send, {marks} event mark(s) and the"
-                f" lease release: {relay / max(request_path, 1e-9):.1f}x the request path's {request_path:g} storage requests, in"
-                " the same process, and the thread count is unbounded (one per change: a first sync of 10,000 subscriptions"
-                " starts 10,000 threads)."
+                f"Event relay (background, off the request path): `shared/events.py` `EventRelay.relay_in_background`"
+                f" hands each changed subscription to a fixed pool of {BACKGROUND_WORKERS} workers (a subscription already"
+                f" queued is not queued twice) and makes {relay} storage requests per event"
+                f" ({_fmt_counts(webhook['relay_storage_wire'])} over the burst; one event alone: {_fmt_counts(sample)}):"
+                f" the lease (read, then write), the outbox query ({sample.get('query_page', 0)}x: before delivering and"
+                f" again after the lease is released), the queue send, {marks} event mark(s) and the lease release:"
+                f" {relay / max(request_path, 1e-9):.1f}x the request path's {request_path:g} storage requests. The lease"
+                " keeps per-subscription order across instances; that is what most of these requests buy."
             )
         pool_full = webhook["log"].get("of which 'connection pool is full'", 0)
         if pool_full:
@@ -1457,7 +1459,7 @@ def findings(results: dict[str, Any]) -> list[str]:
             out.append(
                 f"Reconcile repairs run one after another (`shared/reconcile.py` `_repair` -> `repository.apply`): at"
                 f" {run['subscriptions']:,} subscriptions each drifted one added about {per_repair * 1000:.0f} ms to the run"
-                f" (point read + transaction + a relay thread started), about {1 / per_repair:.0f} repairs/s. Harmless at 1 %"
+                f" (point read + transaction + a relay job queued), about {1 / per_repair:.0f} repairs/s. Harmless at 1 %"
                 " drift; after a long webhook outage (large drift) the run's time budget, not the scan, becomes the limit."
             )
     cold = results.get("coldstart")
@@ -1476,7 +1478,7 @@ def findings(results: dict[str, Any]) -> list[str]:
         out.append(
             f"First sync of {run['subscriptions']:,} unknown subscriptions (the setup run) took {setup['seconds']} s"
             f" ({setup['seconds'] * 1000 / run['subscriptions']:.1f} ms each): one point read + one transaction per"
-            " subscription, sequentially, plus one relay thread each (see above)."
+            " subscription, sequentially, plus one background relay job each (see above)."
         )
     return out
 
