@@ -45,7 +45,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
-from shared.events import BACKGROUND_WORKERS  # noqa: E402
+from shared.events import BACKGROUND_WORKERS, RELAY_THREAD_PREFIX  # noqa: E402
 
 DEFAULT_OUTPUT = ROOT / "docs" / "benchmarks.md"
 
@@ -131,7 +131,7 @@ class _WireCounter:
         self.trace = bool(os.environ.get("BENCH_TRACE_STORAGE"))  # log every storage request (debugging)
 
     def add(self, method: str, url: str) -> None:
-        bucket = "relay" if threading.current_thread().name.startswith("relay-") else "app"
+        bucket = "relay" if threading.current_thread().name.startswith(RELAY_THREAD_PREFIX) else "app"
         kind = classify_storage_request(method, url)
         if self.trace:
             log.info("storage %s %s %s %s", bucket, kind, method, url)
@@ -180,7 +180,7 @@ def _reset_peak_rss() -> bool:
 
 
 def _relay_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("relay-") and t.is_alive()]
+    return [t for t in threading.enumerate() if t.name.startswith(RELAY_THREAD_PREFIX) and t.is_alive()]
 
 
 class _Worker:
@@ -271,13 +271,7 @@ class _Worker:
 
     def cmd_wait_relays(self, timeout: float = 120.0) -> int:
         """Wait for the background event relays; returns how many were still running."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            threads = _relay_threads()
-            if not threads:
-                return 0
-            threads[0].join(max(0.01, min(1.0, deadline - time.monotonic())))
-        return len(_relay_threads())
+        return 0 if self.services.events.wait_idle(timeout) else len(_relay_threads())
 
     def cmd_auth_loop(self, tokens: list[str]) -> list[float]:
         """Time authenticate() alone (keys cached by a first call), one token after another."""
@@ -735,6 +729,7 @@ def bench_webhook(bench: BenchEnvironment, events: int = 1000, senders: int = 20
     statuses = Counter(str(status) for status, _, _ in outcomes)
     results = Counter(res for status, _, res in outcomes if status == 200)
     errors = sum(count for status, count in statuses.items() if status != "200")
+    error_kinds = Counter(f"{status}: {res}" for status, _, res in outcomes if status != 200)
     answered = sum(1 for d in deliveries if d.action in ANSWERED_ACTIONS)
     wire = _storage_counts(after, before)
     reads, writes = _reads_writes(wire)
@@ -755,6 +750,7 @@ def bench_webhook(bench: BenchEnvironment, events: int = 1000, senders: int = 20
         "statuses": dict(statuses),
         "results": dict(results),
         "errors": errors,
+        "error_kinds": dict(error_kinds),
         "answered_events": answered,
         "patches": len(patches),
         "patch_statuses": dict(patch_statuses),
@@ -1120,7 +1116,8 @@ def _render_webhook(w: dict[str, Any]) -> list[str]:
         "|---|---|",
         f"| Burst wall time | {w['burst_seconds']} s ({w['throughput_per_second']} events/s) |",
         f"| Latency p50 / p90 / p99 / max | {lat['p50']} / {lat['p90']} / {lat['p99']} / {lat['max']} ms |",
-        f"| Errors (non-200 or no answer) | {w['errors']} (statuses: {_fmt_counts(w['statuses'])}) |",
+        f"| Errors (non-200 or no answer) | {w['errors']} (statuses: {_fmt_counts(w['statuses'])})"
+        f"{'; ' + _fmt_counts(w['error_kinds']) if w.get('error_kinds') else ''} |",
         f"| Results | {_fmt_counts(w['results'])} |",
         f"| Operations PATCHed (InProgress events) | {w['patches']} of {w['answered_events']} ({_fmt_counts(w['patch_statuses'])}) |",
         f"| Marketplace calls | {_fmt_counts(w['marketplace_calls'])} = {w['marketplace_per_event']} per event |",

@@ -717,6 +717,7 @@ class _RequestError(Exception):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # a burst of concurrent senders must not overflow the listen backlog
 
     def __init__(self, address: tuple[str, int], devhost: "DevHost"):
         self.devhost = devhost

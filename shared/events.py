@@ -71,6 +71,7 @@ HOOK_TIMEOUT_SECONDS = 5.0
 MAX_BACKOFF = timedelta(hours=1)
 LEASE_SECONDS = 60
 BACKGROUND_WORKERS = 4
+RELAY_THREAD_PREFIX = "event-relay"
 MAX_PASSES = 20  # lease takes per relay_subscription call (events keep arriving: the timer finishes)
 
 
@@ -126,7 +127,8 @@ class EventRelay:
         self._queue_ready = False
         self._executor = None
         self._queued: set[str] = set()
-        self._background_lock = threading.Lock()
+        self._inflight = 0
+        self._background_lock = threading.Condition()
 
     @classmethod
     def from_settings(cls, settings, repository) -> "EventRelay":
@@ -251,10 +253,11 @@ class EventRelay:
             if subscription_id in self._queued:
                 return
             self._queued.add(subscription_id)
+            self._inflight += 1
             if self._executor is None:
                 from concurrent.futures import ThreadPoolExecutor
 
-                self._executor = ThreadPoolExecutor(max_workers=BACKGROUND_WORKERS, thread_name_prefix="event-relay")
+                self._executor = ThreadPoolExecutor(max_workers=BACKGROUND_WORKERS, thread_name_prefix=RELAY_THREAD_PREFIX)
         self._executor.submit(self._relay_quietly, subscription_id)
 
     def _relay_quietly(self, subscription_id: str) -> None:
@@ -264,3 +267,12 @@ class EventRelay:
             self.relay_subscription(subscription_id)
         except Exception:  # noqa: BLE001 - never let a background delivery crash the worker
             log.warning("background relay for %s failed; the timer will retry", subscription_id)
+        finally:
+            with self._background_lock:
+                self._inflight -= 1
+                self._background_lock.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no background delivery is queued or running (tools, tests). False on timeout."""
+        with self._background_lock:
+            return self._background_lock.wait_for(lambda: self._inflight == 0, timeout)
