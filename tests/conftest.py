@@ -81,6 +81,9 @@ def make_services(azurite, standin):
     yield factory
     set_services_factory(None)
     for services in built:
+        relay = services._lazy.get("events")
+        if relay is not None:
+            relay.wait_idle(30)  # background deliveries finish inside the test that caused them
         services.close()
 
 
