@@ -20,6 +20,7 @@ from enum import Enum
 from shared import state_machine as sm
 from shared.domain import SubscriptionStatus
 from shared.errors import MarketplaceBadRequestError, MarketplaceError, MarketplaceNotFoundError, StorageUnavailableError
+from shared.events import build_event_document
 from shared.observability import current_correlation_id
 from shared.state_machine import Change, Kind, LocalStatus, Source, SubscriptionRecord
 
@@ -50,9 +51,7 @@ def _change(services, kind: Kind, source: Source, actor: str, **extra) -> Change
     return Change(kind=kind, source=source, occurred_at=services.clock(), actor=actor, correlation_id=current_correlation_id(), **extra)
 
 
-def _record(services, subscription_id: str, change: Change, build_event=True) -> sm.Outcome | None:
-    from shared.events import build_event_document
-
+def _record(services, subscription_id: str, change: Change) -> sm.Outcome | None:
     return services.repository.apply(
         subscription_id, lambda record: sm.apply(record, change, now=services.clock()), build_event=build_event_document
     )
@@ -60,8 +59,6 @@ def _record(services, subscription_id: str, change: Change, build_event=True) ->
 
 def request_operator_activation(services, subscription_id: str, actor: str, source: Source) -> Activation:
     """Manual mode: record PendingActivation once; an active or cancelled subscription is left alone."""
-    from shared.events import build_event_document
-
     change = _change(services, Kind.REQUEST_ACTIVATION, source, actor)
 
     def decide(record: SubscriptionRecord | None):
@@ -103,8 +100,6 @@ def activate(services, subscription_id: str, *, actor: str, source: Source, forc
                 return None
         change = _change(services, Kind.ACTIVATION_SENT, source, actor)
         return sm.apply(record, change, now=now)
-
-    from shared.events import build_event_document
 
     outcome = services.repository.apply(subscription_id, claim, build_event=build_event_document)
     if outcome is None:  # another request holds the claim, or there is nothing to activate

@@ -5,11 +5,21 @@ repository's outbox), so an event exists if and only if the transition was appli
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import logging
+import threading
+import time
 import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
 
-from shared.domain import format_timestamp
+from shared.domain import format_timestamp, utc_now
+from shared.errors import AppError
 from shared.state_machine import EVENT_UNSUBSCRIBED, Outcome
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = "1.0"
 _EVENT_NAMESPACE = uuid.UUID("5b0c3c8e-9a4f-4f0e-8f43-0d6c5a2f7e11")
@@ -51,19 +61,6 @@ def build_event_document(outcome: Outcome, seq: int) -> tuple[str, str]:
 
 # ---------------------------------------------------------------------------------------------
 # The relay: outbox rows -> Storage queue (and the optional signed HTTPS hook)
-
-import hashlib  # noqa: E402 - kept next to the relay that uses them
-import hmac  # noqa: E402
-import logging  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from datetime import timedelta  # noqa: E402
-
-from shared.domain import utc_now  # noqa: E402
-from shared.errors import AppError  # noqa: E402
-
-log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Marketplace-Signature"
 EVENT_ID_HEADER = "X-Marketplace-Event-Id"

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
-from shared.domain import AadIdentifier, Subscription, SubscriptionStatus, Term, utc_now
+from shared.domain import AadIdentifier, Subscription, SubscriptionStatus, Term, format_timestamp, utc_now
 
 DATA_RETENTION_DAYS = 7
 
@@ -136,8 +136,6 @@ class SubscriptionRecord:
 
     def snapshot(self) -> dict[str, Any]:
         """The fields a lifecycle event consumer cares about, JSON-ready."""
-        from shared.domain import format_timestamp
-
         return {
             "id": self.id,
             "status": self.status.value,
@@ -196,8 +194,6 @@ class HistoryEntry:
     detail: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        from shared.domain import format_timestamp
-
         return {
             "seq": self.seq,
             "recordedAt": format_timestamp(self.recorded_at),
@@ -304,8 +300,6 @@ def drift(record: SubscriptionRecord, subscription: Subscription) -> dict[str, l
 
 
 def jsonable(value: Any) -> Any:
-    from shared.domain import format_timestamp
-
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, datetime):
