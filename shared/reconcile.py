@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 from shared import state_machine as sm
 from shared.activation import CLAIM_TIMEOUT, ActivationResult, activate
-from shared.domain import Action, OperationStatus, Subscription, SubscriptionStatus, WebhookEvent
+from shared.domain import OperationStatus, Subscription, SubscriptionStatus, WebhookEvent
 from shared.errors import (
     AppError,
     ConflictError,
@@ -38,7 +38,7 @@ from shared.errors import (
 )
 from shared.events import build_event_document
 from shared.observability import current_correlation_id
-from shared.repository import OperationMarker, StoredRecord
+from shared.repository import OperationMarker
 from shared.state_machine import Change, Kind, LocalStatus, Source
 
 log = logging.getLogger(__name__)

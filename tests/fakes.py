@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
 from shared import errors
-from shared.domain import Operation, Plan, ResolvedPurchase, Subscription, SubscriptionStatus, UpdateStatus
+from shared.domain import Operation, Plan, ResolvedPurchase, Subscription, UpdateStatus
 from shared.marketplace import CallCounter
 from shared.repository import OP_RECEIVED, OperationMarker, StorageMetrics, StoredRecord
 from shared.services import Services

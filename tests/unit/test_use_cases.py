@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import json
-import re
 import threading
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
