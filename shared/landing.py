@@ -21,6 +21,7 @@ from shared.errors import (
     MarketplaceNotFoundError,
     MarketplaceUnauthorizedError,
     StorageUnavailableError,
+    http_status_for,
 )
 from shared.events import build_event_document
 from shared.form_tokens import issue_form_token, verify_form_token
@@ -73,7 +74,8 @@ def _sign_in_page(services, token: str) -> Page:
 
 
 def _unavailable(services, user, error: AppError) -> Page:
-    status = 503 if isinstance(error, StorageUnavailableError) or getattr(error, "http_status", 502) == 503 else 502
+    # 503 where retrying later helps (storage, Marketplace unavailable or throttled), else 502.
+    status = 503 if http_status_for(error) == 503 else 502
     return _error_page(services, user, status, "unavailable.html")
 
 

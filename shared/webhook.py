@@ -127,17 +127,24 @@ def _ensure_known(services, subscription_id: str, as_of) -> StoredRecord | None:
     stored = services.repository.get(subscription_id)
     if stored is not None:
         return stored
+    _sync_from_microsoft(services, subscription_id, as_of=as_of or services.clock(), detail="first seen in a webhook")
+    return services.repository.get(subscription_id)  # the rare path: read it back with its ETag
+
+
+def _sync_from_microsoft(services, subscription_id: str, *, as_of, detail: str) -> None:
+    """Record Microsoft's current record of the subscription, unless ours already matches it."""
     subscription = services.marketplace.get_subscription(subscription_id)
     change = Change(
-        kind=Kind.SYNC, source=Source.WEBHOOK, occurred_at=as_of or services.clock(), subscription=subscription,
-        correlation_id=current_correlation_id(), detail="first seen in a webhook",
+        kind=Kind.SYNC, source=Source.WEBHOOK, occurred_at=as_of, subscription=subscription,
+        correlation_id=current_correlation_id(), detail=detail,
     )
 
     def decide(record):
-        return None if record is not None else sm.apply(None, change, now=change.occurred_at)
+        if record is not None and not sm.drift(record, subscription):
+            return None  # in step: a concurrent first delivery, or a late duplicate
+        return sm.apply(record, change, now=services.clock())
 
     services.repository.apply(subscription_id, decide, build_event=build_event_document)
-    return services.repository.get(subscription_id)  # the rare path: read it back with its ETag
 
 
 def _answer(
@@ -236,16 +243,4 @@ def apply_operation(services, event: WebhookEvent, operation: Operation, *, mark
 def _adopt_current_record(services, subscription_id: str) -> None:
     """A stale event means our record is newer than it, or a listing we synced was. When in doubt,
     Microsoft's current record decides (its list can lag behind an operation it just notified)."""
-    subscription = services.marketplace.get_subscription(subscription_id)
-    change = Change(
-        kind=Kind.SYNC, source=Source.WEBHOOK, occurred_at=services.clock(), subscription=subscription,
-        correlation_id=current_correlation_id(), detail="stale event: adopted Microsoft's current record",
-    )
-
-    def decide(record):
-        if record is not None and not sm.drift(record, subscription):
-            return None  # already in step: the usual case for a late duplicate
-        return sm.apply(record, change, now=change.occurred_at)
-
-    services.repository.apply(subscription_id, decide, build_event=build_event_document)
-
+    _sync_from_microsoft(services, subscription_id, as_of=services.clock(), detail="stale event: adopted Microsoft's current record")
