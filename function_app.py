@@ -1,4 +1,5 @@
 """Azure Functions entry point (Python v2 programming model): creates the app, registers the blueprints."""
+
 import azure.functions as func
 
 from landing_page import bp as landing_page_bp

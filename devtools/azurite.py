@@ -1,4 +1,5 @@
 """Start and stop Azurite (the official storage emulator, installed from npm into devtools/node_modules)."""
+
 from __future__ import annotations
 
 import shutil
@@ -6,9 +7,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent
 AZURITE_BIN = ROOT / "node_modules" / ".bin" / "azurite"
@@ -37,7 +38,9 @@ def _wait_for_port(host: str, port: int, timeout: float) -> bool:
 class Azurite:
     """An Azurite process with blob, queue and table services on loopback."""
 
-    def __init__(self, host: str = "127.0.0.1", blob_port: int = 0, queue_port: int = 0, table_port: int = 0, in_memory: bool = True):
+    def __init__(
+        self, host: str = "127.0.0.1", blob_port: int = 0, queue_port: int = 0, table_port: int = 0, in_memory: bool = True
+    ):
         self.host = host
         self.blob_port = blob_port or free_port(host)
         self.queue_port = queue_port or free_port(host)
@@ -56,7 +59,7 @@ class Azurite:
             f"TableEndpoint={base}:{self.table_port}/{ACCOUNT};"
         )
 
-    def start(self, timeout: float = 30.0) -> "Azurite":
+    def start(self, timeout: float = 30.0) -> Azurite:
         if not AZURITE_BIN.exists():
             raise RuntimeError(f"Azurite is not installed at {AZURITE_BIN}: run `make setup` (npm install in devtools/)")
         self._workdir = self._workdir or tempfile.mkdtemp(prefix="azurite-")
@@ -66,9 +69,18 @@ class Azurite:
             "--skipApiVersionCheck",
             "--loose",
             "--disableProductStyleUrl",
-            "--blobHost", self.host, "--blobPort", str(self.blob_port),
-            "--queueHost", self.host, "--queuePort", str(self.queue_port),
-            "--tableHost", self.host, "--tablePort", str(self.table_port),
+            "--blobHost",
+            self.host,
+            "--blobPort",
+            str(self.blob_port),
+            "--queueHost",
+            self.host,
+            "--queuePort",
+            str(self.queue_port),
+            "--tableHost",
+            self.host,
+            "--tablePort",
+            str(self.table_port),
         ]
         command += ["--inMemoryPersistence"] if self.in_memory else ["--location", self._workdir]
         self._process = subprocess.Popen(
@@ -107,7 +119,7 @@ class Azurite:
         finally:
             self.start()
 
-    def __enter__(self) -> "Azurite":
+    def __enter__(self) -> Azurite:
         return self.start()
 
     def __exit__(self, *exc) -> None:

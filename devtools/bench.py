@@ -14,6 +14,7 @@ trips twice: the repository's own ``metrics`` and every HTTP request the storage
 
 Every phase is bounded (request timeouts, command timeouts, fixed counts) and stops by itself.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,12 +37,13 @@ import time
 import traceback
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,8 +189,9 @@ class _Worker:
     """Runs inside the app process: the services bundle, the dev host and the instruments."""
 
     def __init__(self, env: dict[str, str], log_path: str):
-        logging.basicConfig(level=logging.INFO, filename=log_path,
-                            format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.INFO, filename=log_path, format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s"
+        )
         from azure.core.pipeline.transport import RequestsTransport
 
         self.wire = _WireCounter()
@@ -251,8 +254,15 @@ class _Worker:
         from function_app import app
 
         self._instrument_webhook()
-        self.devhost = DevHost(app, host="127.0.0.1", port=0, timers=False, signed_in_user="",
-                               environ={"RECONCILE_SCHEDULE": "0 0 0 1 1 *"}, host_json=ROOT / "host.json")
+        self.devhost = DevHost(
+            app,
+            host="127.0.0.1",
+            port=0,
+            timers=False,
+            signed_in_user="",
+            environ={"RECONCILE_SCHEDULE": "0 0 0 1 1 *"},
+            host_json=ROOT / "host.json",
+        )
         self.devhost.start()
         return self.devhost.url
 
@@ -285,8 +295,13 @@ class _Worker:
             durations.append(time.perf_counter() - started)
         return durations
 
-    def cmd_reconcile(self, clock_skew_seconds: float = 0.0, trace_memory: bool = False,
-                      wait_relays: float = 600.0, probe_ids: list[str] | None = None) -> dict[str, Any]:
+    def cmd_reconcile(
+        self,
+        clock_skew_seconds: float = 0.0,
+        trace_memory: bool = False,
+        wait_relays: float = 600.0,
+        probe_ids: list[str] | None = None,
+    ) -> dict[str, Any]:
         import tracemalloc
 
         from shared.domain import utc_now
@@ -410,12 +425,20 @@ class AppProcess:
         self._connection = None
         with Listener(("127.0.0.1", 0), authkey=key) as listener:
             host, port = listener.address
-            child_env = {**os.environ, "BENCH_PARENT_ADDRESS": f"{host}:{port}", "BENCH_PARENT_KEY": key.hex(),
-                         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))}
-            self._stderr = open(log_path + ".stderr", "wb")
+            child_env = {
+                **os.environ,
+                "BENCH_PARENT_ADDRESS": f"{host}:{port}",
+                "BENCH_PARENT_KEY": key.hex(),
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])),
+            }
+            self._stderr = open(log_path + ".stderr", "wb")  # noqa: SIM115 - closed in stop(); outlives this block
             self.process = subprocess.Popen(
                 [sys.executable, "-c", "from devtools.bench import _worker_main; _worker_main()"],
-                cwd=ROOT, env=child_env, stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr,
+                cwd=ROOT,
+                env=child_env,
+                stdin=subprocess.DEVNULL,
+                stdout=self._stderr,
+                stderr=self._stderr,
             )
             accepted: list = []
             accepter = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
@@ -483,7 +506,7 @@ class AppProcess:
             pass
         return dict(counts)
 
-    def __enter__(self) -> "AppProcess":
+    def __enter__(self) -> AppProcess:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -549,7 +572,7 @@ class BenchEnvironment:
         if self._own_log_dir:
             shutil.rmtree(self.log_dir, ignore_errors=True)
 
-    def __enter__(self) -> "BenchEnvironment":
+    def __enter__(self) -> BenchEnvironment:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -618,8 +641,12 @@ def _prepare_delivery(standin, subscription_id: str, action: str, index: int) ->
 def _post(session, url: str, delivery: _Delivery) -> tuple[int | None, float, str]:
     started = time.perf_counter()
     try:
-        response = session.post(url, data=delivery.body, timeout=REQUEST_TIMEOUT,
-                                headers={"Authorization": "Bearer " + delivery.token, "Content-Type": "application/json"})
+        response = session.post(
+            url,
+            data=delivery.body,
+            timeout=REQUEST_TIMEOUT,
+            headers={"Authorization": "Bearer " + delivery.token, "Content-Type": "application/json"},
+        )
         elapsed = time.perf_counter() - started
         try:
             result = response.json().get("result", "") if response.status_code == 200 else response.text[:200]
@@ -646,8 +673,9 @@ def _reads_writes(wire: dict[str, int]) -> tuple[int, int]:
     return (sum(wire.get(k, 0) for k in STORAGE_READ_KINDS), sum(wire.get(k, 0) for k in STORAGE_WRITE_KINDS))
 
 
-def bench_webhook(bench: BenchEnvironment, events: int = 1000, senders: int = 20, auth_samples: int = 200,
-                  deadline_seconds: float = 600.0) -> dict[str, Any]:
+def bench_webhook(
+    bench: BenchEnvironment, events: int = 1000, senders: int = 20, auth_samples: int = 200, deadline_seconds: float = 600.0
+) -> dict[str, Any]:
     """``events`` distinct signed webhooks from ``senders`` threads through the dev host (one per subscription)."""
     standin = bench.standin
     bench.reset_standin()
@@ -706,8 +734,9 @@ def bench_webhook(bench: BenchEnvironment, events: int = 1000, senders: int = 20
         burst_started = time.perf_counter()
         with ThreadPoolExecutor(max_workers=senders, thread_name_prefix="bench-sender") as pool:
             futures = [pool.submit(send, delivery) for delivery in deliveries]
-            outcomes = [future.result(timeout=max(1.0, deadline_seconds - (time.perf_counter() - burst_started)))
-                        for future in futures]
+            outcomes = [
+                future.result(timeout=max(1.0, deadline_seconds - (time.perf_counter() - burst_started))) for future in futures
+            ]
         burst_seconds = time.perf_counter() - burst_started
         for session in sessions:
             session.close()
@@ -736,49 +765,66 @@ def bench_webhook(bench: BenchEnvironment, events: int = 1000, senders: int = 20
     relay_wire = _diff(after_relays["wire"]["relay"], before["wire"]["relay"])
     repo = _diff(after["repo"], before["repo"])
     marketplace = _diff(after["marketplace"], before["marketplace"])
-    timings = {name: {k: after["timings"][name][k] - before["timings"].get(name, {}).get(k, 0)
-                      for k in ("count", "total")} for name in after["timings"]}
+    timings = {
+        name: {k: after["timings"][name][k] - before["timings"].get(name, {}).get(k, 0) for k in ("count", "total")}
+        for name in after["timings"]
+    }
     handle_mean = _per(timings["handle"]["total"], int(timings["handle"]["count"]), 6)
     auth_in_burst_mean = _per(timings["authenticate"]["total"], int(timings["authenticate"]["count"]), 6)
     auth_mean = statistics.fmean(auth_durations)
     patch_statuses = Counter(str(p.get("status") or p.get("body", {}).get("status")) for p in patches)
-    result.update({
-        "burst_seconds": round(burst_seconds, 3),
-        "throughput_per_second": round(events / burst_seconds, 1),
-        "latency_ms": {"p50": _ms(percentile(latencies, 50)), "p90": _ms(percentile(latencies, 90)),
-                       "p99": _ms(percentile(latencies, 99)), "max": _ms(max(latencies)), "mean": _ms(statistics.fmean(latencies))},
-        "statuses": dict(statuses),
-        "results": dict(results),
-        "errors": errors,
-        "error_kinds": dict(error_kinds),
-        "answered_events": answered,
-        "patches": len(patches),
-        "patch_statuses": dict(patch_statuses),
-        "marketplace_calls": marketplace,
-        "standin_calls": calls,
-        "marketplace_per_event": _per(sum(marketplace.values()), events),
-        "storage_wire": wire,
-        "storage_reads_per_event": _per(reads, events),
-        "storage_writes_per_event": _per(writes, events),
-        "repo_metrics": repo,
-        "repo_reads_per_event": _per(repo.get("reads", 0), events),
-        "repo_writes_per_event": _per(repo.get("writes", 0), events),
-        "relay_storage_wire": relay_wire,
-        "relay_storage_per_event": _per(sum(relay_wire.values()), events),
-        "app_cpu_ms_per_event": _per((after_relays["cpu_seconds"] - before["cpu_seconds"]) * 1000, events),
-        "handle_cpu_ms_per_event": _per(timings["handle_cpu"]["total"] * 1000, events),
-        "handle_mean_ms": _ms(handle_mean),
-        "auth_in_burst_mean_ms": _ms(auth_in_burst_mean),
-        "auth_in_burst_share": round(timings["authenticate"]["total"] / timings["handle"]["total"], 5) if timings["handle"]["total"] else 0.0,
-        "auth_alone_ms": {"mean": _ms(auth_mean), "p50": _ms(percentile(auth_durations, 50)),
-                          "p99": _ms(percentile(auth_durations, 99)), "samples": len(auth_durations)},
-        "auth_alone_share_of_handle": round(auth_mean / handle_mean, 5) if handle_mean else 0.0,
-        "auth_alone_share_of_latency": round(auth_mean / statistics.fmean(latencies), 5),
-        "auth_alone_share_of_cpu": round(auth_mean * 1000 / max(_per((after_relays["cpu_seconds"] - before["cpu_seconds"]) * 1000, events), 1e-9), 5),
-        "consistency_repairs": check["summary"]["repairs"],
-        "consistency_flagged": check["summary"]["flagged_count"],
-        "consistency_completed": check["summary"]["completed"],
-    })
+    result.update(
+        {
+            "burst_seconds": round(burst_seconds, 3),
+            "throughput_per_second": round(events / burst_seconds, 1),
+            "latency_ms": {
+                "p50": _ms(percentile(latencies, 50)),
+                "p90": _ms(percentile(latencies, 90)),
+                "p99": _ms(percentile(latencies, 99)),
+                "max": _ms(max(latencies)),
+                "mean": _ms(statistics.fmean(latencies)),
+            },
+            "statuses": dict(statuses),
+            "results": dict(results),
+            "errors": errors,
+            "error_kinds": dict(error_kinds),
+            "answered_events": answered,
+            "patches": len(patches),
+            "patch_statuses": dict(patch_statuses),
+            "marketplace_calls": marketplace,
+            "standin_calls": calls,
+            "marketplace_per_event": _per(sum(marketplace.values()), events),
+            "storage_wire": wire,
+            "storage_reads_per_event": _per(reads, events),
+            "storage_writes_per_event": _per(writes, events),
+            "repo_metrics": repo,
+            "repo_reads_per_event": _per(repo.get("reads", 0), events),
+            "repo_writes_per_event": _per(repo.get("writes", 0), events),
+            "relay_storage_wire": relay_wire,
+            "relay_storage_per_event": _per(sum(relay_wire.values()), events),
+            "app_cpu_ms_per_event": _per((after_relays["cpu_seconds"] - before["cpu_seconds"]) * 1000, events),
+            "handle_cpu_ms_per_event": _per(timings["handle_cpu"]["total"] * 1000, events),
+            "handle_mean_ms": _ms(handle_mean),
+            "auth_in_burst_mean_ms": _ms(auth_in_burst_mean),
+            "auth_in_burst_share": round(timings["authenticate"]["total"] / timings["handle"]["total"], 5)
+            if timings["handle"]["total"]
+            else 0.0,
+            "auth_alone_ms": {
+                "mean": _ms(auth_mean),
+                "p50": _ms(percentile(auth_durations, 50)),
+                "p99": _ms(percentile(auth_durations, 99)),
+                "samples": len(auth_durations),
+            },
+            "auth_alone_share_of_handle": round(auth_mean / handle_mean, 5) if handle_mean else 0.0,
+            "auth_alone_share_of_latency": round(auth_mean / statistics.fmean(latencies), 5),
+            "auth_alone_share_of_cpu": round(
+                auth_mean * 1000 / max(_per((after_relays["cpu_seconds"] - before["cpu_seconds"]) * 1000, events), 1e-9), 5
+            ),
+            "consistency_repairs": check["summary"]["repairs"],
+            "consistency_flagged": check["summary"]["flagged_count"],
+            "consistency_completed": check["summary"]["completed"],
+        }
+    )
     return result
 
 
@@ -854,8 +900,9 @@ def _run_figures(run: dict[str, Any], subscriptions: int) -> dict[str, Any]:
     }
 
 
-def bench_reconcile(bench: BenchEnvironment, subscriptions: int = 1000, drift_ratio: float = 0.01,
-                    memory: bool = True) -> dict[str, Any]:
+def bench_reconcile(
+    bench: BenchEnvironment, subscriptions: int = 1000, drift_ratio: float = 0.01, memory: bool = True
+) -> dict[str, Any]:
     """Seed, record (setup run), drift 1 %, then measure: the drift run, a clean run, and (``memory``)
     a second drift run under tracemalloc. ``memory`` also gives the measured runs fresh app processes
     so their max RSS is theirs, not the setup run's."""
@@ -871,10 +918,12 @@ def bench_reconcile(bench: BenchEnvironment, subscriptions: int = 1000, drift_ra
         app = stack.enter_context(bench.app(env, f"reconcile-{subscriptions}-setup"))
         started = time.perf_counter()
         setup = app.call("reconcile")
-        result["setup"] = {"seconds": round(time.perf_counter() - started, 2),
-                           "recorded": setup["summary"]["repairs"].get("recorded_new", 0),
-                           "storage_writes": setup["summary"]["storage_writes"],
-                           "relays_still_running": setup["relays_still_running"]}
+        result["setup"] = {
+            "seconds": round(time.perf_counter() - started, 2),
+            "recorded": setup["summary"]["repairs"].get("recorded_new", 0),
+            "storage_writes": setup["summary"]["storage_writes"],
+            "relays_still_running": setup["relays_still_running"],
+        }
         if memory:
             app.stop()
             app = stack.enter_context(bench.app(env, f"reconcile-{subscriptions}-drift"))
@@ -898,16 +947,12 @@ _IMPORT_LINE = re.compile(r"^import time:\s+(\d+)\s+\|\s+(\d+)\s+\|( *)(\S+)\s*$
 LAZY_GROUPS = {
     "landing (shared.landing, shared.web)": "import shared.landing, shared.web",
     "webhook (shared.webhook, shared.webhook_auth)": "import shared.webhook, shared.webhook_auth",
-    "services bundle (build_services: shared.services, marketplace, repository)":
-        "import shared.services, shared.marketplace, shared.repository, shared.observability",
-    "first landing invocation (all of its lazy imports)":
-        "import shared.landing, shared.principal, shared.services, shared.marketplace, shared.repository, "
-        "shared.observability, shared.web",
-    "first webhook invocation (all of its lazy imports)":
-        "import shared.http, shared.services, shared.webhook, shared.marketplace, shared.repository, "
-        "shared.observability, shared.webhook_auth, shared.policy, shared.events, azure.storage.queue",
-    "reconcile timer (all of its lazy imports)":
-        "import shared.reconcile, shared.services, shared.marketplace, shared.repository, shared.observability",
+    "services bundle (build_services: shared.services, marketplace, repository)": "import shared.services, shared.marketplace, shared.repository, shared.observability",
+    "first landing invocation (all of its lazy imports)": "import shared.landing, shared.principal, shared.services, shared.marketplace, shared.repository, "
+    "shared.observability, shared.web",
+    "first webhook invocation (all of its lazy imports)": "import shared.http, shared.services, shared.webhook, shared.marketplace, shared.repository, "
+    "shared.observability, shared.webhook_auth, shared.policy, shared.events, azure.storage.queue",
+    "reconcile timer (all of its lazy imports)": "import shared.reconcile, shared.services, shared.marketplace, shared.repository, shared.observability",
 }
 
 
@@ -923,8 +968,14 @@ def parse_importtime(stderr: str) -> list[tuple[str, int, int, int]]:
 
 def _importtime(code: str) -> list[tuple[str, int, int, int]]:
     python = sys.executable
-    completed = subprocess.run([python, "-X", "importtime", "-c", code], cwd=ROOT, capture_output=True,
-                               text=True, timeout=120, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    completed = subprocess.run(
+        [python, "-X", "importtime", "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
     if completed.returncode != 0:
         raise RuntimeError(f"import failed: {completed.stderr[-2000:]}")
     return parse_importtime(completed.stderr)
@@ -941,17 +992,18 @@ def bench_coldstart(runs: int = 5) -> dict[str, Any]:
         own.append(top - functions_lib)
         for name, _, cumulative, depth in rows:
             per_module.setdefault((name, depth), []).append(cumulative)
-    top_modules = sorted(((statistics.median(v), name, depth) for (name, depth), v in per_module.items()
-                          if name != "function_app"), reverse=True)[:10]
+    top_modules = sorted(
+        ((statistics.median(v), name, depth) for (name, depth), v in per_module.items() if name != "function_app"), reverse=True
+    )[:10]
     lazy, lazy_top = {}, {}
     for label, code in LAZY_GROUPS.items():
         samples, modules = [], {}
         for _ in range(runs):
             rows = _importtime("import function_app\n" + code)
             index = next(i for i, row in enumerate(rows) if row[0] == "function_app" and row[3] == 0)
-            later = rows[index + 1:]
+            later = rows[index + 1 :]
             samples.append(sum(cumulative for _, _, cumulative, depth in later if depth == 0))
-            for name, _, cumulative, depth in later:
+            for name, _, cumulative, _depth in later:
                 if not name.startswith("shared"):
                     modules.setdefault(name, []).append(cumulative)
         lazy[label] = round(statistics.median(samples) / 1000, 1)
@@ -976,7 +1028,9 @@ def bench_coldstart(runs: int = 5) -> dict[str, Any]:
         "import_ms_all": [round(t / 1000, 1) for t in totals],
         "import_ms_without_azure_functions": round(statistics.median(own) / 1000, 1),
         "process_ms_median": _ms(statistics.median(interpreter)),
-        "top_modules": [{"module": name, "depth": depth, "cumulative_ms": round(us / 1000, 1)} for us, name, depth in top_modules],
+        "top_modules": [
+            {"module": name, "depth": depth, "cumulative_ms": round(us / 1000, 1)} for us, name, depth in top_modules
+        ],
         "lazy_imports_ms": lazy,
         "lazy_imports_heaviest": lazy_top,
     }
@@ -989,11 +1043,16 @@ def bench_coldstart(runs: int = 5) -> dict[str, Any]:
 def _git_state() -> str:
     """The commit measured, and whether the app's code had uncommitted changes."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "shared", "function_app.py", "webhook",
-                                "landing_page", "reconcile_timer"], cwd=ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.split("\n")
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "shared", "function_app.py", "webhook", "landing_page", "reconcile_timer"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.split("\n")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     changed = sorted({line[3:].strip() for line in dirty if line.strip()})
@@ -1006,7 +1065,7 @@ def machine_info() -> dict[str, str]:
         "nproc": str(os.cpu_count()),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "load_average": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
 
@@ -1023,30 +1082,44 @@ def print_summary(results: dict[str, Any]) -> None:
     webhook = results.get("webhook")
     if webhook:
         lat = webhook["latency_ms"]
-        print(f"webhook: {webhook['events']} events / {webhook['senders']} senders in {webhook['burst_seconds']} s "
-              f"({webhook['throughput_per_second']}/s): p50 {lat['p50']} ms, p99 {lat['p99']} ms, errors {webhook['errors']}")
-        print(f"  per event: marketplace {webhook['marketplace_per_event']}, storage reads {webhook['storage_reads_per_event']}, "
-              f"writes {webhook['storage_writes_per_event']} (+ relay {webhook['relay_storage_per_event']} in background)")
-        print(f"  JWT: {webhook['auth_alone_ms']['mean']} ms alone = {webhook['auth_alone_share_of_handle']:.2%} of mean handling "
-              f"({webhook['handle_mean_ms']} ms); in the burst {webhook['auth_in_burst_share']:.2%}; app CPU per event "
-              f"{webhook['app_cpu_ms_per_event']} ms (request thread {webhook['handle_cpu_ms_per_event']} ms)")
+        print(
+            f"webhook: {webhook['events']} events / {webhook['senders']} senders in {webhook['burst_seconds']} s "
+            f"({webhook['throughput_per_second']}/s): p50 {lat['p50']} ms, p99 {lat['p99']} ms, errors {webhook['errors']}"
+        )
+        print(
+            f"  per event: marketplace {webhook['marketplace_per_event']}, storage reads {webhook['storage_reads_per_event']}, "
+            f"writes {webhook['storage_writes_per_event']} (+ relay {webhook['relay_storage_per_event']} in background)"
+        )
+        print(
+            f"  JWT: {webhook['auth_alone_ms']['mean']} ms alone = {webhook['auth_alone_share_of_handle']:.2%} of mean handling "
+            f"({webhook['handle_mean_ms']} ms); in the burst {webhook['auth_in_burst_share']:.2%}; app CPU per event "
+            f"{webhook['app_cpu_ms_per_event']} ms (request thread {webhook['handle_cpu_ms_per_event']} ms)"
+        )
         for probe in webhook["probes"]:
-            print(f"  probe {probe['label']:<24} reads {probe['reads']} writes {probe['writes']} "
-                  f"marketplace {_fmt_counts(probe['marketplace'])}")
+            print(
+                f"  probe {probe['label']:<24} reads {probe['reads']} writes {probe['writes']} "
+                f"marketplace {_fmt_counts(probe['marketplace'])}"
+            )
     for run in results.get("reconcile", []):
         drift, clean = run["drift_run"], run["clean_run"]
-        print(f"reconcile {run['subscriptions']}: setup {run['setup']['seconds']} s; drift run {drift['wall_seconds']} s "
-              f"({drift['ms_per_subscription']} ms/sub), marketplace {drift['marketplace_calls']}, reads {drift['storage_reads']}, "
-              f"writes {drift['storage_writes']} (drifted {run['drifted']}), repairs {drift['repairs_total']}; "
-              f"clean run {clean['wall_seconds']} s, writes {clean['storage_writes']}")
+        print(
+            f"reconcile {run['subscriptions']}: setup {run['setup']['seconds']} s; drift run {drift['wall_seconds']} s "
+            f"({drift['ms_per_subscription']} ms/sub), marketplace {drift['marketplace_calls']}, reads {drift['storage_reads']}, "
+            f"writes {drift['storage_writes']} (drifted {run['drifted']}), repairs {drift['repairs_total']}; "
+            f"clean run {clean['wall_seconds']} s, writes {clean['storage_writes']}"
+        )
         if "memory_run" in run:
             mem = run["memory_run"]
-            print(f"  peak heap {mem['peak_heap_bytes'] / 1e6:.1f} MB; peak RSS {_mib(drift['peak_rss_kib'])} MiB "
-                  f"(before the run {_mib(drift['rss_kib_before'])} MiB)")
+            print(
+                f"  peak heap {mem['peak_heap_bytes'] / 1e6:.1f} MB; peak RSS {_mib(drift['peak_rss_kib'])} MiB "
+                f"(before the run {_mib(drift['rss_kib_before'])} MiB)"
+            )
     cold = results.get("coldstart")
     if cold:
-        print(f"cold start: import function_app {cold['import_ms_median']} ms median of {cold['runs']} "
-              f"(without azure.functions {cold['import_ms_without_azure_functions']} ms)")
+        print(
+            f"cold start: import function_app {cold['import_ms_median']} ms median of {cold['runs']} "
+            f"(without azure.functions {cold['import_ms_without_azure_functions']} ms)"
+        )
         for label, ms in cold["lazy_imports_ms"].items():
             print(f"  lazy {label}: {ms} ms")
 
@@ -1157,8 +1230,10 @@ def _render_webhook(w: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for p in probes:
-        lines.append(f"| {p['label']} | {p['status']} {p['result']} | {_fmt_counts(p['marketplace'])} | {p['reads']} | {p['writes']}"
-                     f" | {_fmt_counts(p['storage'])} | {_fmt_counts(p['relay_storage'])} |")
+        lines.append(
+            f"| {p['label']} | {p['status']} {p['result']} | {_fmt_counts(p['marketplace'])} | {p['reads']} | {p['writes']}"
+            f" | {_fmt_counts(p['storage'])} | {_fmt_counts(p['relay_storage'])} |"
+        )
     lines += [""]
     return lines
 
@@ -1203,23 +1278,42 @@ def _render_reconcile(runs: list[dict[str, Any]], note: str) -> list[str]:
     row("Drift run: wall time", lambda r: f"{r['drift_run']['wall_seconds']} s")
     row("Drift run: time per subscription", lambda r: f"{r['drift_run']['ms_per_subscription']} ms")
     row("Drift run: phases (s)", lambda r: _fmt_counts(r["drift_run"]["phases_seconds"]))
-    row("Drift run: app CPU (per subscription)", lambda r: f"{r['drift_run']['cpu_seconds']} s ({r['drift_run']['cpu_ms_per_subscription']} ms)")
+    row(
+        "Drift run: app CPU (per subscription)",
+        lambda r: f"{r['drift_run']['cpu_seconds']} s ({r['drift_run']['cpu_ms_per_subscription']} ms)",
+    )
     row("Storage point read alone, after the run (mean of 50)", lambda r: f"{r['drift_run']['point_read_ms']} ms")
     row("Drift run: Marketplace calls", lambda r: f"{r['drift_run']['marketplace_calls']} ({r['drift_run']['pages']} list pages)")
     row("Drift run: storage reads", lambda r: r["drift_run"]["storage_reads"])
-    row("Drift run: storage writes (target drifted + 1)", lambda r: f"{r['drift_run']['storage_writes']} (target {r['drifted'] + 1})")
+    row(
+        "Drift run: storage writes (target drifted + 1)",
+        lambda r: f"{r['drift_run']['storage_writes']} (target {r['drifted'] + 1})",
+    )
     row("Drift run: storage requests", lambda r: _fmt_counts(r["drift_run"]["wire"]))
     row("Drift run: repairs / deferred", lambda r: f"{_fmt_counts(r['drift_run']['repairs'])} / {r['drift_run']['deferred']}")
     row("Clean run: wall time", lambda r: f"{r['clean_run']['wall_seconds']} s ({r['clean_run']['ms_per_subscription']} ms/sub)")
-    row("Clean run: app CPU (per subscription)", lambda r: f"{r['clean_run']['cpu_seconds']} s ({r['clean_run']['cpu_ms_per_subscription']} ms)")
+    row(
+        "Clean run: app CPU (per subscription)",
+        lambda r: f"{r['clean_run']['cpu_seconds']} s ({r['clean_run']['cpu_ms_per_subscription']} ms)",
+    )
     row("Clean run: phases (s)", lambda r: _fmt_counts(r["clean_run"]["phases_seconds"]))
     row("Clean run: Marketplace calls", lambda r: r["clean_run"]["marketplace_calls"])
-    row("Clean run: storage reads / writes (target writes 1)", lambda r: f"{r['clean_run']['storage_reads']} / {r['clean_run']['storage_writes']}")
+    row(
+        "Clean run: storage reads / writes (target writes 1)",
+        lambda r: f"{r['clean_run']['storage_reads']} / {r['clean_run']['storage_writes']}",
+    )
     if all("memory_run" in r for r in runs):
-        row("Peak Python heap during a drift run (tracemalloc)", lambda r: f"{r['memory_run']['peak_heap_bytes'] / 1e6:.1f} MB"
-            f" ({r['memory_run']['peak_heap_bytes'] / r['subscriptions']:.0f} B/sub)")
-        row("RSS of the app process before the drift run → its peak during the run",
-            lambda r: f"{_mib(r['drift_run']['rss_kib_before'])} → {_mib(r['drift_run']['peak_rss_kib'])} MiB")
+        row(
+            "Peak Python heap during a drift run (tracemalloc)",
+            lambda r: (
+                f"{r['memory_run']['peak_heap_bytes'] / 1e6:.1f} MB"
+                f" ({r['memory_run']['peak_heap_bytes'] / r['subscriptions']:.0f} B/sub)"
+            ),
+        )
+        row(
+            "RSS of the app process before the drift run → its peak during the run",
+            lambda r: f"{_mib(r['drift_run']['rss_kib_before'])} → {_mib(r['drift_run']['peak_rss_kib'])} MiB",
+        )
         row("Memory run: writes / repairs", lambda r: f"{r['memory_run']['storage_writes']} / {r['memory_run']['repairs_total']}")
     row("App log", lambda r: _fmt_counts(r["log"]))
     lines.append("")
@@ -1230,7 +1324,7 @@ def _render_coldstart(c: dict[str, Any]) -> list[str]:
     lines = [
         "## 3. Cold start",
         "",
-        f"`python -X importtime -c \"import function_app\"` in a fresh interpreter, {c['runs']} runs, median.",
+        f'`python -X importtime -c "import function_app"` in a fresh interpreter, {c["runs"]} runs, median.',
         "",
         "| Figure | Value |",
         "|---|---|",
@@ -1330,7 +1424,11 @@ def interpret(results: dict[str, Any]) -> list[str]:
             return large[run][key] / max(small[run][key], 1e-9)
 
         cpu_ratio, wall_ratio = ratio("drift_run", "cpu_seconds"), ratio("drift_run", "wall_seconds")
-        read_ratio = ratio("drift_run", "point_read_ms") if small["drift_run"]["point_read_ms"] and large["drift_run"]["point_read_ms"] else 1.0
+        read_ratio = (
+            ratio("drift_run", "point_read_ms")
+            if small["drift_run"]["point_read_ms"] and large["drift_run"]["point_read_ms"]
+            else 1.0
+        )
 
         def value_is_linear(value: float) -> bool:
             return value <= scale * 1.25
@@ -1349,7 +1447,9 @@ def interpret(results: dict[str, Any]) -> list[str]:
         )
         clean_ratio = ratio("clean_run", "wall_seconds")
         if value_is_linear(cpu_ratio) and not (value_is_linear(wall_ratio) and value_is_linear(clean_ratio)):
-            scan_ratio = large["clean_run"]["phases_seconds"].get("scan", 0) / max(small["clean_run"]["phases_seconds"].get("scan", 0), 1e-9)
+            scan_ratio = large["clean_run"]["phases_seconds"].get("scan", 0) / max(
+                small["clean_run"]["phases_seconds"].get("scan", 0), 1e-9
+            )
             text += (
                 " The app's own CPU stays about linear, so the excess is mostly waiting on storage: the scan phase of the clean run grew"
                 f" {scan_ratio:.1f}x (the filter `RowKey eq 'state' or Pending eq true` is evaluated over every row of the"
@@ -1368,11 +1468,16 @@ def interpret(results: dict[str, Any]) -> list[str]:
             per_sub = ""
             if smallest is not biggest and smallest.get("memory_run"):
                 grown = memory["peak_heap_bytes"] - smallest["memory_run"]["peak_heap_bytes"]
-                what = ("the fingerprint index" if smallest["subscriptions"] >= 1000
-                        else "the index, and the scan page filling up to 1,000 entities")
-                per_sub = (f"; from {smallest['subscriptions']:,} to {biggest['subscriptions']:,} subscriptions it grew by"
-                           f" {grown / 1e6:.1f} MB, about {grown / (biggest['subscriptions'] - smallest['subscriptions']):.0f} B"
-                           f" per subscription ({what})")
+                what = (
+                    "the fingerprint index"
+                    if smallest["subscriptions"] >= 1000
+                    else "the index, and the scan page filling up to 1,000 entities"
+                )
+                per_sub = (
+                    f"; from {smallest['subscriptions']:,} to {biggest['subscriptions']:,} subscriptions it grew by"
+                    f" {grown / 1e6:.1f} MB, about {grown / (biggest['subscriptions'] - smallest['subscriptions']):.0f} B"
+                    f" per subscription ({what})"
+                )
             notes.append(
                 f"Memory: peak Python heap {memory['peak_heap_bytes'] / 1e6:.1f} MB at {biggest['subscriptions']:,} subscriptions"
                 f"{per_sub}; the rest is one scan page (1,000 entities) and one listing page at a time. Peak RSS of the app"
@@ -1451,7 +1556,9 @@ def findings(results: dict[str, Any]) -> list[str]:
             break
     for run in results.get("reconcile", [])[-1:]:
         drift, clean = run["drift_run"], run["clean_run"]
-        per_repair = (drift["phases_seconds"].get("compare_listing", 0) - clean["phases_seconds"].get("compare_listing", 0)) / run["drifted"]
+        per_repair = (
+            drift["phases_seconds"].get("compare_listing", 0) - clean["phases_seconds"].get("compare_listing", 0)
+        ) / run["drifted"]
         if per_repair > 0:
             out.append(
                 f"Reconcile repairs run one after another (`shared/reconcile.py` `_repair` -> `repository.apply`): at"
@@ -1490,7 +1597,8 @@ FALLBACK_SIZE = 5000
 
 def _projected_seconds(previous: dict[str, Any], count: int) -> float:
     spent = previous["setup"]["seconds"] + sum(
-        previous[name]["wall_seconds"] for name in ("drift_run", "clean_run", "memory_run") if name in previous)
+        previous[name]["wall_seconds"] for name in ("drift_run", "clean_run", "memory_run") if name in previous
+    )
     return spent * count / previous["subscriptions"]
 
 
@@ -1506,8 +1614,9 @@ def _affordable_size(previous: dict[str, Any], count: int) -> tuple[int, str]:
     )
 
 
-def run(quick: bool = False, only: str | None = None, *, reconcile_sizes: tuple[int, ...] | None = None,
-        webhooks: int | None = None) -> dict[str, Any]:
+def run(
+    quick: bool = False, only: str | None = None, *, reconcile_sizes: tuple[int, ...] | None = None, webhooks: int | None = None
+) -> dict[str, Any]:
     sizes = QUICK_SIZES if quick else FULL_SIZES
     results: dict[str, Any] = {}
     if only in (None, "webhook", "reconcile"):

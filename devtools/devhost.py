@@ -37,6 +37,7 @@ What it emulates:
 Not emulated: bindings other than the HTTP/timer triggers and the HTTP output (inputs receive
 ``None``, ``func.Out`` outputs are logged and discarded), CORS, keys, ``functionTimeout``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,16 +55,18 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, ClassVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import azure.functions as func
+
 # NB: ``func.TimerRequest`` is the abstract base class (it takes no arguments); the
 # constructible TimerRequest(past_due=, schedule_status=, schedule=) lives in azure.functions.timer.
 from azure.functions.timer import TimerRequest
@@ -74,10 +77,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_PORT",
+    "MAX_REQUEST_BODY_BYTES",
     "DevHost",
     "DevHostError",
     "InvocationResult",
-    "MAX_REQUEST_BODY_BYTES",
     "RouteTemplate",
     "SignedInUser",
     "load_app",
@@ -112,6 +115,7 @@ class DevHostError(Exception):
 # Small helpers
 # --------------------------------------------------------------------------------------------
 
+
 def _plain(value: Any) -> Any:
     """Binding dicts carry enums (HttpMethod, AuthLevel, BindingDirection); make them plain."""
     if isinstance(value, Enum):
@@ -124,16 +128,16 @@ def _plain(value: Any) -> Any:
 
 
 def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _next_run(schedule: ncrontab.Schedule, after: datetime) -> datetime:
     """Next occurrence (aware UTC) of a parsed schedule strictly after the aware ``after``."""
-    naive = after.astimezone(timezone.utc).replace(tzinfo=None)
+    naive = after.astimezone(UTC).replace(tzinfo=None)
     nxt = schedule.next_after(naive)
     if nxt is None:  # pragma: no cover - parse_schedule rejects never-occurring crons
         raise DevHostError(f"schedule {schedule} has no next occurrence")
-    return nxt.replace(tzinfo=timezone.utc)
+    return nxt.replace(tzinfo=UTC)
 
 
 def _truthy(value: str | None) -> bool:
@@ -142,12 +146,16 @@ def _truthy(value: str | None) -> bool:
 
 def resolve_setting_references(text: str, environ: Mapping[str, str], *, what: str) -> str:
     """Replace ``%NAME%`` binding expressions with app settings; DevHostError when one is missing."""
+
     def substitute(match: re.Match) -> str:
         name = match.group(1)
         if name not in environ:
-            raise DevHostError(f"{what}: app setting '{name}' (referenced as '%{name}%') is not set; "
-                               f"add it to local.settings.json Values or the environment")
+            raise DevHostError(
+                f"{what}: app setting '{name}' (referenced as '%{name}%') is not set; "
+                f"add it to local.settings.json Values or the environment"
+            )
         return environ[name]
+
     return _SETTING_RE.sub(substitute, text)
 
 
@@ -155,9 +163,11 @@ def resolve_setting_references(text: str, environ: Mapping[str, str], *, what: s
 # Route templates (ASP.NET Core syntax, as used by the Functions host)
 # --------------------------------------------------------------------------------------------
 
+
 def _int_between(low: int, high: int) -> Callable[[str], bool]:
     def check(value: str) -> bool:
         return bool(re.fullmatch(r"[+-]?\d+", value)) and low <= int(value) <= high
+
     return check
 
 
@@ -188,8 +198,8 @@ def _as_int(value: str) -> int | None:
 def _make_constraint(name: str, arg: str | None, template: str) -> Callable[[str], bool]:
     """Build a predicate for one ASP.NET route constraint, e.g. ``int``, ``min(1)``, ``regex(..)``."""
     simple: dict[str, Callable[[str], bool]] = {
-        "int": _int_between(-2**31, 2**31 - 1),
-        "long": _int_between(-2**63, 2**63 - 1),
+        "int": _int_between(-(2**31), 2**31 - 1),
+        "long": _int_between(-(2**63), 2**63 - 1),
         "bool": lambda v: v.lower() in ("true", "false"),
         "guid": _is_guid,
         "alpha": lambda v: bool(re.fullmatch(r"[A-Za-z]+", v)),
@@ -238,9 +248,9 @@ class _RouteParam:
 
 @dataclass
 class _Segment:
-    literal: str | None = None             # a plain literal segment
-    param: _RouteParam | None = None       # a segment that is exactly one parameter
-    pattern: re.Pattern | None = None      # a "complex" segment such as {name}.{ext}
+    literal: str | None = None  # a plain literal segment
+    param: _RouteParam | None = None  # a segment that is exactly one parameter
+    pattern: re.Pattern | None = None  # a "complex" segment such as {name}.{ext}
     group_params: list[_RouteParam] = field(default_factory=list)
 
     @property
@@ -280,7 +290,7 @@ def _split_parts(template: str) -> list[list[str | _RouteParam]]:
             if literal:
                 segments[-1].append(literal)
                 literal = ""
-            inner = template[i + 1:end].replace("{{", "{").replace("}}", "}")
+            inner = template[i + 1 : end].replace("{{", "{").replace("}}", "}")
             segments[-1].append(_parse_param(inner, template))
             i = end + 1
         elif char == "}":
@@ -322,7 +332,7 @@ def _parse_param(inner: str, template: str) -> _RouteParam:
     match = re.match(r"[^:=?]+", inner)
     if not match:
         raise DevHostError(f"route {template!r}: empty parameter name")
-    name, rest = match.group(0).strip(), inner[match.end():]
+    name, rest = match.group(0).strip(), inner[match.end() :]
     default = None
     optional = False
     # "=default" (outside of constraint parentheses)
@@ -331,7 +341,7 @@ def _parse_param(inner: str, template: str) -> _RouteParam:
         depth += char == "("
         depth -= char == ")"
         if char == "=" and depth == 0:
-            rest, default = rest[:index], rest[index + 1:]
+            rest, default = rest[:index], rest[index + 1 :]
             break
     if rest.endswith("?"):
         optional, rest = True, rest[:-1]
@@ -341,8 +351,7 @@ def _parse_param(inner: str, template: str) -> _RouteParam:
         if not cmatch:
             raise DevHostError(f"route {template!r}: malformed constraint {text!r}")
         constraints.append(_make_constraint(cmatch.group(1), cmatch.group(2), template))
-    return _RouteParam(name=name, optional=optional or catch_all, catch_all=catch_all,
-                       default=default, constraints=constraints)
+    return _RouteParam(name=name, optional=optional or catch_all, catch_all=catch_all, default=default, constraints=constraints)
 
 
 class RouteTemplate:
@@ -380,8 +389,7 @@ class RouteTemplate:
                         # greedy: ASP.NET matches complex segments right to left
                         regex += f"(?P<p{len(group_params)}>.+)" + ("?" if part.optional else "")
                         group_params.append(part)
-                self.segments.append(_Segment(pattern=re.compile(regex, re.IGNORECASE | re.DOTALL),
-                                              group_params=group_params))
+                self.segments.append(_Segment(pattern=re.compile(regex, re.IGNORECASE | re.DOTALL), group_params=group_params))
                 self.params.extend(group_params)
         names = [p.name.lower() for p in self.params]
         if len(names) != len(set(names)):
@@ -457,10 +465,9 @@ class SignedInUser:
     tenant_id: str
 
     @classmethod
-    def parse(cls, text: str, tenant_id: str | None = None) -> "SignedInUser":
+    def parse(cls, text: str, tenant_id: str | None = None) -> SignedInUser:
         text = text.strip()
-        match = re.fullmatch(r"(.*?)\s*<\s*([^<>\s]+@[^<>\s]+)\s*>", text) \
-            or re.fullmatch(r"()([^<>\s]+@[^<>\s]+)", text)
+        match = re.fullmatch(r"(.*?)\s*<\s*([^<>\s]+@[^<>\s]+)\s*>", text) or re.fullmatch(r"()([^<>\s]+@[^<>\s]+)", text)
         if not match:
             raise DevHostError(f"signed-in user {text!r} is neither 'Display Name <email>' nor an email")
         name, email = match.group(1).strip().strip('"'), match.group(2)
@@ -502,10 +509,11 @@ class SignedInUser:
 # Invocation plumbing
 # --------------------------------------------------------------------------------------------
 
+
 class _TraceContext:
     trace_parent = ""
     trace_state = ""
-    attributes: dict = {}
+    attributes: ClassVar[dict] = {}
 
 
 class _InvocationContext(func.Context):
@@ -604,8 +612,7 @@ class _FunctionInfo:
             if not timers_enabled:
                 line += " [schedule off: --no-timers]"
         else:
-            line = f"{self.name}: {self.trigger_type} (not triggered by the dev host; "\
-                   f"POST /admin/functions/{self.name})"
+            line = f"{self.name}: {self.trigger_type} (not triggered by the dev host; POST /admin/functions/{self.name})"
         return line + (" [disabled]" if self.disabled else "")
 
 
@@ -642,10 +649,11 @@ def read_route_prefix(host_json: Path | str | None) -> str:
 # Timers
 # --------------------------------------------------------------------------------------------
 
+
 class _TimerRunner:
     """Runs one timer function at its occurrences, in its own thread."""
 
-    def __init__(self, host: "DevHost", fn: _FunctionInfo):
+    def __init__(self, host: DevHost, fn: _FunctionInfo):
         self.host = host
         self.fn = fn
         self.last: datetime | None = None
@@ -664,9 +672,9 @@ class _TimerRunner:
         with self.host._run_lock(self.fn.name):
             started = _utcnow()
             past_due = scheduled is not None and started - scheduled > PAST_DUE_TOLERANCE
-            request = TimerRequest(past_due=past_due,
-                                   schedule_status=self.status(started, scheduled),
-                                   schedule={"AdjustForDST": True})
+            request = TimerRequest(
+                past_due=past_due, schedule_status=self.status(started, scheduled), schedule={"AdjustForDST": True}
+            )
             result = self.host._invoke(self.fn, request, reason=reason)
             if scheduled is not None:  # like the host's schedule monitor: manual runs don't count
                 self.last = scheduled
@@ -690,6 +698,7 @@ class _TimerRunner:
 # HTTP server
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class _Response:
     status: int
@@ -703,8 +712,7 @@ class _Response:
 
     @classmethod
     def json(cls, status: int, payload: Any):
-        return cls(status, [("Content-Type", "application/json; charset=utf-8")],
-                   json.dumps(payload).encode("utf-8"))
+        return cls(status, [("Content-Type", "application/json; charset=utf-8")], json.dumps(payload).encode("utf-8"))
 
 
 class _RequestError(Exception):
@@ -719,7 +727,7 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128  # a burst of concurrent senders must not overflow the listen backlog
 
-    def __init__(self, address: tuple[str, int], devhost: "DevHost"):
+    def __init__(self, address: tuple[str, int], devhost: DevHost):
         self.devhost = devhost
         super().__init__(address, _Handler)
 
@@ -750,7 +758,7 @@ class _Handler(BaseHTTPRequestHandler):
     def log_request(self, code: Any = "-", size: Any = "-") -> None:
         pass
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         message = _redact_query(format % args)
         logger.log(logging.DEBUG if "timed out" in message else logging.WARNING, "%s", message)
 
@@ -776,9 +784,8 @@ class _Handler(BaseHTTPRequestHandler):
             devhost = self.server.devhost
             host_header = self.headers.get("Host") or f"{devhost.host}:{devhost.port}"
             try:
-                response = devhost._handle(self.command, path, query, self.headers.items(),
-                                           body, f"http://{host_header}")
-            except Exception:  # noqa: BLE001 - a dev-host bug must still produce a response
+                response = devhost._handle(self.command, path, query, self.headers.items(), body, f"http://{host_header}")
+            except Exception:
                 logger.exception("Dev host failed handling %s %s", self.command, path)
                 response = _Response.text(500)
         try:
@@ -844,6 +851,7 @@ class _Handler(BaseHTTPRequestHandler):
 # The host
 # --------------------------------------------------------------------------------------------
 
+
 class DevHost:
     """Serve a v2-model ``func.FunctionApp`` over HTTP and run its timers.
 
@@ -862,10 +870,18 @@ class DevHost:
 
     max_request_body_bytes = MAX_REQUEST_BODY_BYTES
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *,
-                 timers: bool = True, signed_in_user: str | None = None,
-                 route_prefix: str | None = None, host_json: str | Path | None = None,
-                 environ: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        app: Any,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        *,
+        timers: bool = True,
+        signed_in_user: str | None = None,
+        route_prefix: str | None = None,
+        host_json: str | Path | None = None,
+        environ: Mapping[str, str] | None = None,
+    ):
         self.app = app
         self.host = host
         self.port = port
@@ -873,8 +889,11 @@ class DevHost:
         self._environ = os.environ if environ is None else environ
         if signed_in_user is None:
             signed_in_user = self._environ.get(SIGNED_IN_USER_ENV, "")
-        self.signed_in_user = SignedInUser.parse(
-            signed_in_user, self._environ.get(SIGNED_IN_TENANT_ENV) or None) if signed_in_user.strip() else None
+        self.signed_in_user = (
+            SignedInUser.parse(signed_in_user, self._environ.get(SIGNED_IN_TENANT_ENV) or None)
+            if signed_in_user.strip()
+            else None
+        )
         if route_prefix is None:
             route_prefix = read_route_prefix(Path("host.json") if host_json is None else host_json)
         self.route_prefix = route_prefix.strip("/")
@@ -882,21 +901,21 @@ class DevHost:
         for function in index_app(app):
             info = self._describe_function(function)
             self.functions[info.name.lower()] = info
-        self._http_functions = sorted((f for f in self.functions.values() if f.is_http),
-                                      key=lambda f: f.route.precedence)
+        self._http_functions = sorted((f for f in self.functions.values() if f.is_http), key=lambda f: f.route.precedence)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._stop = threading.Event()
         self._server: _Server | None = None
         self._server_thread: threading.Thread | None = None
-        self._timers = {name: _TimerRunner(self, info) for name, info in self.functions.items()
-                        if info.trigger_type == "timerTrigger"}
+        self._timers = {
+            name: _TimerRunner(self, info) for name, info in self.functions.items() if info.trigger_type == "timerTrigger"
+        }
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._loop_guard = threading.Lock()
 
     @classmethod
-    def from_module(cls, spec: str = "function_app:app", **kwargs: Any) -> "DevHost":
+    def from_module(cls, spec: str = "function_app:app", **kwargs: Any) -> DevHost:
         """Import ``module:attribute`` and serve it; host.json is read beside the module."""
         app, module = load_app(spec)
         if "route_prefix" not in kwargs and "host_json" not in kwargs and getattr(module, "__file__", None):
@@ -918,8 +937,12 @@ class DevHost:
             signature = None
         source = inspect.getsourcefile(user_function) if inspect.isfunction(user_function) else None
         info = _FunctionInfo(
-            name=name, trigger_type=trigger["type"], trigger=trigger, bindings=bindings,
-            user_function=user_function, signature=signature,
+            name=name,
+            trigger_type=trigger["type"],
+            trigger=trigger,
+            bindings=bindings,
+            user_function=user_function,
+            signature=signature,
             directory=str(Path(source).parent) if source else str(Path.cwd()),
             disabled=_truthy(self._environ.get(f"AzureWebJobs.{name}.Disabled")),
         )
@@ -931,8 +954,7 @@ class DevHost:
             info.http_output = outputs[0]["name"] if outputs else "$return"
         elif info.trigger_type == "timerTrigger":
             what = f"function {name!r} timer schedule"
-            info.schedule_expression = resolve_setting_references(str(trigger.get("schedule", "")),
-                                                                  self._environ, what=what)
+            info.schedule_expression = resolve_setting_references(str(trigger.get("schedule", "")), self._environ, what=what)
             try:
                 info.schedule = ncrontab.parse_schedule(info.schedule_expression)
             except ValueError as exc:
@@ -941,10 +963,13 @@ class DevHost:
         for binding in bindings:
             if binding is trigger or binding.get("type") == "http":
                 continue
-            logger.warning("Function %s: %s binding '%s' is not emulated by the dev host (%s)",
-                           name, binding.get("type"), binding.get("name"),
-                           "receives None" if binding.get("direction") == "in"
-                           else "the value set is discarded")
+            logger.warning(
+                "Function %s: %s binding '%s' is not emulated by the dev host (%s)",
+                name,
+                binding.get("type"),
+                binding.get("name"),
+                "receives None" if binding.get("direction") == "in" else "the value set is discarded",
+            )
         return info
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -957,31 +982,36 @@ class DevHost:
 
     def describe(self) -> list[str]:
         """One line per function, like ``func start`` prints them."""
-        return [info.describe(self.url, self.timers_enabled)
-                for info in sorted(self.functions.values(), key=lambda f: f.name.lower())]
+        return [
+            info.describe(self.url, self.timers_enabled) for info in sorted(self.functions.values(), key=lambda f: f.name.lower())
+        ]
 
-    def start(self) -> "DevHost":
+    def start(self) -> DevHost:
         """Bind, serve in a background thread and start the timer schedules."""
         if self._server is not None:
             raise RuntimeError("DevHost already started")
         self._stop.clear()
         self._server = _Server((self.host, self.port), self)
         self.port = self._server.server_address[1]
-        self._server_thread = threading.Thread(target=self._server.serve_forever,
-                                               kwargs={"poll_interval": 0.1},
-                                               name="devhost-http", daemon=True)
+        self._server_thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="devhost-http", daemon=True
+        )
         self._server_thread.start()
         logger.info("Dev host listening on %s (route prefix %r)", self.url, self.route_prefix)
         if self.host not in ("127.0.0.1", "localhost", "::1"):
-            logger.warning("Listening on %s: anyone who can reach it may run functions through "
-                           "/admin and act as the configured signed-in user", self.host)
+            logger.warning(
+                "Listening on %s: anyone who can reach it may run functions through "
+                "/admin and act as the configured signed-in user",
+                self.host,
+            )
         for line in self.describe():  # the command line prints these to stdout
             logger.debug("  %s", line)
         if self.timers_enabled:
             for runner in self._timers.values():
                 if not runner.fn.disabled:
-                    runner.thread = threading.Thread(target=runner.loop, args=(self._stop,),
-                                                     name=f"devhost-timer-{runner.fn.name}", daemon=True)
+                    runner.thread = threading.Thread(
+                        target=runner.loop, args=(self._stop,), name=f"devhost-timer-{runner.fn.name}", daemon=True
+                    )
                     runner.thread.start()
         return self
 
@@ -1007,7 +1037,7 @@ class DevHost:
                 self._loop = self._loop_thread = None
         logger.info("Dev host stopped")
 
-    def __enter__(self) -> "DevHost":
+    def __enter__(self) -> DevHost:
         return self.start()
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -1024,13 +1054,13 @@ class DevHost:
         with self._loop_guard:
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
-                self._loop_thread = threading.Thread(target=self._loop.run_forever,
-                                                     name="devhost-asyncio", daemon=True)
+                self._loop_thread = threading.Thread(target=self._loop.run_forever, name="devhost-asyncio", daemon=True)
                 self._loop_thread.start()
             return self._loop
 
-    def _arguments(self, info: _FunctionInfo, trigger_value: Any,
-                   context: _InvocationContext) -> tuple[dict[str, Any], dict[str, _Out]]:
+    def _arguments(
+        self, info: _FunctionInfo, trigger_value: Any, context: _InvocationContext
+    ) -> tuple[dict[str, Any], dict[str, _Out]]:
         """Keyword arguments by parameter name, as the worker binds them."""
         by_name = {b.get("name"): b for b in info.bindings}
         kwargs: dict[str, Any] = {}
@@ -1072,18 +1102,27 @@ class DevHost:
             result.error = exc
         result.duration_ms = (time.perf_counter() - started) * 1000
         if result.error is not None:
-            logger.error("Executed 'Functions.%s' (Failed, Id=%s, Duration=%.0fms)", info.name,
-                         invocation_id, result.duration_ms, exc_info=result.error)
+            logger.error(
+                "Executed 'Functions.%s' (Failed, Id=%s, Duration=%.0fms)",
+                info.name,
+                invocation_id,
+                result.duration_ms,
+                exc_info=result.error,
+            )
         else:
-            logger.log(log_level, "Executed 'Functions.%s' (Succeeded, Id=%s, Duration=%.0fms)",
-                       info.name, invocation_id, result.duration_ms)
+            logger.log(
+                log_level,
+                "Executed 'Functions.%s' (Succeeded, Id=%s, Duration=%.0fms)",
+                info.name,
+                invocation_id,
+                result.duration_ms,
+            )
             for name, value in result.outputs.items():
                 if value is not None and name != info.http_output:
-                    logger.info("Function %s set output binding '%s' (not emulated; discarded)",
-                                info.name, name)
+                    logger.info("Function %s set output binding '%s' (not emulated; discarded)", info.name, name)
         return result
 
-    def invoke(self, name: str, input: Any = None, *, reason: str = "manual") -> InvocationResult:  # noqa: A002
+    def invoke(self, name: str, input: Any = None, *, reason: str = "manual") -> InvocationResult:
         """Run a non-HTTP function now (what ``POST /admin/functions/<name>?wait=true`` does).
 
         Timer functions get a ``TimerRequest``; queue triggers a ``func.QueueMessage``;
@@ -1097,8 +1136,9 @@ class DevHost:
         if info.trigger_type == "timerTrigger":
             return self._timers[info.name.lower()].run_once(None, reason)
         if info.trigger_type == "queueTrigger":
-            trigger_value: Any = func.QueueMessage(id=str(uuid.uuid4()),
-                                                   body=input if isinstance(input, (str, bytes)) else json.dumps(input))
+            trigger_value: Any = func.QueueMessage(
+                id=str(uuid.uuid4()), body=input if isinstance(input, (str, bytes)) else json.dumps(input)
+            )
         else:
             trigger_value = input
         with self._run_lock(info.name):
@@ -1106,8 +1146,9 @@ class DevHost:
 
     # -- HTTP handling -------------------------------------------------------------------------
 
-    def _handle(self, method: str, path: str, query: str, header_items: Iterable[tuple[str, str]],
-                body: bytes, base_url: str) -> _Response:
+    def _handle(
+        self, method: str, path: str, query: str, header_items: Iterable[tuple[str, str]], body: bytes, base_url: str
+    ) -> _Response:
         method = method.upper()
         if path.lower() == "/admin" or path.lower().startswith("/admin/"):
             return self._handle_admin(method, path, query, body)
@@ -1120,8 +1161,7 @@ class DevHost:
                 matched.append((info, values))
         for info, values in matched:
             if info.methods is None or method in info.methods:
-                return self._call_http_function(info, method, path, query, header_items, body,
-                                                base_url, values)
+                return self._call_http_function(info, method, path, query, header_items, body, base_url, values)
         if matched:
             allowed = sorted({m for info, _ in matched for m in (info.methods or _ALL_METHODS)})
             return _Response.text(405, headers=[("Allow", ", ".join(allowed))])
@@ -1153,9 +1193,17 @@ class DevHost:
             params[key] = f"{params[key]},{value}" if key in params else value
         return params
 
-    def _call_http_function(self, info: _FunctionInfo, method: str, path: str, query: str,
-                            header_items: Iterable[tuple[str, str]], body: bytes, base_url: str,
-                            route_values: dict[str, str]) -> _Response:
+    def _call_http_function(
+        self,
+        info: _FunctionInfo,
+        method: str,
+        path: str,
+        query: str,
+        header_items: Iterable[tuple[str, str]],
+        body: bytes,
+        base_url: str,
+        route_values: dict[str, str],
+    ) -> _Response:
         request = func.HttpRequest(
             method=method,
             url=base_url + path + (f"?{query}" if query else ""),
@@ -1179,8 +1227,7 @@ class DevHost:
         if isinstance(value, str):
             return _Response(200, [("Content-Type", "text/plain; charset=utf-8")], value.encode("utf-8"))
         if not isinstance(value, func.HttpResponse):
-            raise TypeError(f"returned {type(value).__name__}; an HTTP function must return "
-                            f"func.HttpResponse or str")
+            raise TypeError(f"returned {type(value).__name__}; an HTTP function must return func.HttpResponse or str")
         headers = [(k, v) for k, v in value.headers.items() if k.lower() not in _HOP_BY_HOP]
         for name, header_value in headers:
             if "\r" in name or "\n" in name or "\r" in header_value or "\n" in header_value:
@@ -1212,16 +1259,20 @@ class DevHost:
             payload = json.loads(body) if body.strip() else {}
             input_value = payload.get("input") if isinstance(payload, dict) else None
         except ValueError:
-            return _Response.text(400, "Body must be JSON such as {\"input\": \"...\"}")
+            return _Response.text(400, 'Body must be JSON such as {"input": "..."}')
         wait = _truthy(self._query_params(query).get("wait"))
         if not wait:
-            threading.Thread(target=self._invoke_in_background, args=(info.name, input_value),
-                             name=f"devhost-run-{info.name}", daemon=True).start()
+            threading.Thread(
+                target=self._invoke_in_background, args=(info.name, input_value), name=f"devhost-run-{info.name}", daemon=True
+            ).start()
             return _Response(202)
         result = self.invoke(info.name, input_value, reason=_ADMIN_REASON)
-        payload = {"name": info.name, "invocationId": result.invocation_id,
-                   "status": "Succeeded" if result.succeeded else "Failed",
-                   "durationMs": round(result.duration_ms)}
+        payload = {
+            "name": info.name,
+            "invocationId": result.invocation_id,
+            "status": "Succeeded" if result.succeeded else "Failed",
+            "durationMs": round(result.duration_ms),
+        }
         if not result.succeeded:
             payload["error"] = type(result.error).__name__  # details are in the host log
         return _Response.json(200 if result.succeeded else 500, payload)
@@ -1229,12 +1280,11 @@ class DevHost:
     def _invoke_in_background(self, name: str, input_value: Any) -> None:
         try:
             self.invoke(name, input_value, reason=_ADMIN_REASON)
-        except Exception:  # noqa: BLE001 - invoke() already logs function failures
+        except Exception:
             logger.exception("On-demand run of %s failed", name)
 
     def _metadata(self, info: _FunctionInfo) -> dict:
-        data = {"name": info.name, "trigger": info.trigger_type, "disabled": info.disabled,
-                "config": {"bindings": info.bindings}}
+        data = {"name": info.name, "trigger": info.trigger_type, "disabled": info.disabled, "config": {"bindings": info.bindings}}
         if info.is_http:
             data["invoke_url_template"] = f"{self.url}/{info.route.template}"
         if info.schedule_expression is not None:
@@ -1249,10 +1299,12 @@ class DevHost:
                 link = html.escape(f"/{info.route.template}")
                 line = f'<a href="{link}">{line}</a>'
             items.append(f"<li>{line}</li>")
-        page = ("<!doctype html><html><head><meta charset=\"utf-8\"><title>Functions dev host</title>"
-                "</head><body><h1>Functions dev host</h1><ul>" + "".join(items) + "</ul>"
-                "<p>Run a non-HTTP function: <code>POST /admin/functions/&lt;name&gt;</code></p>"
-                "</body></html>")
+        page = (
+            '<!doctype html><html><head><meta charset="utf-8"><title>Functions dev host</title>'
+            "</head><body><h1>Functions dev host</h1><ul>" + "".join(items) + "</ul>"
+            "<p>Run a non-HTTP function: <code>POST /admin/functions/&lt;name&gt;</code></p>"
+            "</body></html>"
+        )
         return _Response(200, [("Content-Type", "text/html; charset=utf-8")], page.encode("utf-8"))
 
 
@@ -1264,8 +1316,8 @@ async def _await(awaitable: Any) -> Any:
 # Settings, app loading, command line
 # --------------------------------------------------------------------------------------------
 
-def load_local_settings(path: str | Path, *, required: bool = False,
-                        environ: dict[str, str] | None = None) -> dict:
+
+def load_local_settings(path: str | Path, *, required: bool = False, environ: dict[str, str] | None = None) -> dict:
     """Load ``Values`` of a local.settings.json into the environment; the environment wins.
 
     Returns the parsed document (``{}`` when the file is absent and not ``required``).
@@ -1282,16 +1334,16 @@ def load_local_settings(path: str | Path, *, required: bool = False,
     except ValueError as exc:
         raise DevHostError(f"{settings_path}: not valid JSON ({exc})") from exc
     if document.get("IsEncrypted"):
-        raise DevHostError(f"{settings_path}: encrypted settings are not supported "
-                           f"(run 'func settings decrypt' or set IsEncrypted to false)")
+        raise DevHostError(
+            f"{settings_path}: encrypted settings are not supported (run 'func settings decrypt' or set IsEncrypted to false)"
+        )
     applied = []
     for name, value in (document.get("Values") or {}).items():
         if value is None or name in environ:
             continue
         environ[name] = value if isinstance(value, str) else json.dumps(value)
         applied.append(name)
-    logger.info("Loaded %d setting(s) from %s (existing environment variables win)",
-                len(applied), settings_path)
+    logger.info("Loaded %d setting(s) from %s (existing environment variables win)", len(applied), settings_path)
     return document
 
 
@@ -1311,27 +1363,29 @@ def load_app(spec: str) -> tuple[Any, Any]:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m devtools.devhost",
-                                     description="Serve an Azure Functions v2 Python app locally.")
+    parser = argparse.ArgumentParser(
+        prog="python -m devtools.devhost", description="Serve an Azure Functions v2 Python app locally."
+    )
     parser.add_argument("--app", default="function_app:app", help="module:attribute (default %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default %(default)s)")
-    parser.add_argument("--port", type=int, default=None,
-                        help=f"port (default: Host.LocalHttpPort of the settings file, else {DEFAULT_PORT})")
-    parser.add_argument("--settings", default=None,
-                        help="local.settings.json to load (default: ./local.settings.json if present)")
-    parser.add_argument("--no-timers", action="store_true",
-                        help="do not run timer schedules (POST /admin/functions/<name> still works)")
+    parser.add_argument(
+        "--port", type=int, default=None, help=f"port (default: Host.LocalHttpPort of the settings file, else {DEFAULT_PORT})"
+    )
+    parser.add_argument(
+        "--settings", default=None, help="local.settings.json to load (default: ./local.settings.json if present)"
+    )
+    parser.add_argument(
+        "--no-timers", action="store_true", help="do not run timer schedules (POST /admin/functions/<name> still works)"
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     try:
-        settings = load_local_settings(args.settings or "local.settings.json",
-                                       required=args.settings is not None)
+        settings = load_local_settings(args.settings or "local.settings.json", required=args.settings is not None)
         port = args.port
         if port is None:
             port = int((settings.get("Host") or {}).get("LocalHttpPort") or DEFAULT_PORT)

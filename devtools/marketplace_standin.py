@@ -64,6 +64,7 @@ activation_delay_seconds, activation_outcome ("success"|"fail"), operation_delay
 auto_accept_seconds (None disables), webhook_url, webhook_delay, webhook_retries,
 webhook_retry_delay_seconds, webhook_timeout_seconds, webhook_token_version ("2.0"|"1.0").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,11 +84,12 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterable
+from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import jwt
@@ -144,9 +146,12 @@ _FIELD_ALIASES = {
     "allowed_customer_operations": "allowedCustomerOperations",
 }
 _TERM_FIELDS = {
-    "start_date": "startDate", "startDate": "startDate",
-    "end_date": "endDate", "endDate": "endDate",
-    "term_unit": "termUnit", "termUnit": "termUnit",
+    "start_date": "startDate",
+    "startDate": "startDate",
+    "end_date": "endDate",
+    "endDate": "endDate",
+    "term_unit": "termUnit",
+    "termUnit": "termUnit",
 }
 
 
@@ -154,9 +159,10 @@ _TERM_FIELDS = {
 # Small helpers
 # --------------------------------------------------------------------------------------------------
 
+
 def _timestamp(moment: datetime | None = None) -> str:
     """UTC ISO 8601 with 7 fractional digits and ``Z``, as Microsoft writes ``timeStamp``."""
-    moment = moment or datetime.now(timezone.utc)
+    moment = moment or datetime.now(UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%f") + "0Z"
 
 
@@ -208,12 +214,12 @@ def _set_term(subscription: dict[str, Any], start: date) -> None:
 
 
 def _today() -> date:
-    return datetime.now(timezone.utc).date()
+    return datetime.now(UTC).date()
 
 
 def _as_json_value(value: Any) -> Any:
     if isinstance(value, datetime):
-        return _timestamp(value.astimezone(timezone.utc))
+        return _timestamp(value.astimezone(UTC))
     if isinstance(value, date):
         return _day(value)
     return value
@@ -239,9 +245,16 @@ def make_identity(email: str | None = None, tenant_id: str | None = None) -> dic
     }
 
 
-def make_plan(plan_id: str, *, per_seat: bool = False, min_quantity: int | None = None,
-              max_quantity: int | None = None, price: float = 10.0, display_name: str | None = None,
-              **overrides: Any) -> dict[str, Any]:
+def make_plan(
+    plan_id: str,
+    *,
+    per_seat: bool = False,
+    min_quantity: int | None = None,
+    max_quantity: int | None = None,
+    price: float = 10.0,
+    display_name: str | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
     """A Plan object (§5.3) for ``listAvailablePlans``; ``overrides`` are JSON field names."""
     plan = {
         "planId": plan_id,
@@ -255,10 +268,15 @@ def make_plan(plan_id: str, *, per_seat: bool = False, min_quantity: int | None 
         "isStopSell": False,
         "market": "US",
         "planComponents": {
-            "recurrentBillingTerms": [{
-                "currency": "USD", "price": price, "termUnit": "P1M", "termDescription": "1 month",
-                "meteredQuantityIncluded": [],
-            }],
+            "recurrentBillingTerms": [
+                {
+                    "currency": "USD",
+                    "price": price,
+                    "termUnit": "P1M",
+                    "termDescription": "1 month",
+                    "meteredQuantityIncluded": [],
+                }
+            ],
             "meteringDimensions": [],
         },
         "sourceOffers": [],
@@ -280,16 +298,16 @@ def default_plans() -> list[dict[str, Any]]:
 # HTTP plumbing types
 # --------------------------------------------------------------------------------------------------
 
+
 class ApiError(Exception):
     """An error answer: ``{"code", "message", "target"}`` with an HTTP status."""
 
-    def __init__(self, status: int, code: str, message: str, target: str = "",
-                 headers: dict[str, str] | None = None):
+    def __init__(self, status: int, code: str, message: str, target: str = "", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.target = status, code, message, target
         self.headers = headers or {}
 
-    def response(self) -> "_Response":
+    def response(self) -> _Response:
         body = {"code": self.code, "message": self.message, "target": self.target}
         return _Response(self.status, body, dict(self.headers))
 
@@ -401,6 +419,7 @@ CONTROL_ROUTES = _routes(
 # Background work, signing keys, faults
 # --------------------------------------------------------------------------------------------------
 
+
 class _Scheduler:
     """Runs callables after a delay on one background thread (cheaper than a Timer per task)."""
 
@@ -449,26 +468,33 @@ class _SigningKey:
     certificate_der: bytes
 
     @classmethod
-    def generate(cls) -> "_SigningKey":
+    def generate(cls) -> _SigningKey:
         private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "accounts.accesscontrol.windows.net")])
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         certificate = (
-            x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(private_key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=365))
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(private_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + timedelta(days=365))
             .sign(private_key, hashes.SHA256())
         )
         return cls(secrets.token_urlsafe(20), private_key, certificate.public_bytes(serialization.Encoding.DER))
 
     @property
     def x5t(self) -> str:
-        return _b64url(hashlib.sha1(self.certificate_der).digest())  # noqa: S324 - x5t is SHA-1 by definition
+        return _b64url(hashlib.sha1(self.certificate_der).digest())
 
     def jwk(self, issuer: str) -> dict[str, Any]:
         numbers = self.private_key.public_key().public_numbers()
         return {
-            "kty": "RSA", "use": "sig", "kid": self.kid, "x5t": self.x5t,
+            "kty": "RSA",
+            "use": "sig",
+            "kid": self.kid,
+            "x5t": self.x5t,
             "n": _b64url(numbers.n.to_bytes((numbers.n.bit_length() + 7) // 8, "big")),
             "e": _b64url(numbers.e.to_bytes((numbers.e.bit_length() + 7) // 8, "big")),
             "x5c": [base64.b64encode(self.certificate_der).decode()],
@@ -502,13 +528,22 @@ class _Fault:
 # The stand-in
 # --------------------------------------------------------------------------------------------------
 
+
 class MarketplaceStandIn:
     """Stateful, thread-safe fake of the SaaS Fulfillment API v2 plus Microsoft's webhook sender."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, webhook_url: str | None = None,
-                 tenant_id: str = DEFAULT_TENANT_ID, audience: str = DEFAULT_AUDIENCE,
-                 publisher_id: str = DEFAULT_PUBLISHER_ID, landing_page_url: str | None = None,
-                 public_url: str | None = None, **knobs: Any):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        webhook_url: str | None = None,
+        tenant_id: str = DEFAULT_TENANT_ID,
+        audience: str = DEFAULT_AUDIENCE,
+        publisher_id: str = DEFAULT_PUBLISHER_ID,
+        landing_page_url: str | None = None,
+        public_url: str | None = None,
+        **knobs: Any,
+    ):
         unknown = set(knobs) - set(KNOB_DEFAULTS)
         if unknown:
             raise TypeError(f"unknown knob(s): {', '.join(sorted(unknown))}")
@@ -551,7 +586,7 @@ class MarketplaceStandIn:
         self.webhook_deliveries: list[tuple[str, int | None]] = []
         self._webhook_tokens: dict[tuple[str, ...], tuple[str, float]] = {}  # bearer cache: (token, exp)
 
-    def start(self) -> "MarketplaceStandIn":
+    def start(self) -> MarketplaceStandIn:
         """Bind (port 0 picks a free port) and serve on a background thread."""
         if self._server is not None:
             return self
@@ -560,8 +595,9 @@ class MarketplaceStandIn:
             self._delivery_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="standin-webhook")
         self._server = _Server((self.host, self.port), _Handler, self)
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="standin-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="standin-http", daemon=True
+        )
         self._thread.start()
         logger.info("Marketplace stand-in listening on %s", self.url)
         return self
@@ -576,7 +612,7 @@ class MarketplaceStandIn:
             self._scheduler = None  # type: ignore[assignment]
             self._delivery_pool.shutdown(wait=False, cancel_futures=True)
 
-    def __enter__(self) -> "MarketplaceStandIn":
+    def __enter__(self) -> MarketplaceStandIn:
         return self.start()
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -611,11 +647,19 @@ class MarketplaceStandIn:
 
     # ---- Microsoft's side: purchases and subscription records ------------------------------------
 
-    def create_purchase(self, offer_id: str = DEFAULT_OFFER_ID, plan_id: str = "basic",
-                        quantity: int | None = None, name: str | None = None,
-                        purchaser: dict[str, str] | None = None, beneficiary: dict[str, str] | None = None,
-                        term_unit: str = "P1M", is_free_trial: bool = False,
-                        token_ttl_seconds: float = 86400, extra: dict[str, Any] | None = None) -> dict[str, str]:
+    def create_purchase(
+        self,
+        offer_id: str = DEFAULT_OFFER_ID,
+        plan_id: str = "basic",
+        quantity: int | None = None,
+        name: str | None = None,
+        purchaser: dict[str, str] | None = None,
+        beneficiary: dict[str, str] | None = None,
+        term_unit: str = "P1M",
+        is_free_trial: bool = False,
+        token_ttl_seconds: float = 86400,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, str]:
         """A new purchase in PendingFulfillmentStart; returns ``{"token", "subscriptionId"}``.
 
         ``beneficiary`` defaults to the purchaser (pass a different identity for CSP purchases);
@@ -623,8 +667,16 @@ class MarketplaceStandIn:
         """
         with self._lock:
             subscription = self._new_subscription(
-                offer_id, plan_id, quantity, status=PENDING, name=name, purchaser=purchaser,
-                beneficiary=beneficiary, term_unit=term_unit, is_free_trial=is_free_trial)
+                offer_id,
+                plan_id,
+                quantity,
+                status=PENDING,
+                name=name,
+                purchaser=purchaser,
+                beneficiary=beneficiary,
+                term_unit=term_unit,
+                is_free_trial=is_free_trial,
+            )
             subscription.update(extra or {})
             self._add_subscription(subscription)
             token = self._issue_token(subscription["id"], token_ttl_seconds)
@@ -649,16 +701,27 @@ class MarketplaceStandIn:
         separator = "&" if "?" in self.landing_page_url else "?"
         return f"{self.landing_page_url}{separator}token={quote(token, safe='')}"
 
-    def seed(self, count: int, status: str = SUBSCRIBED, offer_id: str = DEFAULT_OFFER_ID,
-             plan_id: str = "basic", quantity: int | None = None) -> list[str]:
+    def seed(
+        self,
+        count: int,
+        status: str = SUBSCRIBED,
+        offer_id: str = DEFAULT_OFFER_ID,
+        plan_id: str = "basic",
+        quantity: int | None = None,
+    ) -> list[str]:
         """Add ``count`` subscriptions at once (no tokens, no webhooks); returns their ids."""
         with self._lock:
             created = _timestamp()
             ids = []
-            for index in range(count):
-                subscription = self._new_subscription(offer_id, plan_id, quantity, status=status,
-                                                      name=f"Seeded subscription {len(self._order) + 1}",
-                                                      created=created)
+            for _index in range(count):
+                subscription = self._new_subscription(
+                    offer_id,
+                    plan_id,
+                    quantity,
+                    status=status,
+                    name=f"Seeded subscription {len(self._order) + 1}",
+                    created=created,
+                )
                 self._add_subscription(subscription)
                 ids.append(subscription["id"])
         logger.info("Seeded %d %s subscriptions", count, status)
@@ -692,8 +755,15 @@ class MarketplaceStandIn:
 
     # ---- Microsoft's side: operations and webhooks ---------------------------------------------
 
-    def trigger(self, subscription_id: str, action: str, plan_id: str | None = None,
-                quantity: int | None = None, deliver: bool = True, source: str = "Azure") -> dict[str, Any]:
+    def trigger(
+        self,
+        subscription_id: str,
+        action: str,
+        plan_id: str | None = None,
+        quantity: int | None = None,
+        deliver: bool = True,
+        source: str = "Azure",
+    ) -> dict[str, Any]:
         """Create an operation as Microsoft would, then (by default) POST its webhook synchronously.
 
         ChangePlan/ChangeQuantity/Reinstate stay InProgress until PATCHed (ChangePlan/ChangeQuantity
@@ -705,8 +775,9 @@ class MarketplaceStandIn:
             subscription = self._require_subscription(subscription_id)
             target_plan, target_quantity = self._validate_trigger(subscription, action, plan_id, quantity)
             acked = action in ACKED_ACTIONS
-            operation = self._new_operation(subscription, action, source, IN_PROGRESS if acked else SUCCEEDED,
-                                            plan_id=target_plan, quantity=target_quantity)
+            operation = self._new_operation(
+                subscription, action, source, IN_PROGRESS if acked else SUCCEEDED, plan_id=target_plan, quantity=target_quantity
+            )
             if not acked:
                 self._apply(subscription, operation)
             elif action in AUTO_ACCEPTED_ACTIONS and self.auto_accept_seconds is not None:
@@ -770,9 +841,15 @@ class MarketplaceStandIn:
 
     # ---- JWT signing ---------------------------------------------------------------------------
 
-    def sign_token(self, claims_overrides: dict[str, Any] | None = None, *, version: str = "2.0",
-                   headers_overrides: dict[str, Any] | None = None, key: Any = None,
-                   algorithm: str = "RS256") -> str:
+    def sign_token(
+        self,
+        claims_overrides: dict[str, Any] | None = None,
+        *,
+        version: str = "2.0",
+        headers_overrides: dict[str, Any] | None = None,
+        key: Any = None,
+        algorithm: str = "RS256",
+    ) -> str:
         """A bearer token as Entra ID issues it to the marketplace for the webhook.
 
         ``claims_overrides``/``headers_overrides`` replace values; a value of ``None`` removes the
@@ -824,7 +901,9 @@ class MarketplaceStandIn:
         claims: dict[str, Any] = {
             "aud": self.audience,
             "iss": self._issuer(version, self.tenant_id),
-            "iat": now - 300, "nbf": now - 300, "exp": now + 3600,
+            "iat": now - 300,
+            "nbf": now - 300,
+            "exp": now + 3600,
             "aio": _b64url(secrets.token_bytes(24)),
             "oid": self._marketplace_principal_id,
             "sub": self._marketplace_principal_id,
@@ -841,8 +920,14 @@ class MarketplaceStandIn:
 
     # ---- faults --------------------------------------------------------------------------------
 
-    def fail_next(self, n: int = 1, status: int = 503, path_contains: str | None = None,
-                  retry_after: float | None = None, process: bool = False) -> None:
+    def fail_next(
+        self,
+        n: int = 1,
+        status: int = 503,
+        path_contains: str | None = None,
+        retry_after: float | None = None,
+        process: bool = False,
+    ) -> None:
         """The next ``n`` matching requests answer ``status`` (with ``Retry-After`` if given).
 
         Without ``path_contains`` only ``/api/`` requests match; with it, any non-control request
@@ -851,13 +936,19 @@ class MarketplaceStandIn:
         """
         self.fail_after(0, n, status, path_contains, retry_after, process)
 
-    def fail_after(self, n_requests: int, times: int = 1, status: int = 500, path_contains: str | None = None,
-                   retry_after: float | None = None, process: bool = False) -> None:
+    def fail_after(
+        self,
+        n_requests: int,
+        times: int = 1,
+        status: int = 500,
+        path_contains: str | None = None,
+        retry_after: float | None = None,
+        process: bool = False,
+    ) -> None:
         """Let ``n_requests`` matching requests pass, then fail the next ``times`` ones
         (e.g. ``fail_after(2, 1, 500, "continuationToken")`` fails page 4 of a listing once)."""
         with self._lock:
-            self._faults.append(_Fault(int(status), int(times), int(n_requests), path_contains,
-                                       retry_after, bool(process)))
+            self._faults.append(_Fault(int(status), int(times), int(n_requests), path_contains, retry_after, bool(process)))
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -889,8 +980,7 @@ class MarketplaceStandIn:
 
     def operations_for(self, subscription_id: str) -> list[dict[str, Any]]:
         with self._lock:
-            return [copy.deepcopy(self._operations[op_id])
-                    for op_id in self._operations_by_subscription.get(subscription_id, ())]
+            return [copy.deepcopy(self._operations[op_id]) for op_id in self._operations_by_subscription.get(subscription_id, ())]
 
     def activation_count(self, subscription_id: str) -> int:
         """How many Activate calls the subscription received (any outcome)."""
@@ -943,10 +1033,20 @@ class MarketplaceStandIn:
             raise ValueError(f"plan {plan_id!r} is not in the catalogue of offer {offer_id!r} (see set_plans)")
         return plan
 
-    def _new_subscription(self, offer_id: str, plan_id: str, quantity: Any, *, status: str,
-                          name: str | None = None, purchaser: dict[str, str] | None = None,
-                          beneficiary: dict[str, str] | None = None, term_unit: str = "P1M",
-                          is_free_trial: bool = False, created: str | None = None) -> dict[str, Any]:
+    def _new_subscription(
+        self,
+        offer_id: str,
+        plan_id: str,
+        quantity: Any,
+        *,
+        status: str,
+        name: str | None = None,
+        purchaser: dict[str, str] | None = None,
+        beneficiary: dict[str, str] | None = None,
+        term_unit: str = "P1M",
+        is_free_trial: bool = False,
+        created: str | None = None,
+    ) -> dict[str, Any]:
         plan = self._require_plan(offer_id, plan_id)
         seats = _quantity(quantity)
         if seats is None and plan["isPricePerSeat"]:
@@ -994,8 +1094,16 @@ class MarketplaceStandIn:
         if subscription["saasSubscriptionStatus"] in (SUBSCRIBED, SUSPENDED) and not subscription["term"].get("startDate"):
             _set_term(subscription, _today())
 
-    def _new_operation(self, subscription: dict[str, Any], action: str, source: str, status: str, *,
-                       plan_id: str | None = None, quantity: int | None = None) -> dict[str, Any]:
+    def _new_operation(
+        self,
+        subscription: dict[str, Any],
+        action: str,
+        source: str,
+        status: str,
+        *,
+        plan_id: str | None = None,
+        quantity: int | None = None,
+    ) -> dict[str, Any]:
         operation = {
             "id": _new_id(),
             "activityId": _new_id(),
@@ -1017,8 +1125,9 @@ class MarketplaceStandIn:
         self._webhook_status[operation["id"]] = SUCCEEDED if source == "Partner" else status
         return operation
 
-    def _validate_trigger(self, subscription: dict[str, Any], action: str, plan_id: str | None,
-                          quantity: Any) -> tuple[str | None, int | None]:
+    def _validate_trigger(
+        self, subscription: dict[str, Any], action: str, plan_id: str | None, quantity: Any
+    ) -> tuple[str | None, int | None]:
         if action == "ChangePlan":
             if not plan_id:
                 raise ValueError("ChangePlan needs plan_id")
@@ -1091,18 +1200,22 @@ class MarketplaceStandIn:
         subscription["lastModified"] = _timestamp()
 
     def _has_pending_operation(self, subscription_id: str) -> bool:
-        return any(self._operations[op_id]["status"] == IN_PROGRESS
-                   for op_id in self._operations_by_subscription.get(subscription_id, ()))
+        return any(
+            self._operations[op_id]["status"] == IN_PROGRESS
+            for op_id in self._operations_by_subscription.get(subscription_id, ())
+        )
 
     # ---- webhook delivery ----------------------------------------------------------------------
 
     def _deliver_later(self, operation_id: str) -> None:
         """Deliver on the worker pool after ``webhook_delay`` (used by asynchronous completions)."""
+
         def submit() -> None:
             try:
                 self._delivery_pool.submit(self._deliver_logged, operation_id)
             except RuntimeError:  # pool shut down by stop()
                 pass
+
         self._scheduler.call_later(self.webhook_delay, submit)
 
     def _deliver_logged(self, operation_id: str) -> None:
@@ -1138,8 +1251,9 @@ class MarketplaceStandIn:
 
     def _post_webhook(self, url: str, body: bytes) -> int | None:
         token = self._webhook_bearer()
-        request = urllib.request.Request(url, data=body, method="POST", headers={
-            "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        request = urllib.request.Request(
+            url, data=body, method="POST", headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        )
         try:
             with _NO_PROXY_OPENER.open(request, timeout=self.webhook_timeout_seconds) as response:
                 response.read()
@@ -1177,15 +1291,21 @@ class MarketplaceStandIn:
             return ApiError(500, "InternalServerError", "The stand-in failed; see its log").response()
 
     def _record(self, request: _Request, kind: str) -> dict[str, Any]:
-        entry = {"method": request.method, "path": request.path_and_query, "kind": kind,
-                 "headers": dict(request.headers), "status": None, "at": _timestamp()}
+        entry = {
+            "method": request.method,
+            "path": request.path_and_query,
+            "kind": kind,
+            "headers": dict(request.headers),
+            "status": None,
+            "at": _timestamp(),
+        }
         with self._lock:
             self.calls[kind] += 1
             self.last_requests.append(entry)
         return entry
 
     def _handle_api(self, request: _Request) -> _Response:
-        route, params = _match(API_ROUTES, request.method, request.path[len("/api"):])
+        route, params = _match(API_ROUTES, request.method, request.path[len("/api") :])
         entry = self._record(request, route.kind if route else "unknown")
         request_id = request.headers.get("x-ms-requestid") or _new_id()
         correlation_id = request.headers.get("x-ms-correlationid") or _new_id()
@@ -1207,8 +1327,9 @@ class MarketplaceStandIn:
 
     def _call_api(self, request: _Request, route: _Route | None, params: dict[str, str]) -> _Response:
         if request.query.get("api-version") != API_VERSION:
-            raise _bad_request(f"Invalid api-version. The supported version is {API_VERSION}", "api-version",
-                               code="InvalidApiVersion")
+            raise _bad_request(
+                f"Invalid api-version. The supported version is {API_VERSION}", "api-version", code="InvalidApiVersion"
+            )
         authorization = request.headers.get("authorization", "")
         if self.require_bearer and not (authorization.lower().startswith("bearer ") and authorization[7:].strip()):
             raise ApiError(401, "Unauthorized", "A bearer token is required", "authorization")
@@ -1250,11 +1371,14 @@ class MarketplaceStandIn:
         with self._lock:
             subscription_id, expires = self._tokens.get(token, (None, 0.0))
             if subscription_id is None or expires <= time.time():
-                raise _bad_request("The marketplace token is invalid or expired", "x-ms-marketplace-token",
-                                   code="InvalidValue")
+                raise _bad_request("The marketplace token is invalid or expired", "x-ms-marketplace-token", code="InvalidValue")
             subscription = copy.deepcopy(self._subscriptions[subscription_id])
-        resolved = {"id": subscription["id"], "subscriptionName": subscription["name"],
-                    "offerId": subscription["offerId"], "planId": subscription["planId"]}
+        resolved = {
+            "id": subscription["id"],
+            "subscriptionName": subscription["name"],
+            "offerId": subscription["offerId"],
+            "planId": subscription["planId"],
+        }
         if "quantity" in subscription:
             resolved["quantity"] = subscription["quantity"]
         resolved["subscription"] = subscription
@@ -1317,8 +1441,11 @@ class MarketplaceStandIn:
             subscription = self._subscriptions.get(sid)
             if subscription is None:
                 return _Response(200)  # documented: empty body for an unknown subscription
-            plans = [copy.deepcopy(plan) for plan in self._plans_for(subscription["offerId"]).values()
-                     if request.query.get("planId") in (None, "", plan["planId"])]
+            plans = [
+                copy.deepcopy(plan)
+                for plan in self._plans_for(subscription["offerId"]).values()
+                if request.query.get("planId") in (None, "", plan["planId"])
+            ]
         return _Response(200, {"plans": plans})
 
     def _api_update(self, request: _Request, sid: str) -> _Response:
@@ -1329,11 +1456,13 @@ class MarketplaceStandIn:
                 raise _not_found(f"Subscription {sid}", "subscriptionId")
             plan_id, quantity = self._validate_update(subscription, body)
             if self._has_pending_operation(sid):
-                raise _bad_request("Patch cannot be completed because the subscription is locked due to pending "
-                                   "operations", "update", code="Failed")
+                raise _bad_request(
+                    "Patch cannot be completed because the subscription is locked due to pending operations",
+                    "update",
+                    code="Failed",
+                )
             action = "ChangePlan" if plan_id else "ChangeQuantity"
-            operation = self._new_operation(subscription, action, "Partner", IN_PROGRESS,
-                                            plan_id=plan_id, quantity=quantity)
+            operation = self._new_operation(subscription, action, "Partner", IN_PROGRESS, plan_id=plan_id, quantity=quantity)
         return self._accepted(operation)
 
     def _validate_update(self, subscription: dict[str, Any], body: dict[str, Any]) -> tuple[str | None, int | None]:
@@ -1352,8 +1481,11 @@ class MarketplaceStandIn:
             if plan_id not in plans:
                 raise _bad_request("Request Plan is NOT in Catalog.", "planId")
             if plan_id == subscription["planId"]:
-                raise _bad_request(f"SaaS subscription {subscription['name']} is already subscribed to plan "
-                                   f"{plan_id}. Changing plans only supported between two different plans", "planId")
+                raise _bad_request(
+                    f"SaaS subscription {subscription['name']} is already subscribed to plan "
+                    f"{plan_id}. Changing plans only supported between two different plans",
+                    "planId",
+                )
             return plan_id, None
         return None, self._validate_quantity(plans.get(subscription["planId"], {}), subscription, body["quantity"])
 
@@ -1387,15 +1519,20 @@ class MarketplaceStandIn:
     def _accepted(self, operation: dict[str, Any]) -> _Response:
         """202 for a Partner operation, completed (and announced) after ``operation_delay_seconds``."""
         self._scheduler.call_later(self.operation_delay_seconds, self._complete_partner_operation, operation["id"])
-        location = (f"{self.api_base_url}/saas/subscriptions/{operation['subscriptionId']}"
-                    f"/operations/{operation['id']}?api-version={API_VERSION}")
+        location = (
+            f"{self.api_base_url}/saas/subscriptions/{operation['subscriptionId']}"
+            f"/operations/{operation['id']}?api-version={API_VERSION}"
+        )
         logger.info("%s %s accepted for %s", operation["action"], operation["id"], operation["subscriptionId"])
         return _Response(202, None, {"Operation-Location": location, "Operation-Id": operation["id"]})
 
     def _api_list_operations(self, request: _Request, sid: str) -> _Response:
         with self._lock:  # an unknown subscription gives an empty list (observed real behaviour)
-            pending = [copy.deepcopy(self._operations[op_id]) for op_id in self._operations_by_subscription.get(sid, ())
-                       if self._operations[op_id]["status"] == IN_PROGRESS]
+            pending = [
+                copy.deepcopy(self._operations[op_id])
+                for op_id in self._operations_by_subscription.get(sid, ())
+                if self._operations[op_id]["status"] == IN_PROGRESS
+            ]
         return _Response(200, {"operations": pending})
 
     def _operation_of(self, sid: str, oid: str) -> dict[str, Any]:
@@ -1409,8 +1546,14 @@ class MarketplaceStandIn:
             return _Response(200, copy.deepcopy(self._operation_of(sid, oid)))
 
     def _api_patch_operation(self, request: _Request, sid: str, oid: str) -> _Response:
-        record = {"subscriptionId": sid, "operationId": oid, "status": None, "action": None,
-                  "responseStatus": None, "at": _timestamp()}
+        record = {
+            "subscriptionId": sid,
+            "operationId": oid,
+            "status": None,
+            "action": None,
+            "responseStatus": None,
+            "at": _timestamp(),
+        }
         try:
             record["status"] = request.json().get("status")
             response = self._patch_operation(sid, oid, record)
@@ -1444,17 +1587,20 @@ class MarketplaceStandIn:
     def _openid_metadata(self, tenant: str, version: str) -> _Response:
         v2 = version == "2.0"
         base = f"{self.url}/{tenant}"
-        return _Response(200, {
-            "issuer": self._issuer(version, tenant),
-            "jwks_uri": f"{base}/discovery/v2.0/keys" if v2 else f"{base}/discovery/keys",
-            "token_endpoint": f"{base}/oauth2/v2.0/token" if v2 else f"{base}/oauth2/token",
-            "authorization_endpoint": f"{base}/oauth2/v2.0/authorize" if v2 else f"{base}/oauth2/authorize",
-            "response_types_supported": ["code", "id_token", "code id_token", "token id_token", "token"],
-            "subject_types_supported": ["pairwise"],
-            "id_token_signing_alg_values_supported": ["RS256"],
-            "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt", "client_secret_basic"],
-            "tenant_region_scope": "EU",
-        })
+        return _Response(
+            200,
+            {
+                "issuer": self._issuer(version, tenant),
+                "jwks_uri": f"{base}/discovery/v2.0/keys" if v2 else f"{base}/discovery/keys",
+                "token_endpoint": f"{base}/oauth2/v2.0/token" if v2 else f"{base}/oauth2/token",
+                "authorization_endpoint": f"{base}/oauth2/v2.0/authorize" if v2 else f"{base}/oauth2/authorize",
+                "response_types_supported": ["code", "id_token", "code id_token", "token id_token", "token"],
+                "subject_types_supported": ["pairwise"],
+                "id_token_signing_alg_values_supported": ["RS256"],
+                "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt", "client_secret_basic"],
+                "tenant_region_scope": "EU",
+            },
+        )
 
     def _openid_v2(self, request: _Request, tenant: str) -> _Response:
         return self._openid_metadata(tenant, "2.0")
@@ -1478,8 +1624,7 @@ class MarketplaceStandIn:
         return {"subscriptionIds": self.seed(**_snake_keys(request.json()))}
 
     def _control_get_subscription(self, request: _Request, sid: str) -> dict[str, Any]:
-        return {**self.get_subscription(sid), "activateCalls": self.activation_count(sid),
-                "operations": self.operations_for(sid)}
+        return {**self.get_subscription(sid), "activateCalls": self.activation_count(sid), "operations": self.operations_for(sid)}
 
     def _control_set_subscription(self, request: _Request, sid: str) -> dict[str, Any]:
         return self.set_subscription(sid, **request.json())
@@ -1542,8 +1687,7 @@ class MarketplaceStandIn:
 
     def _control_deliveries(self, request: _Request) -> dict[str, Any]:
         with self._lock:
-            return {"deliveries": [{"operationId": op_id, "statusCode": status}
-                                   for op_id, status in self.webhook_deliveries]}
+            return {"deliveries": [{"operationId": op_id, "statusCode": status} for op_id, status in self.webhook_deliveries]}
 
     def _control_requests(self, request: _Request) -> dict[str, Any]:
         with self._lock:
@@ -1578,8 +1722,9 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         parts = urlsplit(self.path)
         query = {name: values[0] for name, values in parse_qs(parts.query, keep_blank_values=True).items()}
-        request = _Request(self.command, parts.path, query, self.path,
-                           {name.lower(): value for name, value in self.headers.items()}, body)
+        request = _Request(
+            self.command, parts.path, query, self.path, {name.lower(): value for name, value in self.headers.items()}, body
+        )
         response = self.server.standin.handle(request)
         payload = response.encode()
         self.send_response(response.status)
@@ -1592,13 +1737,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _handle
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s - %s", self.address_string(), format % args)
 
 
 # --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Local stand-in for the SaaS Fulfillment API v2.")
@@ -1615,8 +1761,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    standin = MarketplaceStandIn(args.host, args.port, args.webhook_url, args.tenant_id, args.audience,
-                                 args.publisher_id, args.landing_url, require_bearer=args.require_bearer)
+    standin = MarketplaceStandIn(
+        args.host,
+        args.port,
+        args.webhook_url,
+        args.tenant_id,
+        args.audience,
+        args.publisher_id,
+        args.landing_url,
+        require_bearer=args.require_bearer,
+    )
     if args.seed:
         standin.seed(args.seed)
     with standin:

@@ -23,6 +23,7 @@ All times are UTC. ``next_occurrence(expr, after)`` returns the first occurrence
 ``after``: a naive ``after`` is taken as UTC and a naive result is returned; an aware ``after``
 is converted to UTC and an aware UTC datetime is returned.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -30,7 +31,7 @@ import calendar
 import functools
 import re
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 __all__ = [
     "CronSchedule",
@@ -42,8 +43,20 @@ __all__ = [
     "parse_timespan",
 ]
 
-_MONTH_NAMES = ["january", "february", "march", "april", "may", "june", "july", "august",
-                "september", "october", "november", "december"]
+_MONTH_NAMES = [
+    "january",
+    "february",
+    "march",
+    "april",
+    "may",
+    "june",
+    "july",
+    "august",
+    "september",
+    "october",
+    "november",
+    "december",
+]
 _DOW_NAMES = ["sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday"]
 
 
@@ -75,14 +88,12 @@ def _parse_value(text: str, spec: _FieldSpec, expr: str) -> int:
         value = int(text)
     else:
         lowered = text.lower()
-        matches = [i for i, name in enumerate(spec.names)
-                   if len(lowered) >= 3 and name.startswith(lowered)]
+        matches = [i for i, name in enumerate(spec.names) if len(lowered) >= 3 and name.startswith(lowered)]
         if not matches:
             raise ValueError(f"invalid {spec.label} value {text!r} in NCRONTAB expression {expr!r}")
         value = matches[0] + spec.low
     if not spec.low <= value <= spec.high:
-        raise ValueError(f"{spec.label} value {value} out of range {spec.low}-{spec.high} "
-                         f"in NCRONTAB expression {expr!r}")
+        raise ValueError(f"{spec.label} value {value} out of range {spec.low}-{spec.high} in NCRONTAB expression {expr!r}")
     return value
 
 
@@ -105,8 +116,10 @@ def _parse_field(text: str, spec: _FieldSpec, expr: str) -> tuple[int, ...]:
             first = _parse_value(first_text, spec, expr)
             last = _parse_value(last_text, spec, expr)
             if first > last:
-                raise ValueError(f"reversed range {base!r} in {spec.label} field of {expr!r} "
-                                 f"(NCrontab would read it as {last}-{first}, not as a wrap-around)")
+                raise ValueError(
+                    f"reversed range {base!r} in {spec.label} field of {expr!r} "
+                    f"(NCrontab would read it as {last}-{first}, not as a wrap-around)"
+                )
         else:
             first = _parse_value(base, spec, expr)
             last = spec.high if slash else first
@@ -122,14 +135,14 @@ class CronSchedule:
             raise ValueError(f"NCRONTAB expression must be a string, got {type(expression).__name__}")
         fields = expression.split()
         if len(fields) != 6:
-            hint = f" (a 5-field Unix cron? prefix the seconds field: '0 {expression.strip()}')" \
-                if len(fields) == 5 else ""
+            hint = f" (a 5-field Unix cron? prefix the seconds field: '0 {expression.strip()}')" if len(fields) == 5 else ""
             raise ValueError(
                 f"NCRONTAB expression {expression!r} must have 6 fields "
                 f"'{{second}} {{minute}} {{hour}} {{day}} {{month}} {{day-of-week}}', "
-                f"got {len(fields)}{hint}")
+                f"got {len(fields)}{hint}"
+            )
         self.expression = " ".join(fields)
-        parsed = [_parse_field(text, spec, expression) for text, spec in zip(fields, _FIELDS)]
+        parsed = [_parse_field(text, spec, expression) for text, spec in zip(fields, _FIELDS, strict=False)]
         (self.seconds, self.minutes, self.hours, self.days, self.months, dows) = parsed
         self.days_of_week = frozenset(dows)
         if self.next_after(datetime(2000, 1, 1)) is None:
@@ -146,10 +159,10 @@ class CronSchedule:
 
     def _first_time_from(self, hour: int, minute: int, second: int) -> tuple[int, int, int] | None:
         """The earliest allowed (h, m, s) >= the given time of day, or None."""
-        for h in self.hours[bisect.bisect_left(self.hours, hour):]:
+        for h in self.hours[bisect.bisect_left(self.hours, hour) :]:
             if h > hour:
                 return h, self.minutes[0], self.seconds[0]
-            for m in self.minutes[bisect.bisect_left(self.minutes, minute):]:
+            for m in self.minutes[bisect.bisect_left(self.minutes, minute) :]:
                 if m > minute:
                     return h, m, self.seconds[0]
                 i = bisect.bisect_left(self.seconds, second)
@@ -233,8 +246,8 @@ def next_occurrence(expr: str, after: datetime) -> datetime:
     """
     schedule = parse_schedule(expr)
     aware = after.tzinfo is not None
-    naive_utc = after.astimezone(timezone.utc).replace(tzinfo=None) if aware else after
+    naive_utc = after.astimezone(UTC).replace(tzinfo=None) if aware else after
     result = schedule.next_after(naive_utc)
     if result is None:  # pragma: no cover - CronSchedule() already rejects never-occurring crons
         raise ValueError(f"schedule {expr!r} has no occurrence after {after.isoformat()}")
-    return result.replace(tzinfo=timezone.utc) if aware else result
+    return result.replace(tzinfo=UTC) if aware else result

@@ -4,6 +4,7 @@ Any setting already in the environment wins, so the same command can point the a
 SaaS API emulator or the real API (set MARKETPLACE_API_BASE_URL and friends; the stand-in is then
 not started). Prints a landing page link with a fresh purchase token. Ctrl-C stops everything.
 """
+
 from __future__ import annotations
 
 import logging
@@ -70,7 +71,9 @@ def main() -> int:
         from devtools.marketplace_standin import MarketplaceStandIn
 
         standin = MarketplaceStandIn(
-            host="127.0.0.1", port=_port(7072), tenant_id=env.get("MARKETPLACE_TENANT_ID", DEV_TENANT_ID),
+            host="127.0.0.1",
+            port=_port(7072),
+            tenant_id=env.get("MARKETPLACE_TENANT_ID", DEV_TENANT_ID),
             audience=env.get("WEBHOOK_AUDIENCE") or env.get("MARKETPLACE_CLIENT_ID", DEV_CLIENT_ID),
             webhook_url=app_url + "/api/webhook",
         )
@@ -111,8 +114,10 @@ def main() -> int:
             print(f"  {app_url}/api/landing?token={quote(purchase['token'], safe='')}")
             print(f"\nMarketplace stand-in: {standin.url}  (control API: {standin.url}/_control/state)")
             print(f"  new purchase:  curl -s -X POST {standin.url}/_control/purchases -d '{{}}'")
-            print(f"  fire webhook:  curl -s -X POST {standin.url}/_control/subscriptions/{purchase['subscriptionId']}/actions "
-                  "-d '{\"action\": \"Suspend\"}'")
+            print(
+                f"  fire webhook:  curl -s -X POST {standin.url}/_control/subscriptions/{purchase['subscriptionId']}/actions "
+                '-d \'{"action": "Suspend"}\''
+            )
         print(f"\nRun the reconciler now: curl -s -X POST '{app_url}/admin/functions/reconcile_timer?wait=true' -d '{{}}'")
         print("Press Ctrl-C to stop.\n", flush=True)
         stop.wait()

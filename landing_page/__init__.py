@@ -1,4 +1,5 @@
 """Landing page (GET/POST /api/landing) and health (GET /api/health) functions."""
+
 import logging
 
 import azure.functions as func
@@ -21,8 +22,20 @@ def _config_error_page(cid: str) -> func.HttpResponse:
     from shared.landing import Page
 
     log.error("landing page unavailable: configuration is incomplete")
-    return _html(Page(503, "unavailable.html", {"brand_name": "", "brand_logo_url": "", "support_email": "",
-                                                 "saas_app_url": "", "user": None, "correlation_id": cid}))
+    return _html(
+        Page(
+            503,
+            "unavailable.html",
+            {
+                "brand_name": "",
+                "brand_logo_url": "",
+                "support_email": "",
+                "saas_app_url": "",
+                "user": None,
+                "correlation_id": cid,
+            },
+        )
+    )
 
 
 @bp.function_name("landing_page")

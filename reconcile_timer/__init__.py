@@ -1,4 +1,5 @@
 """Reconciliation timer (schedule: the RECONCILE_SCHEDULE setting, 6-field NCRONTAB, UTC)."""
+
 import logging
 
 import azure.functions as func

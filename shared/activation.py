@@ -10,6 +10,7 @@ Activate answers 400). So:
 3. read the subscription back once: Subscribed -> record it; otherwise keep ActivationRequested
    and let the reconciler confirm (or retry) later.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,7 +49,9 @@ class Activation:
 
 
 def _change(services, kind: Kind, source: Source, actor: str, **extra) -> Change:
-    return Change(kind=kind, source=source, occurred_at=services.clock(), actor=actor, correlation_id=current_correlation_id(), **extra)
+    return Change(
+        kind=kind, source=source, occurred_at=services.clock(), actor=actor, correlation_id=current_correlation_id(), **extra
+    )
 
 
 def _record(services, subscription_id: str, change: Change) -> sm.Outcome | None:
@@ -112,7 +115,9 @@ def activate(services, subscription_id: str, *, actor: str, source: Source, forc
         return _after_refusal(services, subscription_id, actor, source, error)
     except MarketplaceError as error:
         log.warning("activation of %s failed: %s", subscription_id, error)
-        failed = _record_quietly(services, subscription_id, _change(services, Kind.ACTIVATION_FAILED, source, actor, detail=str(error)))
+        failed = _record_quietly(
+            services, subscription_id, _change(services, Kind.ACTIVATION_FAILED, source, actor, detail=str(error))
+        )
         return Activation(ActivationResult.FAILED, failed or record, error)
     return _read_back(services, subscription_id, record, actor, source)
 
@@ -124,7 +129,9 @@ def _read_back(services, subscription_id: str, record: SubscriptionRecord, actor
         log.info("activation of %s accepted; read-back failed (%s), the reconciler confirms it", subscription_id, error)
         return Activation(ActivationResult.REQUESTED, record)
     if subscription.status is SubscriptionStatus.SUBSCRIBED:
-        confirmed = _record_quietly(services, subscription_id, _change(services, Kind.ACTIVATION_CONFIRMED, source, actor, subscription=subscription))
+        confirmed = _record_quietly(
+            services, subscription_id, _change(services, Kind.ACTIVATION_CONFIRMED, source, actor, subscription=subscription)
+        )
         return Activation(ActivationResult.ACTIVATED, confirmed or record)
     return Activation(ActivationResult.REQUESTED, record)
 
@@ -136,13 +143,17 @@ def _after_refusal(services, subscription_id: str, actor: str, source: Source, e
     except MarketplaceError:
         subscription = None
     if subscription is not None and subscription.status in (SubscriptionStatus.SUBSCRIBED, SubscriptionStatus.SUSPENDED):
-        synced = _record_quietly(services, subscription_id, _change(services, Kind.ACTIVATION_CONFIRMED, source, actor, subscription=subscription))
+        synced = _record_quietly(
+            services, subscription_id, _change(services, Kind.ACTIVATION_CONFIRMED, source, actor, subscription=subscription)
+        )
         return Activation(ActivationResult.ALREADY_ACTIVE, synced)
     if subscription is not None and subscription.status is SubscriptionStatus.UNSUBSCRIBED:
         synced = _record_quietly(services, subscription_id, _change(services, Kind.UNSUBSCRIBE, source, actor))
         return Activation(ActivationResult.CANCELLED, synced)
     log.error("Marketplace refused to activate %s: %s", subscription_id, error)
-    failed = _record_quietly(services, subscription_id, _change(services, Kind.ACTIVATION_FAILED, source, actor, detail=str(error)))
+    failed = _record_quietly(
+        services, subscription_id, _change(services, Kind.ACTIVATION_FAILED, source, actor, detail=str(error))
+    )
     return Activation(ActivationResult.FAILED, failed, error)
 
 

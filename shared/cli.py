@@ -13,6 +13,7 @@ Exit codes: 0 success, 1 the operation failed (or found nothing to act on), 2 us
 configuration error. ``--json`` prints one JSON document on standard output; messages and logs go
 to standard error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,8 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable, TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -42,9 +44,9 @@ def _emit_json(out: TextIO, data: Any) -> None:
 def _table(out: TextIO, headers: list[str], rows: list[list[Any]]) -> None:
     cells = [[("" if value is None else str(value)) for value in row] for row in rows]
     widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
-    out.write("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip() + "\n")
+    out.write("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=False)).rstrip() + "\n")
     for row in cells:
-        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
+        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip() + "\n")
 
 
 def _stderr(message: str) -> None:
@@ -115,8 +117,15 @@ def cmd_list(services, args, out: TextIO) -> int:
         out,
         ["ID", "STATUS", "OFFER", "PLAN", "QTY", "FLAGS", "UPDATED"],
         [
-            [r.id, r.status.value, r.offer_id, r.plan_id, "-" if r.quantity is None else r.quantity,
-             ",".join(r.flags) or "-", r.updated_at.strftime("%Y-%m-%d %H:%M") if r.updated_at else "-"]
+            [
+                r.id,
+                r.status.value,
+                r.offer_id,
+                r.plan_id,
+                "-" if r.quantity is None else r.quantity,
+                ",".join(r.flags) or "-",
+                r.updated_at.strftime("%Y-%m-%d %H:%M") if r.updated_at else "-",
+            ]
             for r in records
         ],
     )
@@ -162,9 +171,15 @@ def cmd_show(services, args, out: TextIO) -> int:
         out,
         ["SEQ", "RECORDED", "SOURCE", "KIND", "RESULT", "STATUS", "DETAIL"],
         [
-            [h.get("seq"), h.get("recordedAt"), h.get("source"), h.get("kind"), h.get("result"),
-             f"{h.get('fromStatus') or '-'} -> {h.get('toStatus') or '-'}",
-             h.get("detail") or ", ".join(sorted((h.get("changes") or {}).keys()))]
+            [
+                h.get("seq"),
+                h.get("recordedAt"),
+                h.get("source"),
+                h.get("kind"),
+                h.get("result"),
+                f"{h.get('fromStatus') or '-'} -> {h.get('toStatus') or '-'}",
+                h.get("detail") or ", ".join(sorted((h.get("changes") or {}).keys())),
+            ]
             for h in history
         ],
     )
@@ -196,8 +211,11 @@ def _explain(services, differences: list[dict[str, Any]]) -> None:
 def _describe_difference(difference: dict[str, Any]) -> str:
     changes = difference.get("changes")
     if changes:
-        return "; ".join(f"{name}: {ours} -> {theirs}" for name, (ours, theirs) in sorted(changes.items())
-                         if not (name == "marketplace_status" and "status" in changes))
+        return "; ".join(
+            f"{name}: {ours} -> {theirs}"
+            for name, (ours, theirs) in sorted(changes.items())
+            if not (name == "marketplace_status" and "status" in changes)
+        )
     detail = difference.get("detail")
     if isinstance(detail, dict):
         return ", ".join(f"{key}={value}" for key, value in detail.items())
@@ -220,11 +238,15 @@ def _print_summary(out: TextIO, summary: dict[str, Any], *, what: str) -> None:
     for flag in flagged:
         out.write(f"    {flag['subscriptionId']}  {flag['reason']}\n")
     if "subscriptions_seen" in summary and summary.get("pages"):
-        out.write(f"  Subscriptions seen: {summary['subscriptions_seen']} in {summary['pages']} page(s)"
-                  f"{' (resumed from checkpoint)' if summary.get('resumed_from_checkpoint') else ''}\n")
+        out.write(
+            f"  Subscriptions seen: {summary['subscriptions_seen']} in {summary['pages']} page(s)"
+            f"{' (resumed from checkpoint)' if summary.get('resumed_from_checkpoint') else ''}\n"
+        )
     if summary.get("events_pending"):
-        out.write(f"  Lifecycle events pending: {summary['events_pending']}"
-                  f" (waiting over 15 minutes: {summary.get('events_waiting_too_long', 0)})\n")
+        out.write(
+            f"  Lifecycle events pending: {summary['events_pending']}"
+            f" (waiting over 15 minutes: {summary.get('events_waiting_too_long', 0)})\n"
+        )
     out.write(
         f"  Marketplace calls: {summary.get('marketplace_calls', 0)}, storage reads: {summary.get('storage_reads', 0)},"
         f" writes: {summary.get('storage_writes', 0)}, {summary.get('duration_seconds', 0)} s\n"
@@ -247,8 +269,11 @@ def cmd_reconcile(services, args, out: TextIO) -> int:
         differences = data["differences"]
         out.write(f"Differences ({len(differences)}):\n")
         if differences:
-            _table(out, ["SUBSCRIPTION", "KIND", "DETAIL"],
-                   [[d["subscriptionId"], d["kind"], _describe_difference(d)] for d in differences])
+            _table(
+                out,
+                ["SUBSCRIPTION", "KIND", "DETAIL"],
+                [[d["subscriptionId"], d["kind"], _describe_difference(d)] for d in differences],
+            )
         else:
             out.write("  none: our records match Microsoft's\n")
         _print_summary(out, data, what="Reconciliation")
@@ -282,14 +307,17 @@ def cmd_activate(services, args, out: TextIO) -> int:
     }
     record = result.record
     if args.json:
-        _emit_json(out, {
-            "subscriptionId": subscription_id,
-            "result": result.result.value,
-            "ok": ok,
-            "actor": actor,
-            "status": record.status.value if record else None,
-            "error": str(result.error) if result.error else None,
-        })
+        _emit_json(
+            out,
+            {
+                "subscriptionId": subscription_id,
+                "result": result.result.value,
+                "ok": ok,
+                "actor": actor,
+                "status": record.status.value if record else None,
+                "error": str(result.error) if result.error else None,
+            },
+        )
     else:
         out.write(f"{subscription_id}: {messages.get(result.result, result.result.value)}\n")
         if record is not None:
@@ -312,8 +340,11 @@ def cmd_replay(services, args, out: TextIO) -> int:
         found = data["pending_found"]
         out.write(f"Recorded but unapplied webhook operations: {found}\n")
         if data["differences"]:
-            _table(out, ["SUBSCRIPTION", "KIND", "DETAIL"],
-                   [[d["subscriptionId"], d["kind"], _describe_difference(d)] for d in data["differences"]])
+            _table(
+                out,
+                ["SUBSCRIPTION", "KIND", "DETAIL"],
+                [[d["subscriptionId"], d["kind"], _describe_difference(d)] for d in data["differences"]],
+            )
         _print_summary(out, data, what="Replay")
     if not summary.completed:
         _stderr(f"replay stopped: {summary.stopped_reason}")
@@ -368,8 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("reconcile", parents=[common], help="compare with Microsoft and repair the differences")
     p.add_argument("--dry-run", action="store_true", help="only print the differences; change nothing")
-    p.add_argument("--time-budget", type=_positive_seconds, metavar="SECONDS",
-                   help="stop (and checkpoint) after this long; default RECONCILE_TIME_BUDGET_SECONDS")
+    p.add_argument(
+        "--time-budget",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="stop (and checkpoint) after this long; default RECONCILE_TIME_BUDGET_SECONDS",
+    )
 
     p = commands.add_parser("activate", parents=[common], help="activate a subscription (ACTIVATION_MODE=manual)")
     p.add_argument("subscription_id", metavar="SUBSCRIPTION_ID")
@@ -381,8 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("azure", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -1,4 +1,5 @@
 """Credentials built from settings. Imported lazily: azure-identity is heavy for a cold start."""
+
 from __future__ import annotations
 
 import base64

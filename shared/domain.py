@@ -4,13 +4,15 @@ Microsoft extends these payloads without notice (new fields, new enum values, qu
 ``""``/``null``/number/string, field names in varying case), so parsing never fails on what it
 does not know: unknown enum values map to ``UNKNOWN`` and the original payload is kept in ``raw``.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import Enum
-from typing import Any, Mapping
+from typing import Any
 
 
 class _LenientEnum(str, Enum):
@@ -100,7 +102,7 @@ _FRACTION = re.compile(r"(\.\d{1,6})\d*")
 def parse_timestamp(value: Any) -> datetime | None:
     """Parse Marketplace date-times (``2023-03-28T18:59:20.1234567Z``, dates, offsets) to aware UTC."""
     if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
     text = str(value or "").strip()
     if not text:
         return None
@@ -110,9 +112,9 @@ def parse_timestamp(value: Any) -> datetime | None:
     except ValueError:
         return None
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
+        parsed = parsed.replace(tzinfo=UTC)
     try:
-        return parsed.astimezone(timezone.utc)
+        return parsed.astimezone(UTC)
     except OverflowError:  # e.g. the 0001-01-01 placeholder with a positive offset: not a real moment
         return None
 
@@ -120,11 +122,11 @@ def parse_timestamp(value: Any) -> datetime | None:
 def format_timestamp(value: datetime | None) -> str:
     if value is None:
         return ""
-    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _text(data: Mapping[str, Any] | None, name: str) -> str:
@@ -151,7 +153,7 @@ class AadIdentifier:
     puid: str = ""
 
     @classmethod
-    def from_api(cls, data: Any) -> "AadIdentifier":
+    def from_api(cls, data: Any) -> AadIdentifier:
         return cls(
             email_id=_text(data, "emailId"),
             object_id=_text(data, "objectId"),
@@ -171,7 +173,7 @@ class Term:
     charge_duration: str = ""
 
     @classmethod
-    def from_api(cls, data: Any) -> "Term":
+    def from_api(cls, data: Any) -> Term:
         return cls(
             term_unit=_text(data, "termUnit"),
             start_date=parse_timestamp(field_of(data, "startDate")),
@@ -204,7 +206,7 @@ class Subscription:
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def from_api(cls, data: Mapping[str, Any]) -> "Subscription":
+    def from_api(cls, data: Mapping[str, Any]) -> Subscription:
         operations = field_of(data, "allowedCustomerOperations") or ()
         if isinstance(operations, str):
             operations = (operations,)
@@ -243,7 +245,7 @@ class ResolvedPurchase:
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def from_api(cls, data: Mapping[str, Any]) -> "ResolvedPurchase":
+    def from_api(cls, data: Mapping[str, Any]) -> ResolvedPurchase:
         inner = field_of(data, "subscription")
         subscription = Subscription.from_api(inner) if isinstance(inner, Mapping) else None
         subscription_id = _text(data, "id") or (subscription.id if subscription else "")
@@ -273,7 +275,7 @@ class Plan:
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def from_api(cls, data: Mapping[str, Any]) -> "Plan":
+    def from_api(cls, data: Mapping[str, Any]) -> Plan:
         return cls(
             plan_id=_text(data, "planId"),
             display_name=_text(data, "displayName"),
@@ -311,7 +313,7 @@ class Operation:
         return _text(self.raw, "action") or self.action.value
 
     @classmethod
-    def from_api(cls, data: Mapping[str, Any]) -> "Operation":
+    def from_api(cls, data: Mapping[str, Any]) -> Operation:
         return cls(
             id=_text(data, "id"),
             subscription_id=_text(data, "subscriptionId"),
@@ -349,7 +351,7 @@ class WebhookEvent:
         return self.operation.action
 
     @classmethod
-    def from_api(cls, data: Mapping[str, Any]) -> "WebhookEvent":
+    def from_api(cls, data: Mapping[str, Any]) -> WebhookEvent:
         """Parse a payload; raises ValueError naming the required fields that are missing."""
         if not isinstance(data, Mapping):
             raise ValueError("webhook body must be a JSON object")

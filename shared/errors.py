@@ -1,4 +1,5 @@
 """The one small error hierarchy of the app, and the one place that maps errors to HTTP status codes."""
+
 from __future__ import annotations
 
 

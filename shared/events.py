@@ -3,6 +3,7 @@
 An event row is written in the same transaction as the state change that caused it (the
 repository's outbox), so an event exists if and only if the transition was applied.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -128,12 +129,17 @@ class EventRelay:
         self._background_lock = threading.Condition()
 
     @classmethod
-    def from_settings(cls, settings, repository) -> "EventRelay":
+    def from_settings(cls, settings, repository) -> EventRelay:
         from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
 
         # Base64 text messages: what a queue-triggered Azure Function expects by default.
-        options = {"message_encode_policy": TextBase64EncodePolicy(), "message_decode_policy": TextBase64DecodePolicy(),
-                   "retry_total": 2, "connection_timeout": 5, "read_timeout": 10}
+        options = {
+            "message_encode_policy": TextBase64EncodePolicy(),
+            "message_decode_policy": TextBase64DecodePolicy(),
+            "retry_total": 2,
+            "connection_timeout": 5,
+            "read_timeout": 10,
+        }
         if settings.tables_connection_string:
             queue = QueueClient.from_connection_string(settings.tables_connection_string, settings.events_queue_name, **options)
         else:
@@ -141,7 +147,9 @@ class EventRelay:
 
             endpoint = settings.events_queue_endpoint or settings.tables_endpoint.replace(".table.", ".queue.")
             queue = QueueClient(endpoint, settings.events_queue_name, credential=storage_credential(settings), **options)
-        return cls(repository, queue_client=queue, hook_url=settings.events_webhook_url, hook_secret=settings.events_webhook_secret)
+        return cls(
+            repository, queue_client=queue, hook_url=settings.events_webhook_url, hook_secret=settings.events_webhook_secret
+        )
 
     # -- sinks ---------------------------------------------------------------------------------
 
@@ -171,7 +179,9 @@ class EventRelay:
 
     # -- delivery ------------------------------------------------------------------------------
 
-    def relay_subscription(self, subscription_id: str, stats: RelayStats | None = None, *, respect_backoff: bool = True) -> RelayStats:
+    def relay_subscription(
+        self, subscription_id: str, stats: RelayStats | None = None, *, respect_backoff: bool = True
+    ) -> RelayStats:
         """Deliver this subscription's pending events in sequence; stop at the first failure.
 
         While the lease is held, other callers skip this subscription, including the inline relay
@@ -203,7 +213,12 @@ class EventRelay:
         for event in self.repository.pending_events(subscription_id):
             if time.monotonic() - leased_at > LEASE_SECONDS / 2:
                 return True  # release and take the lease again rather than let it expire mid-pass
-            if respect_backoff and event.attempts and event.last_attempt_at and now < event.last_attempt_at + backoff_for(event.attempts):
+            if (
+                respect_backoff
+                and event.attempts
+                and event.last_attempt_at
+                and now < event.last_attempt_at + backoff_for(event.attempts)
+            ):
                 stats.skipped += 1
                 return False  # keep order: later events wait for this one
             try:

@@ -2,6 +2,7 @@
 
 Signed with LANDING_FORM_SECRET (HS256 via PyJWT). The purchase token is never part of the form.
 """
+
 from __future__ import annotations
 
 from datetime import datetime, timedelta
@@ -23,8 +24,13 @@ def verify_form_token(secret: str, token: str, subscription_id: str, user_id: st
     """Raise ForbiddenError unless the token is ours, unexpired and bound to this subscription and user."""
     try:
         # Expiry is checked below against the caller's clock, the same one that issued the token.
-        claims = jwt.decode(token or "", secret, algorithms=["HS256"], audience=_AUDIENCE,
-                            options={"require": ["exp", "sid", "uid"], "verify_exp": False})
+        claims = jwt.decode(
+            token or "",
+            secret,
+            algorithms=["HS256"],
+            audience=_AUDIENCE,
+            options={"require": ["exp", "sid", "uid"], "verify_exp": False},
+        )
     except jwt.PyJWTError as error:
         raise ForbiddenError("the form token is not valid") from error
     if not isinstance(claims["exp"], (int, float)) or claims["exp"] < now.timestamp():

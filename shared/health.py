@@ -1,7 +1,8 @@
 """Health check: is the configuration complete and does storage answer? Never reveals secrets."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from shared.errors import AppError, ConfigurationError
 
@@ -13,7 +14,7 @@ def check_health(get_services: Callable[[], object]) -> tuple[int, dict]:
     except ConfigurationError as error:
         return 503, {"status": "unhealthy", "checks": {"configuration": {"ok": False, "problems": error.problems}}}
     try:
-        services.policy  # a PUBLISHER_POLICY that cannot be loaded is a configuration problem
+        _ = services.policy  # a PUBLISHER_POLICY that cannot be loaded is a configuration problem
     except ConfigurationError as error:
         return 503, {"status": "unhealthy", "checks": {"configuration": {"ok": False, "problems": error.problems}}}
     checks["configuration"] = {"ok": True}

@@ -1,4 +1,5 @@
 """Helpers shared by the HTTP handlers: turning use-case results and errors into responses."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,9 @@ log = logging.getLogger(__name__)
 
 def json_response(status: int, body: dict, headers: dict[str, str] | None = None) -> func.HttpResponse:
     return func.HttpResponse(
-        json.dumps(body), status_code=status, mimetype="application/json",
+        json.dumps(body),
+        status_code=status,
+        mimetype="application/json",
         headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", **(headers or {})},
     )
 

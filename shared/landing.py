@@ -3,6 +3,7 @@
 They take plain values and the services bundle and return a ``Page`` (status, template, context);
 the HTTP handler only renders it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -171,7 +172,11 @@ def confirm_activation(services, subscription_id: str, form_token: str, user: Si
     subscription_id = (subscription_id or "").strip()
     try:
         verify_form_token(
-            services.settings.landing_form_secret, form_token, subscription_id, user.id if user else ANONYMOUS_USER_ID, services.clock()
+            services.settings.landing_form_secret,
+            form_token,
+            subscription_id,
+            user.id if user else ANONYMOUS_USER_ID,
+            services.clock(),
         )
     except ForbiddenError as error:
         log.warning("landing form refused: %s", error.message)

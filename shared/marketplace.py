@@ -16,14 +16,16 @@ only safe where it is proven harmless:
   accepted; a repeat after a lost answer could start a second operation. They are retried only
   when the request provably was not processed: connection errors before sending, and 429.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import threading
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
@@ -53,7 +55,7 @@ class CappedRetry(Retry):
 
     max_retry_after: float = 10.0
 
-    def get_retry_after(self, response):  # noqa: D401 - urllib3 hook
+    def get_retry_after(self, response):
         try:
             value = super().get_retry_after(response)
         except InvalidHeader:  # e.g. "0.5": urllib3 would fail the call; back off as without the header
@@ -62,7 +64,7 @@ class CappedRetry(Retry):
             return None
         return min(value, self.max_retry_after)
 
-    def is_retry(self, method, status_code, has_retry_after=False):  # noqa: D401 - urllib3 hook
+    def is_retry(self, method, status_code, has_retry_after=False):
         # urllib3 also retries 413/503 that carry Retry-After even when they are not in
         # status_forcelist; only the statuses the policy lists may be repeated (PATCH/DELETE: 429).
         if self.status_forcelist is not None and status_code not in self.status_forcelist:
@@ -171,7 +173,7 @@ class MarketplaceClient:
         self._sessions = {repeatable: self._session(repeatable) for repeatable in (True, False)}
 
     @classmethod
-    def from_settings(cls, settings, **kwargs) -> "MarketplaceClient":
+    def from_settings(cls, settings, **kwargs) -> MarketplaceClient:
         provider = None
         if settings.marketplace_auth == "entra":
             from shared.credentials import MARKETPLACE_SCOPE, marketplace_credential

@@ -5,14 +5,15 @@ A unit of work (one landing page request, one webhook, one reconciliation run) r
 call sends it as ``x-ms-correlationid``. Bearer tokens and purchase tokens are never logged; the
 redacting filter is a second line of defence for accidents.
 """
+
 from __future__ import annotations
 
 import contextvars
 import logging
 import re
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 _correlation_id: contextvars.ContextVar[str] = contextvars.ContextVar("correlation_id", default="")
 

@@ -14,11 +14,12 @@ Example (refuse a seat reduction below the seats in use)::
                 return PolicyDecision.refuse(f"{in_use} seats are in use")
         return PolicyDecision.accept()
 """
+
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from shared.errors import ConfigurationError
 from shared.state_machine import SubscriptionRecord
@@ -40,11 +41,11 @@ class PolicyDecision:
     reason: str = ""
 
     @classmethod
-    def accept(cls, reason: str = "") -> "PolicyDecision":
+    def accept(cls, reason: str = "") -> PolicyDecision:
         return cls(True, reason)
 
     @classmethod
-    def refuse(cls, reason: str) -> "PolicyDecision":
+    def refuse(cls, reason: str) -> PolicyDecision:
         return cls(False, reason)
 
 

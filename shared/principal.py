@@ -3,13 +3,14 @@
 Easy Auth strips these headers from client requests and sets them itself, so they are trusted only
 because the platform (or, locally, the dev host) guarantees that.
 """
+
 from __future__ import annotations
 
 import base64
 import binascii
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 _CLAIM_ALIASES = {
     "name": ("name", "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/name"),
@@ -72,4 +73,6 @@ def signed_in_user(headers: Mapping[str, str]) -> SignedInUser | None:
     object_id = _first(claims, "object_id") or principal_id
     if not (email or object_id):
         return None
-    return SignedInUser(name=name, email=email, object_id=object_id, tenant_id=_first(claims, "tenant_id"), identity_provider=provider)
+    return SignedInUser(
+        name=name, email=email, object_id=object_id, tenant_id=_first(claims, "tenant_id"), identity_provider=provider
+    )

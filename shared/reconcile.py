@@ -14,16 +14,18 @@ One run:
 A change applied locally after the listing page was fetched (or within SETTLE_WINDOW before it)
 wins over the listing: Microsoft's list can lag behind an operation it just notified us of.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Iterator
+from typing import Any
 
 from shared import state_machine as sm
 from shared.activation import CLAIM_TIMEOUT, ActivationResult, activate
@@ -147,7 +149,9 @@ class Reconciler:
         return time.monotonic() - self._started > self.budget
 
     def _change(self, kind: Kind, occurred_at: datetime, **extra) -> Change:
-        return Change(kind=kind, source=Source.RECONCILE, occurred_at=occurred_at, correlation_id=current_correlation_id(), **extra)
+        return Change(
+            kind=kind, source=Source.RECONCILE, occurred_at=occurred_at, correlation_id=current_correlation_id(), **extra
+        )
 
     def _difference(self, subscription_id: str, kind: str, detail: Any) -> None:
         if len(self.summary.differences) < MAX_DIFFERENCES_KEPT:
@@ -157,8 +161,12 @@ class Reconciler:
 
     def _index(self, record: sm.SubscriptionRecord) -> None:
         self.index[record.id] = IndexEntry(
-            record.status, _record_fingerprint(record), record.updated_at,
-            record.activation_requested_at, record.activation_attempts, record.flags,
+            record.status,
+            _record_fingerprint(record),
+            record.updated_at,
+            record.activation_requested_at,
+            record.activation_attempts,
+            record.flags,
         )
 
     def scan(self) -> None:
@@ -262,8 +270,11 @@ class Reconciler:
         if self.dry_run or (entry is not None and reason in entry.flags):
             return
         change = self._change(Kind.FLAG, at, flag=reason, detail=reason)
-        self.repository.apply(subscription_id, lambda record: sm.apply(record, change, now=self.services.clock()) if record else None,
-                              build_event=build_event_document)
+        self.repository.apply(
+            subscription_id,
+            lambda record: sm.apply(record, change, now=self.services.clock()) if record else None,
+            build_event=build_event_document,
+        )
 
     def _clear_flag(self, subscription_id: str, reason: str, at: datetime) -> None:
         """Microsoft and we agree again: the flag's reason is gone."""
@@ -297,7 +308,11 @@ class Reconciler:
             self.summary.count("activation_retried")
             return
         result = activate(self.services, subscription_id, actor="reconciler", source=Source.RECONCILE, force_retry=True)
-        self.summary.count("activation_confirmed" if result.result in (ActivationResult.ACTIVATED, ActivationResult.ALREADY_ACTIVE) else "activation_retried")
+        self.summary.count(
+            "activation_confirmed"
+            if result.result in (ActivationResult.ACTIVATED, ActivationResult.ALREADY_ACTIVE)
+            else "activation_retried"
+        )
 
     def _settle_overdue_operations(self, subscription_id: str) -> None:
         """A Reinstate nobody answered keeps a subscription Suspended forever: settle it."""
@@ -318,12 +333,18 @@ class Reconciler:
     def _finish_operation(self, subscription_id: str, operation_id: str, payload: dict) -> None:
         from shared.webhook import apply_operation
 
-        event = WebhookEvent.from_api({**payload, "id": operation_id, "subscriptionId": subscription_id,
-                                       "action": payload.get("action") or "Unknown"})
+        event = WebhookEvent.from_api(
+            {**payload, "id": operation_id, "subscriptionId": subscription_id, "action": payload.get("action") or "Unknown"}
+        )
         operation = self.marketplace.get_operation(subscription_id, operation_id)
         if self.repository.get_marker(subscription_id, operation_id) is None:
-            self.repository.record_operation(subscription_id, operation_id, action=operation.action_name,
-                                             payload=json.dumps(payload), correlation_id=current_correlation_id())
+            self.repository.record_operation(
+                subscription_id,
+                operation_id,
+                action=operation.action_name,
+                payload=json.dumps(payload),
+                correlation_id=current_correlation_id(),
+            )
         apply_operation(self.services, event, operation)
 
     def replay_operations(self, *, all_pending: bool = False) -> None:
@@ -333,7 +354,9 @@ class Reconciler:
         for marker in self.pending_markers:
             if not all_pending and marker.received_at and now - marker.received_at < deadline:
                 continue  # probably still being handled by a webhook delivery
-            self._difference(marker.subscription_id, "unapplied_operation", {"operationId": marker.operation_id, "action": marker.action})
+            self._difference(
+                marker.subscription_id, "unapplied_operation", {"operationId": marker.operation_id, "action": marker.action}
+            )
             if self.dry_run:
                 self.summary.count("operation_replayed")
                 continue
@@ -344,8 +367,11 @@ class Reconciler:
             try:
                 self._finish_operation(marker.subscription_id, marker.operation_id, payload if isinstance(payload, dict) else {})
             except ConflictError:
-                log.warning("operation %s of %s: the subscription kept changing; the next run replays it",
-                            marker.operation_id, marker.subscription_id)
+                log.warning(
+                    "operation %s of %s: the subscription kept changing; the next run replays it",
+                    marker.operation_id,
+                    marker.subscription_id,
+                )
                 self.summary.deferred += 1
                 continue
             except (MarketplaceNotFoundError, MarketplaceBadRequestError) as error:

@@ -13,14 +13,16 @@ transaction: the state row (conditional on its ETag), the history entry, the ope
 the outbox event either all exist or none do. A second table ``<prefix>runs`` holds the
 reconciler's checkpoint and run summaries.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import (
@@ -230,7 +232,7 @@ def _history_to_entity(subscription_id: str, entry: HistoryEntry) -> dict[str, A
 def _marker_from_entity(entity: dict[str, Any]) -> OperationMarker:
     return OperationMarker(
         subscription_id=entity["PartitionKey"],
-        operation_id=entity["RowKey"][len(OPERATION_PREFIX):],
+        operation_id=entity["RowKey"][len(OPERATION_PREFIX) :],
         action=entity.get("Action", ""),
         status=entity.get("Status", ""),
         received_at=_dt(entity.get("ReceivedAt")),
@@ -244,7 +246,7 @@ def _marker_from_entity(entity: dict[str, Any]) -> OperationMarker:
 def _event_from_entity(entity: dict[str, Any]) -> OutboxEvent:
     return OutboxEvent(
         subscription_id=entity["PartitionKey"],
-        seq=int(entity["RowKey"][len(EVENT_PREFIX):]),
+        seq=int(entity["RowKey"][len(EVENT_PREFIX) :]),
         event_id=entity.get("EventId", ""),
         body=entity.get("Body", "{}"),
         created_at=_dt(entity.get("CreatedAt")),
@@ -277,7 +279,7 @@ class SubscriptionRepository:
 
     # -- setup and health --------------------------------------------------------------------
 
-    def sibling(self) -> "SubscriptionRepository":
+    def sibling(self) -> SubscriptionRepository:
         """Same tables and connection, separate metrics (background work must not skew a run's counts)."""
         other = SubscriptionRepository(self._service, self.prefix)
         other._tables_ready = self._tables_ready
@@ -399,11 +401,19 @@ class SubscriptionRepository:
             except ResourceExistsError:
                 existing = self.get_marker(subscription_id, operation_id)
                 if existing is None:  # deleted in between: treat as fresh
-                    raise ConflictError("operation marker vanished")
+                    raise ConflictError("operation marker vanished") from None
                 return False, existing
         # The insert's answer carries the ETag: no read-back needed.
-        return True, OperationMarker(subscription_id, operation_id, action, OP_RECEIVED, now, payload=entity["Payload"],
-                                     correlation_id=correlation_id, etag=metadata["etag"])
+        return True, OperationMarker(
+            subscription_id,
+            operation_id,
+            action,
+            OP_RECEIVED,
+            now,
+            payload=entity["Payload"],
+            correlation_id=correlation_id,
+            etag=metadata["etag"],
+        )
 
     def apply(
         self,
@@ -463,7 +473,11 @@ class SubscriptionRepository:
             operations.append(("create", state))
         else:
             operations.append(
-                ("update", state, {"mode": UpdateMode.REPLACE, "etag": stored.etag, "match_condition": MatchConditions.IfNotModified})
+                (
+                    "update",
+                    state,
+                    {"mode": UpdateMode.REPLACE, "etag": stored.etag, "match_condition": MatchConditions.IfNotModified},
+                )
             )
         operations.append(("create", _history_to_entity(subscription_id, outcome.history)))
         now = format_timestamp(utc_now())
@@ -478,7 +492,13 @@ class SubscriptionRepository:
                 "HistorySeq": outcome.history.seq,
             }
             if marker is not None:
-                operations.append(("update", settled, {"mode": UpdateMode.MERGE, "etag": marker.etag, "match_condition": MatchConditions.IfNotModified}))
+                operations.append(
+                    (
+                        "update",
+                        settled,
+                        {"mode": UpdateMode.MERGE, "etag": marker.etag, "match_condition": MatchConditions.IfNotModified},
+                    )
+                )
             else:
                 operations.append(("create", {**settled, "ReceivedAt": now}))
         if outcome.event_type and build_event is not None:
@@ -580,7 +600,9 @@ class SubscriptionRepository:
                 current = self._subscriptions.get_entity(subscription_id, LEASE_ROW)
             except ResourceNotFoundError:
                 try:
-                    meta = self._subscriptions.create_entity({"PartitionKey": subscription_id, "RowKey": LEASE_ROW, "Kind": "lease", "LeaseUntil": until})
+                    meta = self._subscriptions.create_entity(
+                        {"PartitionKey": subscription_id, "RowKey": LEASE_ROW, "Kind": "lease", "LeaseUntil": until}
+                    )
                 except ResourceExistsError:
                     return None
                 return meta["etag"]
@@ -590,7 +612,9 @@ class SubscriptionRepository:
             try:
                 meta = self._subscriptions.update_entity(
                     {"PartitionKey": subscription_id, "RowKey": LEASE_ROW, "Kind": "lease", "LeaseUntil": until},
-                    mode=UpdateMode.REPLACE, etag=current.metadata["etag"], match_condition=MatchConditions.IfNotModified,
+                    mode=UpdateMode.REPLACE,
+                    etag=current.metadata["etag"],
+                    match_condition=MatchConditions.IfNotModified,
                 )
             except (ResourceModifiedError, ResourceNotFoundError):
                 return None
@@ -602,7 +626,9 @@ class SubscriptionRepository:
             try:
                 self._subscriptions.update_entity(
                     {"PartitionKey": subscription_id, "RowKey": LEASE_ROW, "Kind": "lease", "LeaseUntil": ""},
-                    mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified,
+                    mode=UpdateMode.REPLACE,
+                    etag=etag,
+                    match_condition=MatchConditions.IfNotModified,
                 )
             except (ResourceModifiedError, ResourceNotFoundError):
                 pass  # expired and taken by someone else: theirs now
@@ -667,7 +693,9 @@ class _storage_errors:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc is None or isinstance(exc, (_Conflict, ConflictError, ResourceNotFoundError, ResourceExistsError, ResourceModifiedError)):
+        if exc is None or isinstance(
+            exc, (_Conflict, ConflictError, ResourceNotFoundError, ResourceExistsError, ResourceModifiedError)
+        ):
             return False
         if isinstance(exc, TableTransactionError) and exc.status_code in (409, 412):
             return False
@@ -687,8 +715,12 @@ def table_service_from_settings(settings) -> TableServiceClient:
     session.mount("http://", requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64))
     session.mount("https://", requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64))
     timeouts = {"connection_timeout": 5, "read_timeout": 15}
-    options = {"retry_total": 2, "retry_backoff_factor": 0.4, **timeouts,
-               "transport": RequestsTransport(session=session, session_owner=False, **timeouts)}
+    options = {
+        "retry_total": 2,
+        "retry_backoff_factor": 0.4,
+        **timeouts,
+        "transport": RequestsTransport(session=session, session_owner=False, **timeouts),
+    }
     if settings.tables_connection_string:
         return TableServiceClient.from_connection_string(settings.tables_connection_string, **options)
     from shared.credentials import storage_credential

@@ -2,13 +2,14 @@
 
 Tests swap the factory (``set_services_factory``), not SDK internals.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Callable
 
 from shared.domain import utc_now
 from shared.settings import Settings
@@ -19,8 +20,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class Services:
     settings: Settings
-    marketplace: "MarketplaceClient"  # noqa: F821 - imported lazily for cold start
-    repository: "SubscriptionRepository"  # noqa: F821
+    marketplace: MarketplaceClient  # noqa: F821 - imported lazily for cold start
+    repository: SubscriptionRepository  # noqa: F821
     clock: Callable[[], datetime] = utc_now
     _lazy: dict = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)

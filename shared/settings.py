@@ -4,11 +4,12 @@ Every setting the app reads is declared in ``SETTINGS`` below; that table is the
 the README settings table, ``local.settings.json.example`` and the Bicep app settings (a test keeps
 them in step). ``Settings.from_env`` reports every missing or malformed name at once.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from shared.errors import ConfigurationError
 
@@ -30,37 +31,107 @@ class SettingSpec:
 SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("MARKETPLACE_API_BASE_URL", DEFAULT_API_BASE_URL, "Base URL of the SaaS Fulfillment API v2."),
     SettingSpec("MARKETPLACE_API_VERSION", DEFAULT_API_VERSION, "api-version query value."),
-    SettingSpec("MARKETPLACE_AUTH", "entra", "`entra` (bearer token from Entra ID) or `none` (local stand-ins, Microsoft's SaaS API emulator)."),
-    SettingSpec("MARKETPLACE_PUBLISHER_ID", "", "Optional; sent as the `publisherId` query parameter (Microsoft's emulator needs it)."),
-    SettingSpec("MARKETPLACE_TENANT_ID", "", "Entra tenant id of the marketplace app registration (Partner Center technical configuration)."),
-    SettingSpec("MARKETPLACE_CLIENT_ID", "", "Application (client) id of the marketplace app registration (Partner Center technical configuration)."),
-    SettingSpec("MARKETPLACE_CLIENT_SECRET", "", "Client secret of the marketplace app (use a Key Vault reference).", secret=True),
-    SettingSpec("MARKETPLACE_CLIENT_CERTIFICATE", "", "PEM or base64 PKCS#12 certificate with private key for the marketplace app (Key Vault reference).", secret=True),
-    SettingSpec("MARKETPLACE_CLIENT_CERTIFICATE_PASSWORD", "", "Password of MARKETPLACE_CLIENT_CERTIFICATE, if any.", secret=True),
-    SettingSpec("MARKETPLACE_USE_FEDERATED_IDENTITY", "false", "`true`: get the marketplace token by workload identity federation with the managed identity (no secret at all)."),
-    SettingSpec("AZURE_CLIENT_ID", "", "Client id of the user-assigned managed identity (storage, Key Vault, federation). Never the marketplace app id."),
-    SettingSpec("TABLES_CONNECTION_STRING", "", "Storage connection string (Azurite locally). Either this or TABLES_ENDPOINT.", secret=True, scope="local"),
-    SettingSpec("TABLES_ENDPOINT", "", "Table service endpoint for identity-based access in Azure, e.g. https://<account>.table.core.windows.net."),
+    SettingSpec(
+        "MARKETPLACE_AUTH",
+        "entra",
+        "`entra` (bearer token from Entra ID) or `none` (local stand-ins, Microsoft's SaaS API emulator).",
+    ),
+    SettingSpec(
+        "MARKETPLACE_PUBLISHER_ID", "", "Optional; sent as the `publisherId` query parameter (Microsoft's emulator needs it)."
+    ),
+    SettingSpec(
+        "MARKETPLACE_TENANT_ID",
+        "",
+        "Entra tenant id of the marketplace app registration (Partner Center technical configuration).",
+    ),
+    SettingSpec(
+        "MARKETPLACE_CLIENT_ID",
+        "",
+        "Application (client) id of the marketplace app registration (Partner Center technical configuration).",
+    ),
+    SettingSpec(
+        "MARKETPLACE_CLIENT_SECRET", "", "Client secret of the marketplace app (use a Key Vault reference).", secret=True
+    ),
+    SettingSpec(
+        "MARKETPLACE_CLIENT_CERTIFICATE",
+        "",
+        "PEM or base64 PKCS#12 certificate with private key for the marketplace app (Key Vault reference).",
+        secret=True,
+    ),
+    SettingSpec(
+        "MARKETPLACE_CLIENT_CERTIFICATE_PASSWORD", "", "Password of MARKETPLACE_CLIENT_CERTIFICATE, if any.", secret=True
+    ),
+    SettingSpec(
+        "MARKETPLACE_USE_FEDERATED_IDENTITY",
+        "false",
+        "`true`: get the marketplace token by workload identity federation with the managed identity (no secret at all).",
+    ),
+    SettingSpec(
+        "AZURE_CLIENT_ID",
+        "",
+        "Client id of the user-assigned managed identity (storage, Key Vault, federation). Never the marketplace app id.",
+    ),
+    SettingSpec(
+        "TABLES_CONNECTION_STRING",
+        "",
+        "Storage connection string (Azurite locally). Either this or TABLES_ENDPOINT.",
+        secret=True,
+        scope="local",
+    ),
+    SettingSpec(
+        "TABLES_ENDPOINT",
+        "",
+        "Table service endpoint for identity-based access in Azure, e.g. https://<account>.table.core.windows.net.",
+    ),
     SettingSpec("TABLES_PREFIX", "saas", "Prefix of the table names (letters and digits)."),
     SettingSpec("RECONCILE_SCHEDULE", "0 */30 * * * *", "NCRONTAB (6 fields, UTC) schedule of the reconciliation timer."),
-    SettingSpec("RECONCILE_TIME_BUDGET_SECONDS", "480", "Wall-time budget of one reconciliation run; the run checkpoints and stops when it is spent."),
-    SettingSpec("RECONCILE_ACTIVATION_RETRY_LIMIT", "3", "How many times the reconciler re-sends an unconfirmed activation before flagging it."),
-    SettingSpec("RECONCILE_OPERATION_DEADLINE_SECONDS", "600", "Age after which an InProgress operation or an unapplied webhook is settled by the reconciler."),
-    SettingSpec("ACTIVATION_MODE", "auto", "`auto`: activate when the buyer confirms; `manual`: record PendingActivation for an operator."),
+    SettingSpec(
+        "RECONCILE_TIME_BUDGET_SECONDS",
+        "480",
+        "Wall-time budget of one reconciliation run; the run checkpoints and stops when it is spent.",
+    ),
+    SettingSpec(
+        "RECONCILE_ACTIVATION_RETRY_LIMIT",
+        "3",
+        "How many times the reconciler re-sends an unconfirmed activation before flagging it.",
+    ),
+    SettingSpec(
+        "RECONCILE_OPERATION_DEADLINE_SECONDS",
+        "600",
+        "Age after which an InProgress operation or an unapplied webhook is settled by the reconciler.",
+    ),
+    SettingSpec(
+        "ACTIVATION_MODE", "auto", "`auto`: activate when the buyer confirms; `manual`: record PendingActivation for an operator."
+    ),
     SettingSpec("SAAS_APP_URL", "", "URL of the publisher's SaaS application, linked from the landing page."),
-    SettingSpec("LANDING_REQUIRE_SIGNIN", "true", "Refuse to show purchase details without an App Service Authentication principal."),
-    SettingSpec("LANDING_FORM_SECRET", "", "Secret that signs the landing page's CSRF tokens (Key Vault reference; 32+ random bytes).", secret=True),
+    SettingSpec(
+        "LANDING_REQUIRE_SIGNIN", "true", "Refuse to show purchase details without an App Service Authentication principal."
+    ),
+    SettingSpec(
+        "LANDING_FORM_SECRET",
+        "",
+        "Secret that signs the landing page's CSRF tokens (Key Vault reference; 32+ random bytes).",
+        secret=True,
+    ),
     SettingSpec("BRAND_NAME", "Contoso SaaS", "Product name shown on the landing page."),
     SettingSpec("BRAND_LOGO_URL", "", "Optional logo URL shown on the landing page."),
     SettingSpec("SUPPORT_EMAIL", "", "Support contact shown on the landing page."),
     SettingSpec("WEBHOOK_AUTH", "entra", "`entra` (validate Microsoft's bearer token) or `none` (local only; refused in Azure)."),
     SettingSpec("WEBHOOK_AUDIENCE", "", "Expected `aud` of webhook tokens; default MARKETPLACE_CLIENT_ID."),
-    SettingSpec("WEBHOOK_OPENID_CONFIG_URL", "", "OpenID metadata URL for webhook signing keys; default the Entra one of MARKETPLACE_TENANT_ID."),
+    SettingSpec(
+        "WEBHOOK_OPENID_CONFIG_URL",
+        "",
+        "OpenID metadata URL for webhook signing keys; default the Entra one of MARKETPLACE_TENANT_ID.",
+    ),
     SettingSpec("WEBHOOK_VERIFY_OPERATION", "true", "Confirm each webhook with Get Operation before acting."),
     SettingSpec("WEBHOOK_MAX_BODY_BYTES", "65536", "Largest webhook body accepted."),
-    SettingSpec("PUBLISHER_POLICY", "", "Optional `module:function` deciding ChangePlan/ChangeQuantity/Reinstate; default accepts all."),
+    SettingSpec(
+        "PUBLISHER_POLICY", "", "Optional `module:function` deciding ChangePlan/ChangeQuantity/Reinstate; default accepts all."
+    ),
     SettingSpec("EVENTS_QUEUE_NAME", "subscription-events", "Storage queue that receives lifecycle events."),
-    SettingSpec("EVENTS_QUEUE_ENDPOINT", "", "Queue service endpoint for identity-based access; default derived from TABLES_ENDPOINT."),
+    SettingSpec(
+        "EVENTS_QUEUE_ENDPOINT", "", "Queue service endpoint for identity-based access; default derived from TABLES_ENDPOINT."
+    ),
     SettingSpec("EVENTS_WEBHOOK_URL", "", "Optional HTTPS URL that receives lifecycle events, HMAC-signed."),
     SettingSpec("EVENTS_WEBHOOK_SECRET", "", "HMAC secret for EVENTS_WEBHOOK_URL (Key Vault reference).", secret=True),
     SettingSpec("DEV_SIGNED_IN_USER", "", "Local dev host only: `Name <email>` of the user it signs in.", scope="local"),
@@ -147,7 +218,7 @@ class Settings:
     running_in_azure: bool = False
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read and validate every setting; raise one ConfigurationError naming all problems."""
         env = os.environ if env is None else env
         problems: list[str] = []

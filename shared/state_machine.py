@@ -9,6 +9,7 @@ Ordering: every change carries ``occurred_at`` (Marketplace ``timeStamp`` for we
 listing was fetched for reconciliation, now for local actions). A change older than the last one
 applied is *stale*: it is written to history but never moves the subscription backwards.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -31,7 +32,7 @@ class LocalStatus(str, Enum):
     UNSUBSCRIBED = "Unsubscribed"
 
     @classmethod
-    def parse(cls, value: str) -> "LocalStatus":
+    def parse(cls, value: str) -> LocalStatus:
         return cls(value)
 
 
@@ -251,7 +252,7 @@ SNAPSHOT_FIELDS = (
     "auto_renew",
     "allowed_customer_operations",
 )
-_TRACKED_FIELDS = ("status",) + SNAPSHOT_FIELDS + ("activated_by", "activation_attempts", "flags")
+_TRACKED_FIELDS = ("status", *SNAPSHOT_FIELDS, "activated_by", "activation_attempts", "flags")
 
 
 def snapshot_values(subscription: Subscription) -> dict[str, Any]:
@@ -322,9 +323,7 @@ def _diff(before: SubscriptionRecord | None, after: SubscriptionRecord) -> dict[
 
 
 def new_record(subscription_id: str, now: datetime) -> SubscriptionRecord:
-    return SubscriptionRecord(
-        id=subscription_id, status=LocalStatus.PENDING_FULFILLMENT_START, created_at=now, updated_at=now
-    )
+    return SubscriptionRecord(id=subscription_id, status=LocalStatus.PENDING_FULFILLMENT_START, created_at=now, updated_at=now)
 
 
 class _Decision:
@@ -386,7 +385,9 @@ def _unsubscribe_updates(at: datetime) -> dict[str, Any]:
     }
 
 
-def _move(record: SubscriptionRecord, allowed: frozenset[LocalStatus] | set[LocalStatus], target: LocalStatus, **extra: Any) -> _Decision:
+def _move(
+    record: SubscriptionRecord, allowed: frozenset[LocalStatus] | set[LocalStatus], target: LocalStatus, **extra: Any
+) -> _Decision:
     if record.status is target:
         return _Decision(Result.NOOP)
     if record.status not in allowed:
@@ -402,7 +403,7 @@ def _decide(record: SubscriptionRecord, change: Change) -> _Decision:
     if kind is Kind.FLAG:
         if change.flag in record.flags:
             return _Decision(Result.NOOP)
-        return _Decision(Result.RECORDED, {"flags": record.flags + (change.flag,)}, EVENT_FLAGGED)
+        return _Decision(Result.RECORDED, {"flags": (*record.flags, change.flag)}, EVENT_FLAGGED)
     if kind is Kind.CLEAR_FLAG:
         if change.flag not in record.flags:
             return _Decision(Result.NOOP)
@@ -417,7 +418,12 @@ def _decide(record: SubscriptionRecord, change: Change) -> _Decision:
         return _Decision(Result.REJECTED, detail="Unsubscribed is terminal")
 
     if kind is Kind.REQUEST_ACTIVATION:
-        return _move(record, {LocalStatus.PENDING_FULFILLMENT_START, LocalStatus.ACTIVATION_FAILED}, LocalStatus.PENDING_ACTIVATION, activated_by=change.actor)
+        return _move(
+            record,
+            {LocalStatus.PENDING_FULFILLMENT_START, LocalStatus.ACTIVATION_FAILED},
+            LocalStatus.PENDING_ACTIVATION,
+            activated_by=change.actor,
+        )
     if kind is Kind.ACTIVATION_SENT:
         if status in ACTIVE:
             return _Decision(Result.NOOP)
@@ -432,8 +438,14 @@ def _decide(record: SubscriptionRecord, change: Change) -> _Decision:
         flags = tuple(f for f in record.flags if not f.startswith("activation"))
         # Microsoft's read-back carries what activation set (term dates); adopt it with the status.
         snapshot = snapshot_values(change.subscription) if change.subscription is not None else {}
-        return _move(record, NOT_YET_ACTIVE, LocalStatus.SUBSCRIBED, **{**snapshot, "marketplace_status": "Subscribed"},
-                     flags=flags, activated_by=record.activated_by or change.actor)
+        return _move(
+            record,
+            NOT_YET_ACTIVE,
+            LocalStatus.SUBSCRIBED,
+            **{**snapshot, "marketplace_status": "Subscribed"},
+            flags=flags,
+            activated_by=record.activated_by or change.actor,
+        )
     if kind is Kind.ACTIVATION_FAILED:
         return _move(record, NOT_YET_ACTIVE, LocalStatus.ACTIVATION_FAILED)
     if kind is Kind.SUBSCRIBE:

@@ -1,4 +1,5 @@
 """Rendering of landing pages: Jinja2 with autoescape, and the security headers every page carries."""
+
 from __future__ import annotations
 
 import secrets

@@ -15,6 +15,7 @@ Order of work for an event:
    operation Success/Failure;
 6. apply through the state machine in one transaction with the marker and the outbox event.
 """
+
 from __future__ import annotations
 
 import json
@@ -100,9 +101,7 @@ def _verify(services, event: WebhookEvent) -> Operation:
     return operation
 
 
-def _change_for(
-    event: WebhookEvent, operation: Operation, services, kind: Kind, detail: str = "", occurred_at=None
-) -> Change:
+def _change_for(event: WebhookEvent, operation: Operation, services, kind: Kind, detail: str = "", occurred_at=None) -> Change:
     term = event.subscription.term if event.subscription is not None else None
     return Change(
         kind=kind,
@@ -135,8 +134,12 @@ def _sync_from_microsoft(services, subscription_id: str, *, as_of, detail: str) 
     """Record Microsoft's current record of the subscription, unless ours already matches it."""
     subscription = services.marketplace.get_subscription(subscription_id)
     change = Change(
-        kind=Kind.SYNC, source=Source.WEBHOOK, occurred_at=as_of, subscription=subscription,
-        correlation_id=current_correlation_id(), detail=detail,
+        kind=Kind.SYNC,
+        source=Source.WEBHOOK,
+        occurred_at=as_of,
+        subscription=subscription,
+        correlation_id=current_correlation_id(),
+        detail=detail,
     )
 
     def decide(record):
@@ -191,13 +194,18 @@ def handle_webhook(services, authorization: str | None, body: bytes) -> WebhookR
     operation = _verify(services, event) if settings.webhook_verify_operation else event.operation
     if marker is None:
         _, marker = repository.record_operation(
-            subscription_id, operation_id, action=event.operation.action_name,
-            payload=body.decode("utf-8", "replace"), correlation_id=current_correlation_id(),
+            subscription_id,
+            operation_id,
+            action=event.operation.action_name,
+            payload=body.decode("utf-8", "replace"),
+            correlation_id=current_correlation_id(),
         )
     return apply_operation(services, event, operation, marker=marker)
 
 
-def apply_operation(services, event: WebhookEvent, operation: Operation, *, marker: OperationMarker | None = None) -> WebhookResult:
+def apply_operation(
+    services, event: WebhookEvent, operation: Operation, *, marker: OperationMarker | None = None
+) -> WebhookResult:
     """Steps 5-6 for a recorded operation (also used by the reconciler's replay).
 
     ``marker`` is the operation's marker when the caller has it (saves a read; a stale one only
@@ -243,4 +251,6 @@ def apply_operation(services, event: WebhookEvent, operation: Operation, *, mark
 def _adopt_current_record(services, subscription_id: str) -> None:
     """A stale event means our record is newer than it, or a listing we synced was. When in doubt,
     Microsoft's current record decides (its list can lag behind an operation it just notified)."""
-    _sync_from_microsoft(services, subscription_id, as_of=services.clock(), detail="stale event: adopted Microsoft's current record")
+    _sync_from_microsoft(
+        services, subscription_id, as_of=services.clock(), detail="stale event: adopted Microsoft's current record"
+    )

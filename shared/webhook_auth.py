@@ -6,6 +6,7 @@ OpenID metadata (v1 and v2 key sets, cached, refreshed at most once per interval
 as ``api://``), ``iss`` (v1 or v2 issuer of the tenant), ``tid`` and ``azp``/``appid`` (the
 marketplace's own app id). Failures raise UnauthorizedError naming the failed check, never the token.
 """
+
 from __future__ import annotations
 
 import logging
@@ -102,7 +103,7 @@ class WebhookAuthenticator:
         self.keys = SigningKeys([metadata_url, _v1_metadata_url(metadata_url)]) if enabled else None
 
     @classmethod
-    def from_settings(cls, settings) -> "WebhookAuthenticator":
+    def from_settings(cls, settings) -> WebhookAuthenticator:
         return cls(
             tenant_id=settings.marketplace_tenant_id,
             audience=settings.webhook_audience,

@@ -3,6 +3,7 @@
 Each test gets its own table prefix, so tests never see each other's data while sharing one
 Azurite process, one stand-in and one dev host for the whole session.
 """
+
 from __future__ import annotations
 
 import logging

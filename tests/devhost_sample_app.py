@@ -4,6 +4,7 @@ Deliberately independent of the project's ``function_app.py``: it exercises the 
 blueprints, route parameters, a POST echo, a failing function, an async function, a timer
 whose schedule comes from the ``SAMPLE_SCHEDULE`` app setting and a timer that always fails.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -22,14 +23,12 @@ TIMER_RUNS_LOCK = threading.Lock()
 
 
 def _json(payload: object, status_code: int = 200, **kwargs) -> func.HttpResponse:
-    return func.HttpResponse(json.dumps(payload), status_code=status_code,
-                             mimetype="application/json", **kwargs)
+    return func.HttpResponse(json.dumps(payload), status_code=status_code, mimetype="application/json", **kwargs)
 
 
 @pages.route(route="hello/{name}", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def hello(req: func.HttpRequest) -> func.HttpResponse:
-    response = func.HttpResponse(f"Hello, {req.route_params['name']}!",
-                                 headers={"X-Greeting": "hi", "Set-Cookie": "a=1; Path=/"})
+    response = func.HttpResponse(f"Hello, {req.route_params['name']}!", headers={"X-Greeting": "hi", "Set-Cookie": "a=1; Path=/"})
     response.headers.add("Set-Cookie", "b=2; Path=/")
     return response
 
@@ -38,16 +37,18 @@ def hello(req: func.HttpRequest) -> func.HttpResponse:
 @api.route(route="inspect/{id:int?}", methods=["GET", "POST"], auth_level=func.AuthLevel.ANONYMOUS)
 def inspect_request(req: func.HttpRequest, context: func.Context) -> func.HttpResponse:
     """Echo what the function received, so tests can check what the host built."""
-    return _json({
-        "method": req.method,
-        "url": req.url,
-        "params": dict(req.params),
-        "route_params": dict(req.route_params),
-        "headers": dict(req.headers),
-        "body": req.get_body().decode("utf-8", "replace"),
-        "function_name": context.function_name,
-        "invocation_id": context.invocation_id,
-    })
+    return _json(
+        {
+            "method": req.method,
+            "url": req.url,
+            "params": dict(req.params),
+            "route_params": dict(req.route_params),
+            "headers": dict(req.headers),
+            "body": req.get_body().decode("utf-8", "replace"),
+            "function_name": context.function_name,
+            "invocation_id": context.invocation_id,
+        }
+    )
 
 
 @api.route(route="echo", methods=[func.HttpMethod.POST], auth_level=func.AuthLevel.ANONYMOUS)

@@ -4,12 +4,14 @@ They follow the real interfaces (``shared.repository.SubscriptionRepository``,
 ``shared.marketplace.MarketplaceClient``) closely enough that the use cases cannot tell; the
 integration tests run the same use cases against Azurite and the stand-in over HTTP.
 """
+
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
-from typing import Any, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from shared import errors
 from shared.domain import Operation, Plan, ResolvedPurchase, Subscription, UpdateStatus
@@ -60,8 +62,16 @@ class FakeRepository:
             key = (subscription_id, operation_id)
             if key in self.markers:
                 return False, self.markers[key]
-            marker = OperationMarker(subscription_id, operation_id, action, OP_RECEIVED, datetime.now(timezone.utc),
-                                     payload=payload, correlation_id=correlation_id, etag="1")
+            marker = OperationMarker(
+                subscription_id,
+                operation_id,
+                action,
+                OP_RECEIVED,
+                datetime.now(UTC),
+                payload=payload,
+                correlation_id=correlation_id,
+                etag="1",
+            )
             self.markers[key] = marker
             return True, marker
 
@@ -69,8 +79,17 @@ class FakeRepository:
         self.markers[(marker.subscription_id, marker.operation_id)] = replace(marker, status=status)
         return True
 
-    def apply(self, subscription_id: str, decide: Callable, *, operation_id: str = "", build_event=None, known=None,
-              known_marker=None, attempts: int = 6):
+    def apply(
+        self,
+        subscription_id: str,
+        decide: Callable,
+        *,
+        operation_id: str = "",
+        build_event=None,
+        known=None,
+        known_marker=None,
+        attempts: int = 6,
+    ):
         # known/known_marker only save reads in the real repository; the fake always reads.
         self._check()
         for _ in range(attempts):
@@ -85,7 +104,7 @@ class FakeRepository:
             with self._lock:
                 current = self.records.get(subscription_id)
                 version = current[1] if current else 0
-                if stored is not None and str(version) != stored.etag or (stored is None and current is not None):
+                if (stored is not None and str(version) != stored.etag) or (stored is None and current is not None):
                     continue  # a concurrent writer won: re-decide
                 self._check()
                 self.records[subscription_id] = (outcome.record, version + 1)
@@ -122,12 +141,27 @@ class FakeMarketplace:
         if self.fail_with is not None:
             raise self.fail_with
 
-    def add(self, subscription_id: str, status: str = "PendingFulfillmentStart", plan_id: str = "basic", quantity: int | None = None, name: str = "Sub", token: str = "") -> dict:
+    def add(
+        self,
+        subscription_id: str,
+        status: str = "PendingFulfillmentStart",
+        plan_id: str = "basic",
+        quantity: int | None = None,
+        name: str = "Sub",
+        token: str = "",
+    ) -> dict:
         data = {
-            "id": subscription_id, "name": name, "offerId": "offer", "planId": plan_id, "quantity": quantity,
-            "saasSubscriptionStatus": status, "publisherId": "contoso",
-            "purchaser": {"emailId": "buyer@customer.example"}, "beneficiary": {"emailId": "buyer@customer.example"},
-            "term": {"termUnit": "P1M"}, "allowedCustomerOperations": ["Read", "Update", "Delete"],
+            "id": subscription_id,
+            "name": name,
+            "offerId": "offer",
+            "planId": plan_id,
+            "quantity": quantity,
+            "saasSubscriptionStatus": status,
+            "publisherId": "contoso",
+            "purchaser": {"emailId": "buyer@customer.example"},
+            "beneficiary": {"emailId": "buyer@customer.example"},
+            "term": {"termUnit": "P1M"},
+            "allowedCustomerOperations": ["Read", "Update", "Delete"],
         }
         self.subscriptions[subscription_id] = data
         if token:
@@ -135,8 +169,14 @@ class FakeMarketplace:
         return data
 
     def add_operation(self, operation_id: str, subscription_id: str, action: str, status: str = "Succeeded", **fields) -> dict:
-        data = {"id": operation_id, "subscriptionId": subscription_id, "action": action, "status": status,
-                "timeStamp": fields.pop("timeStamp", datetime.now(timezone.utc).isoformat()), **fields}
+        data = {
+            "id": operation_id,
+            "subscriptionId": subscription_id,
+            "action": action,
+            "status": status,
+            "timeStamp": fields.pop("timeStamp", datetime.now(UTC).isoformat()),
+            **fields,
+        }
         self.operations[operation_id] = data
         return data
 
@@ -145,8 +185,16 @@ class FakeMarketplace:
         if token not in self.tokens:
             raise errors.MarketplaceBadRequestError("bad token", status=400)
         data = self.subscriptions[self.tokens[token]]
-        return ResolvedPurchase.from_api({"id": data["id"], "subscriptionName": data["name"], "offerId": data["offerId"],
-                                          "planId": data["planId"], "quantity": data["quantity"], "subscription": data})
+        return ResolvedPurchase.from_api(
+            {
+                "id": data["id"],
+                "subscriptionName": data["name"],
+                "offerId": data["offerId"],
+                "planId": data["planId"],
+                "quantity": data["quantity"],
+                "subscription": data,
+            }
+        )
 
     def activate(self, subscription_id: str, plan_id: str = "", quantity: int | None = None) -> None:
         self._maybe_fail("activate")
@@ -168,7 +216,10 @@ class FakeMarketplace:
 
     def list_available_plans(self, subscription_id: str) -> list[Plan]:
         self._maybe_fail("list_plans")
-        return [Plan.from_api({"planId": "basic", "displayName": "Basic"}), Plan.from_api({"planId": "standard", "displayName": "Standard"})]
+        return [
+            Plan.from_api({"planId": "basic", "displayName": "Basic"}),
+            Plan.from_api({"planId": "standard", "displayName": "Standard"}),
+        ]
 
     def list_subscription_pages(self, start_link=None):
         self._maybe_fail("list_subscriptions")
@@ -177,8 +228,11 @@ class FakeMarketplace:
 
     def list_outstanding_operations(self, subscription_id: str) -> list[Operation]:
         self._maybe_fail("list_operations")
-        return [Operation.from_api(op) for op in self.operations.values()
-                if op["subscriptionId"] == subscription_id and op["status"] == "InProgress"]
+        return [
+            Operation.from_api(op)
+            for op in self.operations.values()
+            if op["subscriptionId"] == subscription_id and op["status"] == "InProgress"
+        ]
 
     def get_operation(self, subscription_id: str, operation_id: str) -> Operation:
         self._maybe_fail("get_operation")
@@ -198,7 +252,7 @@ class FakeMarketplace:
 
 class FakeClock:
     def __init__(self, start: datetime | None = None):
-        self.now = start or datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
+        self.now = start or datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
     def __call__(self) -> datetime:
         return self.now
@@ -209,8 +263,11 @@ class FakeClock:
 
 def fake_services(**setting_overrides) -> Services:
     env = {
-        "MARKETPLACE_AUTH": "none", "WEBHOOK_AUTH": "none", "TABLES_CONNECTION_STRING": "UseDevelopmentStorage=true",
-        "LANDING_FORM_SECRET": "unit-test-form-secret-0123456789", "SAAS_APP_URL": "https://app.example/",
+        "MARKETPLACE_AUTH": "none",
+        "WEBHOOK_AUTH": "none",
+        "TABLES_CONNECTION_STRING": "UseDevelopmentStorage=true",
+        "LANDING_FORM_SECRET": "unit-test-form-secret-0123456789",
+        "SAAS_APP_URL": "https://app.example/",
         **setting_overrides,
     }
     services = Services(settings=Settings.from_env(env), marketplace=FakeMarketplace(), repository=FakeRepository())

@@ -4,6 +4,7 @@ Each policy is a plain ``(PolicyRequest) -> PolicyDecision`` function, exactly w
 ``seen`` lets a test check what the app asked (the app calls the policy in-process, also from the dev
 host's threads, so a module-level list is shared with the test).
 """
+
 from __future__ import annotations
 
 import threading

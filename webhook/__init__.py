@@ -3,6 +3,7 @@
 Anonymous at the Functions level (no key in the URL, which certification forbids); the use case
 validates Microsoft's Entra bearer token itself.
 """
+
 import logging
 
 import azure.functions as func

@@ -3,6 +3,7 @@
 Playwright's own browser downloads are not used: the tests drive ``/usr/bin/chromium``. When it is
 missing the tests fail (they are part of the required suite), they are never skipped.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,11 @@ VIEWPORT = {"width": 1024, "height": 800}
 @pytest.fixture(scope="module")
 def browser():
     if not (CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)):
-        pytest.fail(f"browser tests need Debian's Chromium at {CHROMIUM}, which is missing or not executable "
-                    "(apt-get install chromium); Playwright browser downloads are not used", pytrace=False)
+        pytest.fail(
+            f"browser tests need Debian's Chromium at {CHROMIUM}, which is missing or not executable "
+            "(apt-get install chromium); Playwright browser downloads are not used",
+            pytrace=False,
+        )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -59,7 +63,8 @@ class Tab:
         # Chromium reports every 4xx/5xx document as "Failed to load resource"; those statuses are asserted
         # by the tests. Anything else (a CSP refusal, a script error) is a problem.
         if message.type in ("error", "warning") and not message.text.startswith(
-                "Failed to load resource: the server responded with a status of"):
+            "Failed to load resource: the server responded with a status of"
+        ):
             self.problems.append(f"console {message.type}: {message.text}")
 
     def shot(self, name: str, page=None) -> Path:

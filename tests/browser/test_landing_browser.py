@@ -5,6 +5,7 @@ Each page is screenshotted under ``test-artifacts/browser/<test>/``; the new-pur
 ``UPDATE_DOC_IMAGES=1`` (they carry a random support reference and today's date, so an ordinary run
 must not dirty the work tree), otherwise into ``test-artifacts/docs-images/``.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,9 @@ from tests.conftest import TEST_USER, sign_in
 pytestmark = [pytest.mark.browser, pytest.mark.azurite]
 
 _ROOT = Path(__file__).resolve().parents[2]
-DOCS_IMAGES = _ROOT / "docs" / "images" if os.environ.get("UPDATE_DOC_IMAGES") == "1" else _ROOT / "test-artifacts" / "docs-images"
+DOCS_IMAGES = (
+    _ROOT / "docs" / "images" if os.environ.get("UPDATE_DOC_IMAGES") == "1" else _ROOT / "test-artifacts" / "docs-images"
+)
 SAAS_APP_URL = "https://app.contoso.example/"
 ACTIVATE = "Activate subscription"
 
@@ -76,10 +79,16 @@ def host_with(make_services, devhost_session):
 
 
 def test_new_purchase_to_active_subscription(devhost, standin, services, tab):
-    standin.set_plans("contoso-offer", [make_plan("team", per_seat=True, min_quantity=1, max_quantity=100,
-                                                  display_name="Team (per seat)")])
-    purchase = standin.create_purchase(plan_id="team", quantity=10, name="Contoso Analytics for Finance",
-                                       purchaser=make_identity("ada@contoso.example"), term_unit="P1M")
+    standin.set_plans(
+        "contoso-offer", [make_plan("team", per_seat=True, min_quantity=1, max_quantity=100, display_name="Team (per seat)")]
+    )
+    purchase = standin.create_purchase(
+        plan_id="team",
+        quantity=10,
+        name="Contoso Analytics for Finance",
+        purchaser=make_identity("ada@contoso.example"),
+        term_unit="P1M",
+    )
     sid = purchase["subscriptionId"]
     page = tab.page
 
@@ -270,7 +279,8 @@ def test_double_submit(devhost, standin, services, tab):
     page.mouse.click(x, y)
     # the first navigation is abandoned by the browser; the page shows the second request's answer
     expect(page.locator("#page-title")).to_have_text(
-        re.compile(r"^Your subscription is (active|being activated)$"), timeout=15_000)
+        re.compile(r"^Your subscription is (active|being activated)$"), timeout=15_000
+    )
     assert page.url == f"{devhost.url}/api/landing"
     assert len(posts) == 2, "both clicks were submitted"
     tab.shot("double-click")

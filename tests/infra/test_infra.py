@@ -12,15 +12,17 @@
 checkov and pycep live in their own virtualenv (.venv-checkov, created by `make setup-test`) because
 their dependencies conflict with the app's; they run as subprocesses of that virtualenv's Python.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
 import subprocess
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pytest
 
@@ -175,7 +177,9 @@ class _AppSettings:
         if isinstance(node, list):
             settings = {}
             for item in node:
-                assert isinstance(item, dict) and isinstance(item.get("name"), str), f"{where}: item without a literal name: {item!r}"
+                assert isinstance(item, dict) and isinstance(item.get("name"), str), (
+                    f"{where}: item without a literal name: {item!r}"
+                )
                 settings[_unquote(item["name"])] = item.get("value")
             return settings
         if isinstance(node, dict) and "loop_type" in node:
@@ -264,14 +268,18 @@ def test_azd_layout_is_consistent() -> None:
     assert re.search(r"^\s+api:\s*$", azure_yaml, re.M), "azure.yaml must declare the service `api`"
     assert re.search(r"^\s+host:\s*function\s*$", azure_yaml, re.M), "service `api` must have host: function"
     assert re.search(r"^\s+language:\s*python\s*$", azure_yaml, re.M), "service `api` must have language: python"
-    assert "'azd-service-name': serviceName" in API_BICEP.read_text(encoding="utf-8"), "the Function App must carry the azd-service-name tag"
+    assert "'azd-service-name': serviceName" in API_BICEP.read_text(encoding="utf-8"), (
+        "the Function App must carry the azd-service-name tag"
+    )
 
     main = _template(INFRA / "main.bicep")
     assert main["globals"]["scope"]["value"] == "subscription", "infra/main.bicep must target the subscription"
     parameters = json.loads((INFRA / "main.parameters.json").read_text(encoding="utf-8"))["parameters"]
     unknown = sorted(set(parameters) - set(main.get("parameters") or {}))
     assert not unknown, f"main.parameters.json passes parameters main.bicep does not declare: {unknown}"
-    required = sorted(name for name, param in (main.get("parameters") or {}).items() if param.get("default") is None and name not in parameters)
+    required = sorted(
+        name for name, param in (main.get("parameters") or {}).items() if param.get("default") is None and name not in parameters
+    )
     assert not required, f"main.bicep parameters without a default that main.parameters.json does not pass: {required}"
 
     outputs = set(main.get("outputs") or {})
@@ -295,7 +303,9 @@ def _http_routes() -> dict[str, str]:
     for function in app.get_functions():
         for binding in function.get_bindings_dict()["bindings"]:
             if binding.get("type") == "httpTrigger":
-                routes[function.get_function_name()] = "/" + "/".join(part for part in (prefix, binding["route"].strip("/")) if part)
+                routes[function.get_function_name()] = "/" + "/".join(
+                    part for part in (prefix, binding["route"].strip("/")) if part
+                )
     return routes
 
 
@@ -319,7 +329,9 @@ def test_urls_and_alerts_match_the_function_app() -> None:
     ]
     assert len(auth) == 1, "api.bicep must declare one authsettingsV2 resource"
     excluded = set(auth[0]["properties"]["globalValidation"]["excludedPaths"])
-    assert {routes["webhook"], routes["health"]} <= excluded, f"authsettingsV2 excludedPaths {sorted(excluded)} must contain the webhook and health paths"
+    assert {routes["webhook"], routes["health"]} <= excluded, (
+        f"authsettingsV2 excludedPaths {sorted(excluded)} must contain the webhook and health paths"
+    )
     assert routes["landing_page"] not in excluded, "the landing page must stay behind sign-in"
 
     # The alerts query what the code writes.
@@ -327,7 +339,9 @@ def test_urls_and_alerts_match_the_function_app() -> None:
     assert f"'{routes['webhook']}'" in alerts, "alerts.bicep must filter webhook 401s on the webhook path"
     reconcile = (ROOT / "shared" / "reconcile.py").read_text(encoding="utf-8")
     for marker in ("reconcile summary", "flagged_count"):
-        assert marker in alerts and marker in reconcile, f"the reconciliation alert and shared/reconcile.py must both use {marker!r}"
+        assert marker in alerts and marker in reconcile, (
+            f"the reconciliation alert and shared/reconcile.py must both use {marker!r}"
+        )
 
 
 # ---- 2. checkov ----------------------------------------------------------------------------------
@@ -362,7 +376,9 @@ def test_checkov_reports_no_failed_check() -> None:
         f"- {check['check_id']} {check['check_name']}: {check['resource']} ({check['file_path']}:{check['file_line_range']})"
         for check in results.get("failed_checks", [])
     ]
-    assert not failed, "checkov failed checks (fix them, or suppress inline with `// checkov:skip=CKV_...: reason`):\n" + "\n".join(failed)
+    assert not failed, (
+        "checkov failed checks (fix them, or suppress inline with `// checkov:skip=CKV_...: reason`):\n" + "\n".join(failed)
+    )
     assert results.get("passed_checks"), "checkov passed no check at all: is it scanning infra/?"
 
     unexplained = [
@@ -416,7 +432,7 @@ def test_secret_settings_are_key_vault_references() -> None:
 
 def test_bicep_literal_values_match_the_code_defaults() -> None:
     resolver, settings = _api_settings()
-    declared = set(resolver.variables) | set((resolver.template.get("parameters") or {}))
+    declared = set(resolver.variables) | set(resolver.template.get("parameters") or {})
     mismatches = []
     for name, value in settings.items():
         default = DEFAULTS.get(name)
@@ -437,7 +453,9 @@ def test_bicep_literal_values_match_the_code_defaults() -> None:
         azd_value = (azd_parameters.get(parameter) or {}).get("value", "")
         match = re.fullmatch(r"\$\{\w+=(.*)\}", azd_value)
         if match and match.group(1) != DEFAULTS[setting]:
-            mismatches.append(f"- main.parameters.json {parameter} default {match.group(1)!r}, {setting} default {DEFAULTS[setting]!r}")
+            mismatches.append(
+                f"- main.parameters.json {parameter} default {match.group(1)!r}, {setting} default {DEFAULTS[setting]!r}"
+            )
     assert not mismatches, "Bicep defaults differ from shared/settings.py:\n" + "\n".join(mismatches)
 
 
@@ -449,7 +467,9 @@ def test_local_settings_example_lists_every_setting() -> None:
     missing = sorted(ALL_SETTING_NAMES - set(values))
     assert not missing, f"settings missing from {path.name} Values: {missing}"
     unknown = sorted(
-        name for name in values if name not in ALL_SETTING_NAMES and name not in LOCAL_HOST_SETTINGS and not name.startswith("AzureWebJobsStorage__")
+        name
+        for name in values
+        if name not in ALL_SETTING_NAMES and name not in LOCAL_HOST_SETTINGS and not name.startswith("AzureWebJobsStorage__")
     )
     assert not unknown, f"{path.name} Values has names shared/settings.py does not declare: {unknown}"
 

@@ -6,6 +6,7 @@ are checked: no webhook errors, the design's per-event Marketplace calls, every 
 operation answered, nothing left to repair afterwards; reconciliation writes exactly the drifted
 subscriptions plus the summary, and its reads are page scans, not one read per subscription.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """The operator command line, in-process against Azurite and the marketplace stand-in."""
+
 from __future__ import annotations
 
 import io
@@ -55,13 +56,19 @@ def test_list_and_show(standin, services):
     for row in everything:
         theirs = standin.get_subscription(row["id"])
         assert (row["status"], row["offerId"], row["planId"], row["quantity"]) == (
-            theirs["saasSubscriptionStatus"], theirs["offerId"], theirs["planId"], theirs.get("quantity"))
+            theirs["saasSubscriptionStatus"],
+            theirs["offerId"],
+            theirs["planId"],
+            theirs.get("quantity"),
+        )
 
     assert [row["id"] for row in cli_json(services, "list", "--status", "suspended")] == [suspended]
     assert [row["id"] for row in cli_json(services, "list", "--plan", "premium")] == [premium]
     assert [row["id"] for row in cli_json(services, "list", "--offer", "other-offer")] == [other_offer]
     assert {row["id"] for row in cli_json(services, "--json", "list", "--offer", "contoso-offer", "--plan", "basic")} == {
-        *basic, suspended}
+        *basic,
+        suspended,
+    }
     assert cli_json(services, "list", "--status", "Unsubscribed") == []
 
     code, text = cli(services, "list", "--plan", "premium")
@@ -96,7 +103,10 @@ def test_reconcile_dry_run_prints_the_differences_and_writes_nothing_then_reconc
     dry = cli_json(services, "reconcile", "--dry-run")
     assert dry["dry_run"] and dry["completed"] and dry["storage_writes"] == 0
     assert {(d["subscriptionId"], d["kind"]) for d in dry["differences"]} == {
-        (new, "missing_locally"), (x, "status_drift"), (y, "detail_drift")}
+        (new, "missing_locally"),
+        (x, "status_drift"),
+        (y, "detail_drift"),
+    }
     assert dry["repairs"] == {"recorded_new": 1, "status_drift": 1, "detail_drift": 1}
     changes = {d["subscriptionId"]: d.get("changes") for d in dry["differences"]}
     assert changes[y] == {"quantity": [5, 9]} and changes[x]["status"] == ["Subscribed", "Suspended"]
@@ -173,11 +183,13 @@ def test_activate_that_microsoft_refuses_exits_1(standin, make_services):
 
 
 def test_replay_finishes_a_pending_operation(standin, services):
-    x, y = standin.seed(2, plan_id="standard", quantity=5)
+    _x, y = standin.seed(2, plan_id="standard", quantity=5)
     sync_in_the_past(services)
     operation = standin.trigger(y, "ChangeQuantity", quantity=11, deliver=False)
     payload = standin.webhook_payload(operation["id"])
-    services.repository.record_operation(y, operation["id"], action="ChangeQuantity", payload=json.dumps(payload), correlation_id="")
+    services.repository.record_operation(
+        y, operation["id"], action="ChangeQuantity", payload=json.dumps(payload), correlation_id=""
+    )
 
     listed = cli_json(services, "replay", "--dry-run")
     assert listed["pending_found"] == 1 and listed["repairs"] == {"operation_replayed": 1}
@@ -211,8 +223,14 @@ def test_a_configuration_error_exits_2_naming_the_missing_settings(monkeypatch, 
 
 def test_the_module_runs_as_a_command(azurite, standin):
     env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), "PYTHONPATH": str(ROOT)}
-    missing = subprocess.run([sys.executable, "-m", "shared.cli", "reconcile", "--dry-run"], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=60)
+    missing = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "reconcile", "--dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert missing.returncode == 2, missing.stderr
     for name in ("MARKETPLACE_TENANT_ID", "TABLES_CONNECTION_STRING", "LANDING_FORM_SECRET"):
         assert name in missing.stderr
@@ -222,11 +240,23 @@ def test_the_module_runs_as_a_command(azurite, standin):
     ids = standin.seed(2)
     configured = {**env, **make_env(azurite, standin)}
     started = time.monotonic()
-    run = subprocess.run([sys.executable, "-m", "shared.cli", "reconcile", "--json"], cwd=ROOT, env=configured,
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "reconcile", "--json"],
+        cwd=ROOT,
+        env=configured,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["repairs"] == {"recorded_new": 2}
-    listed = subprocess.run([sys.executable, "-m", "shared.cli", "list", "--json"], cwd=ROOT, env=configured,
-                            capture_output=True, text=True, timeout=60)
+    listed = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "list", "--json"],
+        cwd=ROOT,
+        env=configured,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert listed.returncode == 0 and {row["id"] for row in json.loads(listed.stdout)} == set(ids)
     assert time.monotonic() - started < 30

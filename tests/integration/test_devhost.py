@@ -2,6 +2,7 @@
 
 Uses its own small app (tests/devhost_sample_app.py), never the project's function_app.py.
 """
+
 from __future__ import annotations
 
 import base64
@@ -59,6 +60,7 @@ def inspect(host: DevHost, path: str = "/api/inspect", **kwargs) -> dict:
 
 
 # ---------------------------------------------------------------------------------- routing
+
 
 def test_route_param_and_response_conversion(host):
     response = requests.get(host.url + "/api/hello/World", timeout=5)
@@ -159,8 +161,9 @@ def test_one_log_line_per_request_without_query_string(host, caplog):
 def test_body_over_100_mb_is_413(host):
     port = int(host.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-        conn.sendall(b"POST /api/echo HTTP/1.1\r\nHost: localhost\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: 104857601\r\n\r\n{")
+        conn.sendall(
+            b"POST /api/echo HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 104857601\r\n\r\n{"
+        )
         status_line = conn.makefile("rb").readline()
     assert status_line.startswith(b"HTTP/1.1 413")
 
@@ -209,6 +212,7 @@ def test_app_may_be_indexed_before_the_host(sample_schedule):
 
 # ---------------------------------------------------------------------------------- admin API
 
+
 def test_admin_runs_timer_in_background_with_202(host):
     before = len(sample.TIMER_RUNS)
     response = requests.post(host.url + "/admin/functions/sample_timer", json={"input": ""}, timeout=5)
@@ -242,6 +246,7 @@ def test_admin_errors(host):
 
 # ---------------------------------------------------------------------------------- timers
 
+
 def test_schedule_is_resolved_from_an_app_setting(monkeypatch):
     monkeypatch.setenv("SAMPLE_SCHEDULE", "0 */30 * * * *")
     dev = DevHost(sample.app, port=0)
@@ -257,7 +262,7 @@ def test_missing_schedule_setting_is_a_startup_error(monkeypatch):
 
 def test_invalid_schedule_is_a_startup_error(monkeypatch):
     monkeypatch.setenv("SAMPLE_SCHEDULE", "*/5 * * * *")
-    with pytest.raises(DevHostError, match="sample_timer.*6 fields"):
+    with pytest.raises(DevHostError, match=r"sample_timer.*6 fields"):
         DevHost(sample.app, port=0)
 
 
@@ -268,8 +273,7 @@ def test_timer_fires_on_its_schedule(monkeypatch):
         wait_until(lambda: len(sample.TIMER_RUNS) > before, timeout=3)
     run = sample.TIMER_RUNS[before]
     assert run["past_due"] is False
-    status = {key: datetime.fromisoformat(value) for key, value in run["schedule_status"].items()
-              if key != "Last"}
+    status = {key: datetime.fromisoformat(value) for key, value in run["schedule_status"].items() if key != "Last"}
     assert status["Next"] > status["LastUpdated"] - timedelta(seconds=1)
     assert status["Next"].microsecond == 0  # an occurrence of the every-second schedule
 
@@ -352,13 +356,14 @@ def test_signed_in_user_from_the_environment_and_per_host_override(monkeypatch, 
     with DevHost(sample.app, port=0, timers=False) as dev:
         headers = inspect(dev)["headers"]
     assert headers["x-ms-client-principal-name"] == "bob@example.com"
-    assert DevHost(sample.app, signed_in_user="").signed_in_user is None          # "" = nobody
+    assert DevHost(sample.app, signed_in_user="").signed_in_user is None  # "" = nobody
     assert DevHost(sample.app, signed_in_user="Carol <c@example.org>").signed_in_user.email == "c@example.org"
     with pytest.raises(DevHostError):
         DevHost(sample.app, signed_in_user="not an email")
 
 
 # ---------------------------------------------------------------------------------- settings and CLI
+
 
 def test_local_settings_do_not_override_the_environment(tmp_path):
     settings = tmp_path / "local.settings.json"
@@ -376,9 +381,13 @@ def test_command_line_loads_settings_before_importing_the_app(tmp_path):
     settings.write_text(json.dumps({"Values": {"SAMPLE_SCHEDULE": YEARLY}}))
     env = {k: v for k, v in os.environ.items() if k not in ("SAMPLE_SCHEDULE", "DEV_SIGNED_IN_USER")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "devtools.devhost", "--app", SAMPLE, "--port", "0", "--no-timers",
-         "--settings", str(settings)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [sys.executable, "-m", "devtools.devhost", "--app", SAMPLE, "--port", "0", "--no-timers", "--settings", str(settings)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = None
         for line in proc.stdout:

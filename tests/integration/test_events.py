@@ -4,8 +4,10 @@ Everything here is real: Azurite tables and queues, the marketplace stand-in ove
 delivered through the dev host, the relay's background threads, a local HTTP receiver for the
 hook. Queue messages are read back the way a queue-triggered Function reads them (base64 text).
 """
+
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -125,8 +127,14 @@ def change_quantity(services, subscription_id: str, quantity: int, source: Sourc
 
     def decide(record):
         now = utc_now()
-        change = Change(kind=Kind.CHANGE_QUANTITY, source=source, occurred_at=now, quantity=quantity,
-                        actor="operator", correlation_id=f"cid-{quantity}")
+        change = Change(
+            kind=Kind.CHANGE_QUANTITY,
+            source=source,
+            occurred_at=now,
+            quantity=quantity,
+            actor="operator",
+            correlation_id=f"cid-{quantity}",
+        )
         return sm.apply(record, change, now=now)
 
     return services.repository.apply(subscription_id, decide, build_event=build_event_document, attempts=200)
@@ -153,12 +161,13 @@ class HookReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - stdlib name
+            def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode("utf-8")
                 with receiver._lock:
                     status = receiver.statuses.pop(0) if receiver.statuses else 200
-                    receiver.requests.append({"body": body, "headers": dict(self.headers), "status": status,
-                                              "at": time.monotonic()})
+                    receiver.requests.append(
+                        {"body": body, "headers": dict(self.headers), "status": status, "at": time.monotonic()}
+                    )
                 receiver.started.set()
                 if receiver.delay:
                     time.sleep(receiver.delay)
@@ -178,7 +187,7 @@ class HookReceiver:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}/hooks/subscription-events"
 
-    def __enter__(self) -> "HookReceiver":
+    def __enter__(self) -> HookReceiver:
         self.thread.start()
         return self
 
@@ -209,7 +218,9 @@ def test_each_transition_through_landing_page_and_webhooks_yields_exactly_one_ev
     assert failed.result is ActivationResult.FAILED
     # ... and the buyer's retry succeeds
     with correlation("cid-landing-2"):
-        assert activate(services, subscription_id, actor=USER.label, source=Source.LANDING_PAGE).result is ActivationResult.ACTIVATED
+        assert (
+            activate(services, subscription_id, actor=USER.label, source=Source.LANDING_PAGE).result is ActivationResult.ACTIVATED
+        )
 
     # Microsoft's changes, delivered as signed webhooks through the dev host
     operations = [
@@ -221,8 +232,14 @@ def test_each_transition_through_landing_page_and_webhooks_yields_exactly_one_ev
         webhook_via_devhost(standin, devhost, subscription_id, "Unsubscribe"),
     ]
     expected = [
-        sm.EVENT_ACTIVATION_FAILED, sm.EVENT_ACTIVATED, sm.EVENT_PLAN_CHANGED, sm.EVENT_QUANTITY_CHANGED,
-        sm.EVENT_SUSPENDED, sm.EVENT_REINSTATED, sm.EVENT_RENEWED, sm.EVENT_UNSUBSCRIBED,
+        sm.EVENT_ACTIVATION_FAILED,
+        sm.EVENT_ACTIVATED,
+        sm.EVENT_PLAN_CHANGED,
+        sm.EVENT_QUANTITY_CHANGED,
+        sm.EVENT_SUSPENDED,
+        sm.EVENT_REINSTATED,
+        sm.EVENT_RENEWED,
+        sm.EVENT_UNSUBSCRIBED,
     ]
 
     # delivered by the inline (background) relay alone: no relay pass is run here
@@ -243,7 +260,7 @@ def test_each_transition_through_landing_page_and_webhooks_yields_exactly_one_ev
         assert entry["result"] == "applied" and entry["toStatus"] == event["subscription"]["status"]
         assert event["eventId"] == event_id_for(subscription_id, event["sequence"])
         assert event["occurredAt"] == entry["occurredAt"] and event["correlationId"] == (entry["correlationId"] or None)
-    without_event = {seq for seq in history} - {event["sequence"] for event in events}
+    without_event = set(history) - {event["sequence"] for event in events}
     assert {history[seq]["kind"] for seq in without_event} == {"record_purchase", "activation_sent"}
 
     by_type = {event["eventType"]: event for event in events}
@@ -265,7 +282,9 @@ def test_each_transition_through_landing_page_and_webhooks_yields_exactly_one_ev
     assert by_type[sm.EVENT_SUSPENDED]["subscription"]["status"] == "Suspended"
     assert by_type[sm.EVENT_REINSTATED]["previous"]["status"] == "Suspended"
     renewed = by_type[sm.EVENT_RENEWED]
-    assert renewed["subscription"]["term"]["startDate"][:10] == standin.get_subscription(subscription_id)["term"]["startDate"][:10]
+    assert (
+        renewed["subscription"]["term"]["startDate"][:10] == standin.get_subscription(subscription_id)["term"]["startDate"][:10]
+    )
     assert "termStart" in renewed["previous"] and renewed["previous"]["termStart"] != renewed["subscription"]["term"]["startDate"]
 
     # the unsubscribed event carries the date until which data must be kept: >= 7 days after
@@ -285,7 +304,10 @@ def test_pending_flagged_and_reconcile_repairs_yield_one_event_each(make_service
     queue = EventQueue(azurite, name)
 
     manual = new_purchase(services, standin)
-    assert request_operator_activation(services, manual, USER.label, Source.LANDING_PAGE).record.status is sm.LocalStatus.PENDING_ACTIVATION
+    assert (
+        request_operator_activation(services, manual, USER.label, Source.LANDING_PAGE).record.status
+        is sm.LocalStatus.PENDING_ACTIVATION
+    )
     drifted = activated(services, standin)
     standin.set_subscription(drifted, status="Suspended")  # silently, no webhook: the reconciler repairs it
     wait_until_delivered(services, manual)
@@ -310,10 +332,14 @@ def test_pending_flagged_and_reconcile_repairs_yield_one_event_each(make_service
     manual_events = [event for event in events if event["subscriptionId"] == manual]
     drifted_events = [event for event in events if event["subscriptionId"] == drifted]
     assert [(event["eventType"], event["source"]) for event in manual_events] == [
-        (sm.EVENT_PENDING, "landing_page"), (sm.EVENT_FLAGGED, "reconcile")]
+        (sm.EVENT_PENDING, "landing_page"),
+        (sm.EVENT_FLAGGED, "reconcile"),
+    ]
     assert manual_events[1]["subscription"]["flags"] == [FLAG_AWAITING_OPERATOR]
     assert [(event["eventType"], event["source"]) for event in drifted_events] == [
-        (sm.EVENT_ACTIVATED, "landing_page"), (sm.EVENT_SUSPENDED, "reconcile")]
+        (sm.EVENT_ACTIVATED, "landing_page"),
+        (sm.EVENT_SUSPENDED, "reconcile"),
+    ]
     assert manual_events[1]["correlationId"] == drifted_events[1]["correlationId"] == "cid-reconcile-1"
     assert len(events) == 4
 
@@ -385,8 +411,12 @@ def test_failing_queue_notes_attempts_backs_off_and_delivers_later_in_order(make
 
     # the queue service refuses connections (the table service still works)
     dead = azurite.connection_string.replace(f":{azurite.queue_port}/", f":{free_port()}/")
-    broken = EventRelay(services.repository.sibling(), queue_client=QueueClient.from_connection_string(
-        dead, name, message_encode_policy=TextBase64EncodePolicy(), retry_total=0, connection_timeout=2))
+    broken = EventRelay(
+        services.repository.sibling(),
+        queue_client=QueueClient.from_connection_string(
+            dead, name, message_encode_policy=TextBase64EncodePolicy(), retry_total=0, connection_timeout=2
+        ),
+    )
     first = broken.relay_subscription(subscription_id)
     assert (first.delivered, first.failed) == (0, 1)
     second = broken.relay_subscription(subscription_id, respect_backoff=False)
@@ -422,7 +452,8 @@ def test_a_redelivered_event_keeps_its_event_id_and_body(make_services, standin,
 
     row = outbox(services, subscription_id)[0]
     services.repository._subscriptions.update_entity(  # as if the relay died before marking it delivered
-        {"PartitionKey": subscription_id, "RowKey": row["RowKey"], "Pending": True, "QueueDone": False}, mode=UpdateMode.MERGE)
+        {"PartitionKey": subscription_id, "RowKey": row["RowKey"], "Pending": True, "QueueDone": False}, mode=UpdateMode.MERGE
+    )
     assert services.events.relay_pending().delivered == 1
     again = queue.drain()[1]
     assert again == first and again["eventId"] == event_id_for(subscription_id, first["sequence"])
@@ -497,10 +528,11 @@ def test_per_subscription_order_holds_under_concurrent_updates(make_services, st
         assert_in_order(mine)  # strictly increasing sequence, in queue order
         assert [event["eventType"] for event in mine] == [sm.EVENT_ACTIVATED] + [sm.EVENT_QUANTITY_CHANGED] * changes
         # each event's previous value is the quantity the event before it announced
-        for before, after in zip(mine[1:], mine[2:]):
+        for before, after in itertools.pairwise(mine):
             assert after["previous"]["quantity"] == before["subscription"]["quantity"]
         assert sorted(event["subscription"]["quantity"] for event in mine[1:]) == sorted(
-            q for index in range(threads_per_subscription) for q in range(10 + 10 * index, 10 + 10 * index + changes_per_thread))
+            q for index in range(threads_per_subscription) for q in range(10 + 10 * index, 10 + 10 * index + changes_per_thread)
+        )
         assert mine[-1]["subscription"]["quantity"] == services.repository.get(subscription_id).record.quantity
 
 
@@ -518,7 +550,7 @@ def test_hook_receives_signed_events_and_a_tampered_body_fails(make_services, st
         queued = EventQueue(azurite, name).wait_for(2)
 
     assert len(hook.requests) == 2
-    for request, event in zip(hook.requests, queued):
+    for request, event in zip(hook.requests, queued, strict=False):
         body, headers = request["body"], request["headers"]
         assert json.loads(body) == event  # the same document as the queue message
         assert headers[EVENT_ID_HEADER] == event["eventId"]
@@ -539,8 +571,13 @@ def test_failing_hook_is_retried_with_backoff_and_never_dropped(make_services, s
 
         # the inline relay: queue accepted, hook answered 500 -> stays pending, attempt noted
         eventually(lambda: len(hook.requests) == 1, message="the first hook call")
-        eventually(lambda: services.repository.pending_events(subscription_id)
-                   and services.repository.pending_events(subscription_id)[0].attempts == 1, message="the attempt noted")
+        eventually(
+            lambda: (
+                services.repository.pending_events(subscription_id)
+                and services.repository.pending_events(subscription_id)[0].attempts == 1
+            ),
+            message="the attempt noted",
+        )
         event = services.repository.pending_events(subscription_id)[0]
         assert event.queue_done and not event.hook_done
         assert len(queue.wait_for(1)) == 1

@@ -3,6 +3,7 @@
 No browser: ``requests`` and a small HTML parser. Every check reads real behaviour back: the HTTP
 status, the stored record and its history (``services.repository``) and the stand-in's counters.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,10 +38,11 @@ REQUIRED_HEADERS = {
 # helpers
 # --------------------------------------------------------------------------------------------------
 
+
 class ParsedPage(HTMLParser):
     """Forms (fields, buttons), text and attributes of elements with a data-testid or an id."""
 
-    VOID = {"input", "br", "img", "meta", "link", "hr", "source", "wbr"}
+    VOID = frozenset({"input", "br", "img", "meta", "link", "hr", "source", "wbr"})
 
     def __init__(self, text: str):
         super().__init__(convert_charrefs=True)
@@ -67,8 +69,15 @@ class ParsedPage(HTMLParser):
         if tag == "script":
             self.scripts += 1
         if tag == "form":
-            self.forms.append({"method": attrs.get("method", "get").lower(), "action": attrs.get("action", ""),
-                               "fields": {}, "inputs": [], "buttons": []})
+            self.forms.append(
+                {
+                    "method": attrs.get("method", "get").lower(),
+                    "action": attrs.get("action", ""),
+                    "fields": {},
+                    "inputs": [],
+                    "buttons": [],
+                }
+            )
         if tag == "input" and self.forms:
             self.forms[-1]["inputs"].append(attrs)
             self.forms[-1]["fields"][attrs.get("name", "")] = attrs.get("value", "")
@@ -156,8 +165,7 @@ def stored(services, subscription_id: str):
 def snapshot(services, subscription_id: str):
     """Everything that must stay put when a request is refused: the row (with its ETag) and history."""
     found = services.repository.get(subscription_id)
-    return (found.etag if found else None, found.record if found else None,
-            len(services.repository.history(subscription_id)))
+    return (found.etag if found else None, found.record if found else None, len(services.repository.history(subscription_id)))
 
 
 def history_kinds(services, subscription_id: str) -> list[str]:
@@ -194,6 +202,7 @@ def host_with(make_services, devhost_session):
 # --------------------------------------------------------------------------------------------------
 # token in the query string
 # --------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("query", [None, "token=", "other=1"])
 def test_missing_token_is_400_and_nothing_resolved(host, standin, query):
@@ -248,7 +257,7 @@ def test_token_is_decoded_only_once(host, standin, services):
     purchase = standin.create_purchase()
     token = purchase["token"]
 
-    response, page = get_page(host, raw_query="token=" + encoded(encoded(token)))
+    response, _page = get_page(host, raw_query="token=" + encoded(encoded(token)))
 
     assert standin.last_request("resolve")["headers"]["x-ms-marketplace-token"] == encoded(token)
     assert response.status_code == 400
@@ -259,8 +268,9 @@ def test_token_starting_with_plus_sent_unencoded(host, standin, services):
     """Base64 tokens may start with '+'; unencoded it arrives as a leading space and must come back."""
     purchase = standin.create_purchase()
     # one stand-in token in 64 starts with '+': ask for new ones ("Manage account") until one does
-    leading = next(token for token in (standin.new_token(purchase["subscriptionId"])["token"] for _ in range(5000))
-                   if token.startswith("+"))
+    leading = next(
+        token for token in (standin.new_token(purchase["subscriptionId"])["token"] for _ in range(5000)) if token.startswith("+")
+    )
 
     response, page = get_page(host, raw_query="token=" + leading)
 
@@ -271,6 +281,7 @@ def test_token_starting_with_plus_sent_unencoded(host, standin, services):
 # --------------------------------------------------------------------------------------------------
 # sign-in
 # --------------------------------------------------------------------------------------------------
+
 
 def test_no_principal_gets_401_and_login_round_trips_the_token(host, standin, services):
     purchase = standin.create_purchase(name="Secret Project")
@@ -344,14 +355,22 @@ def test_signin_can_be_switched_off(host_with, standin):
 # a new purchase, activated
 # --------------------------------------------------------------------------------------------------
 
+
 def test_new_purchase_page_shows_every_detail(host, standin, services):
-    standin.set_plans("contoso-offer", [make_plan("team", per_seat=True, min_quantity=1, max_quantity=50,
-                                                  display_name="Team (per seat)")])
+    standin.set_plans(
+        "contoso-offer", [make_plan("team", per_seat=True, min_quantity=1, max_quantity=50, display_name="Team (per seat)")]
+    )
     purchaser = make_identity("reseller@partner.example")
     beneficiary = make_identity("owner@customer.example")
-    purchase = standin.create_purchase(plan_id="team", quantity=7, name="Analytics for Finance",
-                                       purchaser=purchaser, beneficiary=beneficiary, term_unit="P1Y",
-                                       is_free_trial=True)
+    purchase = standin.create_purchase(
+        plan_id="team",
+        quantity=7,
+        name="Analytics for Finance",
+        purchaser=purchaser,
+        beneficiary=beneficiary,
+        term_unit="P1Y",
+        is_free_trial=True,
+    )
     sid = purchase["subscriptionId"]
 
     response, page = get_page(host, purchase["token"])
@@ -394,7 +413,7 @@ def test_new_purchase_page_shows_every_detail(host, standin, services):
 
 def test_single_purchaser_is_not_marked_as_csp(host, standin):
     purchase = standin.create_purchase(purchaser=make_identity("solo@customer.example"))
-    response, page = get_page(host, purchase["token"])
+    _response, page = get_page(host, purchase["token"])
     assert page.text("purchaser") == page.text("beneficiary") == "solo@customer.example"
     assert page.text("free-trial") == "No"
 
@@ -533,11 +552,15 @@ def test_activation_confirmed_later_shows_active(host, standin, services):
 # returning buyers and manual mode
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("status, title, badge, app_link", [
-    ("Subscribed", "Your subscription", "Active", True),
-    ("Suspended", "Your subscription", "Suspended", True),
-    ("Unsubscribed", "This subscription was cancelled", "Cancelled", False),
-])
+
+@pytest.mark.parametrize(
+    "status, title, badge, app_link",
+    [
+        ("Subscribed", "Your subscription", "Active", True),
+        ("Suspended", "Your subscription", "Suspended", True),
+        ("Unsubscribed", "This subscription was cancelled", "Cancelled", False),
+    ],
+)
 def test_returning_buyer_sees_status_and_never_activates(host, standin, services, status, title, badge, app_link):
     purchase = standin.create_purchase()
     sid = purchase["subscriptionId"]
@@ -652,6 +675,7 @@ def test_manual_mode_stale_form_after_operator_activated(host_with, standin):
 # CSRF
 # --------------------------------------------------------------------------------------------------
 
+
 def _forged(fields, other):
     claims = jwt.decode(fields["form_token"], options={"verify_signature": False})
     return {**fields, "form_token": jwt.encode(claims, "not-our-secret-0123456789abcdef-xyz", algorithm="HS256")}
@@ -685,9 +709,11 @@ def _tampered(fields, other):
     return {**fields, "form_token": ".".join((head, payload, signature[::-1]))}
 
 
-@pytest.mark.parametrize("tamper", [_forged, _alg_none, _expired, _other_subscription_id,
-                                    _other_subscription_token, _missing, _tampered],
-                         ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize(
+    "tamper",
+    [_forged, _alg_none, _expired, _other_subscription_id, _other_subscription_token, _missing, _tampered],
+    ids=lambda f: f.__name__.strip("_"),
+)
 def test_refused_form_token_changes_nothing(host, standin, services, tamper):
     mine, theirs = standin.create_purchase(), standin.create_purchase()
     fields = open_confirmation(host, mine["token"])
@@ -712,7 +738,7 @@ def test_form_token_of_another_user_is_refused(host, standin, services):
     before = snapshot(services, sid)
     sign_in(host, OTHER_USER)
 
-    response, page = post_form(host, fields)
+    response, _page = post_form(host, fields)
 
     assert response.status_code == 403
     assert "another user" in response.text
@@ -723,6 +749,7 @@ def test_form_token_of_another_user_is_refused(host, standin, services):
 # --------------------------------------------------------------------------------------------------
 # failures: Marketplace and storage
 # --------------------------------------------------------------------------------------------------
+
 
 def test_marketplace_unavailable_on_resolve_then_recovered(host, standin, services):
     purchase = standin.create_purchase()
@@ -820,6 +847,7 @@ def test_storage_down_is_503_and_nothing_half_written(host, standin, services, a
 # --------------------------------------------------------------------------------------------------
 # security
 # --------------------------------------------------------------------------------------------------
+
 
 def test_script_in_subscription_name_is_rendered_as_text(host, standin):
     name = "<script>alert(1)</script>"

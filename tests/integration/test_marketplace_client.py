@@ -3,6 +3,7 @@
 Every call of the client, the retry policy per call (what may be repeated and what may not),
 error details, request/correlation ids, the publisherId query and the timeouts.
 """
+
 from __future__ import annotations
 
 import socket
@@ -174,8 +175,9 @@ def test_empty_body_means_no_subscriptions(standin, client):
 
 
 def test_get_subscription(standin, client):
-    purchase = standin.create_purchase(plan_id="standard", quantity=4, term_unit="P1Y",
-                                       extra={"allowedCustomerOperations": ["Read"], "futureField": 1})
+    purchase = standin.create_purchase(
+        plan_id="standard", quantity=4, term_unit="P1Y", extra={"allowedCustomerOperations": ["Read"], "futureField": 1}
+    )
     sid = purchase["subscriptionId"]
     subscription = client.get_subscription(sid)
     assert subscription.id == sid
@@ -376,9 +378,8 @@ def test_retries_are_bounded(standin, make_client):
     sid = standin.seed(1)[0]
     client = make_client(attempts=2)
     standin.fail_next(10, 503)
-    with correlation("cid-exhausted"):
-        with pytest.raises(MarketplaceUnavailableError) as error:
-            client.get_subscription(sid)
+    with correlation("cid-exhausted"), pytest.raises(MarketplaceUnavailableError) as error:
+        client.get_subscription(sid)
     assert standin.calls["get"] == 3  # the first try and two retries
     assert error.value.status == 503
     assert error.value.error_code == "ServiceUnavailable"
@@ -397,8 +398,15 @@ def test_429_that_outlasts_the_retries(standin, make_client):
     assert standin.calls["get"] == 2
 
 
-@pytest.mark.parametrize("status, error_type", [(400, MarketplaceBadRequestError), (403, MarketplaceUnauthorizedError),
-                                                (404, MarketplaceNotFoundError), (409, MarketplaceConflictError)])
+@pytest.mark.parametrize(
+    "status, error_type",
+    [
+        (400, MarketplaceBadRequestError),
+        (403, MarketplaceUnauthorizedError),
+        (404, MarketplaceNotFoundError),
+        (409, MarketplaceConflictError),
+    ],
+)
 def test_client_errors_are_not_retried(standin, client, status, error_type):
     sid = standin.seed(1)[0]
     standin.fail_next(1, status)
@@ -481,9 +489,8 @@ def test_delete_not_retried_on_server_errors(standin, client, status):
 
 def test_errors_carry_status_code_request_and_correlation(standin, client):
     unknown = str(uuid.uuid4())
-    with correlation("cid-errors-1"):
-        with pytest.raises(MarketplaceNotFoundError) as error:
-            client.get_subscription(unknown)
+    with correlation("cid-errors-1"), pytest.raises(MarketplaceNotFoundError) as error:
+        client.get_subscription(unknown)
     sent = standin.last_request("get")
     assert error.value.status == 404
     assert error.value.error_code == "EntityNotFound"

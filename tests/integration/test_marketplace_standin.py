@@ -3,6 +3,7 @@
 These tests pin the contract the app is developed against (docs/marketplace-fulfillment-v2.md §3-§7),
 so a change here is a change of what the app may rely on.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,7 @@ class WebhookReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - stdlib name
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 with receiver._arrived:
                     receiver.received.append({"headers": dict(self.headers), "body": json.loads(body)})
@@ -106,6 +107,7 @@ def subscribed(standin: MarketplaceStandIn, plan_id: str = "standard", quantity:
 
 # ---- conventions ------------------------------------------------------------------------------
 
+
 def test_api_version_is_required_and_errors_have_code_message_target(standin, http):
     response = http.get(standin.api_base_url + "/saas/subscriptions", timeout=5)
     assert response.status_code == 400
@@ -116,8 +118,7 @@ def test_api_version_is_required_and_errors_have_code_message_target(standin, ht
 
 
 def test_request_and_correlation_ids_are_echoed_or_generated(standin, http):
-    echoed = api(http, standin, "GET", "/saas/subscriptions",
-                 headers={"x-ms-requestid": "req-1", "x-ms-correlationid": "corr-1"})
+    echoed = api(http, standin, "GET", "/saas/subscriptions", headers={"x-ms-requestid": "req-1", "x-ms-correlationid": "corr-1"})
     assert echoed.headers["x-ms-requestid"] == "req-1"
     assert echoed.headers["x-ms-correlationid"] == "corr-1"
     generated = api(http, standin, "GET", "/saas/subscriptions")
@@ -137,6 +138,7 @@ def test_require_bearer_knob(standin, http):
 
 # ---- resolve ----------------------------------------------------------------------------------
 
+
 def test_resolve_with_a_token_that_needs_url_encoding(standin, http):
     purchase = standin.create_purchase(plan_id="standard", quantity=7, name="Contoso HR")
     token = purchase["token"]
@@ -150,15 +152,18 @@ def test_resolve_with_a_token_that_needs_url_encoding(standin, http):
     resolved = response.json()
     assert resolved["id"] == purchase["subscriptionId"]
     assert (resolved["subscriptionName"], resolved["offerId"], resolved["planId"], resolved["quantity"]) == (
-        "Contoso HR", "contoso-offer", "standard", 7)
+        "Contoso HR",
+        "contoso-offer",
+        "standard",
+        7,
+    )
     subscription = resolved["subscription"]
     assert subscription["saasSubscriptionStatus"] == "PendingFulfillmentStart"
     assert "startDate" not in subscription["term"]
     assert subscription["purchaser"] == subscription["beneficiary"]
 
     # ... while a "+ becomes space" decoding bug does not resolve.
-    mangled = api(http, standin, "POST", "/saas/subscriptions/resolve",
-                  headers={"x-ms-marketplace-token": unquote_plus(token)})
+    mangled = api(http, standin, "POST", "/saas/subscriptions/resolve", headers={"x-ms-marketplace-token": unquote_plus(token)})
     assert mangled.status_code == 400
 
 
@@ -168,12 +173,15 @@ def test_resolve_rejects_missing_unknown_and_expired_tokens(standin, http):
     unknown = api(http, standin, "POST", "/saas/subscriptions/resolve", headers={"x-ms-marketplace-token": "nope"})
     assert unknown.status_code == 400
     standin.expire_token(purchase["token"])
-    expired = api(http, standin, "POST", "/saas/subscriptions/resolve",
-                  headers={"x-ms-marketplace-token": purchase["token"]})
+    expired = api(http, standin, "POST", "/saas/subscriptions/resolve", headers={"x-ms-marketplace-token": purchase["token"]})
     assert expired.status_code == 400
     short_lived = standin.create_purchase(token_ttl_seconds=-1)
-    assert api(http, standin, "POST", "/saas/subscriptions/resolve",
-               headers={"x-ms-marketplace-token": short_lived["token"]}).status_code == 400
+    assert (
+        api(
+            http, standin, "POST", "/saas/subscriptions/resolve", headers={"x-ms-marketplace-token": short_lived["token"]}
+        ).status_code
+        == 400
+    )
 
 
 def test_resolve_works_in_every_status_and_new_tokens_manage_the_account(standin, http):
@@ -191,6 +199,7 @@ def test_resolve_works_in_every_status_and_new_tokens_manage_the_account(standin
 
 
 # ---- activate ---------------------------------------------------------------------------------
+
 
 def test_activate_rules(standin, http):
     sid = standin.create_purchase(plan_id="standard", quantity=3)["subscriptionId"]
@@ -225,6 +234,7 @@ def test_activation_can_be_asynchronous_or_fail(standin, http, receiver):
 
 
 # ---- list, get, plans -------------------------------------------------------------------------
+
 
 def test_listing_pages_with_next_links(standin, http):
     empty = api(http, standin, "GET", "/saas/subscriptions")
@@ -264,10 +274,17 @@ def test_get_subscription_and_available_plans(standin, http):
 
 # ---- publisher-initiated changes --------------------------------------------------------------
 
+
 def test_change_plan_is_accepted_then_completes_and_sends_a_signed_webhook(standin, http, receiver):
     sid = subscribed(standin, plan_id="basic", quantity=None)
-    response = api(http, standin, "PATCH", f"/saas/subscriptions/{sid}", json={"planId": "standard"},
-                   headers={"x-ms-correlationid": "change-1"})
+    response = api(
+        http,
+        standin,
+        "PATCH",
+        f"/saas/subscriptions/{sid}",
+        json={"planId": "standard"},
+        headers={"x-ms-correlationid": "change-1"},
+    )
     assert response.status_code == 202
     location = response.headers["Operation-Location"]
     operation_id = urlsplit(location).path.split("/")[-1]
@@ -277,13 +294,20 @@ def test_change_plan_is_accepted_then_completes_and_sends_a_signed_webhook(stand
 
     operation = http.get(location, timeout=5).json()
     assert (operation["status"], operation["action"], operation["operationRequestSource"]) == (
-        "InProgress", "ChangePlan", "Partner")
+        "InProgress",
+        "ChangePlan",
+        "Partner",
+    )
     assert api(http, standin, "PATCH", f"/saas/subscriptions/{sid}", json={"quantity": 3}).status_code == 400  # locked
 
     delivery = receiver.wait(1)[0]
     payload = delivery["body"]
     assert (payload["id"], payload["action"], payload["status"], payload["planId"]) == (
-        operation_id, "ChangePlan", "Succeeded", "standard")
+        operation_id,
+        "ChangePlan",
+        "Succeeded",
+        "standard",
+    )
     assert payload["subscription"]["planId"] == "standard"
     assert payload["purchaseToken"] is None
     assert payload["timeStamp"].endswith("Z") and len(payload["timeStamp"].split(".")[1]) == 8
@@ -293,8 +317,12 @@ def test_change_plan_is_accepted_then_completes_and_sends_a_signed_webhook(stand
     assert claims["azp"] == MARKETPLACE_APP_ID
 
     # PATCHing an operation the publisher started itself: 500, as observed on the real service.
-    assert api(http, standin, "PATCH", f"/saas/subscriptions/{sid}/operations/{operation_id}",
-               json={"status": "Success"}).status_code == 500
+    assert (
+        api(
+            http, standin, "PATCH", f"/saas/subscriptions/{sid}/operations/{operation_id}", json={"status": "Success"}
+        ).status_code
+        == 500
+    )
 
 
 def verify_webhook_jwt(standin: MarketplaceStandIn, http: requests.Session, authorization: str) -> dict:
@@ -306,14 +334,17 @@ def verify_webhook_jwt(standin: MarketplaceStandIn, http: requests.Session, auth
     return jwt.decode(token, key, algorithms=["RS256"], audience="app-under-test", issuer=metadata["issuer"])
 
 
-@pytest.mark.parametrize("body, message", [
-    ({"planId": "premium", "quantity": 2}, "Cannot patch more than one field in the same request"),
-    ({"planId": "standard"}, "already subscribed to plan"),
-    ({"planId": "gold"}, "NOT in Catalog"),
-    ({"quantity": 5}, "same"),
-    ({"quantity": 500}, "between"),
-    ({}, "required"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"planId": "premium", "quantity": 2}, "Cannot patch more than one field in the same request"),
+        ({"planId": "standard"}, "already subscribed to plan"),
+        ({"planId": "gold"}, "NOT in Catalog"),
+        ({"quantity": 5}, "same"),
+        ({"quantity": 500}, "between"),
+        ({}, "required"),
+    ],
+)
 def test_change_validation(standin, http, body, message):
     sid = subscribed(standin, plan_id="standard", quantity=5)
     response = api(http, standin, "PATCH", f"/saas/subscriptions/{sid}", json=body)
@@ -339,20 +370,32 @@ def test_delete_unsubscribes_asynchronously(standin, http, receiver):
 
 # ---- Microsoft-initiated operations and the ACK -------------------------------------------------
 
+
 def test_marketplace_change_plan_then_patch_success_and_conflict(standin, http, receiver):
     sid = subscribed(standin, plan_id="standard", quantity=5)
     operation = standin.trigger(sid, "ChangePlan", plan_id="premium")
     payload = receiver.wait(1)[0]["body"]
-    assert (payload["status"], payload["planId"], payload["subscription"]["planId"]) == (
-        "InProgress", "premium", "standard")
+    assert (payload["status"], payload["planId"], payload["subscription"]["planId"]) == ("InProgress", "premium", "standard")
     assert payload["operationRequestSource"] == "Azure"
 
     outstanding = api(http, standin, "GET", f"/saas/subscriptions/{sid}/operations").json()["operations"]
     assert [op["id"] for op in outstanding] == [operation["id"]]
     fetched = api(http, standin, "GET", f"/saas/subscriptions/{sid}/operations/{operation['id']}").json()
-    assert set(fetched) >= {"id", "activityId", "subscriptionId", "offerId", "publisherId", "planId", "quantity",
-                            "action", "timeStamp", "status", "operationRequestSource", "errorStatusCode",
-                            "errorMessage"}
+    assert set(fetched) >= {
+        "id",
+        "activityId",
+        "subscriptionId",
+        "offerId",
+        "publisherId",
+        "planId",
+        "quantity",
+        "action",
+        "timeStamp",
+        "status",
+        "operationRequestSource",
+        "errorStatusCode",
+        "errorMessage",
+    }
 
     path = f"/saas/subscriptions/{sid}/operations/{operation['id']}"
     assert api(http, standin, "PATCH", path, json={"status": "Succeeded"}).status_code == 400
@@ -362,15 +405,17 @@ def test_marketplace_change_plan_then_patch_success_and_conflict(standin, http, 
     assert api(http, standin, "PATCH", path, json={"status": "Failure"}).status_code == 409
     assert api(http, standin, "GET", f"/saas/subscriptions/{sid}/operations").json() == {"operations": []}
     assert [(p["status"], p["responseStatus"]) for p in standin.patches] == [
-        ("Succeeded", 400), ("Success", 200), ("Failure", 409)]
+        ("Succeeded", 400),
+        ("Success", 200),
+        ("Failure", 409),
+    ]
 
 
 def test_patch_failure_keeps_the_old_values(standin, http):
     sid = subscribed(standin, plan_id="standard", quantity=5)
     operation = standin.trigger(sid, "ChangeQuantity", quantity=9, deliver=False)
     assert operation["quantity"] == 9 and operation["status"] == "InProgress"
-    response = api(http, standin, "PATCH", f"/saas/subscriptions/{sid}/operations/{operation['id']}",
-                   json={"status": "Failure"})
+    response = api(http, standin, "PATCH", f"/saas/subscriptions/{sid}/operations/{operation['id']}", json={"status": "Failure"})
     assert response.status_code == 200
     assert standin.get_operation(operation["id"])["status"] == "Failed"
     assert standin.get_subscription(sid)["quantity"] == 5
@@ -387,8 +432,12 @@ def test_unpatched_changes_are_auto_accepted_but_reinstate_waits(standin, http):
     reinstate = standin.trigger(sid, "Reinstate", deliver=False)
     time.sleep(0.3)
     assert standin.get_operation(reinstate["id"])["status"] == "InProgress"
-    assert api(http, standin, "PATCH", f"/saas/subscriptions/{sid}/operations/{reinstate['id']}",
-               json={"status": "Success"}).status_code == 200
+    assert (
+        api(
+            http, standin, "PATCH", f"/saas/subscriptions/{sid}/operations/{reinstate['id']}", json={"status": "Success"}
+        ).status_code
+        == 200
+    )
     assert standin.get_subscription(sid)["saasSubscriptionStatus"] == "Subscribed"
 
 
@@ -443,6 +492,7 @@ def test_operations_of_unknown_subscriptions(standin, http):
 
 # ---- JWT --------------------------------------------------------------------------------------
 
+
 def test_tokens_verify_against_the_served_keys_in_both_versions(standin, http):
     v1_metadata = http.get(f"{standin.url}/tenant-under-test/.well-known/openid-configuration", timeout=5).json()
     assert v1_metadata["issuer"] == "https://sts.windows.net/tenant-under-test/"
@@ -468,6 +518,7 @@ def test_tokens_verify_against_the_served_keys_in_both_versions(standin, http):
 
 
 # ---- faults -----------------------------------------------------------------------------------
+
 
 def test_throttling_and_unavailability_faults(standin, http):
     standin.fail_next(1, status=429, retry_after=2)
@@ -500,29 +551,31 @@ def test_a_processed_request_whose_answer_is_lost(standin, http):
 
 # ---- control endpoints ------------------------------------------------------------------------
 
+
 def test_control_endpoints(standin, http, receiver):
     control = standin.url + "/_control"
     purchase = http.post(f"{control}/purchases", json={"planId": "standard", "quantity": 4}, timeout=5).json()
     assert {"token", "subscriptionId"} <= set(purchase)
     sid = purchase["subscriptionId"]
-    assert http.post(f"{control}/seed", json={"count": 3, "status": "Suspended"}, timeout=5).json()[
-        "subscriptionIds"].__len__() == 3
+    assert (
+        http.post(f"{control}/seed", json={"count": 3, "status": "Suspended"}, timeout=5).json()["subscriptionIds"].__len__() == 3
+    )
     http.post(f"{control}/subscriptions/{sid}", json={"status": "Subscribed"}, timeout=5).raise_for_status()
-    operation = http.post(f"{control}/subscriptions/{sid}/actions",
-                          json={"action": "ChangeQuantity", "quantity": 6}, timeout=5).json()
+    operation = http.post(
+        f"{control}/subscriptions/{sid}/actions", json={"action": "ChangeQuantity", "quantity": 6}, timeout=5
+    ).json()
     assert operation["status"] == "InProgress" and operation["webhookStatusCodes"] == [200]
     assert receiver.wait(1)[0]["body"]["quantity"] == 6
-    assert http.post(f"{control}/operations/{operation['id']}/deliver", json={"times": 2},
-                     timeout=5).json() == {"statusCodes": [200, 200]}
+    assert http.post(f"{control}/operations/{operation['id']}/deliver", json={"times": 2}, timeout=5).json() == {
+        "statusCodes": [200, 200]
+    }
 
-    state = http.post(f"{control}/faults", json={"pageSize": 2, "failNext": {"n": 1, "status": 503}},
-                      timeout=5).json()
+    state = http.post(f"{control}/faults", json={"pageSize": 2, "failNext": {"n": 1, "status": 503}}, timeout=5).json()
     assert state["knobs"]["page_size"] == 2 and state["faults"] == 1
     assert api(http, standin, "GET", "/saas/subscriptions").status_code == 503
     assert len(api(http, standin, "GET", "/saas/subscriptions").json()["subscriptions"]) == 2
     assert http.post(f"{control}/faults", json={"nonsense": 1}, timeout=5).status_code == 400
-    assert http.post(f"{control}/subscriptions/unknown/actions", json={"action": "Suspend"},
-                     timeout=5).status_code == 404
+    assert http.post(f"{control}/subscriptions/unknown/actions", json={"action": "Suspend"}, timeout=5).status_code == 404
 
     record = http.get(f"{control}/subscriptions/{sid}", timeout=5).json()
     assert record["activateCalls"] == 0 and len(record["operations"]) == 1

@@ -5,6 +5,7 @@ listing, and an activation younger than CLAIM_TIMEOUT. Tests that need "older" l
 the services' clock (``services.clock``, the app's own injection point) instead of sleeping: the
 initial sync happens "10 minutes ago", the run under test now.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,18 @@ from shared.webhook import apply_operation
 
 pytestmark = pytest.mark.azurite
 
-API_KINDS = {"resolve", "list", "get", "update", "delete", "activate", "list_plans", "list_operations",
-             "get_operation", "patch_operation"}
+API_KINDS = {
+    "resolve",
+    "list",
+    "get",
+    "update",
+    "delete",
+    "activate",
+    "list_plans",
+    "list_operations",
+    "get_operation",
+    "patch_operation",
+}
 
 
 class Clock:
@@ -42,7 +53,7 @@ class Clock:
     def __init__(self) -> None:
         self.offset = timedelta(0)
 
-    def at(self, minutes: float) -> "Clock":
+    def at(self, minutes: float) -> Clock:
         self.offset = timedelta(minutes=minutes)
         return self
 
@@ -115,7 +126,11 @@ def record_unapplied(services, standin, operation_id: str) -> None:
     """A webhook that was recorded (step 4) but never applied: a crash or an outage right after."""
     payload = standin.webhook_payload(operation_id)
     created, _ = services.repository.record_operation(
-        payload["subscriptionId"], operation_id, action=payload["action"], payload=json.dumps(payload), correlation_id="test",
+        payload["subscriptionId"],
+        operation_id,
+        action=payload["action"],
+        payload=json.dumps(payload),
+        correlation_id="test",
     )
     assert created
 
@@ -146,8 +161,15 @@ def test_each_kind_of_drift_is_found_and_repaired_and_a_second_run_writes_only_i
     assert summary.completed and not summary.stopped_reason
     assert summary.repairs == {"recorded_new": 1, "status_drift": 3, "detail_drift": 3}
     found = {d_["subscriptionId"]: d_["kind"] for d_ in summary.differences}
-    assert found == {a: "missing_locally", b: "status_drift", c: "status_drift", d: "status_drift",
-                     e: "detail_drift", f: "detail_drift", g: "detail_drift"}
+    assert found == {
+        a: "missing_locally",
+        b: "status_drift",
+        c: "status_drift",
+        d: "status_drift",
+        e: "detail_drift",
+        f: "detail_drift",
+        g: "detail_drift",
+    }
     assert summary.subscriptions_seen == 8 and summary.flagged == [] and summary.deferred == 0
 
     for sid in (a, b, c, d, e, f, g, h):
@@ -307,7 +329,8 @@ def test_recorded_but_unapplied_webhook_operations_are_finished(standin, make_se
     assert summary.completed and summary.repairs == {"operation_replayed": 2}
     # Replayed first; the listing then finds both in step (no second report of the same change).
     assert sorted((d["subscriptionId"], d["kind"]) for d in summary.differences) == sorted(
-        [(x, "unapplied_operation"), (y, "unapplied_operation")])
+        [(x, "unapplied_operation"), (y, "unapplied_operation")]
+    )
     assert record_of(services, x).status is LocalStatus.SUSPENDED
     assert record_of(services, y).quantity == 8
     for sid, operation in ((x, suspend), (y, change)):

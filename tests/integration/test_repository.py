@@ -1,5 +1,6 @@
 """SubscriptionRepository against Azurite: round trips, append-only history, atomic transactions,
 optimistic concurrency, exactly-once operation markers, the reconciler's scan and storage outages."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import threading
 import time
 import uuid
 from dataclasses import fields, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from types import SimpleNamespace
 
 import pytest
@@ -51,9 +52,16 @@ def new_id() -> str:
 
 def snapshot(sid: str, status: str = "Subscribed", **overrides) -> Subscription:
     payload = {
-        "id": sid, "publisherId": "contoso", "offerId": "offer1", "name": "Contoso", "saasSubscriptionStatus": status,
-        "planId": "standard", "quantity": 0, "term": {"termUnit": "P1M"},
-        "purchaser": {"emailId": "buyer@contoso.example"}, "beneficiary": {"emailId": "user@contoso.example"},
+        "id": sid,
+        "publisherId": "contoso",
+        "offerId": "offer1",
+        "name": "Contoso",
+        "saasSubscriptionStatus": status,
+        "planId": "standard",
+        "quantity": 0,
+        "term": {"termUnit": "P1M"},
+        "purchaser": {"emailId": "buyer@contoso.example"},
+        "beneficiary": {"emailId": "user@contoso.example"},
     }
     payload.update(overrides)
     return Subscription.from_api(payload)
@@ -67,15 +75,20 @@ def deciding(the_change: Change):
     return lambda record: sm.apply(record, the_change)
 
 
-def create(repo: SubscriptionRepository, sid: str, status: str = "Subscribed", at: datetime | None = None, **overrides) -> sm.Outcome:
-    return repo.apply(sid, deciding(change(Kind.SYNC, at=at or utc_now() - timedelta(minutes=5), subscription=snapshot(sid, status, **overrides))))
+def create(
+    repo: SubscriptionRepository, sid: str, status: str = "Subscribed", at: datetime | None = None, **overrides
+) -> sm.Outcome:
+    return repo.apply(
+        sid,
+        deciding(change(Kind.SYNC, at=at or utc_now() - timedelta(minutes=5), subscription=snapshot(sid, status, **overrides))),
+    )
 
 
 # --- round trip -------------------------------------------------------------------------------------
 
 
 def full_record(sid: str) -> SubscriptionRecord:
-    moment = datetime(2024, 5, 1, 12, 30, 45, 123456, tzinfo=timezone.utc)
+    moment = datetime(2024, 5, 1, 12, 30, 45, 123456, tzinfo=UTC)
     return SubscriptionRecord(
         id=sid,
         status=LocalStatus.SUSPENDED,
@@ -142,7 +155,7 @@ def test_timestamps_in_other_zones_come_back_as_the_same_instant(repo):
     plus_two = timezone(timedelta(hours=2))
     record = replace(full_record(sid), term_end=datetime(2025, 1, 1, 2, 0, tzinfo=plus_two))
     write_record(repo, record)
-    assert repo.get(sid).record.term_end == datetime(2025, 1, 1, 0, 0, tzinfo=timezone.utc)
+    assert repo.get(sid).record.term_end == datetime(2025, 1, 1, 0, 0, tzinfo=UTC)
 
 
 def test_get_unknown_returns_none(repo):
@@ -185,7 +198,13 @@ def test_history_is_append_only_and_ordered(repo):
         before = history
     history = repo.history(sid)
     assert len(history) == 13  # more than 9: the zero-padded keys keep the order numeric
-    assert [entry["kind"] for entry in history[:5]] == ["sync", "activation_sent", "activation_confirmed", "suspend", "activation_confirmed"]
+    assert [entry["kind"] for entry in history[:5]] == [
+        "sync",
+        "activation_sent",
+        "activation_confirmed",
+        "suspend",
+        "activation_confirmed",
+    ]
     assert [entry["result"] for entry in history[:5]] == ["applied", "applied", "applied", "stale", "noop"]
     assert [entry["changes"].get("quantity") for entry in history[5:]] == [[0, 1]] + [[n, n + 1] for n in range(1, 8)]
     assert repo.get(sid).record.history_seq == 13
@@ -408,9 +427,14 @@ def test_concurrent_duplicate_deliveries_apply_once(repo, with_marker):
     def deliver():
         try:
             barrier.wait()
-            outcomes.append(repo.apply(
-                sid, lambda record: sm.apply(record, change(Kind.CHANGE_QUANTITY, quantity=record.quantity + 1, operation_id=op)),
-                operation_id=op, attempts=deliveries * 2))
+            outcomes.append(
+                repo.apply(
+                    sid,
+                    lambda record: sm.apply(record, change(Kind.CHANGE_QUANTITY, quantity=record.quantity + 1, operation_id=op)),
+                    operation_id=op,
+                    attempts=deliveries * 2,
+                )
+            )
         except Exception as error:  # noqa: BLE001
             errors.append(error)
 

@@ -8,6 +8,7 @@ token is then accepted, so each 401 is caused by the token alone.
 The key cache (``SigningKeys``) is tested directly on ``WebhookAuthenticator`` against the
 stand-in's OpenID metadata, with the module's clock replaced so no test waits for real intervals.
 """
+
 from __future__ import annotations
 
 import base64
@@ -17,8 +18,8 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import jwt
 import pytest
@@ -146,20 +147,31 @@ FORGERIES = [
     Forgery("alg none", lambda s: "Bearer " + s.sign_token(algorithm="none"), "algorithm"),
     Forgery("HS256 signed with the public key", lambda s: "Bearer " + _hs256_with_public_key(s), "algorithm"),
     Forgery("wrong aud", lambda s: "Bearer " + s.sign_token({"aud": str(uuid.uuid4())}), "audience"),
-    Forgery("wrong aud (api:// of another app)", lambda s: "Bearer " + s.sign_token({"aud": f"api://{uuid.uuid4()}"}), "audience"),
+    Forgery(
+        "wrong aud (api:// of another app)", lambda s: "Bearer " + s.sign_token({"aud": f"api://{uuid.uuid4()}"}), "audience"
+    ),
     Forgery("no aud", lambda s: "Bearer " + s.sign_token({"aud": None}), "aud"),
     Forgery("wrong tid", lambda s: "Bearer " + s.sign_token({"tid": OTHER_TENANT}), "tenant"),
-    Forgery("wrong issuer (another tenant)", lambda s: "Bearer " + s.sign_token(
-        {"iss": f"https://login.microsoftonline.com/{OTHER_TENANT}/v2.0"}), "issuer"),
+    Forgery(
+        "wrong issuer (another tenant)",
+        lambda s: "Bearer " + s.sign_token({"iss": f"https://login.microsoftonline.com/{OTHER_TENANT}/v2.0"}),
+        "issuer",
+    ),
     Forgery("wrong issuer (not Entra)", lambda s: "Bearer " + s.sign_token({"iss": "https://issuer.evil.example/"}), "issuer"),
     Forgery("wrong azp", lambda s: "Bearer " + s.sign_token({"azp": str(uuid.uuid4())}), "marketplace"),
     Forgery("wrong appid (v1)", lambda s: "Bearer " + s.sign_token({"appid": str(uuid.uuid4())}, version="1.0"), "marketplace"),
     Forgery("neither azp nor appid", lambda s: "Bearer " + s.sign_token({"azp": None}), "marketplace"),
-    Forgery("expired", lambda s: "Bearer " + s.sign_token(
-        {"iat": _now() - 7200, "nbf": _now() - 7200, "exp": _now() - 3600}), "expired"),
+    Forgery(
+        "expired",
+        lambda s: "Bearer " + s.sign_token({"iat": _now() - 7200, "nbf": _now() - 7200, "exp": _now() - 3600}),
+        "expired",
+    ),
     Forgery("no exp", lambda s: "Bearer " + s.sign_token({"exp": None}), "exp"),
-    Forgery("not yet valid", lambda s: "Bearer " + s.sign_token(
-        {"iat": _now(), "nbf": _now() + 3600, "exp": _now() + 7200}), "not valid yet"),
+    Forgery(
+        "not yet valid",
+        lambda s: "Bearer " + s.sign_token({"iat": _now(), "nbf": _now() + 3600, "exp": _now() + 7200}),
+        "not valid yet",
+    ),
     Forgery("token from another tenant's keys", lambda s: "Bearer " + _other_tenant(s), "key"),
 ]
 
@@ -333,9 +345,7 @@ def test_signing_keys_unreachable_is_5xx_not_401(standin, services, devhost, htt
     assert services.repository.get(subscription_id).record.quantity == 8
 
 
-def test_webhook_auth_none_accepts_unauthenticated_calls_with_a_warning_each_time(
-    standin, make_services, devhost, http, caplog
-):
+def test_webhook_auth_none_accepts_unauthenticated_calls_with_a_warning_each_time(standin, make_services, devhost, http, caplog):
     services = make_services(WEBHOOK_AUTH="none")
     caplog.set_level(logging.WARNING)
     calls = []

@@ -10,6 +10,7 @@ leniently spelled bodies, verification mismatches and Marketplace failures.
 "Nothing recorded" means: the state row (and its ETag), the history and the outbox are unchanged
 and there is no operation marker.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,15 +22,13 @@ import pytest
 import requests
 from azure.data.tables import TableServiceClient
 
+import tests.policies as policies
 from shared import state_machine as sm
 from shared.domain import UpdateStatus, parse_timestamp
 from shared.errors import StorageUnavailableError
 from shared.events import build_event_document
 from shared.repository import StoredRecord
 from shared.state_machine import Change, Kind, Source
-
-import tests.policies as policies
-
 
 # --------------------------------------------------------------------------------------------------
 # helpers
@@ -50,7 +49,9 @@ def wired(standin, devhost):
     return standin
 
 
-def known_subscription(standin, services, *, status: str = "Subscribed", plan_id: str = "standard", quantity: int | None = 5) -> str:
+def known_subscription(
+    standin, services, *, status: str = "Subscribed", plan_id: str = "standard", quantity: int | None = 5
+) -> str:
     """A subscription at Microsoft that the app already recorded (as the landing page or reconciler would)."""
     if status == "PendingFulfillmentStart":
         subscription_id = standin.create_purchase(plan_id=plan_id, quantity=quantity)["subscriptionId"]
@@ -76,9 +77,7 @@ def outbox(services, subscription_id: str) -> list[dict]:
         services.repository.subscriptions_table_name
     )
     with table:
-        rows = table.query_entities(
-            "PartitionKey eq @pk and Kind eq @kind", parameters={"pk": subscription_id, "kind": "event"}
-        )
+        rows = table.query_entities("PartitionKey eq @pk and Kind eq @kind", parameters={"pk": subscription_id, "kind": "event"})
         return sorted((dict(row) for row in rows), key=lambda row: row["RowKey"])
 
 
@@ -155,7 +154,7 @@ def test_settled_actions_are_applied_without_a_patch(action, before, after, even
     current = record(services, subscription_id)
     at_microsoft = wired.get_subscription(subscription_id)
     assert current.status.value == after == at_microsoft["saasSubscriptionStatus"]
-    assert event_types(services, subscription_id) == events_before + [event]
+    assert event_types(services, subscription_id) == [*events_before, event]
     if action == "Renew":
         assert current.term_start == parse_timestamp(at_microsoft["term"]["startDate"])
         assert current.term_end == parse_timestamp(at_microsoft["term"]["endDate"])
@@ -259,7 +258,11 @@ def test_policy_refusal_patches_failure_and_the_state_stays(wired, make_services
     assert event_types(services, subscription_id) == events_before  # nothing to tell the SaaS app
     asked = policies.seen[-1]
     assert (asked.action, asked.subscription_id, asked.quantity, asked.operation_id) == (
-        "ChangeQuantity", subscription_id, 2, refused["id"])
+        "ChangeQuantity",
+        subscription_id,
+        2,
+        refused["id"],
+    )
     assert asked.record is not None and asked.record.quantity == 5
 
     accepted = wired.trigger(subscription_id, "ChangeQuantity", quantity=4)
@@ -487,7 +490,11 @@ def test_webhook_for_a_never_seen_subscription_fetches_and_records_it(wired, ser
     current = record(services, subscription_id)
     assert current.status.value == at_microsoft["saasSubscriptionStatus"] == "Suspended"
     assert (current.offer_id, current.plan_id, current.quantity, current.name) == (
-        at_microsoft["offerId"], "premium", 25, at_microsoft["name"])
+        at_microsoft["offerId"],
+        "premium",
+        25,
+        at_microsoft["name"],
+    )
     assert current.purchaser.email_id == at_microsoft["purchaser"]["emailId"]
     first = services.repository.history(subscription_id)[0]
     assert first["kind"] == "sync" and "first seen" in first["detail"]
@@ -583,8 +590,10 @@ def test_oversized_body_is_413_and_nothing_recorded(standin, make_services, devh
 def test_field_names_in_any_case_are_accepted(standin, services, devhost, http):
     subscription_id = known_subscription(standin, services)
     operation = standin.trigger(subscription_id, "ChangeQuantity", quantity=15, deliver=False)
-    shouted = {key.upper() if key in ("id", "action") else key[0].upper() + key[1:]: value
-               for key, value in payload(standin, operation["id"]).items()}
+    shouted = {
+        key.upper() if key in ("id", "action") else key[0].upper() + key[1:]: value
+        for key, value in payload(standin, operation["id"]).items()
+    }
     shouted["QUANTITY"] = str(shouted.pop("Quantity"))  # quantity as a string, as Microsoft sometimes sends it
     assert "id" not in shouted and "subscriptionId" not in shouted and "ID" in shouted
 

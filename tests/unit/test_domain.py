@@ -3,9 +3,10 @@
 Microsoft extends payloads without notice, spells quantity five ways, and pads or invents enum
 values; parsing must never fail on any of that, and must keep what it does not understand.
 """
+
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -253,7 +254,7 @@ def test_case_insensitive_keys_in_webhook():
     assert event.subscription_id == SUBSCRIPTION_ID
     assert event.action is Action.SUSPEND
     assert event.operation.status is OperationStatus.SUCCEEDED
-    assert event.operation.timestamp == datetime(2023, 2, 10, 18, 48, 58, 444983, tzinfo=timezone.utc)
+    assert event.operation.timestamp == datetime(2023, 2, 10, 18, 48, 58, 444983, tzinfo=UTC)
     assert event.operation.plan_id == "silver"
     assert event.operation.quantity == 5
     assert event.operation.request_source == "Azure"
@@ -282,14 +283,14 @@ def test_emulator_spelling_of_request_source():
 @pytest.mark.parametrize(
     "raw, expected",
     [
-        ("2023-02-10T18:48:58.4449839Z", datetime(2023, 2, 10, 18, 48, 58, 444983, tzinfo=timezone.utc)),
-        ("2023-02-10T18:48:58.4449839z", datetime(2023, 2, 10, 18, 48, 58, 444983, tzinfo=timezone.utc)),
-        ("2023-02-10T18:48:58.1Z", datetime(2023, 2, 10, 18, 48, 58, 100000, tzinfo=timezone.utc)),
-        ("2023-02-10T18:48:58Z", datetime(2023, 2, 10, 18, 48, 58, tzinfo=timezone.utc)),
-        ("2023-02-10T20:48:58.4449839+02:00", datetime(2023, 2, 10, 18, 48, 58, 444983, tzinfo=timezone.utc)),
-        ("2023-02-10T18:48:58.4449839", datetime(2023, 2, 10, 18, 48, 58, 444983, tzinfo=timezone.utc)),  # naive = UTC
-        ("2023-02-10", datetime(2023, 2, 10, tzinfo=timezone.utc)),
-        ("0001-01-01T00:00:00", datetime(1, 1, 1, tzinfo=timezone.utc)),  # lastModified placeholder
+        ("2023-02-10T18:48:58.4449839Z", datetime(2023, 2, 10, 18, 48, 58, 444983, tzinfo=UTC)),
+        ("2023-02-10T18:48:58.4449839z", datetime(2023, 2, 10, 18, 48, 58, 444983, tzinfo=UTC)),
+        ("2023-02-10T18:48:58.1Z", datetime(2023, 2, 10, 18, 48, 58, 100000, tzinfo=UTC)),
+        ("2023-02-10T18:48:58Z", datetime(2023, 2, 10, 18, 48, 58, tzinfo=UTC)),
+        ("2023-02-10T20:48:58.4449839+02:00", datetime(2023, 2, 10, 18, 48, 58, 444983, tzinfo=UTC)),
+        ("2023-02-10T18:48:58.4449839", datetime(2023, 2, 10, 18, 48, 58, 444983, tzinfo=UTC)),  # naive = UTC
+        ("2023-02-10", datetime(2023, 2, 10, tzinfo=UTC)),
+        ("0001-01-01T00:00:00", datetime(1, 1, 1, tzinfo=UTC)),  # lastModified placeholder
         ("", None),
         (None, None),
         ("not a date", None),
@@ -308,14 +309,14 @@ def test_parse_timestamp(raw, expected):
 
 def test_timestamps_with_seven_fraction_digits_in_payloads():
     subscription = Subscription.from_api(subscription_payload(created="2022-03-01T10:00:00.1234567Z"))
-    assert subscription.created == datetime(2022, 3, 1, 10, 0, 0, 123456, tzinfo=timezone.utc)
+    assert subscription.created == datetime(2022, 3, 1, 10, 0, 0, 123456, tzinfo=UTC)
     operation = WebhookEvent.from_api(webhook_payload(timeStamp="2023-02-10T18:48:58.4449839Z")).operation
     assert operation.timestamp.microsecond == 444983
     assert operation.timestamp.tzinfo is not None
 
 
 def test_format_timestamp_round_trips():
-    moment = datetime(2023, 2, 10, 18, 48, 58, 444983, tzinfo=timezone.utc)
+    moment = datetime(2023, 2, 10, 18, 48, 58, 444983, tzinfo=UTC)
     text = format_timestamp(moment)
     assert text.endswith("Z")
     assert parse_timestamp(text) == moment
@@ -338,8 +339,8 @@ def test_full_subscription():
     assert subscription.beneficiary.tenant_id == "tid-1"
     assert subscription.purchaser.object_id == "oid-2"
     assert subscription.purchaser.puid == "p2"
-    assert subscription.term.start_date == datetime(2022, 3, 7, tzinfo=timezone.utc)
-    assert subscription.term.end_date == datetime(2022, 4, 6, tzinfo=timezone.utc)
+    assert subscription.term.start_date == datetime(2022, 3, 7, tzinfo=UTC)
+    assert subscription.term.end_date == datetime(2022, 4, 6, tzinfo=UTC)
     assert subscription.auto_renew is True
     assert subscription.is_free_trial is False
     assert subscription.allowed_customer_operations == ("Delete", "Update", "Read")
@@ -348,7 +349,9 @@ def test_full_subscription():
 
 
 def test_pending_fulfillment_start_without_term_dates():
-    payload = subscription_payload(saasSubscriptionStatus="PendingFulfillmentStart", term={"termUnit": "P1M", "chargeDuration": None})
+    payload = subscription_payload(
+        saasSubscriptionStatus="PendingFulfillmentStart", term={"termUnit": "P1M", "chargeDuration": None}
+    )
     subscription = Subscription.from_api(payload)
     assert subscription.status is SubscriptionStatus.PENDING_FULFILLMENT_START
     assert subscription.term.term_unit == "P1M"
@@ -375,7 +378,9 @@ def test_minimal_and_odd_subscriptions_never_fail():
     assert bare.beneficiary.email_id == ""
     assert bare.allowed_customer_operations == ()
     odd = Subscription.from_api(
-        subscription_payload(beneficiary=None, purchaser="not an object", allowedCustomerOperations="Read", autoRenew="true", isFreeTrial=None)
+        subscription_payload(
+            beneficiary=None, purchaser="not an object", allowedCustomerOperations="Read", autoRenew="true", isFreeTrial=None
+        )
     )
     assert odd.beneficiary.email_id == ""
     assert odd.purchaser.email_id == ""
@@ -416,7 +421,14 @@ def test_resolved_purchase_ids_fill_each_other():
 
 def test_plan():
     plan = Plan.from_api(
-        {"planId": "gold", "displayName": "Gold", "isPrivate": "true", "isPricePerSeat": True, "minQuantity": "5", "maxQuantity": None}
+        {
+            "planId": "gold",
+            "displayName": "Gold",
+            "isPrivate": "true",
+            "isPricePerSeat": True,
+            "minQuantity": "5",
+            "maxQuantity": None,
+        }
     )
     assert plan.plan_id == "gold"
     assert plan.display_name == "Gold"
@@ -428,8 +440,14 @@ def test_plan():
 
 def test_operation_error_fields():
     operation = Operation.from_api(
-        {"id": OPERATION_ID, "subscriptionId": SUBSCRIPTION_ID, "action": "ChangePlan", "status": "Failed",
-         "errorStatusCode": 400, "errorMessage": "Plan not available"}
+        {
+            "id": OPERATION_ID,
+            "subscriptionId": SUBSCRIPTION_ID,
+            "action": "ChangePlan",
+            "status": "Failed",
+            "errorStatusCode": 400,
+            "errorMessage": "Plan not available",
+        }
     )
     assert operation.status is OperationStatus.FAILED
     assert operation.error_status_code == "400"

@@ -7,6 +7,7 @@
   ``build_event_document`` for every lifecycle event type (a small validator for the subset of
   JSON Schema the document uses; it refuses keywords it does not implement).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +16,7 @@ import json
 import re
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -55,13 +56,16 @@ def test_signature_depends_on_body_secret_and_timestamp():
     assert sign_payload(SECRET, BODY, timestamp) == base  # deterministic
 
 
-@pytest.mark.parametrize("tamper", [
-    lambda body: body.replace("activated", "suspended"),
-    lambda body: body.replace('"sequence": 3', '"sequence": 4'),
-    lambda body: body + " ",
-    lambda body: body[:-1],
-    lambda body: "",
-])
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda body: body.replace("activated", "suspended"),
+        lambda body: body.replace('"sequence": 3', '"sequence": 4'),
+        lambda body: body + " ",
+        lambda body: body[:-1],
+        lambda body: "",
+    ],
+)
 def test_tampered_body_fails(tamper):
     header = sign_payload(SECRET, BODY, int(time.time()))
     tampered = tamper(BODY)
@@ -103,22 +107,25 @@ def _valid_parts() -> tuple[int, str]:
     return timestamp, sign_payload(SECRET, BODY, timestamp).split("v1=", 1)[1]
 
 
-@pytest.mark.parametrize("build", [
-    lambda t, sig: "",
-    lambda t, sig: "garbage",
-    lambda t, sig: f"v1={sig}",                     # no timestamp
-    lambda t, sig: f"t={t}",                        # no signature
-    lambda t, sig: f"t=soon,v1={sig}",              # timestamp not a number
-    lambda t, sig: f"t={t};v1={sig}",               # wrong separator
-    lambda t, sig: f"t={t},v1={sig[:-2]}",          # truncated signature
-    lambda t, sig: f"t={t},v1={sig.upper()}x",      # not the hex digest
-    lambda t, sig: f"t={t},v1=",                    # empty signature
-    lambda t, sig: f"t={t},v0={sig}",               # unknown scheme only
-    lambda t, sig: f"t={t},v1={sig[:-1]}é",         # non-ASCII signature
-    lambda t, sig: f"t={t},v1=ünïcödé",             # non-ASCII signature
-    lambda t, sig: ",,,",
-    lambda t, sig: "=,=",
-])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda t, sig: "",
+        lambda t, sig: "garbage",
+        lambda t, sig: f"v1={sig}",  # no timestamp
+        lambda t, sig: f"t={t}",  # no signature
+        lambda t, sig: f"t=soon,v1={sig}",  # timestamp not a number
+        lambda t, sig: f"t={t};v1={sig}",  # wrong separator
+        lambda t, sig: f"t={t},v1={sig[:-2]}",  # truncated signature
+        lambda t, sig: f"t={t},v1={sig.upper()}x",  # not the hex digest
+        lambda t, sig: f"t={t},v1=",  # empty signature
+        lambda t, sig: f"t={t},v0={sig}",  # unknown scheme only
+        lambda t, sig: f"t={t},v1={sig[:-1]}é",  # non-ASCII signature
+        lambda t, sig: f"t={t},v1=ünïcödé",  # non-ASCII signature
+        lambda t, sig: ",,,",
+        lambda t, sig: "=,=",
+    ],
+)
 def test_malformed_headers_fail_without_raising(build):
     timestamp, signature = _valid_parts()
     header = build(timestamp, signature)
@@ -151,7 +158,7 @@ def _block_after(heading: str, language: str) -> str:
 
 def _docs_verifier():
     namespace: dict = {}
-    exec(compile(_block_after("Verifying the signature in Python", "python"), "docs/events.md", "exec"), namespace)  # noqa: S102
+    exec(compile(_block_after("Verifying the signature in Python", "python"), "docs/events.md", "exec"), namespace)
     return namespace["verify_event_signature"]
 
 
@@ -209,7 +216,7 @@ def validate(instance, schema: dict, root: dict | None = None, path: str = "$") 
             continue
         if keyword == "$ref":
             assert value.startswith("#/$defs/"), value
-            errors += validate(instance, root["$defs"][value[len("#/$defs/"):]], root, path)
+            errors += validate(instance, root["$defs"][value[len("#/$defs/") :]], root, path)
         elif keyword == "type":
             names = value if isinstance(value, list) else [value]
             if not any(_TYPES[name](instance) for name in names):
@@ -265,22 +272,36 @@ def published_schema() -> dict:
 
 
 def _declared(schema: dict, root: dict) -> dict:
-    return root["$defs"][schema["$ref"][len("#/$defs/"):]] if "$ref" in schema else schema
+    return root["$defs"][schema["$ref"][len("#/$defs/") :]] if "$ref" in schema else schema
 
 
 # -- real event documents, one per lifecycle event type ----------------------------------------
 
 SUBSCRIPTION_ID = "37f9dea2-4345-438f-b0bd-03d40d28c7e0"
-T0 = datetime(2026, 11, 2, 9, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 
 
 def _microsoft(status: str = "PendingFulfillmentStart", **overrides) -> Subscription:
-    identity = {"emailId": "it@fabrikam.example", "objectId": str(uuid.uuid4()), "tenantId": str(uuid.uuid4()), "puid": "10037FFE8C1A2B3C"}
+    identity = {
+        "emailId": "it@fabrikam.example",
+        "objectId": str(uuid.uuid4()),
+        "tenantId": str(uuid.uuid4()),
+        "puid": "10037FFE8C1A2B3C",
+    }
     data = {
-        "id": SUBSCRIPTION_ID, "publisherId": "contoso", "offerId": "contoso-analytics", "name": "Fabrikam",
-        "saasSubscriptionStatus": status, "planId": "standard", "quantity": 5, "purchaser": identity,
-        "beneficiary": identity, "term": {"termUnit": "P1M", "startDate": "2026-11-01", "endDate": "2026-11-30"},
-        "autoRenew": True, "isFreeTrial": False, **overrides,
+        "id": SUBSCRIPTION_ID,
+        "publisherId": "contoso",
+        "offerId": "contoso-analytics",
+        "name": "Fabrikam",
+        "saasSubscriptionStatus": status,
+        "planId": "standard",
+        "quantity": 5,
+        "purchaser": identity,
+        "beneficiary": identity,
+        "term": {"termUnit": "P1M", "startDate": "2026-11-01", "endDate": "2026-11-30"},
+        "autoRenew": True,
+        "isFreeTrial": False,
+        **overrides,
     }
     return Subscription.from_api(data)
 
@@ -296,8 +317,15 @@ class _Timeline:
     def apply(self, kind: Kind, source: Source = Source.WEBHOOK, **extra) -> sm.Outcome:
         self.clock += timedelta(minutes=5)
         operation_id = str(uuid.uuid4()) if source is Source.WEBHOOK else ""
-        change = Change(kind=kind, source=source, occurred_at=self.clock, operation_id=operation_id,
-                        correlation_id=uuid.uuid4().hex, actor="Ada <ada@fabrikam.example>", **extra)
+        change = Change(
+            kind=kind,
+            source=source,
+            occurred_at=self.clock,
+            operation_id=operation_id,
+            correlation_id=uuid.uuid4().hex,
+            actor="Ada <ada@fabrikam.example>",
+            **extra,
+        )
         outcome = sm.apply(self.record, change, now=self.clock + timedelta(seconds=1))
         self.record = outcome.record
         if outcome.event_type:
@@ -320,7 +348,7 @@ def every_event_type() -> list[dict]:
     first.apply(Kind.CHANGE_QUANTITY, quantity=12)
     first.apply(Kind.SUSPEND)
     first.apply(Kind.REINSTATE)
-    first.apply(Kind.RENEW, term=Term("P1M", datetime(2026, 12, 1, tzinfo=timezone.utc), datetime(2026, 12, 31, tzinfo=timezone.utc)))
+    first.apply(Kind.RENEW, term=Term("P1M", datetime(2026, 12, 1, tzinfo=UTC), datetime(2026, 12, 31, tzinfo=UTC)))
     first.apply(Kind.UNSUBSCRIBE)
     # a subscription first seen already Subscribed (webhook of an auto-activated purchase)
     second.apply(Kind.SYNC, Source.RECONCILE, subscription=_microsoft("Subscribed", id=str(uuid.uuid4())))
@@ -379,7 +407,10 @@ def test_the_validator_is_not_vacuous():
         {k: v for k, v in document.items() if k != "retainDataUntil"},  # unsubscribed needs it
         {**document, "subscription": {**document["subscription"], "quantity": "5"}},
         {**document, "subscription": {**document["subscription"], "status": "Deleted"}},
-        {**document, "subscription": {**document["subscription"], "term": {"termUnit": "P1M", "startDate": "soon", "endDate": ""}}},
+        {
+            **document,
+            "subscription": {**document["subscription"], "term": {"termUnit": "P1M", "startDate": "soon", "endDate": ""}},
+        },
         {**document, "subscription": {k: v for k, v in document["subscription"].items() if k != "flags"}},
         {**document, "subscription": {**document["subscription"], "purchaser": {"emailId": "x"}}},
     ]

@@ -1,4 +1,5 @@
 """The function app's registrations, read the way the Functions host reads them (in a fresh process)."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,9 @@ print(json.dumps(out))
 
 def _index() -> dict:
     # A fresh interpreter with no app settings: indexing must not need configuration or I/O.
-    result = subprocess.run([sys.executable, "-c", _INDEX], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                            env={"PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, "-c", _INDEX], cwd=ROOT, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"}
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -58,7 +60,9 @@ def test_host_json_keeps_the_api_prefix_and_an_extension_bundle():
 
 
 def test_requirements_are_pinned_and_only_what_the_app_imports():
-    lines = [l.strip() for l in (ROOT / "requirements.txt").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    lines = [
+        raw.strip() for raw in (ROOT / "requirements.txt").read_text().splitlines() if raw.strip() and not raw.startswith("#")
+    ]
     assert all("==" in line for line in lines), lines
     names = {line.split("==")[0].lower() for line in lines}
     assert "pytest" not in names and "playwright" not in names and "azure-functions-worker" not in names

@@ -1,4 +1,5 @@
 """Small guarantees found while reviewing: case of tenant ids, readable redaction, policy checked by health."""
+
 from __future__ import annotations
 
 import time
@@ -27,15 +28,25 @@ class _StaticKeys:
 
 def _token(private_key, **claims) -> str:
     now = int(time.time())
-    body = {"aud": AUDIENCE, "iss": f"https://login.microsoftonline.com/{TENANT}/v2.0", "tid": TENANT,
-            "azp": MARKETPLACE_RESOURCE_ID, "iat": now, "nbf": now, "exp": now + 600, **claims}
+    body = {
+        "aud": AUDIENCE,
+        "iss": f"https://login.microsoftonline.com/{TENANT}/v2.0",
+        "tid": TENANT,
+        "azp": MARKETPLACE_RESOURCE_ID,
+        "iat": now,
+        "nbf": now,
+        "exp": now + 600,
+        **claims,
+    }
     return jwt.encode(body, private_key, algorithm="RS256", headers={"kid": "k1"})
 
 
 @pytest.mark.parametrize("configured", [TENANT.upper(), f" {TENANT} "])
 def test_tenant_id_setting_matches_whatever_its_case(configured):
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    auth = WebhookAuthenticator(tenant_id=configured, audience=AUDIENCE, metadata_url="http://127.0.0.1:9/x/v2.0/.well-known/openid-configuration")
+    auth = WebhookAuthenticator(
+        tenant_id=configured, audience=AUDIENCE, metadata_url="http://127.0.0.1:9/x/v2.0/.well-known/openid-configuration"
+    )
     auth.keys = _StaticKeys(key.public_key())
     claims = auth.authenticate("Bearer " + _token(key))
     assert claims["tid"] == TENANT

@@ -3,12 +3,13 @@
 Pages are produced by the real use cases (``shared.landing``) over the in-memory fakes and rendered
 with ``shared.web.render_page``, so templates and their contexts are checked together.
 """
+
 from __future__ import annotations
 
 import base64
 import json
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 
 import jwt
@@ -24,7 +25,7 @@ from shared.web import TEMPLATES, render_page, security_headers
 from tests.fakes import fake_services
 
 SECRET = "unit-test-form-secret-0123456789"
-NOW = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 SUB = "5f2a1b3c-0000-4000-8000-00000000a001"
 OTHER_SUB = "5f2a1b3c-0000-4000-8000-00000000a002"
 USER = "8c1d2e3f-0000-4000-8000-0000000000c1"
@@ -36,17 +37,21 @@ ATTR_XSS = '" onmouseover="alert(1)'
 # token restore
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("raw, expected", [
-    ("abc+def/ghi==", "abc+def/ghi=="),  # arrived percent-encoded: already right
-    ("abc def/ghi==", "abc+def/ghi=="),  # '+' sent unencoded became a space
-    ("a b c==", "a+b+c=="),
-    (" abc/def==", "+abc/def=="),  # a leading '+' must not be trimmed away
-    ("abc/def+", "abc/def+"),
-    ("abc/def ", "abc/def+"),  # nor a trailing one
-    ("abc%2Bdef%2F==", "abc%2Bdef%2F=="),  # never decoded a second time
-    ("abc%20def", "abc%20def"),
-    ("\tabc+def==\r\n", "abc+def=="),  # other whitespace is not part of a token
-])
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("abc+def/ghi==", "abc+def/ghi=="),  # arrived percent-encoded: already right
+        ("abc def/ghi==", "abc+def/ghi=="),  # '+' sent unencoded became a space
+        ("a b c==", "a+b+c=="),
+        (" abc/def==", "+abc/def=="),  # a leading '+' must not be trimmed away
+        ("abc/def+", "abc/def+"),
+        ("abc/def ", "abc/def+"),  # nor a trailing one
+        ("abc%2Bdef%2F==", "abc%2Bdef%2F=="),  # never decoded a second time
+        ("abc%20def", "abc%20def"),
+        ("\tabc+def==\r\n", "abc+def=="),  # other whitespace is not part of a token
+    ],
+)
 def test_restore_token(raw, expected):
     assert restore_token(raw) == expected
 
@@ -74,6 +79,7 @@ def test_view_purchase_resolves_the_restored_token():
 # --------------------------------------------------------------------------------------------------
 # CSRF form tokens
 # --------------------------------------------------------------------------------------------------
+
 
 def test_form_token_valid_and_bound_to_subscription_user_and_expiry():
     token = issue_form_token(SECRET, SUB, USER, NOW)
@@ -103,7 +109,7 @@ def test_form_token_with_non_numeric_expiry_is_refused():
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _claims(**overrides):
@@ -112,19 +118,26 @@ def _claims(**overrides):
     return {k: v for k, v in claims.items() if v is not None}
 
 
-@pytest.mark.parametrize("token", [
-    pytest.param(lambda: jwt.encode(_claims(), "another-secret-0123456789abcdef-xyz", algorithm="HS256"), id="forged signature"),
-    pytest.param(lambda: jwt.encode(_claims(), None, algorithm="none"), id="alg none"),
-    pytest.param(lambda: jwt.encode(_claims(), SECRET * 2, algorithm="HS512"), id="other algorithm"),
-    pytest.param(lambda: jwt.encode(_claims(aud="something-else"), SECRET, algorithm="HS256"), id="other audience"),
-    pytest.param(lambda: jwt.encode(_claims(exp=None), SECRET, algorithm="HS256"), id="no expiry"),
-    pytest.param(lambda: jwt.encode(_claims(uid=None), SECRET, algorithm="HS256"), id="no user"),
-    pytest.param(lambda: _flip_signature(issue_form_token(SECRET, SUB, USER, _now())), id="tampered signature"),
-    pytest.param(lambda: _swap_payload(issue_form_token(SECRET, SUB, USER, _now()),
-                                       issue_form_token(SECRET, OTHER_SUB, USER, _now())), id="spliced payload"),
-    pytest.param(lambda: "", id="empty"),
-    pytest.param(lambda: "not-a-token", id="garbage"),
-])
+@pytest.mark.parametrize(
+    "token",
+    [
+        pytest.param(
+            lambda: jwt.encode(_claims(), "another-secret-0123456789abcdef-xyz", algorithm="HS256"), id="forged signature"
+        ),
+        pytest.param(lambda: jwt.encode(_claims(), None, algorithm="none"), id="alg none"),
+        pytest.param(lambda: jwt.encode(_claims(), SECRET * 2, algorithm="HS512"), id="other algorithm"),
+        pytest.param(lambda: jwt.encode(_claims(aud="something-else"), SECRET, algorithm="HS256"), id="other audience"),
+        pytest.param(lambda: jwt.encode(_claims(exp=None), SECRET, algorithm="HS256"), id="no expiry"),
+        pytest.param(lambda: jwt.encode(_claims(uid=None), SECRET, algorithm="HS256"), id="no user"),
+        pytest.param(lambda: _flip_signature(issue_form_token(SECRET, SUB, USER, _now())), id="tampered signature"),
+        pytest.param(
+            lambda: _swap_payload(issue_form_token(SECRET, SUB, USER, _now()), issue_form_token(SECRET, OTHER_SUB, USER, _now())),
+            id="spliced payload",
+        ),
+        pytest.param(lambda: "", id="empty"),
+        pytest.param(lambda: "not-a-token", id="garbage"),
+    ],
+)
 def test_form_token_not_ours_is_refused(token):
     with pytest.raises(ForbiddenError, match="not valid"):
         verify_form_token(SECRET, token(), SUB, USER, _now())
@@ -178,6 +191,7 @@ def test_confirm_with_refused_form_token_changes_nothing():
 # rendering: escaping, templates, headers
 # --------------------------------------------------------------------------------------------------
 
+
 def _user(name: str = "Ada Lovelace", email: str = "ada@contoso.example") -> SignedInUser:
     return SignedInUser(name=name, email=email, object_id=USER)
 
@@ -195,9 +209,11 @@ class _Tags(HTMLParser):
 def _all_pages(**settings):
     """One Page per template the use cases produce, with hostile text wherever a buyer controls it."""
     pages = {}
+
     def make(**overrides):
-        return fake_services(BRAND_NAME="Contoso <b>Analytics</b>", SUPPORT_EMAIL="help@contoso.example",
-                             **{**settings, **overrides})
+        return fake_services(
+            BRAND_NAME="Contoso <b>Analytics</b>", SUPPORT_EMAIL="help@contoso.example", **{**settings, **overrides}
+        )
 
     services = make()
     user = _user(name=XSS, email="ada+x@contoso.example")
@@ -242,7 +258,7 @@ def test_use_cases_produce_every_template():
 @pytest.mark.parametrize("name", sorted(_all_pages()))
 def test_every_page_escapes_buyer_controlled_text(name):
     page = _all_pages()[name]
-    html, headers = render_page(page.template, page.context)
+    html, _headers = render_page(page.template, page.context)
     assert "<script" not in html.lower()
     assert XSS not in html and ATTR_XSS not in html
     assert "<b>Analytics</b>" not in html and "Contoso &lt;b&gt;Analytics&lt;/b&gt;" in html
@@ -254,8 +270,9 @@ def test_every_page_escapes_buyer_controlled_text(name):
 
 
 def test_escaping_inside_attributes():
-    html, _ = render_page("manage.html", {**_all_pages()["returning Subscribed"].context,
-                                          "saas_app_url": 'https://app.example/" onclick="alert(1)'})
+    html, _ = render_page(
+        "manage.html", {**_all_pages()["returning Subscribed"].context, "saas_app_url": 'https://app.example/" onclick="alert(1)'}
+    )
     links = [attrs for tag, attrs in _Tags(html).tags if attrs.get("data-testid") == "open-app"]
     assert links == [{"class": "button", "href": 'https://app.example/" onclick="alert(1)', "data-testid": "open-app"}]
     assert 'href="https://app.example/&#34; onclick=&#34;alert(1)"' in html
@@ -301,7 +318,7 @@ def test_render_page_nonce_matches_and_is_fresh(name):
     second_html, second = render_page(page.template, page.context)
     nonces = []
     for html, headers in ((first_html, first), (second_html, second)):
-        (nonce,) = [s[len("'nonce-"):-1] for s in _csp(headers)["style-src"]]
+        (nonce,) = [s[len("'nonce-") : -1] for s in _csp(headers)["style-src"]]
         assert len(nonce) >= 16
         styles = [attrs for tag, attrs in _Tags(html).tags if tag == "style"]
         assert styles and all(attrs.get("nonce") == nonce for attrs in styles)
@@ -326,10 +343,14 @@ def test_unavailable_page_quotes_the_correlation_id():
 # Easy Auth principal
 # --------------------------------------------------------------------------------------------------
 
+
 def _principal_header(claims: list[tuple[str, str]], *, padding: bool = True, auth_typ: str = "aad") -> str:
-    body = {"auth_typ": auth_typ, "claims": [{"typ": t, "val": v} for t, v in claims],
-            "name_typ": "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/emailaddress",
-            "role_typ": "http://schemas.microsoft.com/ws/2008/06/identity/claims/role"}
+    body = {
+        "auth_typ": auth_typ,
+        "claims": [{"typ": t, "val": v} for t, v in claims],
+        "name_typ": "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/emailaddress",
+        "role_typ": "http://schemas.microsoft.com/ws/2008/06/identity/claims/role",
+    }
     encoded = base64.b64encode(json.dumps(body, ensure_ascii=False).encode("utf-8")).decode()
     return encoded if padding else encoded.rstrip("=")
 
@@ -344,8 +365,9 @@ URI = {
 
 
 def test_principal_with_short_claim_names():
-    header = _principal_header([("name", "Ada Lovelace"), ("preferred_username", "ada@contoso.example"),
-                                ("oid", "oid-1"), ("tid", "tid-1")])
+    header = _principal_header(
+        [("name", "Ada Lovelace"), ("preferred_username", "ada@contoso.example"), ("oid", "oid-1"), ("tid", "tid-1")]
+    )
     user = signed_in_user({"X-MS-CLIENT-PRINCIPAL": header, "X-MS-CLIENT-PRINCIPAL-IDP": "aad"})
     assert user == SignedInUser("Ada Lovelace", "ada@contoso.example", "oid-1", "tid-1", "aad")
     assert user.id == "oid-1"
@@ -353,8 +375,10 @@ def test_principal_with_short_claim_names():
 
 
 def test_principal_with_uri_claim_types_only():
-    header = _principal_header([(URI["name"], "Zoë Ångström"), (URI["email"], "zoe@fabrikam.example"),
-                                (URI["oid"], "oid-2"), (URI["tid"], "tid-2")], auth_typ="aad")
+    header = _principal_header(
+        [(URI["name"], "Zoë Ångström"), (URI["email"], "zoe@fabrikam.example"), (URI["oid"], "oid-2"), (URI["tid"], "tid-2")],
+        auth_typ="aad",
+    )
     user = signed_in_user({"x-ms-client-principal": header})
     assert (user.name, user.email, user.object_id, user.tenant_id) == ("Zoë Ångström", "zoe@fabrikam.example", "oid-2", "tid-2")
     assert user.identity_provider == "aad"
@@ -382,21 +406,25 @@ def test_principal_id_falls_back_to_lower_case_email():
     assert user.id == "ada@contoso.example"
 
 
-@pytest.mark.parametrize("headers", [
-    {},
-    {"X-MS-CLIENT-PRINCIPAL": "!!!not base64!!!"},
-    {"X-MS-CLIENT-PRINCIPAL": base64.b64encode(b"[1, 2, 3]").decode()},
-    {"X-MS-CLIENT-PRINCIPAL": base64.b64encode(b"{not json").decode()},
-    {"X-MS-CLIENT-PRINCIPAL": _principal_header([("name", "No Identity")])},
-    {"X-MS-CLIENT-PRINCIPAL-NAME": "just a name"},
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"X-MS-CLIENT-PRINCIPAL": "!!!not base64!!!"},
+        {"X-MS-CLIENT-PRINCIPAL": base64.b64encode(b"[1, 2, 3]").decode()},
+        {"X-MS-CLIENT-PRINCIPAL": base64.b64encode(b"{not json").decode()},
+        {"X-MS-CLIENT-PRINCIPAL": _principal_header([("name", "No Identity")])},
+        {"X-MS-CLIENT-PRINCIPAL-NAME": "just a name"},
+    ],
+)
 def test_no_principal(headers):
     assert signed_in_user(headers) is None
 
 
 def test_malformed_principal_falls_back_to_the_plain_headers():
-    user = signed_in_user({"X-MS-CLIENT-PRINCIPAL": "%%%", "X-MS-CLIENT-PRINCIPAL-NAME": "ada@contoso.example",
-                           "X-MS-CLIENT-PRINCIPAL-ID": "oid-5"})
+    user = signed_in_user(
+        {"X-MS-CLIENT-PRINCIPAL": "%%%", "X-MS-CLIENT-PRINCIPAL-NAME": "ada@contoso.example", "X-MS-CLIENT-PRINCIPAL-ID": "oid-5"}
+    )
     assert (user.email, user.object_id) == ("ada@contoso.example", "oid-5")
 
 

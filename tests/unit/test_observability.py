@@ -1,4 +1,5 @@
 """Correlation ids on log lines and redaction of bearer tokens, purchase tokens and JWTs."""
+
 from __future__ import annotations
 
 import io
@@ -83,9 +84,8 @@ def test_nested_correlation_restores_the_outer_id(capture):
 
 
 def test_correlation_id_restored_after_an_exception():
-    with pytest.raises(RuntimeError):
-        with correlation("boom"):
-            raise RuntimeError
+    with pytest.raises(RuntimeError), correlation("boom"):
+        raise RuntimeError
     assert current_correlation_id() == ""
 
 

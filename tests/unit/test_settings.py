@@ -1,4 +1,5 @@
 """Settings.from_env: defaults, every problem reported at once, malformed values, secrets kept out of repr."""
+
 from __future__ import annotations
 
 import pytest
@@ -49,7 +50,9 @@ def test_defaults():
     assert settings.brand_name == "Contoso SaaS"
     assert settings.webhook_auth == "entra"
     assert settings.webhook_audience == CLIENT  # defaults to the marketplace app id
-    assert settings.webhook_openid_config_url == f"https://login.microsoftonline.com/{TENANT}/v2.0/.well-known/openid-configuration"
+    assert (
+        settings.webhook_openid_config_url == f"https://login.microsoftonline.com/{TENANT}/v2.0/.well-known/openid-configuration"
+    )
     assert settings.webhook_verify_operation is True
     assert settings.webhook_max_body_bytes == 65536
     assert settings.events_queue_name == "subscription-events"
@@ -62,7 +65,7 @@ def test_defaults_match_the_settings_table():
     settings = Settings.from_env(minimal_env())
     mapping = {"AZURE_CLIENT_ID": "managed_identity_client_id"}
     for spec in SETTINGS:
-        if spec.name in minimal_env() or spec.scope == "local" and spec.name == "DEV_SIGNED_IN_USER":
+        if spec.name in minimal_env() or (spec.scope == "local" and spec.name == "DEV_SIGNED_IN_USER"):
             continue
         attribute = mapping.get(spec.name, spec.name.lower())
         value = getattr(settings, attribute)
@@ -101,8 +104,10 @@ def test_explicit_values_are_read_and_trimmed():
     assert settings.tables_prefix == "t1abc"
 
 
-@pytest.mark.parametrize("word, value", [("1", True), ("true", True), ("YES", True), ("on", True),
-                                         ("0", False), ("false", False), ("No", False), ("off", False)])
+@pytest.mark.parametrize(
+    "word, value",
+    [("1", True), ("true", True), ("YES", True), ("on", True), ("0", False), ("false", False), ("No", False), ("off", False)],
+)
 def test_flag_words(word, value):
     assert Settings.from_env(minimal_env(LANDING_REQUIRE_SIGNIN=word)).landing_require_signin is value
 
@@ -117,8 +122,15 @@ def test_empty_value_means_default():
 def test_every_missing_name_reported_at_once():
     problems = problems_of({})
     text = " | ".join(problems)
-    for name in ("MARKETPLACE_TENANT_ID", "MARKETPLACE_CLIENT_ID", "MARKETPLACE_CLIENT_SECRET",
-                 "TABLES_CONNECTION_STRING", "TABLES_ENDPOINT", "LANDING_FORM_SECRET", "WEBHOOK_AUDIENCE"):
+    for name in (
+        "MARKETPLACE_TENANT_ID",
+        "MARKETPLACE_CLIENT_ID",
+        "MARKETPLACE_CLIENT_SECRET",
+        "TABLES_CONNECTION_STRING",
+        "TABLES_ENDPOINT",
+        "LANDING_FORM_SECRET",
+        "WEBHOOK_AUDIENCE",
+    ):
         assert name in text, name
     assert len(problems) >= 5  # one entry per problem, not one lumped message
 
@@ -135,14 +147,20 @@ def test_alternative_credentials_and_storage():
     Settings.from_env(minimal_env(MARKETPLACE_CLIENT_SECRET=None, MARKETPLACE_CLIENT_CERTIFICATE="-----BEGIN PRIVATE KEY-----x"))
     federated = Settings.from_env(minimal_env(MARKETPLACE_CLIENT_SECRET=None, MARKETPLACE_USE_FEDERATED_IDENTITY="true"))
     assert federated.marketplace_use_federated_identity is True
-    endpoint = Settings.from_env(minimal_env(TABLES_CONNECTION_STRING=None, TABLES_ENDPOINT="https://acct.table.core.windows.net"))
+    endpoint = Settings.from_env(
+        minimal_env(TABLES_CONNECTION_STRING=None, TABLES_ENDPOINT="https://acct.table.core.windows.net")
+    )
     assert endpoint.tables_endpoint == "https://acct.table.core.windows.net"
 
 
 def test_local_configuration_without_entra():
     settings = Settings.from_env(
-        {"MARKETPLACE_AUTH": "none", "WEBHOOK_AUTH": "none", "TABLES_CONNECTION_STRING": "UseDevelopmentStorage=true",
-         "LANDING_FORM_SECRET": "form-secret-0123456789abcdef"}
+        {
+            "MARKETPLACE_AUTH": "none",
+            "WEBHOOK_AUTH": "none",
+            "TABLES_CONNECTION_STRING": "UseDevelopmentStorage=true",
+            "LANDING_FORM_SECRET": "form-secret-0123456789abcdef",
+        }
     )
     assert settings.marketplace_auth == "none"
     assert settings.webhook_auth == "none"
@@ -215,8 +233,13 @@ def test_running_in_azure_with_entra_is_fine():
 
 
 def test_unrelated_problems_do_not_hide_each_other():
-    env = minimal_env(WEBHOOK_AUTH="none", WEBSITE_INSTANCE_ID="abc123", ACTIVATION_MODE="sometimes",
-                      LANDING_FORM_SECRET=None, TABLES_CONNECTION_STRING=None)
+    env = minimal_env(
+        WEBHOOK_AUTH="none",
+        WEBSITE_INSTANCE_ID="abc123",
+        ACTIVATION_MODE="sometimes",
+        LANDING_FORM_SECRET=None,
+        TABLES_CONNECTION_STRING=None,
+    )
     text = " | ".join(problems_of(env))
     for name in ("WEBHOOK_AUTH", "ACTIVATION_MODE", "LANDING_FORM_SECRET", "TABLES_CONNECTION_STRING"):
         assert name in text
@@ -248,8 +271,10 @@ def test_every_secret_setting_is_hidden():
     """Any setting the registry marks secret stays out of repr (guards new secrets too)."""
     secret_specs = [spec for spec in SETTINGS if spec.secret]
     assert {spec.name for spec in secret_specs} == set(SECRET_VALUES)
-    env = minimal_env(EVENTS_WEBHOOK_URL="https://app.contoso.example/events",
-                      **{spec.name: f"hidden-{index}-value-0123456789abcdef" for index, spec in enumerate(secret_specs)})
+    env = minimal_env(
+        EVENTS_WEBHOOK_URL="https://app.contoso.example/events",
+        **{spec.name: f"hidden-{index}-value-0123456789abcdef" for index, spec in enumerate(secret_specs)},
+    )
     text = repr(Settings.from_env(env))
     for index, spec in enumerate(secret_specs):
         assert f"hidden-{index}-value" not in text, spec.name

@@ -14,10 +14,11 @@ The expectation tables are written from the rules, not from the code:
 
 One cell deliberately follows the code rather than the literal rule (see ``REINSTATE`` below).
 """
+
 from __future__ import annotations
 
 from dataclasses import fields, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -37,7 +38,7 @@ from shared.state_machine import (
 )
 
 SID = "37f9dea2-4345-438f-b0bd-03d40d28c7e0"
-T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
+T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
 LATER = T0 + timedelta(hours=1)
 NOW = T0 + timedelta(hours=2)
 
@@ -51,8 +52,15 @@ UNSUB = LocalStatus.UNSUBSCRIBED
 
 A, N, R = Result.APPLIED, Result.NOOP, Result.REJECTED
 
-_MARKETPLACE_STATUS = {PFS: "PendingFulfillmentStart", PA: "PendingFulfillmentStart", AR: "PendingFulfillmentStart",
-                       AF: "PendingFulfillmentStart", SUB: "Subscribed", SUSP: "Suspended", UNSUB: "Unsubscribed"}
+_MARKETPLACE_STATUS = {
+    PFS: "PendingFulfillmentStart",
+    PA: "PendingFulfillmentStart",
+    AR: "PendingFulfillmentStart",
+    AF: "PendingFulfillmentStart",
+    SUB: "Subscribed",
+    SUSP: "Suspended",
+    UNSUB: "Unsubscribed",
+}
 
 
 def record_in(status: LocalStatus, **overrides) -> SubscriptionRecord:
@@ -69,8 +77,8 @@ def record_in(status: LocalStatus, **overrides) -> SubscriptionRecord:
         purchaser=AadIdentifier(email_id="buyer@contoso.example", tenant_id="tid"),
         beneficiary=AadIdentifier(email_id="user@contoso.example", tenant_id="tid"),
         term_unit="P1M",
-        term_start=datetime(2024, 4, 1, tzinfo=timezone.utc) if active else None,
-        term_end=datetime(2024, 4, 30, tzinfo=timezone.utc) if active else None,
+        term_start=datetime(2024, 4, 1, tzinfo=UTC) if active else None,
+        term_end=datetime(2024, 4, 30, tzinfo=UTC) if active else None,
         auto_renew=True,
         allowed_customer_operations=("Read", "Update", "Delete"),
         last_event_at=T0,
@@ -110,7 +118,7 @@ def snapshot(status: str, **overrides) -> Subscription:
     return Subscription.from_api(payload)
 
 
-NEW_TERM = Term(term_unit="P1M", start_date=datetime(2024, 5, 1, tzinfo=timezone.utc), end_date=datetime(2024, 5, 31, tzinfo=timezone.utc))
+NEW_TERM = Term(term_unit="P1M", start_date=datetime(2024, 5, 1, tzinfo=UTC), end_date=datetime(2024, 5, 31, tzinfo=UTC))
 
 # kind -> (how to build the change, {from status: (result, resulting status)})
 ALL = (PFS, PA, AR, AF, SUB, SUSP, UNSUB)
@@ -124,36 +132,78 @@ TRANSITIONS = {
     # manual mode: an operator must approve; only before anything was sent (or after it failed)
     Kind.REQUEST_ACTIVATION: (
         lambda: change(Kind.REQUEST_ACTIVATION, source=Source.LANDING_PAGE, actor="ada@contoso.example"),
-        _row(PENDING_FULFILLMENT_START=(A, PA), PENDING_ACTIVATION=(N, PA), ACTIVATION_REQUESTED=(R, AR),
-             ACTIVATION_FAILED=(A, PA), SUBSCRIBED=(R, SUB), SUSPENDED=(R, SUSP), UNSUBSCRIBED=(R, UNSUB)),
+        _row(
+            PENDING_FULFILLMENT_START=(A, PA),
+            PENDING_ACTIVATION=(N, PA),
+            ACTIVATION_REQUESTED=(R, AR),
+            ACTIVATION_FAILED=(A, PA),
+            SUBSCRIBED=(R, SUB),
+            SUSPENDED=(R, SUSP),
+            UNSUBSCRIBED=(R, UNSUB),
+        ),
     ),
     # Activate answered 200: any not-yet-active state (a re-send counts again); active: nothing to do
     Kind.ACTIVATION_SENT: (
         lambda: change(Kind.ACTIVATION_SENT, source=Source.LANDING_PAGE, actor="ada@contoso.example"),
-        _row(PENDING_FULFILLMENT_START=(A, AR), PENDING_ACTIVATION=(A, AR), ACTIVATION_REQUESTED=(A, AR),
-             ACTIVATION_FAILED=(A, AR), SUBSCRIBED=(N, SUB), SUSPENDED=(N, SUSP), UNSUBSCRIBED=(R, UNSUB)),
+        _row(
+            PENDING_FULFILLMENT_START=(A, AR),
+            PENDING_ACTIVATION=(A, AR),
+            ACTIVATION_REQUESTED=(A, AR),
+            ACTIVATION_FAILED=(A, AR),
+            SUBSCRIBED=(N, SUB),
+            SUSPENDED=(N, SUSP),
+            UNSUBSCRIBED=(R, UNSUB),
+        ),
     ),
     Kind.ACTIVATION_CONFIRMED: (
         lambda: change(Kind.ACTIVATION_CONFIRMED, source=Source.RECONCILE),
-        _row(PENDING_FULFILLMENT_START=(A, SUB), PENDING_ACTIVATION=(A, SUB), ACTIVATION_REQUESTED=(A, SUB),
-             ACTIVATION_FAILED=(A, SUB), SUBSCRIBED=(N, SUB), SUSPENDED=(R, SUSP), UNSUBSCRIBED=(R, UNSUB)),
+        _row(
+            PENDING_FULFILLMENT_START=(A, SUB),
+            PENDING_ACTIVATION=(A, SUB),
+            ACTIVATION_REQUESTED=(A, SUB),
+            ACTIVATION_FAILED=(A, SUB),
+            SUBSCRIBED=(N, SUB),
+            SUSPENDED=(R, SUSP),
+            UNSUBSCRIBED=(R, UNSUB),
+        ),
     ),
     Kind.ACTIVATION_FAILED: (
         lambda: change(Kind.ACTIVATION_FAILED, source=Source.LANDING_PAGE),
-        _row(PENDING_FULFILLMENT_START=(A, AF), PENDING_ACTIVATION=(A, AF), ACTIVATION_REQUESTED=(A, AF),
-             ACTIVATION_FAILED=(N, AF), SUBSCRIBED=(R, SUB), SUSPENDED=(R, SUSP), UNSUBSCRIBED=(R, UNSUB)),
+        _row(
+            PENDING_FULFILLMENT_START=(A, AF),
+            PENDING_ACTIVATION=(A, AF),
+            ACTIVATION_REQUESTED=(A, AF),
+            ACTIVATION_FAILED=(N, AF),
+            SUBSCRIBED=(R, SUB),
+            SUSPENDED=(R, SUSP),
+            UNSUBSCRIBED=(R, UNSUB),
+        ),
     ),
     # Subscribe: not-yet-active -> Subscribed
     Kind.SUBSCRIBE: (
         lambda: change(Kind.SUBSCRIBE),
-        _row(PENDING_FULFILLMENT_START=(A, SUB), PENDING_ACTIVATION=(A, SUB), ACTIVATION_REQUESTED=(A, SUB),
-             ACTIVATION_FAILED=(A, SUB), SUBSCRIBED=(N, SUB), SUSPENDED=(R, SUSP), UNSUBSCRIBED=(R, UNSUB)),
+        _row(
+            PENDING_FULFILLMENT_START=(A, SUB),
+            PENDING_ACTIVATION=(A, SUB),
+            ACTIVATION_REQUESTED=(A, SUB),
+            ACTIVATION_FAILED=(A, SUB),
+            SUBSCRIBED=(N, SUB),
+            SUSPENDED=(R, SUSP),
+            UNSUBSCRIBED=(R, UNSUB),
+        ),
     ),
     # Suspend only from Subscribed and not-yet-active states
     Kind.SUSPEND: (
         lambda: change(Kind.SUSPEND),
-        _row(PENDING_FULFILLMENT_START=(A, SUSP), PENDING_ACTIVATION=(A, SUSP), ACTIVATION_REQUESTED=(A, SUSP),
-             ACTIVATION_FAILED=(A, SUSP), SUBSCRIBED=(A, SUSP), SUSPENDED=(N, SUSP), UNSUBSCRIBED=(R, UNSUB)),
+        _row(
+            PENDING_FULFILLMENT_START=(A, SUSP),
+            PENDING_ACTIVATION=(A, SUSP),
+            ACTIVATION_REQUESTED=(A, SUSP),
+            ACTIVATION_FAILED=(A, SUSP),
+            SUBSCRIBED=(A, SUSP),
+            SUSPENDED=(N, SUSP),
+            UNSUBSCRIBED=(R, UNSUB),
+        ),
     ),
     # Reinstate: Suspended -> Subscribed. DISAGREEMENT with the literal rule: the code also accepts
     # Reinstate from the not-yet-active states (state_machine.py `_decide`, REINSTATE branch), by the
@@ -162,30 +212,65 @@ TRANSITIONS = {
     # Microsoft until reconciliation) and pinned here.
     Kind.REINSTATE: (
         lambda: change(Kind.REINSTATE),
-        _row(PENDING_FULFILLMENT_START=(A, SUB), PENDING_ACTIVATION=(A, SUB), ACTIVATION_REQUESTED=(A, SUB),
-             ACTIVATION_FAILED=(A, SUB), SUBSCRIBED=(N, SUB), SUSPENDED=(A, SUB), UNSUBSCRIBED=(R, UNSUB)),
+        _row(
+            PENDING_FULFILLMENT_START=(A, SUB),
+            PENDING_ACTIVATION=(A, SUB),
+            ACTIVATION_REQUESTED=(A, SUB),
+            ACTIVATION_FAILED=(A, SUB),
+            SUBSCRIBED=(N, SUB),
+            SUSPENDED=(A, SUB),
+            UNSUBSCRIBED=(R, UNSUB),
+        ),
     ),
     # Unsubscribe from anything; a repeat is a no-op
     Kind.UNSUBSCRIBE: (
         lambda: change(Kind.UNSUBSCRIBE),
-        _row(PENDING_FULFILLMENT_START=(A, UNSUB), PENDING_ACTIVATION=(A, UNSUB), ACTIVATION_REQUESTED=(A, UNSUB),
-             ACTIVATION_FAILED=(A, UNSUB), SUBSCRIBED=(A, UNSUB), SUSPENDED=(A, UNSUB), UNSUBSCRIBED=(N, UNSUB)),
+        _row(
+            PENDING_FULFILLMENT_START=(A, UNSUB),
+            PENDING_ACTIVATION=(A, UNSUB),
+            ACTIVATION_REQUESTED=(A, UNSUB),
+            ACTIVATION_FAILED=(A, UNSUB),
+            SUBSCRIBED=(A, UNSUB),
+            SUSPENDED=(A, UNSUB),
+            UNSUBSCRIBED=(N, UNSUB),
+        ),
     ),
     # value changes: any live state; Unsubscribed is terminal
     Kind.CHANGE_PLAN: (
         lambda: change(Kind.CHANGE_PLAN, plan_id="premium"),
-        _row(PENDING_FULFILLMENT_START=(A, PFS), PENDING_ACTIVATION=(A, PA), ACTIVATION_REQUESTED=(A, AR),
-             ACTIVATION_FAILED=(A, AF), SUBSCRIBED=(A, SUB), SUSPENDED=(A, SUSP), UNSUBSCRIBED=(R, UNSUB)),
+        _row(
+            PENDING_FULFILLMENT_START=(A, PFS),
+            PENDING_ACTIVATION=(A, PA),
+            ACTIVATION_REQUESTED=(A, AR),
+            ACTIVATION_FAILED=(A, AF),
+            SUBSCRIBED=(A, SUB),
+            SUSPENDED=(A, SUSP),
+            UNSUBSCRIBED=(R, UNSUB),
+        ),
     ),
     Kind.CHANGE_QUANTITY: (
         lambda: change(Kind.CHANGE_QUANTITY, quantity=12),
-        _row(PENDING_FULFILLMENT_START=(A, PFS), PENDING_ACTIVATION=(A, PA), ACTIVATION_REQUESTED=(A, AR),
-             ACTIVATION_FAILED=(A, AF), SUBSCRIBED=(A, SUB), SUSPENDED=(A, SUSP), UNSUBSCRIBED=(R, UNSUB)),
+        _row(
+            PENDING_FULFILLMENT_START=(A, PFS),
+            PENDING_ACTIVATION=(A, PA),
+            ACTIVATION_REQUESTED=(A, AR),
+            ACTIVATION_FAILED=(A, AF),
+            SUBSCRIBED=(A, SUB),
+            SUSPENDED=(A, SUSP),
+            UNSUBSCRIBED=(R, UNSUB),
+        ),
     ),
     Kind.RENEW: (
         lambda: change(Kind.RENEW, term=NEW_TERM),
-        _row(PENDING_FULFILLMENT_START=(A, PFS), PENDING_ACTIVATION=(A, PA), ACTIVATION_REQUESTED=(A, AR),
-             ACTIVATION_FAILED=(A, AF), SUBSCRIBED=(A, SUB), SUSPENDED=(A, SUSP), UNSUBSCRIBED=(R, UNSUB)),
+        _row(
+            PENDING_FULFILLMENT_START=(A, PFS),
+            PENDING_ACTIVATION=(A, PA),
+            ACTIVATION_REQUESTED=(A, AR),
+            ACTIVATION_FAILED=(A, AF),
+            SUBSCRIBED=(A, SUB),
+            SUSPENDED=(A, SUSP),
+            UNSUBSCRIBED=(R, UNSUB),
+        ),
     ),
     # history-only kinds: recorded from every state, even the terminal one
     Kind.FLAG: (
@@ -207,7 +292,9 @@ SAME_VALUE = {
     Kind.CHANGE_PLAN: lambda record: change(Kind.CHANGE_PLAN, plan_id="basic"),
     Kind.CHANGE_QUANTITY: lambda record: change(Kind.CHANGE_QUANTITY, quantity=5),
     # the term the record already has (none yet for the not-yet-active states)
-    Kind.RENEW: lambda record: change(Kind.RENEW, term=Term(term_unit="P1M", start_date=record.term_start, end_date=record.term_end)),
+    Kind.RENEW: lambda record: change(
+        Kind.RENEW, term=Term(term_unit="P1M", start_date=record.term_start, end_date=record.term_end)
+    ),
 }
 
 EXPECTED_EVENT = {
@@ -236,8 +323,8 @@ def test_tables_cover_every_kind_and_status():
     assert covered == set(Kind)
     for _, table in TRANSITIONS.values():
         assert set(table) == set(LocalStatus)
-    assert NOT_YET_ACTIVE == {PFS, PA, AR, AF}
-    assert ACTIVE == {SUB, SUSP}
+    assert {PFS, PA, AR, AF} == NOT_YET_ACTIVE
+    assert {SUB, SUSP} == ACTIVE
 
 
 @pytest.mark.parametrize("kind, status", CASES, ids=[f"{k.value}-from-{s.value}" for k, s in CASES])
@@ -320,11 +407,13 @@ def test_empty_values_are_noops():
 
 
 def test_renew_takes_the_term_from_the_snapshot_when_the_change_has_none():
-    renewed = snapshot("Subscribed", term={"termUnit": "P1Y", "startDate": "2024-05-01T00:00:00Z", "endDate": "2025-04-30T00:00:00Z"})
+    renewed = snapshot(
+        "Subscribed", term={"termUnit": "P1Y", "startDate": "2024-05-01T00:00:00Z", "endDate": "2025-04-30T00:00:00Z"}
+    )
     outcome = apply(record_in(SUB), change(Kind.RENEW, subscription=renewed), now=NOW)
     assert outcome.result is Result.APPLIED
     assert outcome.record.term_unit == "P1Y"
-    assert outcome.record.term_end == datetime(2025, 4, 30, tzinfo=timezone.utc)
+    assert outcome.record.term_end == datetime(2025, 4, 30, tzinfo=UTC)
     assert outcome.event_type == sm.EVENT_RENEWED
 
 
@@ -377,8 +466,15 @@ def test_repeated_unsubscribe_is_noop_and_keeps_retention():
 def test_unsubscribed_is_terminal_for_every_state_change():
     gone = apply(record_in(SUB), change(Kind.UNSUBSCRIBE), now=NOW).record
     later = LATER + timedelta(minutes=1)
-    for kind in (Kind.SUBSCRIBE, Kind.REINSTATE, Kind.SUSPEND, Kind.ACTIVATION_SENT, Kind.ACTIVATION_CONFIRMED,
-                 Kind.ACTIVATION_FAILED, Kind.REQUEST_ACTIVATION):
+    for kind in (
+        Kind.SUBSCRIBE,
+        Kind.REINSTATE,
+        Kind.SUSPEND,
+        Kind.ACTIVATION_SENT,
+        Kind.ACTIVATION_CONFIRMED,
+        Kind.ACTIVATION_FAILED,
+        Kind.REQUEST_ACTIVATION,
+    ):
         outcome = apply(gone, change(kind, at=later), now=NOW)
         assert outcome.result is Result.REJECTED, kind
         assert outcome.record.status is UNSUB
@@ -478,8 +574,17 @@ def test_out_of_order_delivery_never_moves_backwards():
 
 
 def test_history_seq_increments_for_every_outcome():
-    purchase = apply(None, change(Kind.RECORD_PURCHASE, at=T0, subscription=snapshot("PendingFulfillmentStart"),
-                                  source=Source.LANDING_PAGE, actor="Ada <ada@contoso.example>"), now=NOW)
+    purchase = apply(
+        None,
+        change(
+            Kind.RECORD_PURCHASE,
+            at=T0,
+            subscription=snapshot("PendingFulfillmentStart"),
+            source=Source.LANDING_PAGE,
+            actor="Ada <ada@contoso.example>",
+        ),
+        now=NOW,
+    )
     assert purchase.history.seq == 1 and purchase.record.history_seq == 1
     assert purchase.history.from_status == ""
     record = purchase.record
@@ -505,8 +610,11 @@ def test_history_seq_increments_for_every_outcome():
 
 
 def test_history_entry_json():
-    outcome = apply(record_in(SUB), change(Kind.CHANGE_PLAN, plan_id="premium", operation_id="op-1",
-                                           correlation_id="cid-1", actor="microsoft"), now=NOW)
+    outcome = apply(
+        record_in(SUB),
+        change(Kind.CHANGE_PLAN, plan_id="premium", operation_id="op-1", correlation_id="cid-1", actor="microsoft"),
+        now=NOW,
+    )
     document = outcome.history.to_json()
     assert document["seq"] == 4
     assert document["kind"] == "change_plan"
@@ -524,24 +632,30 @@ MS = {"PendingFulfillmentStart": PFS, "Subscribed": SUB, "Suspended": SUSP, "Uns
 # that Unsubscribed is terminal, and pending keeps our local refinements of "not yet active".
 SYNC_TABLE = {
     (local, ms): (
-        (Result.REJECTED, UNSUB) if local is UNSUB and ms != "Unsubscribed"
+        (Result.REJECTED, UNSUB)
+        if local is UNSUB and ms != "Unsubscribed"
         else (Result.APPLIED, local if ms == "PendingFulfillmentStart" and local in NOT_YET_ACTIVE else MS[ms])
     )
     for local in ALL
     for ms in MS
 }
 SYNC_EVENTS = {
-    (PFS, SUB): sm.EVENT_ACTIVATED, (PA, SUB): sm.EVENT_ACTIVATED, (AR, SUB): sm.EVENT_ACTIVATED, (AF, SUB): sm.EVENT_ACTIVATED,
+    (PFS, SUB): sm.EVENT_ACTIVATED,
+    (PA, SUB): sm.EVENT_ACTIVATED,
+    (AR, SUB): sm.EVENT_ACTIVATED,
+    (AF, SUB): sm.EVENT_ACTIVATED,
     (SUSP, SUB): sm.EVENT_REINSTATED,
 }
 
 
 @pytest.mark.parametrize("kind", [Kind.SYNC, Kind.RECORD_PURCHASE])
-@pytest.mark.parametrize("local, ms", list(SYNC_TABLE), ids=[f"{l.value}-ms-{m}" for l, m in SYNC_TABLE])
+@pytest.mark.parametrize("local, ms", list(SYNC_TABLE), ids=[f"{local.value}-ms-{ms}" for local, ms in SYNC_TABLE])
 def test_snapshot_adoption(kind, local, ms):
     expected_result, expected_status = SYNC_TABLE[(local, ms)]
     before = record_in(local)
-    outcome = apply(before, change(kind, subscription=snapshot(ms, planId="premium" if ms != "PendingFulfillmentStart" else "basic")), now=NOW)
+    outcome = apply(
+        before, change(kind, subscription=snapshot(ms, planId="premium" if ms != "PendingFulfillmentStart" else "basic")), now=NOW
+    )
     assert outcome.result is expected_result
     assert outcome.record.status is expected_status
     if expected_result is Result.APPLIED:
@@ -620,8 +734,11 @@ def test_sync_without_snapshot_is_rejected():
 
 def test_first_sighting_creates_the_record():
     purchase = snapshot("PendingFulfillmentStart", quantity="")
-    outcome = apply(None, change(Kind.RECORD_PURCHASE, at=T0, subscription=purchase, source=Source.LANDING_PAGE,
-                                 actor="Ada <ada@contoso.example>"), now=NOW)
+    outcome = apply(
+        None,
+        change(Kind.RECORD_PURCHASE, at=T0, subscription=purchase, source=Source.LANDING_PAGE, actor="Ada <ada@contoso.example>"),
+        now=NOW,
+    )
     assert outcome.result is Result.APPLIED
     assert outcome.previous is None
     record = outcome.record
@@ -640,10 +757,16 @@ def test_first_sighting_creates_the_record():
 
 
 def test_signed_in_user_is_not_overwritten():
-    first = apply(None, change(Kind.RECORD_PURCHASE, at=T0, subscription=snapshot("PendingFulfillmentStart"),
-                               actor="Ada <ada@contoso.example>"), now=NOW).record
-    second = apply(first, change(Kind.RECORD_PURCHASE, subscription=snapshot("PendingFulfillmentStart"),
-                                 actor="Eve <eve@contoso.example>"), now=NOW).record
+    first = apply(
+        None,
+        change(Kind.RECORD_PURCHASE, at=T0, subscription=snapshot("PendingFulfillmentStart"), actor="Ada <ada@contoso.example>"),
+        now=NOW,
+    ).record
+    second = apply(
+        first,
+        change(Kind.RECORD_PURCHASE, subscription=snapshot("PendingFulfillmentStart"), actor="Eve <eve@contoso.example>"),
+        now=NOW,
+    ).record
     assert second.signed_in_user == "Ada <ada@contoso.example>"
 
 

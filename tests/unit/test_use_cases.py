@@ -1,4 +1,5 @@
 """Use cases (landing page, activation, webhook) against in-memory fakes: no Functions runtime, no I/O."""
+
 from __future__ import annotations
 
 import json
@@ -153,7 +154,9 @@ def test_manual_mode_waits_for_an_operator():
     assert services.repository.get(SUB).record.status is LocalStatus.PENDING_ACTIVATION
 
 
-@pytest.mark.parametrize("status,template", [("Subscribed", "manage.html"), ("Suspended", "manage.html"), ("Unsubscribed", "cancelled.html")])
+@pytest.mark.parametrize(
+    "status,template", [("Subscribed", "manage.html"), ("Suspended", "manage.html"), ("Unsubscribed", "cancelled.html")]
+)
 def test_returning_buyer_never_activates_again(status, template):
     services = fake_services()
     services.marketplace.add(SUB, status=status, token=TOKEN)
