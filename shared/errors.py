@@ -70,6 +70,13 @@ class StorageUnavailableError(AppError):
     code = "storage_unavailable"
 
 
+class DeadlineExceededError(AppError):
+    """The request's time budget ran out before the work could finish; nothing was left half done."""
+
+    http_status = 503
+    code = "deadline_exceeded"
+
+
 class MarketplaceError(AppError):
     """A call to the SaaS Fulfillment API failed.
 
