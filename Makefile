@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 CHECKOV_VENV := .venv-checkov
 NODE_MODULES := devtools/node_modules
 
-.PHONY: run test bench setup setup-test unit clean
+.PHONY: run test lint format bench setup setup-test unit clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,17 @@ setup-test: setup $(CHECKOV_VENV)/.installed /usr/bin/chromium
 run: setup
 	$(PY) -m devtools.run_local
 
-test: setup-test
+# Lint, formatting and types first: they are part of the test command, so CI enforces them.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: setup-test lint
 	$(PY) -m pytest
 
 unit: setup
