@@ -45,7 +45,7 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: setup-test lint
+test: setup-test
 	$(PY) -m pytest
 
 unit: setup

@@ -99,6 +99,7 @@ class RunSummary:
     flagged: list[dict[str, str]] = field(default_factory=list)
     flagged_count: int = 0  # all of them; ``flagged`` lists the first MAX_FLAGS_KEPT
     deferred: int = 0
+    confirmed_with_get: int = 0  # drifts inside the settle window settled by one Get Subscription
     events_waiting_too_long: int = 0
     events_pending: int = 0
     events_delivered: int = 0
@@ -233,37 +234,57 @@ class Reconciler:
         if self.dry_run:
             self.summary.count(kind)
             return
-        change = self._change(Kind.SYNC, fetched_at, subscription=subscription, detail=kind)
-        deferred = {"value": False}
-        refused: dict[str, sm.Outcome | None] = {"outcome": None}
+        # Microsoft's list can lag behind a change it just notified us of: a local change inside the
+        # settle window wins over the listing ...
+        result = self._apply_snapshot(subscription, fetched_at, kind, local_wins_after=fetched_at - SETTLE_WINDOW)
+        if result == "deferred":
+            # ... but one Get Subscription (which does not lag) settles it in this run, instead of
+            # leaving a real drift (e.g. a lost Suspend right after another change) to the next run.
+            result = self._confirm_with_get(subscription.id, kind)
+        if result == "deferred":
+            self.summary.deferred += 1
+        elif result == "applied":
+            self.summary.count(kind)
 
-        def decide(record: sm.SubscriptionRecord | None):
-            deferred["value"] = False
-            refused["outcome"] = None
+    def _confirm_with_get(self, subscription_id: str, kind: str) -> str:
+        asked_at = self.services.clock()
+        try:
+            current = self.marketplace.get_subscription(subscription_id)
+        except MarketplaceError as error:
+            log.info("could not confirm drift of %s in this run (%s); the next run looks again", subscription_id, error.code)
+            return "deferred"
+        self.summary.confirmed_with_get += 1
+        # Only a local change made after the Get was sent can be newer than its answer.
+        return self._apply_snapshot(current, asked_at, kind, local_wins_after=asked_at)
+
+    def _apply_snapshot(self, subscription: Subscription, fetched_at: datetime, kind: str, *, local_wins_after: datetime) -> str:
+        """Adopt Microsoft's record through the state machine: "applied", "deferred", "in_step" or "refused"."""
+        change = self._change(Kind.SYNC, fetched_at, subscription=subscription, detail=kind)
+        verdict = {"value": "in_step"}
+
+        def decide(record: sm.SubscriptionRecord | None) -> sm.Outcome | None:
+            verdict["value"] = "in_step"
             if record is None:
                 return sm.apply(None, change, now=self.services.clock())
             if not sm.drift(record, subscription):
                 return None
-            if record.updated_at and record.updated_at > fetched_at - SETTLE_WINDOW:
-                deferred["value"] = True  # a newer local change wins; the next run looks again
+            if record.updated_at and record.updated_at > local_wins_after:
+                verdict["value"] = "deferred"  # a newer local change wins
                 return None
             outcome = sm.apply(record, change, now=self.services.clock())
             if outcome.result is not sm.Result.APPLIED:
                 # Rejected or stale: writing that history entry would repeat on every run.
-                refused["outcome"] = outcome
+                verdict["value"] = "rejected" if outcome.result is sm.Result.REJECTED else "deferred"
                 return None
             return outcome
 
         outcome = self.repository.apply(subscription.id, decide, build_event=build_event_document)
         if outcome is not None and outcome.result is sm.Result.APPLIED:
-            self.summary.count(kind)
-        elif deferred["value"]:
-            self.summary.deferred += 1
-        elif refused["outcome"] is not None:
-            if refused["outcome"].result is sm.Result.REJECTED:
-                self._flag(subscription.id, FLAG_MARKETPLACE_CONFLICT, fetched_at, self.index.get(subscription.id))
-            else:  # stale: our record has a change newer than this listing; a later run adopts it
-                self.summary.deferred += 1
+            return "applied"
+        if verdict["value"] == "rejected":
+            self._flag(subscription.id, FLAG_MARKETPLACE_CONFLICT, fetched_at, self.index.get(subscription.id))
+            return "refused"
+        return verdict["value"]
 
     def _flag(self, subscription_id: str, reason: str, at: datetime, entry: IndexEntry | None) -> None:
         self.summary.flag(subscription_id, reason)

@@ -10,27 +10,30 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from shared.domain import utc_now
+from shared.ports import MarketplaceApi, SubscriptionStore
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
 class Services:
     settings: Settings
-    marketplace: MarketplaceClient  # noqa: F821 - imported lazily for cold start
-    repository: SubscriptionRepository  # noqa: F821
+    marketplace: MarketplaceApi
+    repository: SubscriptionStore
     clock: Callable[[], datetime] = utc_now
-    _lazy: dict = field(default_factory=dict, repr=False)
+    _lazy: dict[str, Any] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def _once(self, name: str, build: Callable[[], object]):
+    def _once(self, name: str, build: Callable[[], T]) -> T:
         with self._lock:
             if name not in self._lazy:
                 self._lazy[name] = build()
-            return self._lazy[name]
+            return cast(T, self._lazy[name])
 
     @property
     def webhook_authenticator(self):

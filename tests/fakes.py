@@ -1,14 +1,15 @@
 """In-memory fakes of the repository and the Marketplace client, for fast use-case unit tests.
 
-They follow the real interfaces (``shared.repository.SubscriptionRepository``,
-``shared.marketplace.MarketplaceClient``) closely enough that the use cases cannot tell; the
-integration tests run the same use cases against Azurite and the stand-in over HTTP.
+They implement the same protocols as the real classes (``shared.ports.SubscriptionStore`` and
+``shared.ports.MarketplaceApi``), and the type checker holds them to it (``fake_services`` builds a
+``Services``); the integration tests run the same use cases against Azurite and the stand-in over HTTP.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from shared import errors
 from shared.domain import Operation, Plan, ResolvedPurchase, Subscription, UpdateStatus
 from shared.marketplace import CallCounter
-from shared.repository import OP_RECEIVED, OperationMarker, StorageMetrics, StoredRecord
+from shared.repository import OP_RECEIVED, EventBuilder, OperationMarker, ScanItem, StorageMetrics, StoredRecord
 from shared.services import Services
 from shared.settings import Settings
 from shared.state_machine import Outcome, SubscriptionRecord
@@ -29,7 +30,9 @@ class FakeRepository:
         self.markers: dict[tuple[str, str], OperationMarker] = {}
         self.events: list[tuple[str, str, str]] = []  # (subscription id, event id, body)
         self.metrics = StorageMetrics()
-        self.on_event_written = None
+        self.on_event_written: Callable[[str], object] | None = None
+        self.checkpoint: dict[str, Any] | None = None
+        self.runs: list[dict[str, Any]] = []
         self.down = False
         self._lock = threading.Lock()
 
@@ -53,10 +56,46 @@ class FakeRepository:
         self._check()
         return self.markers.get((subscription_id, operation_id))
 
-    def history(self, subscription_id: str) -> list[dict]:
+    def history(self, subscription_id: str) -> list[dict[str, Any]]:
         return list(self.histories.get(subscription_id, []))
 
-    def record_operation(self, subscription_id, operation_id, *, action, payload, correlation_id):
+    def list_records(self, *, status: str = "", offer_id: str = "", plan_id: str = "") -> Iterator[SubscriptionRecord]:
+        self._check()
+        with self._lock:
+            records = [record for record, _ in self.records.values()]
+        for record in records:
+            if status and record.status.value != status:
+                continue
+            if (offer_id and record.offer_id != offer_id) or (plan_id and record.plan_id != plan_id):
+                continue
+            yield record
+
+    def scan(self, *, page_size: int = 1000) -> Iterator[ScanItem]:
+        self._check()
+        with self._lock:
+            states = [StoredRecord(record, str(version)) for record, version in self.records.values()]
+            markers = [marker for marker in self.markers.values() if marker.pending]
+        yield from (ScanItem("state", stored=stored) for stored in states)
+        yield from (ScanItem("op", marker=marker) for marker in markers)
+
+    def get_checkpoint(self) -> dict[str, Any] | None:
+        self._check()
+        return self.checkpoint
+
+    def save_checkpoint(self, state: dict[str, Any] | None) -> None:
+        self._check()
+        self.checkpoint = state
+
+    def save_run_summary(self, summary: dict[str, Any]) -> None:
+        self._check()
+        self.runs.insert(0, summary)
+
+    def latest_runs(self, count: int = 10) -> list[dict[str, Any]]:
+        return self.runs[:count]
+
+    def record_operation(
+        self, subscription_id: str, operation_id: str, *, action: str, payload: str, correlation_id: str
+    ) -> tuple[bool, OperationMarker]:
         self._check()
         with self._lock:
             key = (subscription_id, operation_id)
@@ -82,14 +121,14 @@ class FakeRepository:
     def apply(
         self,
         subscription_id: str,
-        decide: Callable,
+        decide: Callable[[SubscriptionRecord | None], Outcome | None],
         *,
         operation_id: str = "",
-        build_event=None,
-        known=None,
-        known_marker=None,
+        build_event: EventBuilder | None = None,
+        known: StoredRecord | None = None,
+        known_marker: OperationMarker | None = None,
         attempts: int = 6,
-    ):
+    ) -> Outcome | None:
         # known/known_marker only save reads in the real repository; the fake always reads.
         self._check()
         for _ in range(attempts):
@@ -240,6 +279,25 @@ class FakeMarketplace:
         if op is None or op["subscriptionId"] != subscription_id:
             raise errors.MarketplaceNotFoundError("no such operation", status=404)
         return Operation.from_api(op)
+
+    def _start_operation(self, subscription_id: str, action: str, **fields: Any) -> str:
+        if subscription_id not in self.subscriptions:
+            raise errors.MarketplaceNotFoundError("not found", status=404)
+        operation_id = str(uuid.uuid4())
+        self.add_operation(operation_id, subscription_id, action, status="InProgress", **fields)
+        return operation_id
+
+    def change_plan(self, subscription_id: str, plan_id: str) -> str:
+        self._maybe_fail("change_plan")
+        return self._start_operation(subscription_id, "ChangePlan", planId=plan_id)
+
+    def change_quantity(self, subscription_id: str, quantity: int) -> str:
+        self._maybe_fail("change_quantity")
+        return self._start_operation(subscription_id, "ChangeQuantity", quantity=quantity)
+
+    def delete_subscription(self, subscription_id: str) -> str:
+        self._maybe_fail("delete_subscription")
+        return self._start_operation(subscription_id, "Unsubscribe")
 
     def update_operation(self, subscription_id: str, operation_id: str, status: UpdateStatus) -> None:
         self._maybe_fail("update_operation")

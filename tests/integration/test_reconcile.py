@@ -460,17 +460,38 @@ def test_a_local_change_between_the_listing_and_the_repair_wins(standin, service
     summary = run_reconciliation(services)
     services.marketplace.list_subscription_pages = original
 
-    assert summary.completed and summary.deferred == 1 and summary.repairs == {"detail_drift": 1}
-    assert record_of(services, x).status is LocalStatus.SUSPENDED  # not overwritten by the older page
-    assert record_of(services, x).quantity == 5
-    assert record_of(services, y).quantity == 9
-    assert services.repository.history(x)[-1]["kind"] == "suspend"
-
-    clock.at(5)
-    later = run_reconciliation(services)
-    assert later.repairs == {"detail_drift": 1}
+    # The page is older than the local Suspend, so it is not adopted; one Get Subscription (which
+    # does not lag) settles x in this run: suspended, with the quantity Microsoft has.
+    assert summary.completed and summary.deferred == 0 and summary.confirmed_with_get == 1
+    assert summary.repairs == {"detail_drift": 2}
     settled = assert_matches_microsoft(services, standin, x)
     assert settled.status is LocalStatus.SUSPENDED and settled.quantity == 9
+    assert record_of(services, y).quantity == 9
+    kinds = [h["kind"] for h in services.repository.history(x)]
+    assert kinds[-2:] == ["suspend", "sync"]  # the webhook's change first, then Microsoft's current record
+
+    clock.at(5)
+    assert run_reconciliation(services).repairs == {}  # nothing left for the next run
+
+
+def test_a_lost_suspend_right_after_another_change_is_repaired_in_the_same_run(standin, services):
+    """Found by a probe: a drift inside the settle window used to wait for the next timer run."""
+    clock = with_clock(services)
+    (x,) = standin.seed(1, plan_id="standard", quantity=5)
+    initial_sync(services, clock)
+    clock.at(-1)  # a minute ago: a ChangeQuantity webhook, applied
+    operation = standin.trigger(x, "ChangeQuantity", quantity=8, deliver=False)
+    assert apply_operation(services, *webhook_parts(standin, operation["id"])).result == "applied"
+    clock.at(0)
+    standin.set_subscription(x, status="Suspended", quantity=8)  # then Microsoft suspends; the webhook is lost
+    calls_before = standin.calls["get"]
+
+    summary = run_reconciliation(services)
+
+    assert summary.completed and summary.deferred == 0 and summary.confirmed_with_get == 1
+    assert standin.calls["get"] - calls_before == 1  # exactly one Get Subscription to confirm
+    settled = assert_matches_microsoft(services, standin, x)
+    assert settled.status is LocalStatus.SUSPENDED and settled.quantity == 8
 
 
 def test_an_etag_conflict_during_the_repair_re_decides_and_keeps_the_other_writer(standin, services, make_services):
@@ -508,13 +529,16 @@ def test_an_etag_conflict_during_the_repair_re_decides_and_keeps_the_other_write
     services.marketplace.list_subscription_pages = original
 
     assert fired, "the conflicting write did not happen"
-    assert summary.completed and summary.repairs == {} and summary.deferred == 1
-    # The repair read x, lost the ETag race (one write attempt failed), re-read it and stood back.
-    assert summary.storage_reads == 2 + 2 and summary.storage_writes == 1 + 1
+    # The repair read x, lost the ETag race (one write attempt failed), re-read it and stood back from
+    # the listing; one Get Subscription then adopted Microsoft's current record (suspended, 9 seats).
+    assert summary.completed and summary.deferred == 0 and summary.confirmed_with_get == 1
+    assert summary.repairs == {"detail_drift": 1}
+    assert summary.storage_reads == 2 + 2 + 1 and summary.storage_writes == 1 + 1 + 1
     record = record_of(services, x)
-    assert record.status is LocalStatus.SUSPENDED and record.quantity == 5
+    assert record.status is LocalStatus.SUSPENDED and record.quantity == 9
     history = services.repository.history(x)
-    assert history[-1]["operationId"] == fired[0] and all(h["source"] != "reconcile" for h in history[1:])
+    assert history[-2]["operationId"] == fired[0]  # the other writer's change is kept, then the sync
+    assert history[-1]["source"] == "reconcile" and history[-1]["kind"] == "sync"
 
 
 def test_a_subscription_that_keeps_changing_is_deferred_and_the_run_goes_on(standin, services, make_services):
