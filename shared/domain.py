@@ -129,6 +129,21 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+_TERM_UNITS = {"Y": "year", "M": "month", "W": "week", "D": "day"}
+_TERM_PATTERN = re.compile(r"P(\d{1,4})([YMWD])")
+
+
+def describe_term(term_unit: str | None) -> str:
+    """Microsoft's billing term (an ISO 8601 duration such as ``P1M`` or ``P3Y``) in words: "1 month",
+    "3 years". Anything else is shown as Microsoft sent it rather than guessed at."""
+    text = (term_unit or "").strip()
+    match = _TERM_PATTERN.fullmatch(text.upper())
+    if match is None:
+        return text
+    count, unit = int(match.group(1)), _TERM_UNITS[match.group(2)]
+    return f"{count} {unit}" if count == 1 else f"{count} {unit}s"
+
+
 def _text(data: Mapping[str, Any] | None, name: str) -> str:
     value = field_of(data, name)
     return "" if value is None else str(value).strip()

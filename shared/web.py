@@ -13,13 +13,17 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 def _environment():
     from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
-    return Environment(
+    from shared.domain import describe_term
+
+    environment = Environment(
         loader=FileSystemLoader(str(TEMPLATES)),
         autoescape=select_autoescape(enabled_extensions=("html",), default=True),
         undefined=StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    environment.filters["term_words"] = describe_term
+    return environment
 
 
 def security_headers(nonce: str) -> dict[str, str]:

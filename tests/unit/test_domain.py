@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 import pytest
 
 from shared.domain import (
+    AadIdentifier,
     Action,
     Operation,
     OperationStatus,
@@ -20,6 +21,7 @@ from shared.domain import (
     SubscriptionStatus,
     UpdateStatus,
     WebhookEvent,
+    describe_term,
     field_of,
     format_timestamp,
     parse_quantity,
@@ -502,3 +504,47 @@ def test_webhook_without_subscription_snapshot():
     event = WebhookEvent.from_api(payload)
     assert event.subscription is None
     assert WebhookEvent.from_api(webhook_payload(subscription=None)).subscription is None
+
+
+@pytest.mark.parametrize(
+    ("unit", "words"),
+    [
+        ("P1M", "1 month"),
+        ("P1Y", "1 year"),
+        ("p3y", "3 years"),
+        ("P2M", "2 months"),
+        ("P1W", "1 week"),
+        ("P30D", "30 days"),
+        ("", ""),
+        (None, ""),
+        ("P1Y2M", "P1Y2M"),  # a compound duration is shown as Microsoft sent it, not guessed at
+        ("monthly", "monthly"),
+    ],
+)
+def test_billing_term_in_words(unit, words):
+    assert describe_term(unit) == words
+
+
+def test_landing_details_show_the_term_in_words_with_dates():
+    from shared.web import render_page
+
+    html, _ = render_page(
+        "_details.html",
+        {
+            "subscription_name": "S",
+            "offer_id": "o",
+            "plan_name": "Basic",
+            "plan_id": "basic",
+            "quantity": 5,
+            "term_unit": "P1M",
+            "term_start": datetime(2026, 11, 1, tzinfo=UTC),
+            "term_end": datetime(2026, 11, 30, tzinfo=UTC),
+            "is_free_trial": False,
+            "purchaser": AadIdentifier(email_id="a@b.example"),
+            "beneficiary": AadIdentifier(email_id="a@b.example"),
+            "is_csp": False,
+            "user": None,
+        },
+    )
+    assert "1 month · 2026-11-01 to 2026-11-30" in html
+    assert "P1M" not in html
