@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from shared.errors import AppError, ConfigurationError
 
+if TYPE_CHECKING:
+    from shared.services import Services
 
-def check_health(get_services: Callable[[], object]) -> tuple[int, dict]:
-    checks: dict[str, object] = {}
+
+def check_health(get_services: Callable[[], Services]) -> tuple[int, dict[str, Any]]:
+    checks: dict[str, dict[str, Any]] = {}
     try:
         services = get_services()
     except ConfigurationError as error:
