@@ -21,11 +21,11 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared import state_machine as sm
 from shared.activation import CLAIM_TIMEOUT, ActivationResult, activate
@@ -42,6 +42,9 @@ from shared.events import build_event_document
 from shared.observability import current_correlation_id
 from shared.repository import OperationMarker
 from shared.state_machine import Change, Kind, LocalStatus, Source
+
+if TYPE_CHECKING:
+    from shared.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +134,7 @@ class _OutOfTime(Exception):
 
 
 class Reconciler:
-    def __init__(self, services, *, dry_run: bool = False, time_budget_seconds: float | None = None):
+    def __init__(self, services: Services, *, dry_run: bool = False, time_budget_seconds: float | None = None):
         self.services = services
         self.settings = services.settings
         self.repository = services.repository
@@ -143,6 +146,7 @@ class Reconciler:
         self.summary = RunSummary(run_id=current_correlation_id() or now.isoformat(), dry_run=dry_run, started_at=now.isoformat())
         self.index: dict[str, IndexEntry] = {}
         self.pending_markers: list[OperationMarker] = []
+        self._checkpoint_link: str | None = None
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -173,11 +177,11 @@ class Reconciler:
     def scan(self) -> None:
         now = self.services.clock()
         for item in self.repository.scan():
-            if item.kind == "state":
+            if item.stored is not None:
                 self._index(item.stored.record)
-            elif item.kind == "op":
+            elif item.marker is not None:
                 self.pending_markers.append(item.marker)
-            elif item.kind == "event":
+            elif item.event is not None:
                 self.summary.events_pending += 1
                 if item.event.created_at and now - item.event.created_at > EVENT_DELAY_WARNING:
                     self.summary.events_waiting_too_long += 1
@@ -351,7 +355,7 @@ class Reconciler:
             self._finish_operation(subscription_id, operation.id, operation.raw)
             self.summary.count("operation_settled")
 
-    def _finish_operation(self, subscription_id: str, operation_id: str, payload: dict) -> None:
+    def _finish_operation(self, subscription_id: str, operation_id: str, payload: Mapping[str, Any]) -> None:
         from shared.webhook import apply_operation
 
         event = WebhookEvent.from_api(
@@ -496,5 +500,5 @@ class Reconciler:
         return self.summary
 
 
-def run_reconciliation(services, *, dry_run: bool = False, time_budget_seconds: float | None = None) -> RunSummary:
+def run_reconciliation(services: Services, *, dry_run: bool = False, time_budget_seconds: float | None = None) -> RunSummary:
     return Reconciler(services, dry_run=dry_run, time_budget_seconds=time_budget_seconds).run()
