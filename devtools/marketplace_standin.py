@@ -532,6 +532,21 @@ class _Fault:
 class MarketplaceStandIn:
     """Stateful, thread-safe fake of the SaaS Fulfillment API v2 plus Microsoft's webhook sender."""
 
+    # Knobs (KNOB_DEFAULTS): set in __init__ and reset(), changed by tests or /_control/faults.
+    page_size: int
+    require_bearer: bool
+    latency_seconds: float
+    activation_delay_seconds: float
+    activation_outcome: str
+    operation_delay_seconds: float
+    auto_accept_seconds: float | None
+    webhook_url: str | None
+    webhook_delay: float
+    webhook_retries: int
+    webhook_retry_delay_seconds: float
+    webhook_timeout_seconds: float
+    webhook_token_version: str
+
     def __init__(
         self,
         host: str = "127.0.0.1",
@@ -559,7 +574,7 @@ class MarketplaceStandIn:
         self._marketplace_principal_id = _new_id()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
-        self._scheduler = _Scheduler("standin-scheduler")
+        self._scheduler: _Scheduler | None = _Scheduler("standin-scheduler")
         self._delivery_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="standin-webhook")
         self._init_state()
 
@@ -586,6 +601,11 @@ class MarketplaceStandIn:
         self.webhook_deliveries: list[tuple[str, int | None]] = []
         self._webhook_tokens: dict[tuple[str, ...], tuple[str, float]] = {}  # bearer cache: (token, exp)
 
+    def _later(self, delay: float, function: Callable[..., None], *args: Any) -> None:
+        if self._scheduler is None:
+            raise RuntimeError("the stand-in is stopped")
+        self._scheduler.call_later(delay, function, *args)
+
     def start(self) -> MarketplaceStandIn:
         """Bind (port 0 picks a free port) and serve on a background thread."""
         if self._server is not None:
@@ -609,7 +629,7 @@ class MarketplaceStandIn:
             self._server = None
         if self._scheduler is not None:
             self._scheduler.stop()
-            self._scheduler = None  # type: ignore[assignment]
+            self._scheduler = None
             self._delivery_pool.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> MarketplaceStandIn:
@@ -781,7 +801,7 @@ class MarketplaceStandIn:
             if not acked:
                 self._apply(subscription, operation)
             elif action in AUTO_ACCEPTED_ACTIONS and self.auto_accept_seconds is not None:
-                self._scheduler.call_later(self.auto_accept_seconds, self._auto_accept, operation["id"])
+                self._later(self.auto_accept_seconds, self._auto_accept, operation["id"])
         logger.info("Triggered %s %s on %s", action, operation["id"], subscription_id)
         if deliver:
             if self.webhook_delay:
@@ -1216,7 +1236,7 @@ class MarketplaceStandIn:
             except RuntimeError:  # pool shut down by stop()
                 pass
 
-        self._scheduler.call_later(self.webhook_delay, submit)
+        self._later(self.webhook_delay, submit)
 
     def _deliver_logged(self, operation_id: str) -> None:
         try:
@@ -1400,7 +1420,7 @@ class MarketplaceStandIn:
                 return _Response(200)
             if self.activation_delay_seconds or self.activation_outcome == "fail":
                 self._activating.add(sid)
-                self._scheduler.call_later(self.activation_delay_seconds, self._finish_activation, sid)
+                self._later(self.activation_delay_seconds, self._finish_activation, sid)
             else:
                 self._activate_now(subscription)
         logger.info("Activate %s accepted", sid)
@@ -1518,7 +1538,7 @@ class MarketplaceStandIn:
 
     def _accepted(self, operation: dict[str, Any]) -> _Response:
         """202 for a Partner operation, completed (and announced) after ``operation_delay_seconds``."""
-        self._scheduler.call_later(self.operation_delay_seconds, self._complete_partner_operation, operation["id"])
+        self._later(self.operation_delay_seconds, self._complete_partner_operation, operation["id"])
         location = (
             f"{self.api_base_url}/saas/subscriptions/{operation['subscriptionId']}"
             f"/operations/{operation['id']}?api-version={API_VERSION}"
@@ -1546,7 +1566,7 @@ class MarketplaceStandIn:
             return _Response(200, copy.deepcopy(self._operation_of(sid, oid)))
 
     def _api_patch_operation(self, request: _Request, sid: str, oid: str) -> _Response:
-        record = {
+        record: dict[str, Any] = {
             "subscriptionId": sid,
             "operationId": oid,
             "status": None,
