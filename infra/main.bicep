@@ -72,6 +72,13 @@ param signInClientId string = ''
 ])
 param signInCredentialType string = 'secret'
 
+@description('Who may sign in on the landing page. workSchoolAndPersonal (default, as Microsoft\'s SaaS life-cycle guidance asks of landing pages): work or school accounts of any tenant and personal Microsoft accounts (issuer common). workSchoolOnly: work or school accounts of any tenant (issuer organizations). The sign-in app registration\'s audience must match: output SIGN_IN_AUDIENCE.')
+@allowed([
+  'workSchoolAndPersonal'
+  'workSchoolOnly'
+])
+param signInAccounts string = 'workSchoolAndPersonal'
+
 // ---- App behaviour ------------------------------------------------------------------------------
 
 @description('RECONCILE_SCHEDULE: NCRONTAB with 6 fields (seconds first), UTC. Flex Consumption ignores WEBSITE_TIME_ZONE.')
@@ -147,6 +154,7 @@ var tags = {
 }
 var functionAppName = '${abbrs.webSitesFunctions}api-${resourceToken}'
 var deploymentContainerName = 'app-package'
+var signInAuthority = signInAccounts == 'workSchoolAndPersonal' ? 'common' : 'organizations'
 var effectiveMarketplaceTenantId = empty(marketplaceTenantId) ? tenant().tenantId : marketplaceTenantId
 
 // Key Vault secret names the app settings reference (docs/deploy.md tells operators to use them).
@@ -242,6 +250,7 @@ module api './app/api.bicep' = {
     marketplaceCredentialType: marketplaceCredentialType
     signInClientId: signInClientId
     signInCredentialType: signInCredentialType
+    signInIssuer: '${environment().authentication.loginEndpoint}${signInAuthority}/v2.0'
     reconcileSchedule: reconcileSchedule
     activationMode: activationMode
     tablesPrefix: tablesPrefix
@@ -278,6 +287,8 @@ output PARTNER_CENTER_ENTRA_TENANT_ID string = effectiveMarketplaceTenantId
 output PARTNER_CENTER_ENTRA_APPLICATION_ID string = marketplaceClientId
 
 // For the app registrations (docs/deploy.md).
+// The sign-in app registration's audience (az ad app create --sign-in-audience) for signInAccounts.
+output SIGN_IN_AUDIENCE string = signInAccounts == 'workSchoolAndPersonal' ? 'AzureADandPersonalMicrosoftAccount' : 'AzureADMultipleOrgs'
 output SIGN_IN_REDIRECT_URI string = 'https://${api.outputs.defaultHostName}/.auth/login/aad/callback'
 output MANAGED_IDENTITY_CLIENT_ID string = identity.outputs.clientId
 // Subject of a federated identity credential that trusts the managed identity.

@@ -101,7 +101,7 @@ param signInClientId string = ''
 ])
 param signInCredentialType string = 'secret'
 
-@description('OpenID issuer of the sign-in app. The `common` v2.0 endpoint accepts work, school and personal Microsoft accounts from any tenant (multi-tenant).')
+@description('OpenID issuer of the sign-in app (main.bicep derives it from signInAccounts). The `common` v2.0 endpoint accepts work, school and personal Microsoft accounts from any tenant; `organizations` only work and school accounts.')
 param signInIssuer string = 'https://login.microsoftonline.com/common/v2.0'
 
 // ---- App behaviour -------------------------------------------------------------------------

@@ -309,6 +309,23 @@ def _http_routes() -> dict[str, str]:
     return routes
 
 
+def test_landing_sign_in_accepts_personal_accounts_by_default() -> None:
+    """Microsoft's life-cycle guidance asks landing pages to accept personal Microsoft accounts too."""
+    main = _template(INFRA / "main.bicep")
+    accounts = main["parameters"]["signInAccounts"]
+    assert accounts["default"] == "workSchoolAndPersonal"
+    allowed = next(d["argument"] for d in accounts["decorators"] if d["type"] == "allowed")
+    assert set(allowed) == {"workSchoolAndPersonal", "workSchoolOnly"}  # work/school only stays a parameter
+    text = (INFRA / "main.bicep").read_text(encoding="utf-8")
+    # common = work, school and personal accounts; organizations = work and school only
+    assert "signInAccounts == 'workSchoolAndPersonal' ? 'common' : 'organizations'" in text
+    assert "signInIssuer: '${environment().authentication.loginEndpoint}${signInAuthority}/v2.0'" in text
+    outputs = main.get("outputs") or {}
+    assert "SIGN_IN_AUDIENCE" in outputs
+    parameters = json.loads((INFRA / "main.parameters.json").read_text(encoding="utf-8"))["parameters"]
+    assert parameters["signInAccounts"]["value"] == "${SIGN_IN_ACCOUNTS=workSchoolAndPersonal}"
+
+
 def test_urls_and_alerts_match_the_function_app() -> None:
     routes = _http_routes()
     for name in ("landing_page", "webhook", "health"):
