@@ -144,9 +144,22 @@ def describe_term(term_unit: str | None) -> str:
     return f"{count} {unit}" if count == 1 else f"{count} {unit}s"
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(value: str) -> str:
+    """``value`` with lone UTF-16 surrogates replaced by U+FFFD.
+
+    JSON may carry ``"\\ud800"`` on its own; Python decodes it into a str that cannot be encoded
+    as UTF-8, so every page, log line, CLI output and storage write holding it would fail. Text
+    from outside is cleaned once, where it is parsed.
+    """
+    return _LONE_SURROGATE.sub("\ufffd", value)
+
+
 def _text(data: Mapping[str, Any] | None, name: str) -> str:
     value = field_of(data, name)
-    return "" if value is None else str(value).strip()
+    return "" if value is None else clean_text(str(value).strip())
 
 
 def _bool(data: Mapping[str, Any] | None, name: str) -> bool:

@@ -12,6 +12,8 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from shared.domain import clean_text
+
 _CLAIM_ALIASES = {
     "name": ("name", "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/name"),
     "email": (
@@ -64,10 +66,10 @@ def signed_in_user(headers: Mapping[str, str]) -> SignedInUser | None:
             data = {}
         for claim in data.get("claims", []) if isinstance(data, dict) else []:
             if isinstance(claim, dict) and claim.get("typ") and claim.get("val"):
-                claims.setdefault(str(claim["typ"]), str(claim["val"]))
+                claims.setdefault(clean_text(str(claim["typ"])), clean_text(str(claim["val"])))
         provider = provider or str(data.get("auth_typ", "")) if isinstance(data, dict) else provider
-    principal_name = lowered.get("x-ms-client-principal-name", "")
-    principal_id = lowered.get("x-ms-client-principal-id", "")
+    principal_name = clean_text(lowered.get("x-ms-client-principal-name", ""))
+    principal_id = clean_text(lowered.get("x-ms-client-principal-id", ""))
     email = _first(claims, "email") or (principal_name if "@" in principal_name else "")
     name = _first(claims, "name") or principal_name
     object_id = _first(claims, "object_id") or principal_id

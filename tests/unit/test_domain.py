@@ -21,6 +21,7 @@ from shared.domain import (
     SubscriptionStatus,
     UpdateStatus,
     WebhookEvent,
+    clean_text,
     describe_term,
     field_of,
     format_timestamp,
@@ -548,3 +549,15 @@ def test_landing_details_show_the_term_in_words_with_dates():
     )
     assert "1 month · 2026-11-01 to 2026-11-30" in html
     assert "P1M" not in html
+
+
+def test_lone_surrogates_from_json_become_replacement_characters():
+    """JSON may carry "\\ud800" alone; such a str cannot be encoded as UTF-8 anywhere it goes."""
+    import json
+
+    data = json.loads('{"id": "s", "name": "Contoso \\ud800 Ltd", "purchaser": {"emailId": "a\\udfff@b.example"}}')
+    subscription = Subscription.from_api(data)
+    assert subscription.name == "Contoso \ufffd Ltd"
+    assert subscription.purchaser.email_id == "a\ufffd@b.example"
+    subscription.name.encode("utf-8")  # would raise UnicodeEncodeError before the fix
+    assert clean_text("pair \U0001f600 kept") == "pair \U0001f600 kept"  # a real astral character stays
