@@ -43,11 +43,14 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 from shared.events import BACKGROUND_WORKERS, RELAY_THREAD_PREFIX  # noqa: E402
+
+if TYPE_CHECKING:
+    from devtools.devhost import DevHost
 
 DEFAULT_OUTPUT = ROOT / "docs" / "benchmarks.md"
 
@@ -55,8 +58,16 @@ BENCH_TENANT_ID = "0be1c4a2-0000-4000-8000-00000000be01"
 BENCH_CLIENT_ID = "0be1c4a2-0000-4000-8000-00000000be02"
 FORM_SECRET = "bench-form-secret-0123456789abcdef"
 
-FULL_SIZES = {"webhooks": 1000, "senders": 20, "reconcile": (1000, 10000), "coldstart_runs": 5}
-QUICK_SIZES = {"webhooks": 100, "senders": 20, "reconcile": (500,), "coldstart_runs": 3}
+
+class Sizes(TypedDict):
+    webhooks: int
+    senders: int
+    reconcile: tuple[int, ...]
+    coldstart_runs: int
+
+
+FULL_SIZES: Sizes = {"webhooks": 1000, "senders": 20, "reconcile": (1000, 10000), "coldstart_runs": 5}
+QUICK_SIZES: Sizes = {"webhooks": 100, "senders": 20, "reconcile": (500,), "coldstart_runs": 3}
 
 # The reconciler leaves a record alone when it changed less than SETTLE_WINDOW (2 min) before the
 # listing was fetched. The measured runs play "the setup run was a while ago" by running the
@@ -211,7 +222,7 @@ class _Worker:
         self.services = build_services(Settings.from_env(env))
         self.services.repository.ensure_tables()
         set_services_factory(lambda: self.services)
-        self.devhost = None
+        self.devhost: DevHost | None = None
         self._instrumented = False
 
     # -- instruments ---------------------------------------------------------------------------
@@ -254,7 +265,7 @@ class _Worker:
         from function_app import app
 
         self._instrument_webhook()
-        self.devhost = DevHost(
+        host = self.devhost = DevHost(
             app,
             host="127.0.0.1",
             port=0,
@@ -263,8 +274,8 @@ class _Worker:
             environ={"RECONCILE_SCHEDULE": "0 0 0 1 1 *"},
             host_json=ROOT / "host.json",
         )
-        self.devhost.start()
-        return self.devhost.url
+        host.start()
+        return host.url
 
     def cmd_snapshot(self) -> dict[str, Any]:
         services = self.services
@@ -422,7 +433,7 @@ class AppProcess:
 
         self.log_path = log_path
         key = os.urandom(16)
-        self._connection = None
+        self._connection: Any = None  # multiprocessing Connection once the child connected
         with Listener(("127.0.0.1", 0), authkey=key) as listener:
             host, port = listener.address
             child_env = {
@@ -701,11 +712,12 @@ def bench_webhook(
         probes = []
         probe_plan = [(action, probe_ids[action], action) for action in probe_actions]
         probe_plan.append(("Suspend (first seen)", first_seen_id, "Suspend"))
-        last_delivery = None
+        last_delivery: _Delivery | None = None
         for label, subscription_id, action in probe_plan:
             delivery = _prepare_delivery(standin, subscription_id, action, 0)
             probes.append(_probe(app, standin, session, url, label, delivery))
             last_delivery = delivery
+        assert last_delivery is not None  # the plan always holds the first-seen probe
         probes.append(_probe(app, standin, session, url, "duplicate (redelivery)", last_delivery))
         session.close()
         result["probes"] = probes
@@ -983,7 +995,9 @@ def _importtime(code: str) -> list[tuple[str, int, int, int]]:
 
 def bench_coldstart(runs: int = 5) -> dict[str, Any]:
     """Median import time of function_app in fresh interpreters, its top modules, and the lazy imports."""
-    totals, own, per_module = [], [], {}
+    totals: list[int] = []
+    own: list[int] = []
+    per_module: dict[tuple[str, int], list[int]] = {}
     for _ in range(runs):
         rows = _importtime("import function_app")
         top = next(cumulative for name, _, cumulative, depth in rows if name == "function_app" and depth == 0)
@@ -997,7 +1011,8 @@ def bench_coldstart(runs: int = 5) -> dict[str, Any]:
     )[:10]
     lazy, lazy_top = {}, {}
     for label, code in LAZY_GROUPS.items():
-        samples, modules = [], {}
+        samples: list[int] = []
+        modules: dict[str, list[int]] = {}
         for _ in range(runs):
             rows = _importtime("import function_app\n" + code)
             index = next(i for i, row in enumerate(rows) if row[0] == "function_app" and row[3] == 0)
@@ -1008,15 +1023,16 @@ def bench_coldstart(runs: int = 5) -> dict[str, Any]:
                     modules.setdefault(name, []).append(cumulative)
         lazy[label] = round(statistics.median(samples) / 1000, 1)
         heaviest = sorted(((statistics.median(v), name) for name, v in modules.items()), reverse=True)
-        top, seen = [], set()
+        heaviest_roots: list[str] = []
+        seen: set[str] = set()
         for us, name in heaviest:  # the heaviest third-party packages, not their submodules
             root = name.split(".")[0] if not name.startswith("azure.") else ".".join(name.split(".")[:2])
             if root not in seen:
                 seen.add(root)
-                top.append(f"{root} {us / 1000:.0f}")
-            if len(top) == 3:
+                heaviest_roots.append(f"{root} {us / 1000:.0f}")
+            if len(heaviest_roots) == 3:
                 break
-        lazy_top[label] = ", ".join(top)
+        lazy_top[label] = ", ".join(heaviest_roots)
     interpreter = []
     for _ in range(runs):
         started = time.perf_counter()
