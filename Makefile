@@ -33,7 +33,7 @@ setup: $(VENV)/.installed $(NODE_MODULES)/.installed
 setup-test: setup $(CHECKOV_VENV)/.installed /usr/bin/chromium
 
 run: setup
-	$(PY) -m devtools.run_local
+	$(PY) -m devtools.run_local $(if $(FRESH),--fresh)
 
 # Lint, formatting and types first: they are part of the test command, so CI enforces them.
 lint: setup

@@ -39,14 +39,23 @@ class Azurite:
     """An Azurite process with blob, queue and table services on loopback."""
 
     def __init__(
-        self, host: str = "127.0.0.1", blob_port: int = 0, queue_port: int = 0, table_port: int = 0, in_memory: bool = True
+        self,
+        host: str = "127.0.0.1",
+        blob_port: int = 0,
+        queue_port: int = 0,
+        table_port: int = 0,
+        in_memory: bool = True,
+        location: Path | None = None,
     ):
         self.host = host
         self.blob_port = blob_port or free_port(host)
         self.queue_port = queue_port or free_port(host)
         self.table_port = table_port or free_port(host)
-        self.in_memory = in_memory
-        self._process: subprocess.Popen | None = None
+        # A given location keeps the data across restarts (make run); otherwise a temporary folder
+        # (or memory) that stop() removes.
+        self.location = Path(location) if location is not None else None
+        self.in_memory = in_memory and self.location is None
+        self._process: subprocess.Popen[bytes] | None = None
         self._workdir: str | None = None
 
     @property
@@ -62,6 +71,9 @@ class Azurite:
     def start(self, timeout: float = 30.0) -> Azurite:
         if not AZURITE_BIN.exists():
             raise RuntimeError(f"Azurite is not installed at {AZURITE_BIN}: run `make setup` (npm install in devtools/)")
+        if self.location is not None:
+            self.location.mkdir(parents=True, exist_ok=True)
+            self._workdir = str(self.location)
         self._workdir = self._workdir or tempfile.mkdtemp(prefix="azurite-")
         command = [
             str(AZURITE_BIN),
@@ -88,7 +100,9 @@ class Azurite:
         )
         for port in (self.table_port, self.queue_port, self.blob_port):
             if not _wait_for_port(self.host, port, timeout):
-                error = self._process.stderr.read().decode(errors="replace") if self._process.poll() is not None else ""
+                stderr = self._process.stderr
+                exited = self._process.poll() is not None
+                error = stderr.read().decode(errors="replace") if exited and stderr is not None else ""
                 self.stop()
                 raise RuntimeError(f"Azurite did not start on port {port}: {error[-2000:]}")
         return self
@@ -104,9 +118,9 @@ class Azurite:
 
     def stop(self) -> None:
         self._terminate()
-        if self._workdir:
+        if self._workdir and self.location is None:
             shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
+        self._workdir = None
 
     @contextmanager
     def outage(self) -> Iterator[None]:

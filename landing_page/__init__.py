@@ -44,10 +44,12 @@ def landing_page(req: func.HttpRequest) -> func.HttpResponse:
     from shared import landing
     from shared.principal import signed_in_user
     from shared.services import get_services
+    from shared.settings import LANDING_PAGE
 
     with correlation() as cid:
         try:
             services = get_services()
+            services.settings.require(LANDING_PAGE)
         except ConfigurationError:
             return _config_error_page(cid)
         user = signed_in_user(req.headers)

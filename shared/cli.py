@@ -441,9 +441,9 @@ def main(argv: list[str] | None = None, *, services=None, out: TextIO | None = N
         if owned:
             _configure_logging(args.verbose)
             from shared.services import build_services
-            from shared.settings import Settings
+            from shared.settings import Settings, local_settings_environment
 
-            services = build_services(Settings.from_env())
+            services = build_services(Settings.from_env(local_settings_environment(), require=()))
             services.repository.ensure_tables()
         return COMMANDS[args.command](services, args, out)
     except ConfigurationError as error:

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from shared.domain import utc_now
 from shared.ports import MarketplaceApi, SubscriptionStore
@@ -64,7 +64,9 @@ def build_services(settings: Settings | None = None) -> Services:
     from shared.repository import SubscriptionRepository, table_service_from_settings
 
     install_log_filter()
-    settings = settings or Settings.from_env()
+    # Each function checks the settings only it needs (Settings.require), so one missing name does
+    # not stop the others.
+    settings = settings or Settings.from_env(require=())
     repository = SubscriptionRepository(table_service_from_settings(settings), settings.tables_prefix)
     services = Services(settings=settings, marketplace=MarketplaceClient.from_settings(settings), repository=repository)
     # Lifecycle events leave right after the change that wrote them, without delaying the answer.

@@ -7,9 +7,11 @@ them in step). ``Settings.from_env`` reports every missing or malformed name at 
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from shared.errors import ConfigurationError
 
@@ -140,6 +142,44 @@ SETTINGS: tuple[SettingSpec, ...] = (
 SETTING_NAMES = frozenset(spec.name for spec in SETTINGS)
 _DEFAULTS = {spec.name: spec.default for spec in SETTINGS}
 
+#: Entry points that need settings beyond the common ones (storage, Marketplace access). The CLI and
+#: the reconciliation timer need only the common ones; a missing landing page secret must not stop
+#: the webhook, nor an operator's command line.
+LANDING_PAGE = "landing_page"
+WEBHOOK = "webhook"
+ENTRY_POINTS = (LANDING_PAGE, WEBHOOK)
+
+#: Where `make run` writes the settings of the stack it started, in the format Core Tools reads for
+#: `func start`; the CLI reads it too. Never deployed (.funcignore) and never committed (.gitignore).
+LOCAL_SETTINGS_FILE_VARIABLE = "LOCAL_SETTINGS_FILE"
+DEFAULT_LOCAL_SETTINGS_FILE = Path(__file__).resolve().parent.parent / "local.settings.json"
+
+
+def local_settings_path(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    return Path(env.get(LOCAL_SETTINGS_FILE_VARIABLE) or DEFAULT_LOCAL_SETTINGS_FILE)
+
+
+def read_local_settings(path: Path) -> dict[str, str]:
+    """The ``Values`` of a local.settings.json; {} when there is none. A malformed file is an error."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        raise ConfigurationError([f"{path} cannot be read as local.settings.json: {error}"]) from error
+    values = document.get("Values") if isinstance(document, dict) else None
+    if not isinstance(values, dict):
+        raise ConfigurationError([f'{path} has no "Values" object'])
+    return {str(name): str(value) for name, value in values.items() if value is not None}
+
+
+def local_settings_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for local tools (the CLI): local.settings.json, overridden by real variables."""
+    env = os.environ if env is None else env
+    return {**read_local_settings(local_settings_path(env)), **env}
+
+
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
 
@@ -216,12 +256,32 @@ class Settings:
     events_webhook_url: str = ""
     events_webhook_secret: str = field(default="", repr=False)
     running_in_azure: bool = False
+    #: (entry point, problem) for settings only that entry point needs; see ``require``
+    entry_problems: tuple[tuple[str, str], ...] = ()
+
+    def require(self, entry_point: str) -> None:
+        """Raise one ConfigurationError naming every problem of the settings ``entry_point`` needs."""
+        problems = [problem for entry, problem in self.entry_problems if entry == entry_point]
+        if problems:
+            raise ConfigurationError(problems)
+
+    def problems_by_entry_point(self) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        for entry, problem in self.entry_problems:
+            found.setdefault(entry, []).append(problem)
+        return found
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Read and validate every setting; raise one ConfigurationError naming all problems."""
+    def from_env(cls, env: Mapping[str, str] | None = None, *, require: Iterable[str] | None = None) -> Settings:
+        """Read and validate every setting; raise one ConfigurationError naming all problems.
+
+        ``require`` names the entry points whose own settings must be complete now (default: all of
+        them). The function app passes none and each function calls ``require`` for itself; the CLI
+        needs only the common settings.
+        """
         env = os.environ if env is None else env
         problems: list[str] = []
+        needs: dict[str, list[str]] = {entry: [] for entry in ENTRY_POINTS}
         marketplace_auth = _choice(env, "MARKETPLACE_AUTH", ("entra", "none"), problems)
         webhook_auth = _choice(env, "WEBHOOK_AUTH", ("entra", "none"), problems)
         activation_mode = _choice(env, "ACTIVATION_MODE", ("auto", "manual"), problems)
@@ -243,9 +303,9 @@ class Settings:
                 )
         if webhook_auth == "entra":
             if not tenant_id:
-                problems.append("MARKETPLACE_TENANT_ID is required when WEBHOOK_AUTH=entra")
+                needs[WEBHOOK].append("MARKETPLACE_TENANT_ID is required when WEBHOOK_AUTH=entra")
             if not (_text(env, "WEBHOOK_AUDIENCE") or client_id):
-                problems.append("WEBHOOK_AUDIENCE or MARKETPLACE_CLIENT_ID is required when WEBHOOK_AUTH=entra")
+                needs[WEBHOOK].append("WEBHOOK_AUDIENCE or MARKETPLACE_CLIENT_ID is required when WEBHOOK_AUTH=entra")
         elif running_in_azure:
             problems.append("WEBHOOK_AUTH=none is refused when running in Azure (WEBSITE_INSTANCE_ID is set)")
 
@@ -259,9 +319,9 @@ class Settings:
 
         form_secret = _text(env, "LANDING_FORM_SECRET")
         if not form_secret:
-            problems.append("LANDING_FORM_SECRET is required (32+ random characters)")
+            needs[LANDING_PAGE].append("LANDING_FORM_SECRET is required (32+ random characters)")
         elif len(form_secret) < 16:
-            problems.append("LANDING_FORM_SECRET must be at least 16 characters")
+            needs[LANDING_PAGE].append("LANDING_FORM_SECRET must be at least 16 characters")
 
         base_url = _text(env, "MARKETPLACE_API_BASE_URL").rstrip("/")
         if not base_url.startswith(("https://", "http://")):
@@ -309,7 +369,10 @@ class Settings:
             events_webhook_url=events_webhook_url,
             events_webhook_secret=events_webhook_secret,
             running_in_azure=running_in_azure,
+            entry_problems=tuple((entry, problem) for entry, found in needs.items() for problem in found),
         )
+        required = ENTRY_POINTS if require is None else tuple(require)
+        problems += [problem for entry in required for problem in needs.get(entry, [])]
         if problems:
-            raise ConfigurationError(problems)
+            raise ConfigurationError(list(dict.fromkeys(problems)))  # a name two entries need, once
         return settings

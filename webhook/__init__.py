@@ -20,11 +20,14 @@ log = logging.getLogger(__name__)
 def webhook(req: func.HttpRequest) -> func.HttpResponse:
     from shared.http import error_response, json_response
     from shared.services import get_services
+    from shared.settings import WEBHOOK
     from shared.webhook import handle_webhook
 
     with correlation() as cid:
         try:
-            result = handle_webhook(get_services(), req.headers.get("Authorization"), req.get_body())
+            services = get_services()
+            services.settings.require(WEBHOOK)
+            result = handle_webhook(services, req.headers.get("Authorization"), req.get_body())
         except AppError as error:
             level = logging.WARNING if error.http_status < 500 else logging.ERROR
             log.log(level, "webhook answered %s: %s", error.http_status, error.message)

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from shared.errors import ConfigurationError
-from shared.settings import DEFAULT_API_BASE_URL, DEFAULT_API_VERSION, SETTING_NAMES, SETTINGS, Settings
+from shared.settings import (
+    DEFAULT_API_BASE_URL,
+    DEFAULT_API_VERSION,
+    LANDING_PAGE,
+    SETTING_NAMES,
+    SETTINGS,
+    WEBHOOK,
+    Settings,
+    local_settings_environment,
+    read_local_settings,
+)
 
 TENANT = "72f988bf-0000-4000-8000-0000000000aa"
 CLIENT = "a1b2c3d4-0000-4000-8000-0000000000bb"
@@ -305,3 +317,75 @@ def test_reads_os_environ_by_default(monkeypatch):
     for name, value in minimal_env(MARKETPLACE_PUBLISHER_ID="from-environ").items():
         monkeypatch.setenv(name, value)
     assert Settings.from_env().marketplace_publisher_id == "from-environ"
+
+
+# -- settings per entry point -------------------------------------------------------------------
+
+
+def test_each_entry_point_requires_only_what_it_uses():
+    env = minimal_env(
+        LANDING_FORM_SECRET=None, MARKETPLACE_TENANT_ID=None, MARKETPLACE_AUTH="none", MARKETPLACE_CLIENT_SECRET=None
+    )
+    # The CLI and the timer (no entry point of their own) start; the function app's functions too.
+    settings = Settings.from_env(env, require=())
+    with pytest.raises(ConfigurationError) as landing:
+        settings.require(LANDING_PAGE)
+    assert landing.value.problems == ["LANDING_FORM_SECRET is required (32+ random characters)"]
+    with pytest.raises(ConfigurationError) as webhook:
+        settings.require(WEBHOOK)
+    assert webhook.value.problems == ["MARKETPLACE_TENANT_ID is required when WEBHOOK_AUTH=entra"]
+    assert settings.problems_by_entry_point() == {LANDING_PAGE: landing.value.problems, WEBHOOK: webhook.value.problems}
+    # Asking for one entry point reports that one's problems only, all at once.
+    assert problems_of_entry(env, [LANDING_PAGE]) == ["LANDING_FORM_SECRET is required (32+ random characters)"]
+    # Without `require`, everything is required (deployment checks, tests): both named together.
+    assert set(problems_of(env)) == {*landing.value.problems, *webhook.value.problems}
+
+
+def test_a_complete_configuration_has_no_entry_point_problems():
+    settings = Settings.from_env(minimal_env(), require=())
+    settings.require(LANDING_PAGE)
+    settings.require(WEBHOOK)
+    assert settings.problems_by_entry_point() == {}
+
+
+def test_common_problems_stop_every_entry_point():
+    assert any("TABLES_CONNECTION_STRING" in p for p in problems_of_entry(minimal_env(TABLES_CONNECTION_STRING=None), []))
+
+
+def problems_of_entry(env, entries) -> list[str]:
+    with pytest.raises(ConfigurationError) as error:
+        Settings.from_env(env, require=entries)
+    return error.value.problems
+
+
+# -- local.settings.json -------------------------------------------------------------------------
+
+
+def test_local_settings_file_fills_in_and_the_environment_wins(tmp_path):
+    path = tmp_path / "local.settings.json"
+    path.write_text(
+        json.dumps(
+            {
+                "IsEncrypted": False,
+                "Values": {"TABLES_PREFIX": "fromfile", "BRAND_NAME": "File", "FUNCTIONS_WORKER_RUNTIME": "python"},
+            }
+        )
+    )
+    env = {"LOCAL_SETTINGS_FILE": str(path), "BRAND_NAME": "Environment"}
+    merged = local_settings_environment(env)
+    assert merged["TABLES_PREFIX"] == "fromfile"
+    assert merged["BRAND_NAME"] == "Environment"
+
+
+def test_no_local_settings_file_is_no_problem(tmp_path):
+    env = {"LOCAL_SETTINGS_FILE": str(tmp_path / "absent.json"), "X": "1"}
+    assert local_settings_environment(env) == env
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"Values": []}', "[]"])
+def test_a_malformed_local_settings_file_is_a_configuration_error(tmp_path, content):
+    path = tmp_path / "local.settings.json"
+    path.write_text(content)
+    with pytest.raises(ConfigurationError) as error:
+        read_local_settings(path)
+    assert str(path) in str(error.value)
