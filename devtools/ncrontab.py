@@ -1,23 +1,20 @@
-"""Timer-trigger schedules as the Azure Functions host understands them.
+"""Timer-trigger schedules as the Azure Functions host understands them, computed by ``croniter``.
 
 Two schedule forms exist for ``@app.timer_trigger(schedule=...)``:
 
-* **NCRONTAB**, six fields: ``{second} {minute} {hour} {day} {month} {day-of-week}``.
-  Each field is ``*``, a value, a range ``a-b``, a step ``*/n`` / ``a-b/n`` / ``a/n``
-  (``a/n`` means "from ``a`` to the field's maximum, every ``n``"), or a comma list of those.
-  Months accept ``JAN``..``DEC`` and days of week ``SUN``..``SAT`` (0 = Sunday .. 6 = Saturday),
-  case-insensitive, abbreviated or in full.
-* **TimeSpan** ``[d.]hh:mm[:ss]`` - a fixed interval (App Service plans only in Azure).
+* **NCRONTAB**, six fields: ``{second} {minute} {hour} {day} {month} {day-of-week}``. croniter
+  reads them with ``second_at_beginning=True`` and ``day_or=False``: when both *day* and
+  *day-of-week* are restricted, NCrontab (the Functions host's library) requires **both**
+  (``0 0 0 13 * FRI`` = Friday the 13th), unlike Unix cron, where either suffices.
+* **TimeSpan** ``[d.]hh:mm[:ss]``: a fixed interval (App Service plans only in Azure).
 
-Semantics follow the NCrontab library used by the Functions host, including one trap worth
-knowing: when both *day* and *day-of-week* are restricted, an occurrence must match **both**
-(``0 0 0 13 * FRI`` = Friday the 13th), unlike classic Unix cron where either one suffices.
+What croniter lacks, and this module adds, is only NCRONTAB's own surface:
 
-Deliberate strictness (the dev host should surface likely mistakes, not hide them):
-
-* five-field Unix crons are rejected - add the leading seconds field (usually ``0``);
-* a reversed range such as ``22-2`` is rejected; NCrontab would silently read it as ``2-22``
-  (never as a wrap-around over midnight).
+* exactly six fields (a five-field Unix cron is refused with the fix in the message);
+* full month and day names (``Sunday``, ``July``) besides the three-letter ones;
+* NCRONTAB's ranges: day of week 0-6 (croniter also takes 7), no Quartz ``?``, and no reversed
+  range such as ``22-2`` (croniter wraps it around; NCrontab would silently read ``2-22``), so the
+  dev host surfaces the likely mistake instead of guessing.
 
 All times are UTC. ``next_occurrence(expr, after)`` returns the first occurrence strictly after
 ``after``: a naive ``after`` is taken as UTC and a naive result is returned; an aware ``after``
@@ -26,24 +23,17 @@ is converted to UTC and an aware UTC datetime is returned.
 
 from __future__ import annotations
 
-import bisect
-import calendar
 import functools
 import re
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
-__all__ = [
-    "CronSchedule",
-    "IntervalSchedule",
-    "Schedule",
-    "next_occurrence",
-    "parse_cron",
-    "parse_schedule",
-    "parse_timespan",
-]
+from croniter import croniter
+from croniter.croniter import CroniterError
 
-_MONTH_NAMES = [
+__all__ = ["CronSchedule", "IntervalSchedule", "Schedule", "next_occurrence", "parse_cron", "parse_schedule", "parse_timespan"]
+
+_MONTHS = [
     "january",
     "february",
     "march",
@@ -57,78 +47,16 @@ _MONTH_NAMES = [
     "november",
     "december",
 ]
-_DOW_NAMES = ["sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday"]
-
-
-@dataclass(frozen=True)
-class _FieldSpec:
-    label: str
-    low: int
-    high: int
-    names: tuple[str, ...] = ()
-
-
-_FIELDS = (
-    _FieldSpec("second", 0, 59),
-    _FieldSpec("minute", 0, 59),
-    _FieldSpec("hour", 0, 23),
-    _FieldSpec("day", 1, 31),
-    _FieldSpec("month", 1, 12, tuple(_MONTH_NAMES)),
-    _FieldSpec("day-of-week", 0, 6, tuple(_DOW_NAMES)),
-)
-
-# The Gregorian calendar repeats every 400 years: nothing found in that window means never.
-_SEARCH_YEARS = 401
-
-_TIMESPAN_RE = re.compile(r"^(?:(\d+)\.)?(\d{1,2}):(\d{1,2})(?::(\d{1,2}))?$")
-
-
-def _parse_value(text: str, spec: _FieldSpec, expr: str) -> int:
-    if text.isdigit():
-        value = int(text)
-    else:
-        lowered = text.lower()
-        matches = [i for i, name in enumerate(spec.names) if len(lowered) >= 3 and name.startswith(lowered)]
-        if not matches:
-            raise ValueError(f"invalid {spec.label} value {text!r} in NCRONTAB expression {expr!r}")
-        value = matches[0] + spec.low
-    if not spec.low <= value <= spec.high:
-        raise ValueError(f"{spec.label} value {value} out of range {spec.low}-{spec.high} in NCRONTAB expression {expr!r}")
-    return value
-
-
-def _parse_field(text: str, spec: _FieldSpec, expr: str) -> tuple[int, ...]:
-    """Expand one field into the sorted tuple of values it allows."""
-    values: set[int] = set()
-    for part in text.split(","):
-        if not part:
-            raise ValueError(f"empty list item in {spec.label} field {text!r} of {expr!r}")
-        base, slash, step_text = part.partition("/")
-        step = 1
-        if slash:
-            if not step_text.isdigit() or int(step_text) < 1:
-                raise ValueError(f"invalid step {step_text!r} in {spec.label} field {text!r} of {expr!r}")
-            step = int(step_text)
-        if base == "*":
-            first, last = spec.low, spec.high
-        elif "-" in base:
-            first_text, _, last_text = base.partition("-")
-            first = _parse_value(first_text, spec, expr)
-            last = _parse_value(last_text, spec, expr)
-            if first > last:
-                raise ValueError(
-                    f"reversed range {base!r} in {spec.label} field of {expr!r} "
-                    f"(NCrontab would read it as {last}-{first}, not as a wrap-around)"
-                )
-        else:
-            first = _parse_value(base, spec, expr)
-            last = spec.high if slash else first
-        values.update(range(first, last + 1, step))
-    return tuple(sorted(values))
+_DAYS = ["sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday"]
+_FULL_NAMES = {name: name[:3] for name in (*_MONTHS, *_DAYS)}
+_NAME = re.compile(r"[A-Za-z]+")
+_RANGE = re.compile(r"(\d+)-(\d+)")
+_TIMESPAN_RE = re.compile(r"^(?:(\d+)\.)?(\d{1,2}):(\d{2})(?::(\d{2}))?$")
+_SEARCH_YEARS = 8  # 29 February needs up to 8 years (1900/2100 skip a leap year)
 
 
 class CronSchedule:
-    """A parsed six-field NCRONTAB expression."""
+    """A validated six-field NCRONTAB expression."""
 
     def __init__(self, expression: str):
         if not isinstance(expression, str):
@@ -138,13 +66,18 @@ class CronSchedule:
             hint = f" (a 5-field Unix cron? prefix the seconds field: '0 {expression.strip()}')" if len(fields) == 5 else ""
             raise ValueError(
                 f"NCRONTAB expression {expression!r} must have 6 fields "
-                f"'{{second}} {{minute}} {{hour}} {{day}} {{month}} {{day-of-week}}', "
-                f"got {len(fields)}{hint}"
+                f"'{{second}} {{minute}} {{hour}} {{day}} {{month}} {{day-of-week}}', got {len(fields)}{hint}"
             )
+        if "?" in expression:
+            raise ValueError(f"NCRONTAB expression {expression!r}: '?' is Quartz syntax, use '*'")
+        for field in fields:
+            for low, high in _RANGE.findall(field):
+                if int(low) > int(high):
+                    raise ValueError(f"NCRONTAB expression {expression!r}: reversed range {low}-{high}")
+        if any(int(value) > 6 for value in re.findall(r"\d+", fields[5].split("/")[0])):
+            raise ValueError(f"NCRONTAB expression {expression!r}: day of week is 0-6 (0 = Sunday)")
         self.expression = " ".join(fields)
-        parsed = [_parse_field(text, spec, expression) for text, spec in zip(fields, _FIELDS, strict=False)]
-        (self.seconds, self.minutes, self.hours, self.days, self.months, dows) = parsed
-        self.days_of_week = frozenset(dows)
+        self._croniter_expression = _NAME.sub(lambda m: _FULL_NAMES.get(m.group().lower(), m.group()), self.expression)
         if self.next_after(datetime(2000, 1, 1)) is None:
             raise ValueError(f"NCRONTAB expression {expression!r} never occurs")
 
@@ -154,44 +87,22 @@ class CronSchedule:
     def __str__(self) -> str:
         return self.expression
 
-    def _matches_date(self, day: date) -> bool:
-        return (day.weekday() + 1) % 7 in self.days_of_week  # cron: 0 = Sunday
-
-    def _first_time_from(self, hour: int, minute: int, second: int) -> tuple[int, int, int] | None:
-        """The earliest allowed (h, m, s) >= the given time of day, or None."""
-        for h in self.hours[bisect.bisect_left(self.hours, hour) :]:
-            if h > hour:
-                return h, self.minutes[0], self.seconds[0]
-            for m in self.minutes[bisect.bisect_left(self.minutes, minute) :]:
-                if m > minute:
-                    return h, m, self.seconds[0]
-                i = bisect.bisect_left(self.seconds, second)
-                if i < len(self.seconds):
-                    return h, m, self.seconds[i]
-        return None
-
     def next_after(self, after: datetime) -> datetime | None:
         """First occurrence strictly after the naive UTC datetime ``after``; None if never."""
-        start = after.replace(microsecond=0) + timedelta(seconds=1)
-        for year in range(start.year, min(start.year + _SEARCH_YEARS, 10000)):
-            for month in self.months:
-                if (year, month) < (start.year, start.month):
-                    continue
-                last_day = calendar.monthrange(year, month)[1]
-                for day_of_month in self.days:
-                    if day_of_month > last_day:
-                        break
-                    day = date(year, month, day_of_month)
-                    if day < start.date() or not self._matches_date(day):
-                        continue
-                    if day == start.date():
-                        found = self._first_time_from(start.hour, start.minute, start.second)
-                        if found is None:
-                            continue
-                    else:
-                        found = (self.hours[0], self.minutes[0], self.seconds[0])
-                    return datetime(year, month, day_of_month, *found)
-        return None
+        try:
+            iterator = croniter(
+                self._croniter_expression,
+                after,
+                day_or=False,
+                second_at_beginning=True,
+                max_years_between_matches=_SEARCH_YEARS,
+            )
+            found: datetime = iterator.get_next(datetime)
+        except CroniterError as error:
+            if "failed to find" in str(error):
+                return None
+            raise ValueError(f"invalid NCRONTAB expression {self.expression!r}: {error}") from error
+        return found
 
 
 @dataclass(frozen=True)
