@@ -13,12 +13,20 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 from shared.domain import format_timestamp, utc_now
 from shared.errors import AppError
 from shared.state_machine import EVENT_UNSUBSCRIBED, Outcome
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shared.ports import OutboxStore
+    from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +87,9 @@ def sign_payload(secret: str, body: str, timestamp: int) -> str:
     return f"t={timestamp},v1={digest}"
 
 
-def verify_signature(secret: str, body: str, header: str, *, tolerance_seconds: int = 300, now: float | None = None) -> bool:
+def verify_signature(
+    secret: str, body: str, header: str | None, *, tolerance_seconds: int = 300, now: float | None = None
+) -> bool:
     """Receiver side: True when ``header`` signs ``body`` with ``secret`` and is recent enough.
 
     A missing (None) or malformed header is refused, never raised on.
@@ -114,26 +124,45 @@ class RelayStats:
 
 
 class EventRelay:
-    """Delivers outbox events in order per subscription, at least once, never dropping one."""
+    """Delivers outbox events at least once, never dropping one; in order per subscription to the hook.
 
-    def __init__(self, repository, *, queue_client=None, hook_url: str = "", hook_secret: str = "", http_session=None):
+    The Storage queue does not keep order anyway (consumers order by ``sequence`` and de-duplicate
+    by ``eventId``), so when it is the only sink the relay needs no lease: it reads the pending
+    rows, sends them and marks them delivered (1 read + 1 write + 1 message per event). The signed
+    HTTPS hook promises order, so with a hook a lease row makes one deliverer per subscription.
+    """
+
+    def __init__(
+        self,
+        repository: OutboxStore,
+        *,
+        queue_client: Any = None,
+        hook_url: str = "",
+        hook_secret: str = "",
+        http_session: Any = None,
+        clock: Callable[[], datetime] = utc_now,
+    ):
         self.repository = repository
         self.queue_client = queue_client
         self.hook_url = hook_url
         self.hook_secret = hook_secret
+        self.clock = clock
         self._session = http_session
         self._queue_ready = False
-        self._executor = None
+        self._executor: ThreadPoolExecutor | None = None
         self._queued: set[str] = set()
+        self._running: set[str] = set()
+        self._again: set[str] = set()
         self._inflight = 0
         self._background_lock = threading.Condition()
+        self._retry_timers: dict[str, threading.Timer] = {}
 
     @classmethod
-    def from_settings(cls, settings, repository) -> EventRelay:
+    def from_settings(cls, settings: Settings, repository: OutboxStore, *, clock: Callable[[], datetime] = utc_now) -> EventRelay:
         from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
 
         # Base64 text messages: what a queue-triggered Azure Function expects by default.
-        options = {
+        options: dict[str, Any] = {
             "message_encode_policy": TextBase64EncodePolicy(),
             "message_decode_policy": TextBase64DecodePolicy(),
             "retry_total": 2,
@@ -148,7 +177,11 @@ class EventRelay:
             endpoint = settings.events_queue_endpoint or settings.tables_endpoint.replace(".table.", ".queue.")
             queue = QueueClient(endpoint, settings.events_queue_name, credential=storage_credential(settings), **options)
         return cls(
-            repository, queue_client=queue, hook_url=settings.events_webhook_url, hook_secret=settings.events_webhook_secret
+            repository,
+            queue_client=queue,
+            hook_url=settings.events_webhook_url,
+            hook_secret=settings.events_webhook_secret,
+            clock=clock,
         )
 
     # -- sinks ---------------------------------------------------------------------------------
@@ -171,7 +204,7 @@ class EventRelay:
         headers = {
             "Content-Type": "application/json",
             EVENT_ID_HEADER: event_id,
-            SIGNATURE_HEADER: sign_payload(self.hook_secret, body, int(time.time())),
+            SIGNATURE_HEADER: sign_payload(self.hook_secret, body, int(self.clock().timestamp())),
         }
         response = session.post(self.hook_url, data=body.encode(), headers=headers, timeout=HOOK_TIMEOUT_SECONDS)
         if response.status_code >= 300:
@@ -190,28 +223,66 @@ class EventRelay:
         tried the lease, so this second look, or the next lease holder's, sees it).
         """
         stats = stats or RelayStats()
+        if not self.hook_url:  # the queue is the only sink: no order to keep, no lease to take
+            stats.subscriptions += 1
+            self._deliver_pending(subscription_id, stats, respect_backoff, self.clock(), ordered=False)
+            return stats
         counted = False
         for _ in range(MAX_PASSES):
             lease = self.repository.try_lease(subscription_id, LEASE_SECONDS)
             if lease is None:
                 stats.skipped += 1  # another deliverer holds this subscription; it delivers in order
+                self._retry_when_lease_expires(subscription_id)
                 return stats
             if not counted:
                 stats.subscriptions += 1
                 counted = True
             try:
-                finished = self._deliver_pending(subscription_id, stats, respect_backoff, time.monotonic())
+                finished = self._deliver_pending(subscription_id, stats, respect_backoff, self.clock(), ordered=True)
             finally:
                 self.repository.release_lease(subscription_id, lease)
             if not finished or not self.repository.pending_events(subscription_id):
                 return stats
         return stats
 
-    def _deliver_pending(self, subscription_id: str, stats: RelayStats, respect_backoff: bool, leased_at: float) -> bool:
-        """One pass under the lease. False: stopped by a failure or a backoff (retry later)."""
-        now = utc_now()
+    def _retry_when_lease_expires(self, subscription_id: str) -> None:
+        """The lease is held: by a live deliverer, which looks again after releasing it, or by one
+        that crashed. Either way, look again when the lease expires, so an orphaned lease delays
+        delivery by at most LEASE_SECONDS instead of until the next reconciliation run."""
+        try:
+            expiry = self.repository.lease_expiry(subscription_id)
+        except AppError:
+            return  # storage trouble: the reconciler's pass is the safety net
+        if expiry is None:
+            return
+        delay = max(0.0, (expiry - self.clock()).total_seconds()) + 1.0
+        with self._background_lock:
+            if subscription_id in self._retry_timers:
+                return
+            timer = threading.Timer(delay, self._retry_after_lease, args=(subscription_id,))
+            timer.daemon = True
+            timer.name = f"{RELAY_THREAD_PREFIX}-lease-retry"
+            self._retry_timers[subscription_id] = timer
+        timer.start()
+
+    def _retry_after_lease(self, subscription_id: str) -> None:
+        with self._background_lock:
+            self._retry_timers.pop(subscription_id, None)
+        self.relay_in_background(subscription_id)
+
+    def pending_lease_retries(self) -> dict[str, float]:
+        """Subscription -> seconds until its delivery is retried, for those waiting on a held lease."""
+        with self._background_lock:
+            return {sid: timer.interval for sid, timer in self._retry_timers.items()}
+
+    def _deliver_pending(
+        self, subscription_id: str, stats: RelayStats, respect_backoff: bool, started: datetime, *, ordered: bool
+    ) -> bool:
+        """One pass. False: stopped by a failure or a backoff (retry later). ``ordered``: under the
+        lease, where a failed or waiting event holds back the later ones."""
+        now = self.clock()
         for event in self.repository.pending_events(subscription_id):
-            if time.monotonic() - leased_at > LEASE_SECONDS / 2:
+            if ordered and (self.clock() - started).total_seconds() > LEASE_SECONDS / 2:
                 return True  # release and take the lease again rather than let it expire mid-pass
             if (
                 respect_backoff
@@ -220,7 +291,9 @@ class EventRelay:
                 and now < event.last_attempt_at + backoff_for(event.attempts)
             ):
                 stats.skipped += 1
-                return False  # keep order: later events wait for this one
+                if ordered:
+                    return False  # keep order: later events wait for this one
+                continue
             try:
                 if not event.queue_done:
                     self._send_to_queue(event.body)
@@ -238,7 +311,7 @@ class EventRelay:
                     self.repository.note_event_attempt(event, type(error).__name__)
                 except AppError:
                     pass
-                return False
+                return False  # the sink is failing: the rest would too; retry later
         return True
 
     def relay_pending(self, *, time_budget_seconds: float = 60.0) -> RelayStats:
@@ -258,10 +331,15 @@ class EventRelay:
     def relay_in_background(self, subscription_id: str) -> None:
         """Deliver right after a change without delaying the caller's answer; the timer is the safety net.
 
-        A small fixed pool does the work, and a subscription already waiting for the pool is not
-        queued twice (its job delivers every pending event), so a burst costs bounded threads.
+        A small fixed pool does the work. A subscription already waiting for the pool is not queued
+        twice, and one that is being delivered gets one more pass by the same job instead of a
+        second, concurrent job (which could send the same event twice), so a burst costs bounded
+        threads and, within a process, no duplicate messages.
         """
         with self._background_lock:
+            if subscription_id in self._running:
+                self._again.add(subscription_id)
+                return
             if subscription_id in self._queued:
                 return
             self._queued.add(subscription_id)
@@ -270,19 +348,36 @@ class EventRelay:
                 from concurrent.futures import ThreadPoolExecutor
 
                 self._executor = ThreadPoolExecutor(max_workers=BACKGROUND_WORKERS, thread_name_prefix=RELAY_THREAD_PREFIX)
-        self._executor.submit(self._relay_quietly, subscription_id)
+            executor = self._executor
+        executor.submit(self._relay_quietly, subscription_id)
 
     def _relay_quietly(self, subscription_id: str) -> None:
         with self._background_lock:
-            self._queued.discard(subscription_id)  # changes from now on queue a new job
+            self._queued.discard(subscription_id)
+            self._running.add(subscription_id)
         try:
-            self.relay_subscription(subscription_id)
-        except Exception:  # noqa: BLE001 - never let a background delivery crash the worker
-            log.warning("background relay for %s failed; the timer will retry", subscription_id)
+            while True:
+                try:
+                    self.relay_subscription(subscription_id)
+                except Exception:  # noqa: BLE001 - never let a background delivery crash the worker
+                    log.warning("background relay for %s failed; the timer will retry", subscription_id)
+                with self._background_lock:
+                    if subscription_id not in self._again:
+                        self._running.discard(subscription_id)
+                        break
+                    self._again.discard(subscription_id)  # changed while we delivered: one more pass
         finally:
             with self._background_lock:
+                self._running.discard(subscription_id)
                 self._inflight -= 1
                 self._background_lock.notify_all()
+
+    def close(self) -> None:
+        """Cancel lease retries (tools, tests); pending events stay for the reconciler's pass."""
+        with self._background_lock:
+            timers, self._retry_timers = list(self._retry_timers.values()), {}
+        for timer in timers:
+            timer.cancel()
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no background delivery is queued or running (tools, tests). False on timeout."""

@@ -12,12 +12,13 @@ module costs nothing on a cold start.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from shared.domain import Operation, Plan, ResolvedPurchase, Subscription, UpdateStatus
     from shared.marketplace import CallCounter
-    from shared.repository import OperationMarker, ScanItem, StorageMetrics, StoredRecord
+    from shared.repository import OperationMarker, OutboxEvent, ScanItem, StorageMetrics, StoredRecord
     from shared.state_machine import Outcome, SubscriptionRecord
 
     #: builds an outbox event (event id, JSON body) for an applied outcome and its history sequence
@@ -100,3 +101,26 @@ class SubscriptionStore(Protocol):
     def save_run_summary(self, summary: dict[str, Any]) -> None: ...
 
     def latest_runs(self, count: int = 10) -> list[dict[str, Any]]: ...
+
+
+class OutboxStore(Protocol):
+    """The outbox side the event relay works on (its own connection: separate metrics)."""
+
+    metrics: StorageMetrics
+    clock: Callable[[], datetime]
+
+    def pending_events(self, subscription_id: str) -> list[OutboxEvent]: ...
+
+    def scan_pending_events(self) -> Iterator[OutboxEvent]: ...
+
+    def mark_event_progress(self, event: OutboxEvent, *, queue_done: bool) -> None: ...
+
+    def mark_event_delivered(self, event: OutboxEvent) -> None: ...
+
+    def note_event_attempt(self, event: OutboxEvent, error: str) -> None: ...
+
+    def try_lease(self, subscription_id: str, seconds: float) -> str | None: ...
+
+    def release_lease(self, subscription_id: str, etag: str) -> None: ...
+
+    def lease_expiry(self, subscription_id: str) -> datetime | None: ...

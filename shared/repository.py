@@ -265,8 +265,18 @@ EventBuilder = Callable[[Outcome, int], tuple[str, str]]
 class SubscriptionRepository:
     """Subscriptions, history, webhook operation markers, outbox and reconciler runs."""
 
-    def __init__(self, service: TableServiceClient, prefix: str = "saas", *, metrics: StorageMetrics | None = None):
+    def __init__(
+        self,
+        service: TableServiceClient,
+        prefix: str = "saas",
+        *,
+        metrics: StorageMetrics | None = None,
+        clock: Callable[[], datetime] = utc_now,
+    ):
         self._service = service
+        # The services bundle's clock (build_services passes it): every time this repository
+        # writes (receipts, leases, deliveries) follows the same clock as the use cases' decisions.
+        self.clock = clock
         self.prefix = prefix
         self.subscriptions_table_name = f"{prefix}subscriptions"
         self.runs_table_name = f"{prefix}runs"
@@ -281,7 +291,7 @@ class SubscriptionRepository:
 
     def sibling(self) -> SubscriptionRepository:
         """Same tables and connection, separate metrics (background work must not skew a run's counts)."""
-        other = SubscriptionRepository(self._service, self.prefix)
+        other = SubscriptionRepository(self._service, self.prefix, clock=self.clock)
         other._tables_ready = self._tables_ready
         return other
 
@@ -382,7 +392,8 @@ class SubscriptionRepository:
         self, subscription_id: str, operation_id: str, *, action: str, payload: str, correlation_id: str
     ) -> tuple[bool, OperationMarker]:
         """Durably note that a webhook operation arrived. Returns (created, marker)."""
-        now = utc_now()
+        now = self.clock()
+        stored_payload = payload[:MAX_PAYLOAD_CHARS]
         entity = {
             "PartitionKey": subscription_id,
             "RowKey": OPERATION_PREFIX + operation_id,
@@ -391,7 +402,7 @@ class SubscriptionRepository:
             "Status": OP_RECEIVED,
             "Pending": True,
             "ReceivedAt": format_timestamp(now),
-            "Payload": payload[:MAX_PAYLOAD_CHARS],
+            "Payload": stored_payload,
             "CorrelationId": correlation_id,
         }
         with _storage_errors("record operation"):
@@ -410,7 +421,7 @@ class SubscriptionRepository:
             action,
             OP_RECEIVED,
             now,
-            payload=entity["Payload"],
+            payload=stored_payload,
             correlation_id=correlation_id,
             etag=metadata["etag"],
         )
@@ -480,7 +491,7 @@ class SubscriptionRepository:
                 )
             )
         operations.append(("create", _history_to_entity(subscription_id, outcome.history)))
-        now = format_timestamp(utc_now())
+        now = format_timestamp(self.clock())
         if operation_id:
             settled = {
                 "PartitionKey": subscription_id,
@@ -536,7 +547,7 @@ class SubscriptionRepository:
             "RowKey": OPERATION_PREFIX + marker.operation_id,
             "Status": status,
             "Pending": False,
-            "CompletedAt": format_timestamp(utc_now()),
+            "CompletedAt": format_timestamp(self.clock()),
         }
         with _storage_errors("settle operation"):
             self.metrics.add(writes=1)
@@ -570,7 +581,7 @@ class SubscriptionRepository:
             "Pending": False,
             "QueueDone": True,
             "HookDone": True,
-            "DeliveredAt": format_timestamp(utc_now()),
+            "DeliveredAt": format_timestamp(self.clock()),
         }
         with _storage_errors("mark event delivered"):
             self.metrics.add(writes=1)
@@ -582,7 +593,7 @@ class SubscriptionRepository:
             "RowKey": _seq_key(EVENT_PREFIX, event.seq),
             "Attempts": event.attempts + 1,
             "LastError": error[:1000],
-            "LastAttemptAt": format_timestamp(utc_now()),
+            "LastAttemptAt": format_timestamp(self.clock()),
         }
         with _storage_errors("note event attempt"):
             self.metrics.add(writes=1)
@@ -592,7 +603,7 @@ class SubscriptionRepository:
 
     def try_lease(self, subscription_id: str, seconds: float) -> str | None:
         """Take the subscription's relay lease; returns its ETag, or None while someone else holds it."""
-        now = utc_now()
+        now = self.clock()
         until = format_timestamp(now + timedelta(seconds=seconds))
         with _storage_errors("take relay lease"):
             self.metrics.add(reads=1, writes=1)
@@ -619,6 +630,17 @@ class SubscriptionRepository:
             except (ResourceModifiedError, ResourceNotFoundError):
                 return None
             return meta["etag"]
+
+    def lease_expiry(self, subscription_id: str) -> datetime | None:
+        """When the subscription's relay lease expires (None: not held)."""
+        with _storage_errors("read relay lease"):
+            self.metrics.add(reads=1)
+            try:
+                current = self._subscriptions.get_entity(subscription_id, LEASE_ROW)
+            except ResourceNotFoundError:
+                return None
+        until = _dt(current.get("LeaseUntil"))
+        return until if until is not None and until > self.clock() else None
 
     def release_lease(self, subscription_id: str, etag: str) -> None:
         with _storage_errors("release relay lease"):
@@ -660,7 +682,7 @@ class SubscriptionRepository:
 
     def save_run_summary(self, summary: dict[str, Any]) -> None:
         # Inverted time in the key lists the newest run first.
-        key = f"run|{(10**13 - int(utc_now().timestamp() * 1000)):013d}"
+        key = f"run|{(10**13 - int(self.clock().timestamp() * 1000)):013d}"
         with _storage_errors("write run summary"):
             self.metrics.add(writes=1)
             self._runs.upsert_entity(

@@ -10,11 +10,15 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from shared.domain import utc_now
-from shared.ports import MarketplaceApi, SubscriptionStore
+from shared.errors import ConfigurationError
+from shared.ports import MarketplaceApi, OutboxStore, SubscriptionStore
 from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from shared.events import EventRelay
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -26,6 +30,8 @@ class Services:
     marketplace: MarketplaceApi
     repository: SubscriptionStore
     clock: Callable[[], datetime] = utc_now
+    #: the event relay's storage (build_services: the repository's sibling); None: no relay here
+    outbox_factory: Callable[[], OutboxStore] | None = None
     _lazy: dict[str, Any] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -49,10 +55,15 @@ class Services:
         return self._once("policy", lambda: load_policy(self.settings.publisher_policy))
 
     @property
-    def events(self):
+    def events(self) -> EventRelay:
         from shared.events import EventRelay
 
-        return self._once("events", lambda: EventRelay.from_settings(self.settings, self.repository.sibling()))
+        def build() -> EventRelay:
+            if self.outbox_factory is None:
+                raise ConfigurationError(["this services bundle has no outbox to relay events from"])
+            return EventRelay.from_settings(self.settings, self.outbox_factory(), clock=lambda: self.clock())
+
+        return self._once("events", build)
 
     def close(self) -> None:
         self.marketplace.close()
@@ -68,7 +79,15 @@ def build_services(settings: Settings | None = None) -> Services:
     # not stop the others.
     settings = settings or Settings.from_env(require=())
     repository = SubscriptionRepository(table_service_from_settings(settings), settings.tables_prefix)
-    services = Services(settings=settings, marketplace=MarketplaceClient.from_settings(settings), repository=repository)
+    services = Services(
+        settings=settings,
+        marketplace=MarketplaceClient.from_settings(settings),
+        repository=repository,
+        outbox_factory=repository.sibling,
+    )
+    # One clock: the repository reads the bundle's, so a clock swapped in (tests, tools) applies to
+    # what it writes as well as to what the use cases decide.
+    repository.clock = lambda: services.clock()
     # Lifecycle events leave right after the change that wrote them, without delaying the answer.
     repository.on_event_written = lambda subscription_id: services.events.relay_in_background(subscription_id)
     return services

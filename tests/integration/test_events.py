@@ -29,6 +29,7 @@ from shared.events import (
     EVENT_ID_HEADER,
     SIGNATURE_HEADER,
     EventRelay,
+    backoff_for,
     build_event_document,
     event_id_for,
     verify_signature,
@@ -428,14 +429,17 @@ def test_failing_queue_notes_attempts_backs_off_and_delivers_later_in_order(make
     assert head["Attempts"] == 2 and head["LastError"] and head["LastAttemptAt"] and head["Pending"] is True
     assert [event.attempts for event in pending[1:]] == [0, 0]  # later events wait behind the first
 
-    # inside the backoff window even the healthy relay waits (and keeps the order)
+    # Inside the backoff window the failed event waits; the queue keeps no order anyway (consumers
+    # order by sequence), so the later ones are not held back behind it.
     waiting = services.events.relay_subscription(subscription_id)
-    assert (waiting.delivered, waiting.skipped) == (0, 1)
-    assert queue.drain()[1:] == []
+    assert (waiting.delivered, waiting.skipped) == (2, 1)
+    assert [event["sequence"] for event in queue.drain()[1:]] == [outcome.history.seq for outcome in outcomes[1:]]
 
-    delivered = services.events.relay_subscription(subscription_id, respect_backoff=False)
-    assert (delivered.delivered, delivered.failed) == (3, 0)
-    events = queue.drain()[1:]
+    # Once its backoff has passed (the services' clock moves; nothing sleeps), it goes out too.
+    services.clock = lambda: utc_now() + backoff_for(2) + timedelta(seconds=1)
+    delivered = services.events.relay_subscription(subscription_id)
+    assert (delivered.delivered, delivered.failed, delivered.skipped) == (1, 0, 0)
+    events = sorted(queue.drain()[1:], key=lambda event: event["sequence"])
     assert [event["sequence"] for event in events] == [outcome.history.seq for outcome in outcomes]
     assert [event["subscription"]["quantity"] for event in events] == [6, 7, 8]
     assert services.repository.pending_events(subscription_id) == []
@@ -488,7 +492,9 @@ def test_duplicate_webhooks_yield_no_duplicate_events(make_services, standin, de
     assert [(entry["kind"], entry["result"]) for entry in applied] == [("suspend", "applied"), ("unsubscribe", "applied")]
 
 
-def test_per_subscription_order_holds_under_concurrent_updates(make_services, standin, azurite):
+def test_every_change_is_delivered_once_per_event_id_and_ordered_by_sequence_under_concurrent_updates(
+    make_services, standin, azurite
+):
     name = queue_name()
     services = make_services(EVENTS_QUEUE_NAME=name)
     queue = EventQueue(azurite, name)
@@ -522,10 +528,15 @@ def test_per_subscription_order_holds_under_concurrent_updates(make_services, st
     for subscription_id in subscriptions:
         wait_until_delivered(services, subscription_id)
     events = queue.wait_for(len(subscriptions) * (changes + 1))
-    assert len(events) == len(subscriptions) * (changes + 1)
+    # The queue is at least once and keeps no order: consumers de-duplicate by eventId and order by
+    # sequence (docs/events.md). After that, every change is there once, in a gapless sequence.
+    unique = {event["eventId"]: event for event in events}
+    assert len(unique) == len(subscriptions) * (changes + 1)
+    assert all(unique[event["eventId"]] == event for event in events)  # a duplicate is the same document
     for subscription_id in subscriptions:
-        mine = [event for event in events if event["subscriptionId"] == subscription_id]
-        assert_in_order(mine)  # strictly increasing sequence, in queue order
+        mine = sorted((e for e in unique.values() if e["subscriptionId"] == subscription_id), key=lambda e: e["sequence"])
+        assert_in_order(mine)
+        assert [event["sequence"] for event in mine] == list(range(mine[0]["sequence"], mine[0]["sequence"] + changes + 1))
         assert [event["eventType"] for event in mine] == [sm.EVENT_ACTIVATED] + [sm.EVENT_QUANTITY_CHANGED] * changes
         # each event's previous value is the quantity the event before it announced
         for before, after in itertools.pairwise(mine):
@@ -654,3 +665,96 @@ def test_reconciler_counts_events_waiting_too_long_and_delivers_them(make_servic
 
     again = run_reconciliation(services)
     assert (again.events_pending, again.events_waiting_too_long, again.events_delivered) == (0, 0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# cost, order with the hook, and an orphaned lease
+
+
+def test_the_queue_only_relay_costs_one_read_and_one_write_per_event(make_services, standin, azurite):
+    """No lease when the queue is the only sink: read the pending rows, send, mark delivered."""
+    name = queue_name()
+    services = make_services(EVENTS_QUEUE_NAME=name)
+    queue = EventQueue(azurite, name)
+    subscription_id = activated(services, standin)
+    wait_until_delivered(services, subscription_id)
+    queue.wait_for(1)
+    services.repository.on_event_written = None
+    for quantity in (6, 7, 8):
+        change_quantity(services, subscription_id, quantity)
+
+    metrics = services.events.repository.metrics
+    before = metrics.snapshot()
+    stats = services.events.relay_subscription(subscription_id)
+    after = metrics.snapshot()
+    assert (stats.delivered, stats.failed) == (3, 0)
+    # one read for the three pending rows, one write per event; the lease row is never touched
+    assert (after["reads"] - before["reads"], after["writes"] - before["writes"]) == (1, 3)
+    assert len(queue.wait_for(4)) == 4
+    with pytest.raises(ResourceNotFoundError):
+        services.repository._subscriptions.get_entity(subscription_id, "relay-lease")
+
+
+def test_the_hook_receives_each_subscriptions_events_in_order_under_concurrent_updates(make_services, standin, azurite):
+    with HookReceiver() as hook:
+        services = make_services(EVENTS_QUEUE_NAME=queue_name(), EVENTS_WEBHOOK_URL=hook.url, EVENTS_WEBHOOK_SECRET=HOOK_SECRET)
+        subscription_id = activated(services, standin, quantity=1)
+        errors: list[BaseException] = []
+        start = threading.Barrier(4)
+
+        def worker(first: int) -> None:
+            try:
+                start.wait()
+                for quantity in range(first, first + 4):
+                    change_quantity(services, subscription_id, quantity)
+            except BaseException as error:  # noqa: BLE001 - reported below
+                errors.append(error)
+
+        threads = [threading.Thread(target=worker, args=(10 + 10 * index,)) for index in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not errors, errors
+        services.events.wait_idle(60)
+        wait_until_delivered(services, subscription_id)
+        received = [json.loads(request["body"]) for request in hook.requests if request["status"] == 200]
+    assert_in_order(received)  # in the order the hook received them: the lease keeps it
+    assert len(received) == 1 + 16
+
+
+def test_an_orphaned_lease_delays_delivery_until_it_expires_not_until_the_next_run(make_services, standin, azurite):
+    """A deliverer crashed holding the lease: the next change is delivered when the lease expires."""
+    with HookReceiver() as hook:
+        services = make_services(EVENTS_QUEUE_NAME=queue_name(), EVENTS_WEBHOOK_URL=hook.url, EVENTS_WEBHOOK_SECRET=HOOK_SECRET)
+        subscription_id = activated(services, standin)
+        wait_until_delivered(services, subscription_id)
+        delivered_before = len(hook.requests)
+        # the crashed holder's lease, valid for another 45 s by the services' clock
+        services.repository._subscriptions.upsert_entity(
+            {
+                "PartitionKey": subscription_id,
+                "RowKey": "relay-lease",
+                "Kind": "lease",
+                "LeaseUntil": format_timestamp(services.clock() + timedelta(seconds=45)),
+            },
+            mode=UpdateMode.REPLACE,
+        )
+        relay = services.events
+        change_quantity(services, subscription_id, 9)  # its inline relay finds the lease held
+        relay.wait_idle(30)
+        assert len(hook.requests) == delivered_before  # not delivered yet ...
+        retries = relay.pending_lease_retries()
+        assert set(retries) == {subscription_id}  # ... but scheduled for when the lease expires
+        assert 45 <= retries[subscription_id] <= 47  # the lease's remaining time (+1 s), not 30 min
+
+        # The lease expires (the clock moves, nothing sleeps 45 s); the scheduled retry fires.
+        services.clock = lambda: utc_now() + timedelta(seconds=60)
+        timer = relay._retry_timers[subscription_id]
+        timer.cancel()
+        relay._retry_after_lease(subscription_id)  # what the timer runs when it fires
+        relay.wait_idle(30)
+        eventually(lambda: len(hook.requests) == delivered_before + 1, message="the delayed delivery")
+        assert json.loads(hook.requests[-1]["body"])["subscription"]["quantity"] == 9
+        assert services.repository.pending_events(subscription_id) == []
+        relay.close()
