@@ -17,9 +17,9 @@ In-process (tests)::
 What it emulates:
 
 * **HTTP triggers** - ``route`` (default: the function name), ``methods``, the route prefix from
-  ``host.json`` ``extensions.http.routePrefix`` (default ``api``) and ASP.NET route templates:
-  ``{name}``, ``{name:int}`` (and the other ASP.NET constraints), ``{name?}``, ``{name=default}``,
-  ``{*rest}``. Query strings are decoded once, the ASP.NET way (``+`` -> space, ``%2B`` -> ``+``);
+  ``host.json`` ``extensions.http.routePrefix`` (default ``api``) and whole-segment ``{name}``
+  parameters (the other ASP.NET template forms are refused at start-up: no app here uses them).
+  Served by werkzeug's threaded WSGI server. Query strings are decoded once, the ASP.NET way (``+`` -> space, ``%2B`` -> ``+``);
   repeated query keys / headers are joined with ``,`` / ``, ``. A function may return a
   ``func.HttpResponse`` or a ``str``; anything else - or an exception - is a 500 with a generic
   body (traceback in the log). 404 unknown route, 405 wrong method, 413 bodies over 100 MB.
@@ -55,12 +55,11 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -70,6 +69,9 @@ import azure.functions as func
 # NB: ``func.TimerRequest`` is the abstract base class (it takes no arguments); the
 # constructible TimerRequest(past_due=, schedule_status=, schedule=) lives in azure.functions.timer.
 from azure.functions.timer import TimerRequest
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
+from werkzeug.wrappers import Request
 
 from . import ncrontab
 
@@ -160,290 +162,40 @@ def resolve_setting_references(text: str, environ: Mapping[str, str], *, what: s
 
 
 # --------------------------------------------------------------------------------------------
-# Route templates (ASP.NET Core syntax, as used by the Functions host)
+# Routes: the subset of ASP.NET Core templates the apps here use
 # --------------------------------------------------------------------------------------------
 
-
-def _int_between(low: int, high: int) -> Callable[[str], bool]:
-    def check(value: str) -> bool:
-        return bool(re.fullmatch(r"[+-]?\d+", value)) and low <= int(value) <= high
-
-    return check
-
-
-def _is_number(value: str) -> bool:
-    return bool(re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", value))
-
-
-def _is_guid(value: str) -> bool:
-    try:
-        uuid.UUID(value.strip("{}()"))
-    except ValueError:
-        return False
-    return True
-
-
-def _is_datetime(value: str) -> bool:
-    try:
-        datetime.fromisoformat(value)
-    except ValueError:
-        return False
-    return True
-
-
-def _as_int(value: str) -> int | None:
-    return int(value) if re.fullmatch(r"[+-]?\d+", value) else None
-
-
-def _make_constraint(name: str, arg: str | None, template: str) -> Callable[[str], bool]:
-    """Build a predicate for one ASP.NET route constraint, e.g. ``int``, ``min(1)``, ``regex(..)``."""
-    simple: dict[str, Callable[[str], bool]] = {
-        "int": _int_between(-(2**31), 2**31 - 1),
-        "long": _int_between(-(2**63), 2**63 - 1),
-        "bool": lambda v: v.lower() in ("true", "false"),
-        "guid": _is_guid,
-        "alpha": lambda v: bool(re.fullmatch(r"[A-Za-z]+", v)),
-        "decimal": _is_number,
-        "double": _is_number,
-        "float": _is_number,
-        "datetime": _is_datetime,
-        "required": lambda v: v != "",
-        "file": lambda v: "." in v.rsplit("/", 1)[-1],
-        "nonfile": lambda v: "." not in v.rsplit("/", 1)[-1],
-    }
-    key = name.lower()
-    if key in simple and arg is None:
-        return simple[key]
-    try:
-        if key == "regex" and arg is not None:
-            pattern = re.compile(arg, re.IGNORECASE)
-            return lambda v: pattern.search(v) is not None
-        numbers = [int(x) for x in arg.split(",")] if arg is not None else []
-    except (ValueError, re.error) as exc:
-        raise DevHostError(f"route {template!r}: bad argument in constraint {name}({arg})") from exc
-    if key == "min" and len(numbers) == 1:
-        return lambda v: (n := _as_int(v)) is not None and n >= numbers[0]
-    if key == "max" and len(numbers) == 1:
-        return lambda v: (n := _as_int(v)) is not None and n <= numbers[0]
-    if key == "range" and len(numbers) == 2:
-        return lambda v: (n := _as_int(v)) is not None and numbers[0] <= n <= numbers[1]
-    if key == "length" and len(numbers) in (1, 2):
-        low, high = (numbers[0], numbers[0]) if len(numbers) == 1 else numbers
-        return lambda v: low <= len(v) <= high
-    if key == "minlength" and len(numbers) == 1:
-        return lambda v: len(v) >= numbers[0]
-    if key == "maxlength" and len(numbers) == 1:
-        return lambda v: len(v) <= numbers[0]
-    raise DevHostError(f"route {template!r}: unknown route constraint {name!r}")
-
-
-@dataclass
-class _RouteParam:
-    name: str
-    optional: bool = False
-    catch_all: bool = False
-    default: str | None = None
-    constraints: list[Callable[[str], bool]] = field(default_factory=list)
-
-
-@dataclass
-class _Segment:
-    literal: str | None = None  # a plain literal segment
-    param: _RouteParam | None = None  # a segment that is exactly one parameter
-    pattern: re.Pattern | None = None  # a "complex" segment such as {name}.{ext}
-    group_params: list[_RouteParam] = field(default_factory=list)
-
-    @property
-    def rank(self) -> int:
-        """ASP.NET inbound precedence digit: lower is more specific."""
-        if self.literal is not None:
-            return 1
-        if self.pattern is not None:
-            return 2
-        assert self.param is not None
-        if self.param.catch_all:
-            return 5
-        return 3 if self.param.constraints else 4
-
-
-def _split_parts(template: str) -> list[list[str | _RouteParam]]:
-    """Tokenise a template into segments of literal strings and parameters."""
-    segments: list[list[str | _RouteParam]] = [[]]
-    literal = ""
-    i = 0
-    while i < len(template):
-        char = template[i]
-        if template.startswith("{{", i) or template.startswith("}}", i):
-            literal += char
-            i += 2
-        elif char == "{":
-            end = i + 1
-            while end < len(template):
-                if template.startswith("}}", end):
-                    end += 2
-                elif template[end] == "}":
-                    break
-                else:
-                    end += 1
-            if end >= len(template):
-                raise DevHostError(f"route {template!r}: unbalanced '{{'")
-            if literal:
-                segments[-1].append(literal)
-                literal = ""
-            inner = template[i + 1 : end].replace("{{", "{").replace("}}", "}")
-            segments[-1].append(_parse_param(inner, template))
-            i = end + 1
-        elif char == "}":
-            raise DevHostError(f"route {template!r}: unbalanced '}}'")
-        elif char == "/":
-            if literal:
-                segments[-1].append(literal)
-                literal = ""
-            segments.append([])
-            i += 1
-        else:
-            literal += char
-            i += 1
-    if literal:
-        segments[-1].append(literal)
-    return [s for s in segments if s]
-
-
-def _split_constraints(text: str) -> list[str]:
-    """Split ``:int:min(1)`` on colons outside parentheses."""
-    parts, depth, current = [], 0, ""
-    for char in text:
-        if char == "(":
-            depth += 1
-        elif char == ")":
-            depth -= 1
-        if char == ":" and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    parts.append(current)
-    return [p for p in parts if p]
-
-
-def _parse_param(inner: str, template: str) -> _RouteParam:
-    catch_all = inner.startswith("*")
-    inner = inner.lstrip("*")
-    match = re.match(r"[^:=?]+", inner)
-    if not match:
-        raise DevHostError(f"route {template!r}: empty parameter name")
-    name, rest = match.group(0).strip(), inner[match.end() :]
-    default = None
-    optional = False
-    # "=default" (outside of constraint parentheses)
-    depth = 0
-    for index, char in enumerate(rest):
-        depth += char == "("
-        depth -= char == ")"
-        if char == "=" and depth == 0:
-            rest, default = rest[:index], rest[index + 1 :]
-            break
-    if rest.endswith("?"):
-        optional, rest = True, rest[:-1]
-    constraints = []
-    for text in _split_constraints(rest):
-        cmatch = re.fullmatch(r"(\w+)(?:\((.*)\))?", text, re.DOTALL)
-        if not cmatch:
-            raise DevHostError(f"route {template!r}: malformed constraint {text!r}")
-        constraints.append(_make_constraint(cmatch.group(1), cmatch.group(2), template))
-    return _RouteParam(name=name, optional=optional or catch_all, catch_all=catch_all, default=default, constraints=constraints)
+_PARAMETER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class RouteTemplate:
-    """A compiled route such as ``api/subscriptions/{id:guid}/{*rest}``.
-
-    ``match(path)`` takes the URL path (still percent-encoded, query string removed) and returns
-    the decoded route values, or None. Literals match case-insensitively and one trailing slash
-    is ignored, like ASP.NET Core routing.
-    """
+    """A route such as ``api/subscriptions/{subscriptionId}``: literal segments (matched
+    case-insensitively, one trailing slash ignored, like ASP.NET Core) and ``{name}`` parameters,
+    one whole segment each. Constraints, optional, default and catch-all parameters are refused at
+    start-up rather than half-emulated: no app here uses them."""
 
     def __init__(self, route: str, prefix: str = ""):
-        route = (route or "").strip("/")
-        prefix = (prefix or "").strip("/")
-        self.template = "/".join(p for p in (prefix, route) if p)
-        self.segments: list[_Segment] = []
-        self.params: list[_RouteParam] = []
-        parts_list = _split_parts(self.template)
-        for index, parts in enumerate(parts_list):
-            if len(parts) == 1 and isinstance(parts[0], str):
-                self.segments.append(_Segment(literal=parts[0]))
-            elif len(parts) == 1:
-                param = parts[0]
-                if param.catch_all and index != len(parts_list) - 1:
-                    raise DevHostError(f"route {self.template!r}: a catch-all must be the last segment")
-                self.segments.append(_Segment(param=param))
-                self.params.append(param)
+        self.template = "/".join(part for part in ((prefix or "").strip("/"), (route or "").strip("/")) if part)
+        pattern = []
+        for segment in self.template.split("/") if self.template else []:
+            parameter = _PARAMETER.fullmatch(segment)
+            if parameter:
+                pattern.append(f"(?P<{parameter.group(1)}>[^/]+)")
+            elif "{" in segment or "}" in segment:
+                raise DevHostError(f"route {self.template!r}: only whole-segment {{name}} parameters are supported")
             else:
-                regex, group_params = "", []
-                for part in parts:
-                    if isinstance(part, str):
-                        regex += re.escape(part)
-                    else:
-                        if part.catch_all:
-                            raise DevHostError(f"route {self.template!r}: catch-all inside a segment")
-                        # greedy: ASP.NET matches complex segments right to left
-                        regex += f"(?P<p{len(group_params)}>.+)" + ("?" if part.optional else "")
-                        group_params.append(part)
-                self.segments.append(_Segment(pattern=re.compile(regex, re.IGNORECASE | re.DOTALL), group_params=group_params))
-                self.params.extend(group_params)
-        names = [p.name.lower() for p in self.params]
-        if len(names) != len(set(names)):
-            raise DevHostError(f"route {self.template!r}: duplicate parameter name")
-        self.precedence = tuple(s.rank for s in self.segments)
+                pattern.append(re.escape(segment))
+        self._regex = re.compile("/" + "/".join(pattern) + "/?", re.IGNORECASE)
+        # Literal routes win over parameterised ones, as in ASP.NET Core.
+        self.precedence = self.template.count("{")
 
     def __repr__(self) -> str:
         return f"RouteTemplate({self.template!r})"
 
     def match(self, path: str) -> dict[str, str] | None:
-        trimmed = path[1:] if path.startswith("/") else path
-        if trimmed.endswith("/"):
-            trimmed = trimmed[:-1]
-        pieces = [unquote(p) for p in trimmed.split("/")] if trimmed else []
-        values: dict[str, str] = {}
-        position = 0
-        for segment in self.segments:
-            if segment.literal is not None:
-                if position >= len(pieces) or pieces[position].lower() != segment.literal.lower():
-                    return None
-                position += 1
-            elif segment.param is not None:
-                param = segment.param
-                if param.catch_all:
-                    rest = "/".join(pieces[position:])
-                    position = len(pieces)
-                    if rest or param.default is not None:
-                        values[param.name] = rest or param.default
-                elif position < len(pieces) and pieces[position] != "":
-                    values[param.name] = pieces[position]
-                    position += 1
-                elif param.optional or param.default is not None:
-                    if param.default is not None:
-                        values[param.name] = param.default
-                else:
-                    return None
-            else:
-                if position >= len(pieces):
-                    return None
-                found = segment.pattern.fullmatch(pieces[position])
-                if not found:
-                    return None
-                for index, param in enumerate(segment.group_params):
-                    value = found.group(f"p{index}")
-                    if value is not None:
-                        values[param.name] = value
-                position += 1
-        if position != len(pieces):
-            return None
-        for param in self.params:
-            value = values.get(param.name)
-            if value is not None and not all(check(value) for check in param.constraints):
-                return None
-        return values
+        """Route values (percent-decoded) of the still-encoded URL ``path``, or None."""
+        found = self._regex.fullmatch(path)
+        return {name: unquote(value) for name, value in found.groupdict().items()} if found else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -603,10 +355,22 @@ class _FunctionInfo:
     def is_http(self) -> bool:
         return self.trigger_type == "httpTrigger"
 
+    @property
+    def http_route(self) -> RouteTemplate:
+        if self.route is None:
+            raise DevHostError(f"{self.name} is not an HTTP function")
+        return self.route
+
+    @property
+    def timer_schedule(self) -> ncrontab.Schedule:
+        if self.schedule is None:
+            raise DevHostError(f"{self.name} is not a timer function")
+        return self.schedule
+
     def describe(self, base_url: str, timers_enabled: bool) -> str:
         if self.is_http:
             methods = ",".join(self.methods) if self.methods else "ANY"
-            line = f"{self.name}: [{methods}] {base_url}/{self.route.template}"
+            line = f"{self.name}: [{methods}] {base_url}/{self.http_route.template}"
         elif self.trigger_type == "timerTrigger":
             line = f"{self.name}: timerTrigger ({self.schedule_expression})"
             if not timers_enabled:
@@ -663,7 +427,7 @@ class _TimerRunner:
     def status(self, started: datetime, scheduled: datetime | None) -> dict:
         return {
             "Last": self.last.isoformat() if self.last else _DATETIME_MIN,
-            "Next": _next_run(self.fn.schedule, scheduled or started).isoformat(),
+            "Next": _next_run(self.fn.timer_schedule, scheduled or started).isoformat(),
             "LastUpdated": started.isoformat(),
         }
 
@@ -683,7 +447,7 @@ class _TimerRunner:
     def loop(self, stop: threading.Event) -> None:
         if self.fn.run_on_startup and not stop.is_set():
             self.run_once(None, "run_on_startup")
-        due = _next_run(self.fn.schedule, _utcnow())
+        due = _next_run(self.fn.timer_schedule, _utcnow())
         while not stop.is_set():
             self.next_due = due
             logger.debug("Timer %s: next run at %s", self.fn.name, due.isoformat())
@@ -691,11 +455,11 @@ class _TimerRunner:
             if delay > 0 and stop.wait(delay):
                 break
             self.run_once(due, f"Timer fired at {due.isoformat()}")
-            due = _next_run(self.fn.schedule, max(_utcnow(), due))
+            due = _next_run(self.fn.timer_schedule, max(_utcnow(), due))
 
 
 # --------------------------------------------------------------------------------------------
-# HTTP server
+# HTTP server (werkzeug's threaded WSGI server; the host's routing and Easy Auth are ours)
 # --------------------------------------------------------------------------------------------
 
 
@@ -706,30 +470,13 @@ class _Response:
     body: bytes = b""
 
     @classmethod
-    def text(cls, status: int, text: str | None = None, headers: Iterable[tuple[str, str]] = ()):
+    def text(cls, status: int, text: str | None = None, headers: Iterable[tuple[str, str]] = ()) -> _Response:
         body = (text if text is not None else HTTPStatus(status).phrase).encode("utf-8")
         return cls(status, [("Content-Type", "text/plain; charset=utf-8"), *headers], body)
 
     @classmethod
-    def json(cls, status: int, payload: Any):
+    def json(cls, status: int, payload: Any) -> _Response:
         return cls(status, [("Content-Type", "application/json; charset=utf-8")], json.dumps(payload).encode("utf-8"))
-
-
-class _RequestError(Exception):
-    def __init__(self, status: int, message: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128  # a burst of concurrent senders must not overflow the listen backlog
-
-    def __init__(self, address: tuple[str, int], devhost: DevHost):
-        self.devhost = devhost
-        super().__init__(address, _Handler)
 
 
 def _redact_query(text: str) -> str:
@@ -737,114 +484,30 @@ def _redact_query(text: str) -> str:
     return re.sub(r"\?[^\s'\"]*", "?<redacted>", text)
 
 
-def _split_target(target: str) -> tuple[str, str]:
-    """Request target -> (raw path, raw query); also accepts absolute-form targets."""
-    target = target.split("#", 1)[0]
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", target):
-        parts = urlsplit(target)
-        return parts.path or "/", parts.query
-    path, _, query = target.partition("?")
-    return path or "/", query
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(WSGIRequestHandler):
     server_version = "AzureFunctionsDevHost/1.0"
-    timeout = 120  # seconds an idle keep-alive connection may linger
 
-    server: _Server
-
-    # -- logging: one line per request, written by _dispatch; never the query string
     def log_request(self, code: Any = "-", size: Any = "-") -> None:
-        pass
+        pass  # one line per request is written by the host, never with the query string
 
     def log_message(self, format: str, *args: Any) -> None:
         message = _redact_query(format % args)
         logger.log(logging.DEBUG if "timed out" in message else logging.WARNING, "%s", message)
 
     def handle_expect_100(self) -> bool:
+        # Kestrel refuses an oversized body before the client sends it.
         length = self.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > self.server.devhost.max_request_body_bytes:
-            path, _ = _split_target(self.path)
-            self.close_connection = True
-            self._send(_Response.text(413))
-            logger.info("%s %s %d 0ms", self.command, path, 413)
+        server: _Server = self.server  # type: ignore[assignment]
+        if length.isdigit() and int(length) > server.max_request_body_bytes:
+            self.send_error(413)
             return False
         return super().handle_expect_100()
 
-    def _dispatch(self) -> None:
-        started = time.perf_counter()
-        path, query = _split_target(self.path)
-        try:
-            body = self._read_body()
-        except _RequestError as exc:
-            self.close_connection = True  # the rest of the body is unread
-            response = _Response.text(exc.status, exc.message)
-        else:
-            devhost = self.server.devhost
-            host_header = self.headers.get("Host") or f"{devhost.host}:{devhost.port}"
-            try:
-                response = devhost._handle(self.command, path, query, self.headers.items(), body, f"http://{host_header}")
-            except Exception:
-                logger.exception("Dev host failed handling %s %s", self.command, path)
-                response = _Response.text(500)
-        try:
-            self._send(response)
-        except (ConnectionError, TimeoutError) as exc:
-            logger.debug("client went away: %s", exc)
-            self.close_connection = True
-        elapsed = (time.perf_counter() - started) * 1000
-        logger.info("%s %s %d %.0fms", self.command, path, response.status, elapsed)
 
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_TRACE = _dispatch
-
-    def _read_body(self) -> bytes:
-        limit = self.server.devhost.max_request_body_bytes
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            return self._read_chunked(limit)
-        length_text = self.headers.get("Content-Length")
-        if length_text is None:
-            return b""
-        if not length_text.strip().isdigit():
-            raise _RequestError(400, "Invalid Content-Length")
-        length = int(length_text)
-        if length > limit:
-            raise _RequestError(413)
-        body = self.rfile.read(length)
-        if len(body) != length:
-            raise _RequestError(400, "Incomplete request body")
-        return body
-
-    def _read_chunked(self, limit: int) -> bytes:
-        chunks, total = [], 0
-        while True:
-            line = self.rfile.readline(65537)
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise _RequestError(400, "Malformed chunked body") from None
-            if size == 0:
-                while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
-                    pass  # trailers
-                return b"".join(chunks)
-            total += size
-            if total > limit:
-                raise _RequestError(413)
-            chunks.append(self.rfile.read(size))
-            self.rfile.readline(65537)  # CRLF after the chunk
-
-    def _send(self, response: _Response) -> None:
-        status = response.status
-        self.send_response(status)
-        for name, value in response.headers:
-            self.send_header(name, value)
-        no_body = self.command == "HEAD" or status in (204, 304) or status < 200
-        if status not in (204, 304) and status >= 200:
-            self.send_header("Content-Length", str(len(response.body)))
-        self.end_headers()
-        if not no_body and response.body:
-            self.wfile.write(response.body)
-        self.wfile.flush()
+class _Server(ThreadedWSGIServer):
+    daemon_threads = True
+    request_queue_size = 128  # a burst of concurrent senders must not overflow the listen backlog
+    max_request_body_bytes = MAX_REQUEST_BODY_BYTES
 
 
 # --------------------------------------------------------------------------------------------
@@ -901,7 +564,7 @@ class DevHost:
         for function in index_app(app):
             info = self._describe_function(function)
             self.functions[info.name.lower()] = info
-        self._http_functions = sorted((f for f in self.functions.values() if f.is_http), key=lambda f: f.route.precedence)
+        self._http_functions = sorted((f for f in self.functions.values() if f.is_http), key=lambda f: f.http_route.precedence)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._stop = threading.Event()
@@ -991,7 +654,8 @@ class DevHost:
         if self._server is not None:
             raise RuntimeError("DevHost already started")
         self._stop.clear()
-        self._server = _Server((self.host, self.port), self)
+        self._server = _Server(self.host, self.port, self._wsgi, handler=_Handler)
+        self._server.max_request_body_bytes = self.max_request_body_bytes
         self.port = self._server.server_address[1]
         self._server_thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="devhost-http", daemon=True
@@ -1031,7 +695,8 @@ class DevHost:
         with self._loop_guard:
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(self._loop.stop)
-                self._loop_thread.join(timeout)
+                if self._loop_thread is not None:
+                    self._loop_thread.join(timeout)
                 if not self._loop.is_running():
                     self._loop.close()
                 self._loop = self._loop_thread = None
@@ -1146,6 +811,31 @@ class DevHost:
 
     # -- HTTP handling -------------------------------------------------------------------------
 
+    def _wsgi(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        started = time.perf_counter()
+        request = Request(environ)
+        request.max_content_length = self.max_request_body_bytes
+        method = request.method.upper()
+        raw_path = urlsplit(environ.get("RAW_URI") or environ.get("REQUEST_URI") or request.path).path or "/"
+        try:
+            body = request.get_data(cache=False)
+        except RequestEntityTooLarge:
+            response = _Response.text(413)
+        else:
+            try:
+                base_url = f"http://{request.host or f'{self.host}:{self.port}'}"
+                query = environ.get("QUERY_STRING", "")
+                response = self._handle(method, raw_path, query, request.headers.items(), body, base_url)
+            except Exception:
+                logger.exception("Dev host failed handling %s %s", method, raw_path)
+                response = _Response.text(500)
+        logger.info("%s %s %d %.0fms", method, raw_path, response.status, (time.perf_counter() - started) * 1000)
+        headers = list(response.headers)
+        if response.status >= 200 and response.status not in (204, 304):
+            headers.append(("Content-Length", str(len(response.body))))
+        start_response(f"{response.status} {HTTPStatus(response.status).phrase}", headers)
+        return [response.body]
+
     def _handle(
         self, method: str, path: str, query: str, header_items: Iterable[tuple[str, str]], body: bytes, base_url: str
     ) -> _Response:
@@ -1156,7 +846,7 @@ class DevHost:
         for info in self._http_functions:
             if info.disabled:
                 continue
-            values = info.route.match(path)
+            values = info.http_route.match(path)
             if values is not None:
                 matched.append((info, values))
         for info, values in matched:
@@ -1215,7 +905,7 @@ class DevHost:
         result = self._invoke(info, request, reason=f"HTTP {method} {path}")
         if result.error is not None:
             return _Response.text(500)
-        value = result.value if info.http_output == "$return" else result.outputs.get(info.http_output)
+        value = result.value if info.http_output == "$return" else result.outputs.get(info.http_output or "")
         try:
             return self._convert_response(value)
         except (TypeError, ValueError) as exc:
@@ -1286,7 +976,7 @@ class DevHost:
     def _metadata(self, info: _FunctionInfo) -> dict:
         data = {"name": info.name, "trigger": info.trigger_type, "disabled": info.disabled, "config": {"bindings": info.bindings}}
         if info.is_http:
-            data["invoke_url_template"] = f"{self.url}/{info.route.template}"
+            data["invoke_url_template"] = f"{self.url}/{info.http_route.template}"
         if info.schedule_expression is not None:
             data["schedule"] = info.schedule_expression
         return data
@@ -1295,8 +985,8 @@ class DevHost:
         items = []
         for info in sorted(self.functions.values(), key=lambda f: f.name.lower()):
             line = html.escape(info.describe(self.url, self.timers_enabled))
-            if info.is_http and "{" not in info.route.template and (info.methods is None or "GET" in info.methods):
-                link = html.escape(f"/{info.route.template}")
+            if info.is_http and "{" not in info.http_route.template and (info.methods is None or "GET" in info.methods):
+                link = html.escape(f"/{info.http_route.template}")
                 line = f'<a href="{link}">{line}</a>'
             items.append(f"<li>{line}</li>")
         page = (
@@ -1317,7 +1007,9 @@ async def _await(awaitable: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def load_local_settings(path: str | Path, *, required: bool = False, environ: dict[str, str] | None = None) -> dict:
+def load_local_settings(
+    path: str | Path, *, required: bool = False, environ: MutableMapping[str, str] | None = None
+) -> dict[str, Any]:
     """Load ``Values`` of a local.settings.json into the environment; the environment wins.
 
     Returns the parsed document (``{}`` when the file is absent and not ``required``).

@@ -34,7 +34,7 @@ def hello(req: func.HttpRequest) -> func.HttpResponse:
 
 
 @api.function_name("inspect")
-@api.route(route="inspect/{id:int?}", methods=["GET", "POST"], auth_level=func.AuthLevel.ANONYMOUS)
+@api.route(route="inspect", methods=["GET", "POST"], auth_level=func.AuthLevel.ANONYMOUS)
 def inspect_request(req: func.HttpRequest, context: func.Context) -> func.HttpResponse:
     """Echo what the function received, so tests can check what the host built."""
     return _json(
@@ -65,9 +65,14 @@ def boom(req: func.HttpRequest) -> func.HttpResponse:
     raise RuntimeError("secret internal detail")
 
 
-@api.route(route="files/{*path}", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
-def files(req: func.HttpRequest) -> str:
-    return "path=" + req.route_params.get("path", "")
+@api.route(route="orders/{orderId}/lines/{line}", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def order_line(req: func.HttpRequest) -> str:
+    return f"order={req.route_params['orderId']} line={req.route_params['line']}"
+
+
+@api.route(route="orders/latest/lines/{line}", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def latest_order_line(req: func.HttpRequest) -> str:
+    return f"latest line={req.route_params['line']}"
 
 
 @api.route(route="slow", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
