@@ -130,7 +130,8 @@ def _error_fields(response: requests.Response) -> tuple[str, str]:
     except ValueError:
         return "", (response.text or "")[:300]
     if isinstance(body, dict):
-        inner = body.get("error") if isinstance(body.get("error"), dict) else body
+        error = body.get("error")
+        inner = error if isinstance(error, dict) else body
         return str(inner.get("code", "")), str(inner.get("message", ""))[:500]
     return "", ""
 

@@ -46,7 +46,10 @@ class Services:
         """Built on first use: only the webhook needs PyJWT and the signing keys."""
         from shared.webhook_auth import WebhookAuthenticator
 
-        return self._once("webhook_authenticator", lambda: WebhookAuthenticator.from_settings(self.settings))
+        return self._once(
+            "webhook_authenticator",
+            lambda: WebhookAuthenticator.from_settings(self.settings, clock=lambda: self.clock().timestamp()),
+        )
 
     @property
     def policy(self):

@@ -16,10 +16,13 @@ import hashlib
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jwt
 import pytest
@@ -28,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 
 from devtools.marketplace_standin import MARKETPLACE_APP_ID
 from shared import webhook_auth
+from shared.domain import utc_now
 from shared.errors import ConfigurationError, UnauthorizedError
 from shared.webhook_auth import SigningKeysUnavailableError, WebhookAuthenticator
 
@@ -314,6 +318,7 @@ def test_key_rotation_is_accepted_after_one_refresh(standin, services, devhost):
     jwks_before = standin.calls["jwks"]
 
     new_kid = standin.rotate_key()
+    services.clock = lambda: utc_now() + timedelta(seconds=webhook_auth.MIN_REFRESH_SECONDS + 1)  # the keys are a minute old
     second = standin.trigger(second_sub, "Suspend")
 
     assert jwt.get_unverified_header(standin.sign_token())["kid"] == new_kid
@@ -340,6 +345,12 @@ def test_signing_keys_unreachable_is_5xx_not_401(standin, services, devhost, htt
     assert standin.get_operation(operation_id)["status"] == "InProgress"  # a 4xx would have rejected it
 
     standin.clear_faults()
+    # Backing off the failing endpoint: Microsoft's retry right away is still a 5xx, with no call out ...
+    metadata_calls = standin.calls["openid_config"]
+    assert 500 <= _post(http, devhost, body, "Bearer " + standin.sign_token()).status_code < 600
+    assert standin.calls["openid_config"] == metadata_calls
+    # ... and once the backoff has passed (the clock moves; nothing sleeps), the retry goes through.
+    services.clock = lambda: utc_now() + timedelta(seconds=webhook_auth.BACKOFF_FIRST_SECONDS + 1)
     retried = _post(http, devhost, body, "Bearer " + standin.sign_token())
     assert retried.status_code == 200, retried.text
     assert services.repository.get(subscription_id).record.quantity == 8
@@ -373,30 +384,27 @@ def test_webhook_auth_none_is_refused_at_start_up_in_azure(make_services):
 
 
 class FakeClock:
-    """Stands in for the ``time`` module inside shared.webhook_auth (monotonic only is used there)."""
+    """The key cache's injected clock (epoch seconds), moved by the tests instead of sleeping."""
 
     def __init__(self) -> None:
-        self.now = 1000.0
+        self.now = time.time()
 
-    def monotonic(self) -> float:
+    def __call__(self) -> float:
         return self.now
-
-    def time(self) -> float:
-        return time.time()
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
 
 
 @pytest.fixture
-def clock(monkeypatch):
-    fake = FakeClock()
-    monkeypatch.setattr(webhook_auth, "time", fake)
-    return fake
+def clock():
+    return FakeClock()
 
 
-def _authenticator(standin, audience: str) -> WebhookAuthenticator:
-    return WebhookAuthenticator(tenant_id=standin.tenant_id, audience=audience, metadata_url=standin.openid_config_url)
+def _authenticator(standin, audience: str, clock: FakeClock | None = None) -> WebhookAuthenticator:
+    return WebhookAuthenticator(
+        tenant_id=standin.tenant_id, audience=audience, metadata_url=standin.openid_config_url, clock=clock or time.time
+    )
 
 
 def test_webhook_audience_setting_replaces_the_client_id(standin, make_services):
@@ -411,7 +419,7 @@ def test_webhook_audience_setting_replaces_the_client_id(standin, make_services)
 
 
 def test_keys_are_fetched_once_and_cached(standin, services, clock):
-    authenticator = _authenticator(standin, services.settings.marketplace_client_id)
+    authenticator = _authenticator(standin, services.settings.marketplace_client_id, clock)
     tokens = [standin.sign_token(), standin.sign_token(version="1.0")] * 10
 
     for token in tokens:
@@ -425,7 +433,7 @@ def test_keys_are_fetched_once_and_cached(standin, services, clock):
 
 
 def test_keys_are_refetched_when_older_than_a_day(standin, services, clock):
-    authenticator = _authenticator(standin, services.settings.marketplace_client_id)
+    authenticator = _authenticator(standin, services.settings.marketplace_client_id, clock)
     authenticator.authenticate("Bearer " + standin.sign_token())
     clock.advance(webhook_auth.MAX_KEY_AGE_SECONDS + 1)
     authenticator.authenticate("Bearer " + standin.sign_token())
@@ -434,7 +442,7 @@ def test_keys_are_refetched_when_older_than_a_day(standin, services, clock):
 
 def test_unknown_kids_refresh_the_keys_at_most_once_per_interval(standin, services, clock):
     """A flood of tokens with made-up kids must not turn into a flood of metadata fetches."""
-    authenticator = _authenticator(standin, services.settings.marketplace_client_id)
+    authenticator = _authenticator(standin, services.settings.marketplace_client_id, clock)
     authenticator.authenticate("Bearer " + standin.sign_token())
     assert authenticator.keys.fetch_count == 1
 
@@ -442,16 +450,17 @@ def test_unknown_kids_refresh_the_keys_at_most_once_per_interval(standin, servic
         return "Bearer " + standin.sign_token(headers_overrides={"kid": uuid.uuid4().hex}, key=standin.other_key())
 
     for _ in range(10):
-        with pytest.raises(UnauthorizedError, match="key"):
+        # The keys were just read and the token is newer: not decidable yet, so 5xx (never 401).
+        with pytest.raises(SigningKeysUnavailableError):
             authenticator.authenticate(unknown_kid())
         clock.advance(1)
-    assert authenticator.keys.fetch_count <= 2
+    assert authenticator.keys.attempt_count == 1
     jwks_calls = standin.calls["jwks"]
 
-    clock.advance(webhook_auth.REFRESH_INTERVAL_SECONDS + 1)
-    with pytest.raises(UnauthorizedError, match="key"):
+    clock.advance(webhook_auth.MIN_REFRESH_SECONDS + 1)
+    with pytest.raises(UnauthorizedError, match="key"):  # refreshed for it: fresh keys do not hold it
         authenticator.authenticate(unknown_kid())
-    with pytest.raises(UnauthorizedError, match="key"):
+    with pytest.raises(SigningKeysUnavailableError):  # and the next one cannot refresh again so soon
         authenticator.authenticate(unknown_kid())
     assert standin.calls["jwks"] == jwks_calls + 2  # exactly one refresh (v2 + v1 key sets) in the new interval
     # Known kids keep working throughout, without fetching.
@@ -459,11 +468,25 @@ def test_unknown_kids_refresh_the_keys_at_most_once_per_interval(standin, servic
     assert standin.calls["jwks"] == jwks_calls + 2
 
 
+def test_an_old_token_with_a_kid_unknown_to_keys_read_after_it_is_401(standin, services, clock):
+    authenticator = _authenticator(standin, services.settings.marketplace_client_id, clock)
+    issued = int(clock())
+    token = standin.sign_token(
+        {"iat": issued, "nbf": issued, "exp": issued + 3600},
+        headers_overrides={"kid": "gone-" + uuid.uuid4().hex},
+        key=standin.other_key(),
+    )
+    clock.advance(webhook_auth.ISSUED_AT_MARGIN_SECONDS + 60)
+    authenticator.authenticate("Bearer " + standin.sign_token())  # keys read 11 minutes after it was issued
+    with pytest.raises(UnauthorizedError, match="key"):
+        authenticator.authenticate("Bearer " + token)
+
+
 def test_rotated_key_is_accepted_after_exactly_one_refresh(standin, services, clock):
-    authenticator = _authenticator(standin, services.settings.marketplace_client_id)
+    authenticator = _authenticator(standin, services.settings.marketplace_client_id, clock)
     authenticator.authenticate("Bearer " + standin.sign_token())
     old_token = standin.sign_token()
-    clock.advance(5)
+    clock.advance(webhook_auth.MIN_REFRESH_SECONDS + 1)
 
     new_kid = standin.rotate_key()
     claims = authenticator.authenticate("Bearer " + standin.sign_token())
@@ -477,7 +500,7 @@ def test_rotated_key_is_accepted_after_exactly_one_refresh(standin, services, cl
 
 
 def test_retired_key_is_refused_once_the_keys_are_refreshed(standin, services, clock):
-    authenticator = _authenticator(standin, services.settings.marketplace_client_id)
+    authenticator = _authenticator(standin, services.settings.marketplace_client_id, clock)
     old_token = standin.sign_token()
     authenticator.authenticate("Bearer " + old_token)
 
@@ -490,7 +513,7 @@ def test_retired_key_is_refused_once_the_keys_are_refreshed(standin, services, c
 
 
 def test_unreachable_metadata_is_a_retryable_error(standin, services, clock):
-    authenticator = _authenticator(standin, services.settings.marketplace_client_id)
+    authenticator = _authenticator(standin, services.settings.marketplace_client_id, clock)
     standin.fail_next(4, status=503, path_contains="/discovery/")
 
     with pytest.raises(SigningKeysUnavailableError) as raised:
@@ -498,4 +521,165 @@ def test_unreachable_metadata_is_a_retryable_error(standin, services, clock):
     assert raised.value.http_status >= 500
 
     standin.clear_faults()
+    clock.advance(webhook_auth.BACKOFF_FIRST_SECONDS + 1)
     assert authenticator.authenticate("Bearer " + standin.sign_token())["tid"] == standin.tenant_id
+
+
+# --------------------------------------------------------------------------------------------------
+# the key cache under attack and under faults (hardening)
+
+
+def test_a_forged_kid_cannot_use_up_the_refresh_a_genuine_rotation_needs(standin, services, devhost, http):
+    """Before: one refresh per 5 minutes for everyone, so a forged random kid spent it and the genuine
+    webhook after Microsoft's key rotation got 401 (Microsoft reads that as a rejection)."""
+    t0 = utc_now()
+    services.clock = lambda: t0
+    *_, warm_body = _pending_operation(standin)
+    assert _post(http, devhost, warm_body, "Bearer " + standin.sign_token()).status_code == 200  # keys read at t0
+
+    services.clock = lambda: t0 + timedelta(seconds=61)
+    forged = "Bearer " + standin.sign_token(headers_overrides={"kid": uuid.uuid4().hex}, key=standin.other_key())
+    _, _, other_body = _pending_operation(standin)
+    assert _post(http, devhost, other_body, forged).status_code == 401  # it got its refresh, and a 401
+
+    standin.rotate_key()  # Microsoft rotates right after
+    subscription_id, operation_id, body = _pending_operation(standin, "ChangeQuantity", quantity=8)
+    services.clock = lambda: t0 + timedelta(seconds=80)
+    genuine = "Bearer " + standin.sign_token()
+    answer = _post(http, devhost, body, genuine)
+    assert 500 <= answer.status_code < 600, answer.text  # not decidable yet: retry, never a rejection
+    assert standin.get_operation(operation_id)["status"] == "InProgress"
+    _assert_nothing_stored(services, subscription_id, operation_id)
+
+    services.clock = lambda: t0 + timedelta(seconds=125)  # Microsoft's retry, the keys a minute old
+    retried = _post(http, devhost, body, genuine)
+    assert retried.status_code == 200, retried.text
+    assert services.repository.get(subscription_id).record.quantity == 8
+
+
+def test_a_down_endpoint_costs_one_attempt_per_backoff_period(standin, services, clock):
+    """Before: with no keys cached, every request tried again (4 calls out per request)."""
+    authenticator = _authenticator(standin, services.settings.marketplace_client_id, clock)
+    standin.fail_next(10_000, status=503, path_contains="openid-configuration")
+    for _ in range(20):
+        with pytest.raises(SigningKeysUnavailableError):
+            authenticator.authenticate("Bearer " + standin.sign_token())
+    assert standin.calls["openid_config"] == 2  # one attempt (the v2 and v1 documents)
+    clock.advance(webhook_auth.BACKOFF_FIRST_SECONDS + 0.1)
+    for _ in range(20):
+        with pytest.raises(SigningKeysUnavailableError):
+            authenticator.authenticate("Bearer " + standin.sign_token())
+    assert standin.calls["openid_config"] == 4  # one more attempt; the next waits twice as long
+    clock.advance(webhook_auth.BACKOFF_FIRST_SECONDS + 0.1)
+    with pytest.raises(SigningKeysUnavailableError):
+        authenticator.authenticate("Bearer " + standin.sign_token())
+    assert standin.calls["openid_config"] == 4
+    standin.clear_faults()
+    clock.advance(2 * webhook_auth.BACKOFF_FIRST_SECONDS)
+    assert authenticator.authenticate("Bearer " + standin.sign_token())["tid"] == standin.tenant_id
+
+
+def test_cached_keys_keep_verifying_past_a_day_while_the_refresh_fails(standin, services, clock):
+    """Before: past 24 h a failing refresh made every webhook 503 although the cached keys verify."""
+    authenticator = _authenticator(standin, services.settings.marketplace_client_id, clock)
+    authenticator.authenticate("Bearer " + standin.sign_token())
+    clock.advance(webhook_auth.MAX_KEY_AGE_SECONDS + 1)
+    standin.fail_next(10_000, status=503, path_contains="openid-configuration")
+    for _ in range(5):
+        assert authenticator.authenticate("Bearer " + standin.sign_token())["tid"] == standin.tenant_id
+    assert authenticator.keys.attempt_count == 2  # the first fetch and one refresh attempt, then backoff
+    standin.clear_faults()
+
+
+class _KeysServer:
+    """OpenID metadata and keys copied from the stand-in, served by a local server that can hang or
+    trickle: what a slow or hostile network path looks like to the key cache."""
+
+    def __init__(self, standin):
+        self.jwks = json.dumps(standin.jwks()).encode()
+        self.mode = "normal"  # "hang": wait for release; "trickle": one byte per 50 ms
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.bytes_sent = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                base = f"http://127.0.0.1:{self.server.server_address[1]}"
+                body = json.dumps({"jwks_uri": f"{base}/keys"}).encode() if "openid-configuration" in self.path else server.jwks
+                if server.mode == "hang" and "openid-configuration" in self.path:
+                    server.entered.set()
+                    server.release.wait(30)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if server.mode == "trickle":
+                    try:
+                        for byte in body:
+                            self.wfile.write(bytes([byte]))
+                            self.wfile.flush()
+                            server.bytes_sent += 1
+                            time.sleep(0.05)
+                    except OSError:
+                        return  # the client gave up
+                    return
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/tenant/v2.0/.well-known/openid-configuration"
+
+    def close(self):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_cached_kid_never_waits_for_a_refresh_in_progress(standin, clock):
+    """Before: one global lock; concurrent webhooks queued behind a slow metadata endpoint."""
+    server = _KeysServer(standin)
+    try:
+        keys = webhook_auth.SigningKeys([server.url], clock=clock)
+        kid = jwt.get_unverified_header(standin.sign_token())["kid"]
+        assert keys.get(kid) is not None
+        clock.advance(webhook_auth.MIN_REFRESH_SECONDS + 1)
+        server.mode = "hang"
+        outcome: list = []
+        refresher = threading.Thread(target=lambda: outcome.append(_safe_get(keys, "rotated-" + uuid.uuid4().hex)))
+        refresher.start()
+        assert server.entered.wait(10)  # the refresh is in progress, stuck on the endpoint
+        assert keys.get(kid) is not None  # served from memory while it hangs
+        assert refresher.is_alive()
+        server.release.set()
+        refresher.join(30)
+        assert outcome and outcome[0] is None  # the refreshed keys do not hold a made-up kid: 401
+    finally:
+        server.close()
+
+
+def _safe_get(keys, kid: str):
+    try:
+        return keys.get(kid)
+    except SigningKeysUnavailableError as error:
+        return error
+
+
+def test_a_trickling_metadata_server_cannot_hold_a_request_past_its_deadline(standin):
+    """Before: a per-read timeout only, so one byte a second held a webhook for 48 s."""
+    from shared.deadline import deadline_scope
+
+    server = _KeysServer(standin)
+    server.mode = "trickle"
+    try:
+        keys = webhook_auth.SigningKeys([server.url])
+        with deadline_scope(1.0), pytest.raises(SigningKeysUnavailableError):
+            keys.get("any")
+        document_size = len(json.dumps({"jwks_uri": server.url}))
+        assert server.bytes_sent < document_size  # given up mid-document, at the deadline
+    finally:
+        server.close()
