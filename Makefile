@@ -45,7 +45,7 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: setup-test
+test: setup-test lint
 	$(PY) -m pytest
 
 unit: setup

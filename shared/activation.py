@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from shared import state_machine as sm
 from shared.domain import SubscriptionStatus
@@ -24,6 +25,9 @@ from shared.errors import MarketplaceBadRequestError, MarketplaceError, Marketpl
 from shared.events import build_event_document
 from shared.observability import current_correlation_id
 from shared.state_machine import Change, Kind, LocalStatus, Source, SubscriptionRecord
+
+if TYPE_CHECKING:
+    from shared.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +52,19 @@ class Activation:
     error: MarketplaceError | None = None
 
 
-def _change(services, kind: Kind, source: Source, actor: str, **extra) -> Change:
+def _change(services: Services, kind: Kind, source: Source, actor: str, **extra) -> Change:
     return Change(
         kind=kind, source=source, occurred_at=services.clock(), actor=actor, correlation_id=current_correlation_id(), **extra
     )
 
 
-def _record(services, subscription_id: str, change: Change) -> sm.Outcome | None:
+def _record(services: Services, subscription_id: str, change: Change) -> sm.Outcome | None:
     return services.repository.apply(
         subscription_id, lambda record: sm.apply(record, change, now=services.clock()), build_event=build_event_document
     )
 
 
-def request_operator_activation(services, subscription_id: str, actor: str, source: Source) -> Activation:
+def request_operator_activation(services: Services, subscription_id: str, actor: str, source: Source) -> Activation:
     """Manual mode: record PendingActivation once; an active or cancelled subscription is left alone."""
     change = _change(services, Kind.REQUEST_ACTIVATION, source, actor)
 
@@ -75,7 +79,7 @@ def request_operator_activation(services, subscription_id: str, actor: str, sour
     return _nothing_to_do(services, subscription_id, otherwise=ActivationResult.PENDING_OPERATOR)
 
 
-def _nothing_to_do(services, subscription_id: str, *, otherwise: ActivationResult) -> Activation:
+def _nothing_to_do(services: Services, subscription_id: str, *, otherwise: ActivationResult) -> Activation:
     """Why a request recorded nothing: unknown, already active, cancelled, or ``otherwise``."""
     stored = services.repository.get(subscription_id)
     record = stored.record if stored else None
@@ -88,7 +92,7 @@ def _nothing_to_do(services, subscription_id: str, *, otherwise: ActivationResul
     return Activation(otherwise, record)
 
 
-def activate(services, subscription_id: str, *, actor: str, source: Source, force_retry: bool = False) -> Activation:
+def activate(services: Services, subscription_id: str, *, actor: str, source: Source, force_retry: bool = False) -> Activation:
     """Activate once, however many callers ask at the same time."""
     now = services.clock()
 
@@ -122,7 +126,7 @@ def activate(services, subscription_id: str, *, actor: str, source: Source, forc
     return _read_back(services, subscription_id, record, actor, source)
 
 
-def _read_back(services, subscription_id: str, record: SubscriptionRecord, actor: str, source: Source) -> Activation:
+def _read_back(services: Services, subscription_id: str, record: SubscriptionRecord, actor: str, source: Source) -> Activation:
     try:
         subscription = services.marketplace.get_subscription(subscription_id)
     except MarketplaceError as error:
@@ -136,7 +140,7 @@ def _read_back(services, subscription_id: str, record: SubscriptionRecord, actor
     return Activation(ActivationResult.REQUESTED, record)
 
 
-def _after_refusal(services, subscription_id: str, actor: str, source: Source, error: MarketplaceError) -> Activation:
+def _after_refusal(services: Services, subscription_id: str, actor: str, source: Source, error: MarketplaceError) -> Activation:
     """400/404 from Activate: Microsoft's own record tells whether it is already done."""
     try:
         subscription = services.marketplace.get_subscription(subscription_id)
@@ -157,7 +161,7 @@ def _after_refusal(services, subscription_id: str, actor: str, source: Source, e
     return Activation(ActivationResult.FAILED, failed, error)
 
 
-def _record_quietly(services, subscription_id: str, change: Change) -> SubscriptionRecord | None:
+def _record_quietly(services: Services, subscription_id: str, change: Change) -> SubscriptionRecord | None:
     """Record a follow-up; if storage fails now, the reconciler repairs it from Microsoft's record."""
     try:
         outcome = _record(services, subscription_id, change)

@@ -22,7 +22,10 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from shared.services import Services
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -101,7 +104,7 @@ def _status_value(text: str) -> str:
 # commands
 
 
-def cmd_list(services, args, out: TextIO) -> int:
+def cmd_list(services: Services, args, out: TextIO) -> int:
     status = _status_value(args.status) if args.status else ""
     records = sorted(
         services.repository.list_records(status=status, offer_id=args.offer or "", plan_id=args.plan or ""),
@@ -133,7 +136,7 @@ def cmd_list(services, args, out: TextIO) -> int:
     return EXIT_OK
 
 
-def cmd_show(services, args, out: TextIO) -> int:
+def cmd_show(services: Services, args, out: TextIO) -> int:
     stored = services.repository.get(args.subscription_id)
     if stored is None:
         if args.json:
@@ -189,7 +192,7 @@ def cmd_show(services, args, out: TextIO) -> int:
 EXPLAIN_LIMIT = 100  # dry run: field-level detail for this many differences (one read each side)
 
 
-def _explain(services, differences: list[dict[str, Any]]) -> None:
+def _explain(services: Services, differences: list[dict[str, Any]]) -> None:
     """Dry run: add the differing fields (ours -> Microsoft's) to status and detail drift."""
     from shared import state_machine as sm
     from shared.errors import AppError
@@ -255,7 +258,7 @@ def _print_summary(out: TextIO, summary: dict[str, Any], *, what: str) -> None:
         out.write("  Out of time: a checkpoint was saved; run again to continue.\n")
 
 
-def cmd_reconcile(services, args, out: TextIO) -> int:
+def cmd_reconcile(services: Services, args, out: TextIO) -> int:
     from shared.reconcile import run_reconciliation
 
     summary = run_reconciliation(services, dry_run=args.dry_run, time_budget_seconds=args.time_budget)
@@ -282,7 +285,7 @@ def cmd_reconcile(services, args, out: TextIO) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def cmd_activate(services, args, out: TextIO) -> int:
+def cmd_activate(services: Services, args, out: TextIO) -> int:
     from shared.activation import ActivationResult, activate
     from shared.state_machine import Source
 
@@ -327,7 +330,7 @@ def cmd_activate(services, args, out: TextIO) -> int:
     return EXIT_OK if ok else EXIT_FAILED
 
 
-def cmd_replay(services, args, out: TextIO) -> int:
+def cmd_replay(services: Services, args, out: TextIO) -> int:
     from shared.reconcile import Reconciler
 
     reconciler = Reconciler(services, dry_run=args.dry_run, time_budget_seconds=args.time_budget)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from shared import state_machine as sm
@@ -29,6 +29,9 @@ from shared.form_tokens import issue_form_token, verify_form_token
 from shared.observability import current_correlation_id
 from shared.principal import SignedInUser
 from shared.state_machine import Change, Kind, LocalStatus, Source
+
+if TYPE_CHECKING:
+    from shared.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,7 @@ def restore_token(raw: str | None) -> str:
     return (raw or "").replace(" ", "+").strip()
 
 
-def _base_context(services, user: SignedInUser | None) -> dict[str, Any]:
+def _base_context(services: Services, user: SignedInUser | None) -> dict[str, Any]:
     settings = services.settings
     return {
         "brand_name": settings.brand_name,
@@ -64,23 +67,23 @@ def _base_context(services, user: SignedInUser | None) -> dict[str, Any]:
     }
 
 
-def _error_page(services, user, status: int, template: str, **extra) -> Page:
+def _error_page(services: Services, user, status: int, template: str, **extra) -> Page:
     return Page(status, template, {**_base_context(services, user), **extra})
 
 
-def _sign_in_page(services, token: str) -> Page:
+def _sign_in_page(services: Services, token: str) -> Page:
     back = "/api/landing?token=" + quote(token, safe="")
     login_url = "/.auth/login/aad?post_login_redirect_uri=" + quote(back, safe="")
     return _error_page(services, None, 401, "sign_in.html", login_url=login_url)
 
 
-def _unavailable(services, user, error: AppError) -> Page:
+def _unavailable(services: Services, user, error: AppError) -> Page:
     # 503 where retrying later helps (storage, Marketplace unavailable or throttled), else 502.
     status = 503 if http_status_for(error) == 503 else 502
     return _error_page(services, user, status, "unavailable.html")
 
 
-def _plan_name(services, subscription_id: str, plan_id: str) -> str:
+def _plan_name(services: Services, subscription_id: str, plan_id: str) -> str:
     try:
         for plan in services.marketplace.list_available_plans(subscription_id):
             if plan.plan_id == plan_id and plan.display_name:
@@ -90,7 +93,9 @@ def _plan_name(services, subscription_id: str, plan_id: str) -> str:
     return plan_id
 
 
-def _purchase_context(services, user, record: sm.SubscriptionRecord, subscription: Subscription | None) -> dict[str, Any]:
+def _purchase_context(
+    services: Services, user, record: sm.SubscriptionRecord, subscription: Subscription | None
+) -> dict[str, Any]:
     return {
         **_base_context(services, user),
         "record": record,
@@ -110,7 +115,7 @@ def _purchase_context(services, user, record: sm.SubscriptionRecord, subscriptio
     }
 
 
-def view_purchase(services, raw_token: str | None, user: SignedInUser | None) -> Page:
+def view_purchase(services: Services, raw_token: str | None, user: SignedInUser | None) -> Page:
     """GET /api/landing?token=...: resolve, record, and show the purchase."""
     token = restore_token(raw_token)
     if not token:
@@ -144,7 +149,13 @@ def view_purchase(services, raw_token: str | None, user: SignedInUser | None) ->
 
     try:
         outcome = services.repository.apply(subscription.id, decide, build_event=build_event_document)
-        record = outcome.record if outcome else services.repository.get(subscription.id).record
+        if outcome is not None:
+            record = outcome.record
+        else:
+            stored = services.repository.get(subscription.id)
+            if stored is None:  # written a moment ago, gone now: let the buyer retry
+                raise StorageUnavailableError("the purchase record could not be read back")
+            record = stored.record
     except StorageUnavailableError as error:
         return _unavailable(services, user, error)
 
@@ -165,7 +176,7 @@ def view_purchase(services, raw_token: str | None, user: SignedInUser | None) ->
     return Page(200, "manage.html", context)
 
 
-def confirm_activation(services, subscription_id: str, form_token: str, user: SignedInUser | None) -> Page:
+def confirm_activation(services: Services, subscription_id: str, form_token: str, user: SignedInUser | None) -> Page:
     """POST /api/landing: check the form token, then activate exactly once."""
     if user is None and services.settings.landing_require_signin:
         return _error_page(services, None, 401, "sign_in_expired.html")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from shared import state_machine as sm
 from shared.domain import Action, Operation, OperationStatus, UpdateStatus, WebhookEvent
@@ -35,6 +36,9 @@ from shared.observability import current_correlation_id
 from shared.policy import PolicyDecision, PolicyRequest
 from shared.repository import OperationMarker, StoredRecord
 from shared.state_machine import Change, Kind, Source
+
+if TYPE_CHECKING:
+    from shared.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +92,7 @@ def parse_event(body: bytes, max_bytes: int) -> WebhookEvent:
         raise BadRequestError(str(error)) from error
 
 
-def _verify(services, event: WebhookEvent) -> Operation:
+def _verify(services: Services, event: WebhookEvent) -> Operation:
     """The authoritative operation from Microsoft; refuses events it does not confirm."""
     try:
         operation = services.marketplace.get_operation(event.subscription_id, event.id)
@@ -117,7 +121,7 @@ def _change_for(event: WebhookEvent, operation: Operation, services, kind: Kind,
     )
 
 
-def _ensure_known(services, subscription_id: str, as_of) -> StoredRecord | None:
+def _ensure_known(services: Services, subscription_id: str, as_of) -> StoredRecord | None:
     """A webhook for a subscription we never saw (auto-activation, lost landing visit): fetch and record it.
 
     The snapshot is dated at the event (``as_of``), not now: it is the state the event belongs to,
@@ -130,7 +134,7 @@ def _ensure_known(services, subscription_id: str, as_of) -> StoredRecord | None:
     return services.repository.get(subscription_id)  # the rare path: read it back with its ETag
 
 
-def _sync_from_microsoft(services, subscription_id: str, *, as_of, detail: str) -> None:
+def _sync_from_microsoft(services: Services, subscription_id: str, *, as_of, detail: str) -> None:
     """Record Microsoft's current record of the subscription, unless ours already matches it."""
     subscription = services.marketplace.get_subscription(subscription_id)
     change = Change(
@@ -179,7 +183,7 @@ def _answer(
     return decision, operation
 
 
-def handle_webhook(services, authorization: str | None, body: bytes) -> WebhookResult:
+def handle_webhook(services: Services, authorization: str | None, body: bytes) -> WebhookResult:
     settings = services.settings
     services.webhook_authenticator.authenticate(authorization)
     event = parse_event(body, settings.webhook_max_body_bytes)
@@ -204,7 +208,7 @@ def handle_webhook(services, authorization: str | None, body: bytes) -> WebhookR
 
 
 def apply_operation(
-    services, event: WebhookEvent, operation: Operation, *, marker: OperationMarker | None = None
+    services: Services, event: WebhookEvent, operation: Operation, *, marker: OperationMarker | None = None
 ) -> WebhookResult:
     """Steps 5-6 for a recorded operation (also used by the reconciler's replay).
 
@@ -248,7 +252,7 @@ def apply_operation(
     return WebhookResult(200, outcome.result.value if kind is not Kind.REFUSED else "refused", operation_id, subscription_id)
 
 
-def _adopt_current_record(services, subscription_id: str) -> None:
+def _adopt_current_record(services: Services, subscription_id: str) -> None:
     """A stale event means our record is newer than it, or a listing we synced was. When in doubt,
     Microsoft's current record decides (its list can lag behind an operation it just notified)."""
     _sync_from_microsoft(
