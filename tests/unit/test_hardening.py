@@ -22,7 +22,7 @@ class _StaticKeys:
     def __init__(self, key):
         self.key = key
 
-    def get(self, kid):
+    def get(self, kid, *, issued_at=None):
         return self.key if kid == "k1" else None
 
 
