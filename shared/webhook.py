@@ -154,10 +154,26 @@ def _sync_from_microsoft(services: Services, subscription_id: str, *, as_of, det
     services.repository.apply(subscription_id, decide, build_event=build_event_document)
 
 
+def _state_machine_refusal(
+    services: Services, event: WebhookEvent, operation: Operation, kind: Kind, record: sm.SubscriptionRecord | None
+) -> str:
+    """Why the state machine would refuse this change ("" if it would take it). Asked before
+    Microsoft is answered, so Microsoft is never told Success for a change we then refuse."""
+    if record is None:
+        return ""
+    trial = sm.apply(record, _change_for(event, operation, services, kind, occurred_at=services.clock()), now=services.clock())
+    if trial.result is not sm.Result.REJECTED:
+        return ""
+    return trial.history.detail or "refused by the state machine"
+
+
 def _answer(
-    services, event: WebhookEvent, operation: Operation, record: sm.SubscriptionRecord | None
+    services: Services, event: WebhookEvent, operation: Operation, record: sm.SubscriptionRecord | None, *, refusal: str = ""
 ) -> tuple[PolicyDecision, Operation]:
-    """Ask the policy and PATCH the operation; returns the decision and the settled operation."""
+    """Decide (state machine, then policy) and PATCH the operation with that decision; returns the
+    decision and the settled operation."""
+    if refusal:
+        return _send_answer(services, event, operation, PolicyDecision(False, refusal))
     request = PolicyRequest(
         action=operation.action.value,
         subscription_id=event.subscription_id,
@@ -171,6 +187,12 @@ def _answer(
     except Exception:  # a broken policy must not silently accept or reject: let Microsoft retry
         log.exception("publisher policy failed for operation %s", event.id)
         raise
+    return _send_answer(services, event, operation, decision)
+
+
+def _send_answer(
+    services: Services, event: WebhookEvent, operation: Operation, decision: PolicyDecision
+) -> tuple[PolicyDecision, Operation]:
     status = UpdateStatus.SUCCESS if decision.accepted else UpdateStatus.FAILURE
     try:
         services.marketplace.update_operation(event.subscription_id, event.id, status)
@@ -224,7 +246,9 @@ def apply_operation(
     if kind is None:
         kind, detail = Kind.UNKNOWN_ACTION, f"unknown action {event.operation.action_name!r}, left to reconciliation"
     elif operation.action in NEEDS_ANSWER and operation.status is OperationStatus.IN_PROGRESS:
-        decision, operation = _answer(services, event, operation, stored.record if stored else None)
+        record = stored.record if stored else None
+        refusal = _state_machine_refusal(services, event, operation, kind, record)
+        decision, operation = _answer(services, event, operation, record, refusal=refusal)
         if not decision.accepted:
             kind, detail = Kind.REFUSED, f"refused {operation.action.value}: {decision.reason}"
         else:

@@ -283,6 +283,22 @@ def test_policy_refusing_reinstate_keeps_the_subscription_suspended(wired, make_
     assert assert_settled_once(services, subscription_id, operation["id"], "recorded")["kind"] == "refused"
 
 
+def test_a_change_the_state_machine_refuses_is_answered_failure_before_anything_else(wired, services, devhost):
+    """Found by a probe: an InProgress Reinstate on a subscription we hold as Unsubscribed was answered
+    Success (Microsoft then showed Subscribed) and only afterwards refused by the state machine."""
+    subscription_id = known_subscription(wired, services, status="Suspended")
+    unsubscribe = Change(kind=Kind.UNSUBSCRIBE, source=Source.OPERATOR, occurred_at=services.clock())
+    services.repository.apply(subscription_id, lambda current: sm.apply(current, unsubscribe), build_event=build_event_document)
+    assert record(services, subscription_id).status.value == "Unsubscribed"  # ours; Microsoft still says Suspended
+
+    operation = wired.trigger(subscription_id, "Reinstate")
+
+    assert [(p["operationId"], p["status"]) for p in wired.patches] == [(operation["id"], "Failure")]
+    assert wired.get_subscription(subscription_id)["saasSubscriptionStatus"] == "Suspended"  # not Subscribed
+    assert record(services, subscription_id).status.value == "Unsubscribed"
+    assert assert_settled_once(services, subscription_id, operation["id"], "recorded")["kind"] == "refused"
+
+
 def test_broken_policy_is_retried_not_guessed(wired, make_services, devhost):
     """A policy that raises must neither accept nor reject: 5xx, no PATCH, the next delivery decides."""
     services = make_services(PUBLISHER_POLICY="tests.policies:broken")
