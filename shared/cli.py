@@ -17,12 +17,15 @@ to standard error.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+
+from shared.ids import is_marketplace_id
 
 if TYPE_CHECKING:
     from shared.services import Services
@@ -33,7 +36,20 @@ EXIT_USAGE = 2
 
 
 class _UsageError(Exception):
-    """A usage problem found after parsing (e.g. an unknown status)."""
+    """A usage problem (argparse's, or found after parsing, e.g. an unknown status)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so usage errors get the same handling (and JSON)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(message)
+
+
+def _subscription_id(text: str) -> str:
+    if not is_marketplace_id(text):
+        raise argparse.ArgumentTypeError("a subscription id is a GUID")
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,12 +395,12 @@ def _positive_seconds(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     # SUPPRESS: `--json` before or after the command both work.
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON document")
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress to stderr")
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m shared.cli",
         description="Operate the marketplace SaaS integration with the app's own settings (environment variables).",
         parents=[common],
@@ -398,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", help="plan id")
 
     p = commands.add_parser("show", parents=[common], help="one subscription with its full history")
-    p.add_argument("subscription_id", metavar="SUBSCRIPTION_ID")
+    p.add_argument("subscription_id", metavar="SUBSCRIPTION_ID", type=_subscription_id)
 
     p = commands.add_parser("reconcile", parents=[common], help="compare with Microsoft and repair the differences")
     p.add_argument("--dry-run", action="store_true", help="only print the differences; change nothing")
@@ -410,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = commands.add_parser("activate", parents=[common], help="activate a subscription (ACTIVATION_MODE=manual)")
-    p.add_argument("subscription_id", metavar="SUBSCRIPTION_ID")
+    p.add_argument("subscription_id", metavar="SUBSCRIPTION_ID", type=_subscription_id)
 
     p = commands.add_parser("replay", parents=[common], help="finish webhook operations recorded but never applied")
     p.add_argument("--dry-run", action="store_true", help="only list them")
@@ -428,11 +444,20 @@ def _configure_logging(verbose: bool) -> None:
 
 def main(argv: list[str] | None = None, *, services=None, out: TextIO | None = None) -> int:
     out = out if out is not None else sys.stdout
+    if out is sys.stdout and isinstance(out, io.TextIOWrapper):
+        out.reconfigure(errors="backslashreplace")  # whatever a record holds, printing it never fails
     parser = build_parser()
+    arguments = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # argparse: usage errors (2) and --help (0)
+        args = parser.parse_args(arguments)
+    except SystemExit as exit_:  # --help
         return int(exit_.code or 0)
+    except _UsageError as error:
+        if "--json" in arguments:
+            _emit_json(out, {"error": "usage", "message": str(error)})
+        parser.print_usage(sys.stderr)
+        _stderr(f"{parser.prog}: error: {error}")
+        return EXIT_USAGE
     args.json = getattr(args, "json", False)
     args.verbose = getattr(args, "verbose", False)
     args.time_budget = getattr(args, "time_budget", None)

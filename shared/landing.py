@@ -26,6 +26,7 @@ from shared.errors import (
 )
 from shared.events import build_event_document
 from shared.form_tokens import issue_form_token, verify_form_token
+from shared.ids import is_marketplace_id
 from shared.observability import current_correlation_id
 from shared.principal import SignedInUser
 from shared.state_machine import Change, Kind, LocalStatus, Source
@@ -181,6 +182,9 @@ def confirm_activation(services: Services, subscription_id: str, form_token: str
     if user is None and services.settings.landing_require_signin:
         return _error_page(services, None, 401, "sign_in_expired.html")
     subscription_id = (subscription_id or "").strip()
+    if not is_marketplace_id(subscription_id):
+        log.warning("landing form refused: the subscription id is not a GUID")
+        return _error_page(services, user, 400, "forbidden.html", reason="the form does not name a subscription")
     try:
         verify_form_token(
             services.settings.landing_form_secret,

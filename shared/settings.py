@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from shared.errors import ConfigurationError
 
@@ -218,6 +219,24 @@ def _text(env: Mapping[str, str], name: str) -> str:
     return (env.get(name) or _DEFAULTS[name] or "").strip()
 
 
+_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def _web_url(env: Mapping[str, str], name: str, problems: list[str]) -> str:
+    """An optional URL that is rendered into pages or called: https only (http for this machine).
+    Anything else (javascript:, data:, a typo) is a start-up problem, not something a CSP must stop."""
+    value = _text(env, name)
+    if not value:
+        return ""
+    parts = urlsplit(value)
+    secure = parts.scheme == "https" and bool(parts.hostname)
+    local = parts.scheme == "http" and (parts.hostname or "") in _LOCAL_HOSTS
+    if not (secure or local) or any(ch.isspace() or ord(ch) < 32 for ch in value):
+        problems.append(f"{name} must be an https:// URL (http:// only for localhost)")
+        return ""
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     marketplace_api_base_url: str = DEFAULT_API_BASE_URL
@@ -326,7 +345,7 @@ class Settings:
         base_url = _text(env, "MARKETPLACE_API_BASE_URL").rstrip("/")
         if not base_url.startswith(("https://", "http://")):
             problems.append("MARKETPLACE_API_BASE_URL must be an http(s) URL")
-        events_webhook_url = _text(env, "EVENTS_WEBHOOK_URL")
+        events_webhook_url = _web_url(env, "EVENTS_WEBHOOK_URL", problems)
         events_webhook_secret = _text(env, "EVENTS_WEBHOOK_SECRET")
         if events_webhook_url and not events_webhook_secret:
             problems.append("EVENTS_WEBHOOK_SECRET is required when EVENTS_WEBHOOK_URL is set")
@@ -351,11 +370,11 @@ class Settings:
             reconcile_activation_retry_limit=_int(env, "RECONCILE_ACTIVATION_RETRY_LIMIT", problems, minimum=0),
             reconcile_operation_deadline_seconds=_int(env, "RECONCILE_OPERATION_DEADLINE_SECONDS", problems),
             activation_mode=activation_mode,
-            saas_app_url=_text(env, "SAAS_APP_URL"),
+            saas_app_url=_web_url(env, "SAAS_APP_URL", needs[LANDING_PAGE]),
             landing_require_signin=_flag(env, "LANDING_REQUIRE_SIGNIN", problems),
             landing_form_secret=form_secret,
             brand_name=_text(env, "BRAND_NAME"),
-            brand_logo_url=_text(env, "BRAND_LOGO_URL"),
+            brand_logo_url=_web_url(env, "BRAND_LOGO_URL", needs[LANDING_PAGE]),
             support_email=_text(env, "SUPPORT_EMAIL"),
             webhook_auth=webhook_auth,
             webhook_audience=_text(env, "WEBHOOK_AUDIENCE") or client_id,

@@ -32,6 +32,7 @@ from shared.errors import (
     MarketplaceNotFoundError,
 )
 from shared.events import build_event_document
+from shared.ids import require_marketplace_id
 from shared.observability import current_correlation_id
 from shared.policy import PolicyDecision, PolicyRequest
 from shared.repository import OperationMarker, StoredRecord
@@ -87,9 +88,13 @@ def parse_event(body: bytes, max_bytes: int) -> WebhookEvent:
     except (UnicodeDecodeError, ValueError) as error:
         raise BadRequestError("body is not valid JSON") from error
     try:
-        return WebhookEvent.from_api(data)
+        event = WebhookEvent.from_api(data)
     except ValueError as error:
         raise BadRequestError(str(error)) from error
+    # They become storage keys and Marketplace URL segments: GUIDs only, refused before any I/O.
+    require_marketplace_id(event.subscription_id, "subscriptionId")
+    require_marketplace_id(event.id, "id")
+    return event
 
 
 def _verify(services: Services, event: WebhookEvent) -> Operation:

@@ -227,23 +227,27 @@ def _all_pages(**settings):
     pages["no_token"] = landing.view_purchase(services, "", user)
     pages["sign_in"] = landing.view_purchase(make(), "tok+en/==", None)
     pages["invalid_token"] = landing.view_purchase(services, "unknown", user)
-    confirm = landing.view_purchase(services, purchase("s-confirm"), user)
+    confirm = landing.view_purchase(services, purchase("113ba2cc-a164-590a-813a-610bde26bc45"), user)
     pages["confirm"] = confirm
-    pages["forbidden"] = landing.confirm_activation(services, "s-confirm", "bad", user)
-    pages["success"] = landing.confirm_activation(services, "s-confirm", confirm.context["form_token"], user)
+    pages["forbidden"] = landing.confirm_activation(services, "113ba2cc-a164-590a-813a-610bde26bc45", "bad", user)
+    pages["success"] = landing.confirm_activation(
+        services, "113ba2cc-a164-590a-813a-610bde26bc45", confirm.context["form_token"], user
+    )
     for status in ("Subscribed", "Suspended", "Unsubscribed"):
         pages["returning " + status] = landing.view_purchase(services, purchase("s-" + status, status), user)
     market.activation_completes = False
-    pending = landing.view_purchase(services, purchase("s-async"), user)
-    pages["requested"] = landing.confirm_activation(services, "s-async", pending.context["form_token"], user)
-    pages["activating"] = landing.view_purchase(services, "tok-s-async", user)
+    pending = landing.view_purchase(services, purchase("95a9165e-356e-51b5-8127-ab5f92038727"), user)
+    pages["requested"] = landing.confirm_activation(
+        services, "95a9165e-356e-51b5-8127-ab5f92038727", pending.context["form_token"], user
+    )
+    pages["activating"] = landing.view_purchase(services, "tok-95a9165e-356e-51b5-8127-ab5f92038727", user)
     manual = make(ACTIVATION_MODE="manual")
-    manual.marketplace.add("s-manual", name=XSS, token="tok-manual")
+    manual.marketplace.add("50c04129-eaa3-5e2a-8154-f34ebb84bb7a", name=XSS, token="tok-manual")
     form = landing.view_purchase(manual, "tok-manual", user).context["form_token"]
-    pages["pending_operator"] = landing.confirm_activation(manual, "s-manual", form, user)
-    pages["sign_in_expired"] = landing.confirm_activation(services, "s-confirm", "x", None)
+    pages["pending_operator"] = landing.confirm_activation(manual, "50c04129-eaa3-5e2a-8154-f34ebb84bb7a", form, user)
+    pages["sign_in_expired"] = landing.confirm_activation(services, "113ba2cc-a164-590a-813a-610bde26bc45", "x", None)
     down = make()
-    down.marketplace.add("s-down", token="tok-down")
+    down.marketplace.add("7b2e1d87-5438-562f-8557-e3fa0e42455f", token="tok-down")
     down.repository.down = True
     pages["unavailable"] = landing.view_purchase(down, "tok-down", user)
     return pages

@@ -119,7 +119,7 @@ def test_form_token_swapped_or_forged_is_refused_and_changes_nothing(services):
     page = view_purchase(services, TOKEN, USER)
     token = _form_token(page)
     assert confirm_activation(services, SUB, token, OTHER_USER).status == 403
-    assert confirm_activation(services, "other-subscription", token, USER).status == 403
+    assert confirm_activation(services, "a7ed91eb-d879-5d63-8d09-a48ab865fb7f", token, USER).status == 403
     assert confirm_activation(services, SUB, token[:-2] + "xx", USER).status == 403
     assert services.marketplace.activations == []
     assert services.repository.get(SUB).record.status is LocalStatus.PENDING_FULFILLMENT_START
@@ -180,31 +180,39 @@ def _body(operation_id, action, **fields) -> bytes:
 
 def test_webhook_suspend_applies_once(services):
     _known(services)
-    op = services.marketplace.add_operation("op-1", SUB, "Suspend", timeStamp="2026-11-02T00:00:00Z")
-    result = handle_webhook(services, None, _body("op-1", "Suspend", timeStamp=op["timeStamp"]))
+    op = services.marketplace.add_operation(
+        "727382df-0288-5872-9e5a-05089b71dde0", SUB, "Suspend", timeStamp="2026-11-02T00:00:00Z"
+    )
+    result = handle_webhook(services, None, _body("727382df-0288-5872-9e5a-05089b71dde0", "Suspend", timeStamp=op["timeStamp"]))
     assert result.result == "applied"
     assert services.repository.get(SUB).record.status is LocalStatus.SUSPENDED
-    duplicate = handle_webhook(services, None, _body("op-1", "Suspend"))
+    duplicate = handle_webhook(services, None, _body("727382df-0288-5872-9e5a-05089b71dde0", "Suspend"))
     assert (duplicate.status, duplicate.result) == (200, "duplicate")
     assert [h["kind"] for h in services.repository.history(SUB)].count("suspend") == 1
 
 
 def test_webhook_older_event_is_stale(services):
     _known(services)
-    services.marketplace.add_operation("op-new", SUB, "Suspend", timeStamp="2026-11-03T00:00:00Z")
-    services.marketplace.add_operation("op-old", SUB, "Reinstate", timeStamp="2026-11-02T00:00:00Z", status="Succeeded")
-    handle_webhook(services, None, _body("op-new", "Suspend"))
-    result = handle_webhook(services, None, _body("op-old", "Reinstate"))
+    services.marketplace.add_operation("adfe5d4b-600d-5203-9e34-8ab2c399dd46", SUB, "Suspend", timeStamp="2026-11-03T00:00:00Z")
+    services.marketplace.add_operation(
+        "ca539779-7e88-5059-852e-981fa1250b7b", SUB, "Reinstate", timeStamp="2026-11-02T00:00:00Z", status="Succeeded"
+    )
+    handle_webhook(services, None, _body("adfe5d4b-600d-5203-9e34-8ab2c399dd46", "Suspend"))
+    result = handle_webhook(services, None, _body("ca539779-7e88-5059-852e-981fa1250b7b", "Reinstate"))
     assert result.result == "stale"
     assert services.repository.get(SUB).record.status is LocalStatus.SUSPENDED
 
 
 def test_webhook_change_quantity_in_progress_is_answered_and_applied(services):
     _known(services)
-    services.marketplace.add_operation("op-q", SUB, "ChangeQuantity", status="InProgress", quantity=9)
-    result = handle_webhook(services, None, _body("op-q", "ChangeQuantity", quantity=9, status="InProgress"))
+    services.marketplace.add_operation(
+        "3d53e3cc-6ee2-592f-a2c7-2ff1d696b7f9", SUB, "ChangeQuantity", status="InProgress", quantity=9
+    )
+    result = handle_webhook(
+        services, None, _body("3d53e3cc-6ee2-592f-a2c7-2ff1d696b7f9", "ChangeQuantity", quantity=9, status="InProgress")
+    )
     assert result.result == "applied"
-    assert services.marketplace.updates == [(SUB, "op-q", "Success")]
+    assert services.marketplace.updates == [(SUB, "3d53e3cc-6ee2-592f-a2c7-2ff1d696b7f9", "Success")]
     assert services.repository.get(SUB).record.quantity == 9
 
 
@@ -215,37 +223,39 @@ def test_webhook_policy_refusal_patches_failure_and_keeps_state():
     services.marketplace.add(SUB, token=TOKEN, status="Subscribed", quantity=5)
     view_purchase(services, TOKEN, USER)
     services._lazy["policy"] = lambda request: PolicyDecision.refuse("seats in use")
-    services.marketplace.add_operation("op-q", SUB, "ChangeQuantity", status="InProgress", quantity=2)
-    result = handle_webhook(services, None, _body("op-q", "ChangeQuantity", quantity=2))
+    services.marketplace.add_operation(
+        "3d53e3cc-6ee2-592f-a2c7-2ff1d696b7f9", SUB, "ChangeQuantity", status="InProgress", quantity=2
+    )
+    result = handle_webhook(services, None, _body("3d53e3cc-6ee2-592f-a2c7-2ff1d696b7f9", "ChangeQuantity", quantity=2))
     assert result.result == "refused"
-    assert services.marketplace.updates == [(SUB, "op-q", "Failure")]
+    assert services.marketplace.updates == [(SUB, "3d53e3cc-6ee2-592f-a2c7-2ff1d696b7f9", "Failure")]
     assert services.repository.get(SUB).record.quantity == 5
 
 
 def test_webhook_for_unknown_subscription_fetches_and_records_it(services):
     services.marketplace.subscriptions[SUB]["saasSubscriptionStatus"] = "Subscribed"
-    services.marketplace.add_operation("op-s", SUB, "Subscribe", status="Succeeded")
-    result = handle_webhook(services, None, _body("op-s", "Subscribe"))
+    services.marketplace.add_operation("a812b4be-2da7-5ff2-8473-b147cb506482", SUB, "Subscribe", status="Succeeded")
+    result = handle_webhook(services, None, _body("a812b4be-2da7-5ff2-8473-b147cb506482", "Subscribe"))
     assert result.status == 200
     assert services.repository.get(SUB).record.status is LocalStatus.SUBSCRIBED
 
 
 def test_webhook_unknown_action_is_recorded(services):
     _known(services)
-    services.marketplace.add_operation("op-t", SUB, "Transfer", status="Succeeded")
-    result = handle_webhook(services, None, _body("op-t", "Transfer"))
+    services.marketplace.add_operation("1a07e6d2-2771-5ecd-94cd-0beedb33575a", SUB, "Transfer", status="Succeeded")
+    result = handle_webhook(services, None, _body("1a07e6d2-2771-5ecd-94cd-0beedb33575a", "Transfer"))
     assert (result.status, result.result) == (200, "recorded")
     assert services.repository.history(SUB)[-1]["kind"] == "unknown_action"
 
 
 def test_webhook_verification_mismatch_is_refused_and_records_nothing(services):
     _known(services)
-    services.marketplace.add_operation("op-x", SUB, "Reinstate", status="Succeeded")
+    services.marketplace.add_operation("db28a77e-17dc-5ee0-97c2-33e3a556b504", SUB, "Reinstate", status="Succeeded")
     with pytest.raises(VerificationFailedError):
-        handle_webhook(services, None, _body("op-x", "Unsubscribe"))
+        handle_webhook(services, None, _body("db28a77e-17dc-5ee0-97c2-33e3a556b504", "Unsubscribe"))
     with pytest.raises(VerificationFailedError):
-        handle_webhook(services, None, _body("op-unknown", "Suspend"))
-    assert services.repository.get_marker(SUB, "op-x") is None
+        handle_webhook(services, None, _body("5c06d23a-ad56-5487-9f1d-0e9460dce286", "Suspend"))
+    assert services.repository.get_marker(SUB, "db28a77e-17dc-5ee0-97c2-33e3a556b504") is None
     assert services.repository.get(SUB).record.status is LocalStatus.SUBSCRIBED
 
 
@@ -262,24 +272,24 @@ def test_webhook_oversized_body_is_refused(services):
 
 def test_webhook_transient_failures_are_5xx(services):
     _known(services)
-    services.marketplace.add_operation("op-1", SUB, "Suspend")
+    services.marketplace.add_operation("727382df-0288-5872-9e5a-05089b71dde0", SUB, "Suspend")
     services.marketplace.fail_with = errors.MarketplaceUnavailableError("timeout")
     with pytest.raises(errors.MarketplaceError) as caught:
-        handle_webhook(services, None, _body("op-1", "Suspend"))
+        handle_webhook(services, None, _body("727382df-0288-5872-9e5a-05089b71dde0", "Suspend"))
     assert errors.http_status_for(caught.value) >= 500
     services.marketplace.fail_with = None
     services.repository.down = True
     with pytest.raises(errors.StorageUnavailableError) as caught:
-        handle_webhook(services, None, _body("op-1", "Suspend"))
+        handle_webhook(services, None, _body("727382df-0288-5872-9e5a-05089b71dde0", "Suspend"))
     assert errors.http_status_for(caught.value) == 503
     services.repository.down = False
-    assert handle_webhook(services, None, _body("op-1", "Suspend")).result == "applied"
+    assert handle_webhook(services, None, _body("727382df-0288-5872-9e5a-05089b71dde0", "Suspend")).result == "applied"
 
 
 def test_webhook_fields_match_case_insensitively(services):
     _known(services)
-    services.marketplace.add_operation("op-c", SUB, "Suspend")
-    body = json.dumps({"Id": "op-c", "SubscriptionId": SUB, "Action": "suspend"}).encode()
+    services.marketplace.add_operation("c4345a62-70e3-5dd9-bef2-a74e29d1e95a", SUB, "Suspend")
+    body = json.dumps({"Id": "c4345a62-70e3-5dd9-bef2-a74e29d1e95a", "SubscriptionId": SUB, "Action": "suspend"}).encode()
     assert handle_webhook(services, None, body).result == "applied"
 
 
@@ -287,8 +297,8 @@ def test_stale_webhook_defers_to_microsofts_current_record(services):
     # Our record was synced (at the fake clock's now) from a listing that did not show the Suspend yet.
     _known(services)
     services.marketplace.subscriptions[SUB]["saasSubscriptionStatus"] = "Suspended"
-    services.marketplace.add_operation("op-s", SUB, "Suspend", timeStamp="2026-11-01T11:00:00Z")
-    result = handle_webhook(services, None, _body("op-s", "Suspend"))
+    services.marketplace.add_operation("a812b4be-2da7-5ff2-8473-b147cb506482", SUB, "Suspend", timeStamp="2026-11-01T11:00:00Z")
+    result = handle_webhook(services, None, _body("a812b4be-2da7-5ff2-8473-b147cb506482", "Suspend"))
     assert result.result == "stale"  # older than what we had applied...
     assert services.repository.get(SUB).record.status is LocalStatus.SUSPENDED  # ...but Microsoft's truth wins
     assert services.repository.history(SUB)[-1]["detail"].startswith("stale event")
@@ -296,7 +306,7 @@ def test_stale_webhook_defers_to_microsofts_current_record(services):
 
 def test_stale_duplicate_that_microsoft_agrees_with_writes_nothing_more(services):
     _known(services)
-    services.marketplace.add_operation("op-old", SUB, "Renew", timeStamp="2026-11-01T11:00:00Z")
+    services.marketplace.add_operation("ca539779-7e88-5059-852e-981fa1250b7b", SUB, "Renew", timeStamp="2026-11-01T11:00:00Z")
     before = len(services.repository.history(SUB))
-    assert handle_webhook(services, None, _body("op-old", "Renew")).result == "stale"
+    assert handle_webhook(services, None, _body("ca539779-7e88-5059-852e-981fa1250b7b", "Renew")).result == "stale"
     assert len(services.repository.history(SUB)) == before + 1  # the stale entry only, no sync
