@@ -1538,17 +1538,17 @@ def findings(results: dict[str, Any]) -> list[str]:
         relay = webhook["relay_storage_per_event"]
         if relay:
             sample = plain["relay_storage"] if plain else {}
-            marks = max(0, sample.get("update", 0) - 2)  # minus the lease's take and release
             request_path = webhook["storage_reads_per_event"] + webhook["storage_writes_per_event"]
             out.append(
                 f"Event relay (background, off the request path): `shared/events.py` `EventRelay.relay_in_background`"
                 f" hands each changed subscription to a fixed pool of {BACKGROUND_WORKERS} workers (a subscription already"
-                f" queued is not queued twice) and makes {relay} storage requests per event"
+                f" queued or being delivered is not given a second job) and makes {relay} storage requests per event"
                 f" ({_fmt_counts(webhook['relay_storage_wire'])} over the burst; one event alone: {_fmt_counts(sample)}):"
-                f" the lease (read, then write), the outbox query ({sample.get('query_page', 0)}x: before delivering and"
-                f" again after the lease is released), the queue send, {marks} event mark(s) and the lease release:"
-                f" {relay / max(request_path, 1e-9):.1f}x the request path's {request_path:g} storage requests. The lease"
-                " keeps per-subscription order across instances; that is what most of these requests buy."
+                " with the queue as the only sink there is no lease (queues keep no order; consumers order by"
+                " `sequence`), so an event costs the outbox query, the queue send and the delivery mark:"
+                f" {relay / max(request_path, 1e-9):.1f}x the request path's {request_path:g} storage requests (7 before"
+                " this design, when a lease row was taken and released for every delivery). With the ordered HTTPS hook"
+                " configured the lease comes back: 3 more requests per delivery pass."
             )
         pool_full = webhook["log"].get("of which 'connection pool is full'", 0)
         if pool_full:

@@ -70,6 +70,14 @@ class StorageUnavailableError(AppError):
     code = "storage_unavailable"
 
 
+class StorageRefusedError(AppError):
+    """Table Storage refused the request as invalid (a permanent 4xx, e.g. a value over its limits):
+    retrying the same request cannot help, so it is not reported as an outage."""
+
+    http_status = 500
+    code = "storage_refused"
+
+
 class DeadlineExceededError(AppError):
     """The request's time budget ran out before the work could finish; nothing was left half done."""
 

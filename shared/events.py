@@ -74,6 +74,7 @@ def build_event_document(outcome: Outcome, seq: int) -> tuple[str, str]:
 SIGNATURE_HEADER = "X-Marketplace-Signature"
 EVENT_ID_HEADER = "X-Marketplace-Event-Id"
 HOOK_TIMEOUT_SECONDS = 5.0
+QUEUE_MESSAGE_MAX_BYTES = 48_000  # 64 KiB per Storage queue message once base64-encoded
 MAX_BACKOFF = timedelta(hours=1)
 LEASE_SECONDS = 60
 BACKGROUND_WORKERS = 4
@@ -188,6 +189,11 @@ class EventRelay:
 
     def _send_to_queue(self, body: str) -> None:
         from azure.core.exceptions import ResourceExistsError
+
+        from shared.repository import shrink_json
+
+        # A queue message holds 64 KiB after base64: a larger document goes out shortened, still valid.
+        body = shrink_json(body, lambda text: len(text.encode("utf-8")) <= QUEUE_MESSAGE_MAX_BYTES)
 
         if not self._queue_ready:
             try:

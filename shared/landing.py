@@ -21,6 +21,7 @@ from shared.errors import (
     MarketplaceError,
     MarketplaceNotFoundError,
     MarketplaceUnauthorizedError,
+    StorageRefusedError,
     StorageUnavailableError,
     http_status_for,
 )
@@ -79,7 +80,11 @@ def _sign_in_page(services: Services, token: str) -> Page:
 
 
 def _unavailable(services: Services, user, error: AppError) -> Page:
-    # 503 where retrying later helps (storage, Marketplace unavailable or throttled), else 502.
+    # 503 where retrying later helps (storage, Marketplace unavailable or throttled); 500 when our
+    # storage refused the record (retrying cannot help: support is alerted by the ERROR log); else 502.
+    if isinstance(error, StorageRefusedError):
+        log.error("OPERATOR ACTION NEEDED: storage refused a landing page record (%s)", error.message)
+        return _error_page(services, user, 500, "unavailable.html")
     status = 503 if http_status_for(error) == 503 else 502
     return _error_page(services, user, status, "unavailable.html")
 
@@ -157,7 +162,7 @@ def view_purchase(services: Services, raw_token: str | None, user: SignedInUser 
             if stored is None:  # written a moment ago, gone now: let the buyer retry
                 raise StorageUnavailableError("the purchase record could not be read back")
             record = stored.record
-    except StorageUnavailableError as error:
+    except (StorageUnavailableError, StorageRefusedError) as error:
         return _unavailable(services, user, error)
 
     context = _purchase_context(services, user, record, subscription)
@@ -206,7 +211,7 @@ def confirm_activation(services: Services, subscription_id: str, form_token: str
                 result = Activation(result.result, stored.record if stored else None)
         else:
             result = activate(services, subscription_id, actor=actor, source=Source.LANDING_PAGE)
-    except StorageUnavailableError as error:
+    except (StorageUnavailableError, StorageRefusedError) as error:
         return _unavailable(services, user, error)
 
     if result.record is None:

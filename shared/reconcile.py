@@ -36,9 +36,11 @@ from shared.errors import (
     MarketplaceBadRequestError,
     MarketplaceError,
     MarketplaceNotFoundError,
+    StorageRefusedError,
     StorageUnavailableError,
 )
 from shared.events import build_event_document
+from shared.ids import is_marketplace_id
 from shared.observability import current_correlation_id
 from shared.repository import OperationMarker
 from shared.state_machine import Change, Kind, LocalStatus, Source
@@ -56,6 +58,10 @@ FLAG_AWAITING_OPERATOR = "activation_awaiting_operator"
 FLAG_UNKNOWN_STATUS = "unknown_marketplace_status"
 # Microsoft's record cannot be adopted (e.g. it shows Subscribed again after our terminal Unsubscribed).
 FLAG_MARKETPLACE_CONFLICT = "marketplace_conflict"
+# Storage refuses this subscription's record as invalid (only the run summary can hold the flag).
+FLAG_STORAGE_REFUSED = "storage_refused"
+# Microsoft listed an id that is not a GUID: never used as a storage key or URL segment.
+FLAG_INVALID_ID = "invalid_subscription_id"
 # Flags whose reason disappears once Microsoft's record and ours agree again.
 SELF_CLEARING_FLAGS = frozenset({FLAG_UNKNOWN_STATUS, FLAG_MARKETPLACE_CONFLICT})
 MAX_DIFFERENCES_KEPT = 500
@@ -198,12 +204,22 @@ class Reconciler:
             self.summary.pages += 1
             for subscription in page:
                 self.summary.subscriptions_seen += 1
+                if not is_marketplace_id(subscription.id):
+                    # Not a key storage accepts nor a URL segment we send: flag it, touch nothing.
+                    self.summary.flag(subscription.id[:100], FLAG_INVALID_ID)
+                    log.error("OPERATOR ACTION NEEDED: Microsoft listed a subscription whose id is not a GUID")
+                    continue
                 try:
                     self.compare(subscription, fetched_at)
                 except ConflictError:
                     # It kept changing under us (every write lost the ETag race): the next run looks again.
                     log.warning("subscription %s kept changing during reconciliation; deferred", subscription.id)
                     self.summary.deferred += 1
+                except StorageRefusedError:
+                    # A poison record (storage refuses it as invalid): one subscription must not stop the
+                    # run for all the others. Flagged in the run summary, which storage still accepts.
+                    log.error("OPERATOR ACTION NEEDED: storage refused the record of subscription %s", subscription.id)
+                    self.summary.flag(subscription.id, FLAG_STORAGE_REFUSED)
             link = next_link
             if link and self._out_of_time():
                 self._checkpoint_link = link

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -35,7 +35,7 @@ from azure.core.exceptions import (
 from azure.data.tables import TableServiceClient, TableTransactionError, UpdateMode
 
 from shared.domain import AadIdentifier, format_timestamp, parse_timestamp, utc_now
-from shared.errors import ConflictError, StorageUnavailableError
+from shared.errors import ConflictError, StorageRefusedError, StorageUnavailableError
 from shared.state_machine import HistoryEntry, LocalStatus, Outcome, SubscriptionRecord
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ OPERATION_PREFIX = "op|"
 EVENT_PREFIX = "event|"
 LEASE_ROW = "relay-lease"
 MAX_PAYLOAD_CHARS = 30_000  # a Table string property holds 64 KiB of UTF-16
+MAX_TEXT_PARTS = 12  # a long text spans properties Name, Name1..Name11: 360,000 characters, ~720 KiB
+MAX_FIELD_CHARS = 4_000  # display copies of Marketplace fields in the state row (the entity is 1 MiB at most)
 
 # Operation marker states
 OP_RECEIVED = "received"  # recorded, not applied yet: the next delivery or the reconciler finishes it
@@ -126,6 +128,34 @@ class ScanItem:
 # entity mapping
 
 
+def split_text(name: str, text: str) -> dict[str, str]:
+    """``text`` as properties ``name``, ``name1``, ... of at most MAX_PAYLOAD_CHARS each, so a long
+    JSON document is stored whole (never cut into invalid JSON). ValueError beyond MAX_TEXT_PARTS."""
+    parts = [text[i : i + MAX_PAYLOAD_CHARS] for i in range(0, len(text), MAX_PAYLOAD_CHARS)] or [""]
+    if len(parts) > MAX_TEXT_PARTS:
+        raise ValueError(f"{name} is too long to store ({len(text)} characters)")
+    return {(name if index == 0 else f"{name}{index}"): part for index, part in enumerate(parts)}
+
+
+def join_text(entity: Mapping[str, Any], name: str, default: str = "") -> str:
+    """The text ``split_text`` stored (a single-property value too)."""
+    first = entity.get(name)
+    if first is None:
+        return default
+    parts = [str(first)]
+    for index in range(1, MAX_TEXT_PARTS):
+        part = entity.get(f"{name}{index}")
+        if part is None:
+            break
+        parts.append(str(part))
+    return "".join(parts)
+
+
+def _field(value: str) -> str:
+    """A display copy of a Marketplace field: whole unless absurdly long (Microsoft's own fields are short)."""
+    return value if len(value) <= MAX_FIELD_CHARS else value[: MAX_FIELD_CHARS - 1] + "\u2026"
+
+
 def _dt(value: Any) -> datetime | None:
     return parse_timestamp(value) if value not in (None, "") else None
 
@@ -137,19 +167,19 @@ def record_to_entity(record: SubscriptionRecord) -> dict[str, Any]:
         "Kind": "state",
         "Status": record.status.value,
         "MarketplaceStatus": record.marketplace_status,
-        "Name": record.name,
-        "OfferId": record.offer_id,
-        "PlanId": record.plan_id,
+        "Name": _field(record.name),
+        "OfferId": _field(record.offer_id),
+        "PlanId": _field(record.plan_id),
         "Quantity": -1 if record.quantity is None else record.quantity,
-        "PublisherId": record.publisher_id,
-        "Purchaser": json.dumps(record.purchaser.to_api()),
-        "Beneficiary": json.dumps(record.beneficiary.to_api()),
-        "TermUnit": record.term_unit,
+        "PublisherId": _field(record.publisher_id),
+        "Purchaser": json.dumps({k: _field(str(v)) for k, v in record.purchaser.to_api().items()}),
+        "Beneficiary": json.dumps({k: _field(str(v)) for k, v in record.beneficiary.to_api().items()}),
+        "TermUnit": _field(record.term_unit),
         "IsFreeTrial": record.is_free_trial,
         "AutoRenew": record.auto_renew,
-        "AllowedCustomerOperations": ",".join(record.allowed_customer_operations),
-        "SignedInUser": record.signed_in_user,
-        "ActivatedBy": record.activated_by,
+        "AllowedCustomerOperations": _field(",".join(record.allowed_customer_operations)),
+        "SignedInUser": _field(record.signed_in_user),
+        "ActivatedBy": _field(record.activated_by),
         "ActivationAttempts": record.activation_attempts,
         "Flags": ",".join(record.flags),
         "NeedsAttention": record.needs_attention,
@@ -209,6 +239,37 @@ def record_from_entity(entity: dict[str, Any]) -> SubscriptionRecord:
     )
 
 
+def fit_event_body(body: str) -> str:
+    """An event document that fits the outbox row (see ``shrink_json``)."""
+    limit = MAX_PAYLOAD_CHARS * MAX_TEXT_PARTS
+    return shrink_json(body, lambda text: len(text) <= limit)
+
+
+def shrink_json(text: str, fits: Callable[[str], bool]) -> str:
+    """``text`` (a JSON document) if it ``fits``; otherwise the same document with its longest
+    strings shortened (each ends with "…[truncated]") until it does: valid JSON either way, never
+    a cut text."""
+    if fits(text):
+        return text
+    document = json.loads(text)
+    cap = 8_000
+    while True:
+        shrunk = json.dumps(_shrink_strings(document, cap), sort_keys=True)
+        if fits(shrunk) or cap <= 64:
+            return shrunk
+        cap //= 2
+
+
+def _shrink_strings(value: Any, cap: int) -> Any:
+    if isinstance(value, str) and len(value) > cap:
+        return value[:cap] + "\u2026[truncated]"
+    if isinstance(value, dict):
+        return {key: _shrink_strings(item, cap) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_shrink_strings(item, cap) for item in value]
+    return value
+
+
 def _bounded_entry(document: dict[str, Any]) -> str:
     """History must stay valid JSON: drop the bulky parts rather than cut the text."""
     text = json.dumps(document)
@@ -237,7 +298,7 @@ def _marker_from_entity(entity: dict[str, Any]) -> OperationMarker:
         status=entity.get("Status", ""),
         received_at=_dt(entity.get("ReceivedAt")),
         completed_at=_dt(entity.get("CompletedAt")),
-        payload=entity.get("Payload", ""),
+        payload=join_text(entity, "Payload"),
         correlation_id=entity.get("CorrelationId", ""),
         etag=entity.metadata["etag"] if hasattr(entity, "metadata") else "",
     )
@@ -248,7 +309,7 @@ def _event_from_entity(entity: dict[str, Any]) -> OutboxEvent:
         subscription_id=entity["PartitionKey"],
         seq=int(entity["RowKey"][len(EVENT_PREFIX) :]),
         event_id=entity.get("EventId", ""),
-        body=entity.get("Body", "{}"),
+        body=join_text(entity, "Body", "{}"),
         created_at=_dt(entity.get("CreatedAt")),
         attempts=int(entity.get("Attempts", 0) or 0),
         etag=entity.metadata["etag"] if hasattr(entity, "metadata") else "",
@@ -393,7 +454,8 @@ class SubscriptionRepository:
     ) -> tuple[bool, OperationMarker]:
         """Durably note that a webhook operation arrived. Returns (created, marker)."""
         now = self.clock()
-        stored_payload = payload[:MAX_PAYLOAD_CHARS]
+        # Whole or not at all: a replay parses it. Bodies are capped by WEBHOOK_MAX_BODY_BYTES anyway.
+        stored_payload = payload if len(payload) <= MAX_PAYLOAD_CHARS * MAX_TEXT_PARTS else "{}"
         entity = {
             "PartitionKey": subscription_id,
             "RowKey": OPERATION_PREFIX + operation_id,
@@ -402,7 +464,7 @@ class SubscriptionRepository:
             "Status": OP_RECEIVED,
             "Pending": True,
             "ReceivedAt": format_timestamp(now),
-            "Payload": stored_payload,
+            **split_text("Payload", stored_payload),
             "CorrelationId": correlation_id,
         }
         with _storage_errors("record operation"):
@@ -525,7 +587,7 @@ class SubscriptionRepository:
                         "Pending": True,
                         "EventId": event_id,
                         "EventType": outcome.event_type,
-                        "Body": body[:MAX_PAYLOAD_CHARS],
+                        **split_text("Body", fit_event_body(body)),
                         "CreatedAt": now,
                         "Attempts": 0,
                     },
@@ -664,7 +726,7 @@ class SubscriptionRepository:
                 entity = self._runs.get_entity("reconcile", "checkpoint")
             except ResourceNotFoundError:
                 return None
-        return json.loads(entity.get("State", "{}"))
+        return json.loads(join_text(entity, "State", "{}"))
 
     def save_checkpoint(self, state: dict[str, Any] | None) -> None:
         with _storage_errors("write checkpoint"):
@@ -676,7 +738,7 @@ class SubscriptionRepository:
                     pass
                 return
             self._runs.upsert_entity(
-                {"PartitionKey": "reconcile", "RowKey": "checkpoint", "State": json.dumps(state)[:MAX_PAYLOAD_CHARS]},
+                {"PartitionKey": "reconcile", "RowKey": "checkpoint", **split_text("State", json.dumps(state))},
                 mode=UpdateMode.REPLACE,
             )
 
@@ -685,9 +747,7 @@ class SubscriptionRepository:
         key = f"run|{(10**13 - int(self.clock().timestamp() * 1000)):013d}"
         with _storage_errors("write run summary"):
             self.metrics.add(writes=1)
-            self._runs.upsert_entity(
-                {"PartitionKey": "reconcile", "RowKey": key, "Summary": json.dumps(summary)[:MAX_PAYLOAD_CHARS]}
-            )
+            self._runs.upsert_entity({"PartitionKey": "reconcile", "RowKey": key, **split_text("Summary", json.dumps(summary))})
 
     def latest_runs(self, count: int = 10) -> list[dict[str, Any]]:
         query = "PartitionKey eq 'reconcile' and RowKey ge 'run|' and RowKey lt 'run}'"
@@ -695,7 +755,7 @@ class SubscriptionRepository:
             rows = self._runs.query_entities(query, results_per_page=count)
             out = []
             for row in rows:
-                out.append(json.loads(row["Summary"]))
+                out.append(json.loads(join_text(row, "Summary", "{}")))
                 if len(out) >= count:
                     break
         return out
@@ -705,8 +765,13 @@ class _Conflict(Exception):
     """An ETag or insert conflict inside a transaction; the caller re-reads and retries."""
 
 
+# Table Storage's answers to a request that can never succeed as sent (bad key, value too large,
+# entity too large): the same retry would fail the same way.
+PERMANENT_STATUSES = frozenset({400, 413})
+
+
 class _storage_errors:
-    """Turn the SDK's transport and service errors into StorageUnavailableError."""
+    """Turn the SDK's errors into StorageRefusedError (permanent) or StorageUnavailableError (transient)."""
 
     def __init__(self, what: str):
         self.what = what
@@ -721,6 +786,9 @@ class _storage_errors:
             return False
         if isinstance(exc, TableTransactionError) and exc.status_code in (409, 412):
             return False
+        if isinstance(exc, HttpResponseError) and exc.status_code in PERMANENT_STATUSES:
+            log.error("storage refused %s as invalid (%s %s)", self.what, exc.status_code, type(exc).__name__)
+            raise StorageRefusedError(f"storage refused {self.what} ({exc.status_code})") from exc
         if isinstance(exc, (AzureError, HttpResponseError, OSError)):
             log.warning("storage failed during %s: %s", self.what, type(exc).__name__)
             raise StorageUnavailableError(f"storage unavailable during {self.what}") from exc

@@ -30,6 +30,7 @@ from shared.errors import (
     MarketplaceBadRequestError,
     MarketplaceConflictError,
     MarketplaceNotFoundError,
+    StorageRefusedError,
 )
 from shared.events import build_event_document
 from shared.ids import require_marketplace_id
@@ -217,21 +218,32 @@ def handle_webhook(services: Services, authorization: str | None, body: bytes) -
     subscription_id, operation_id = event.subscription_id, event.id
     log.info("webhook %s for subscription %s, operation %s", event.operation.action_name, subscription_id, operation_id)
 
-    repository = services.repository
-    marker = repository.get_marker(subscription_id, operation_id)
-    if marker is not None and not marker.pending:
-        return WebhookResult(200, "duplicate", operation_id, subscription_id)
+    try:
+        repository = services.repository
+        marker = repository.get_marker(subscription_id, operation_id)
+        if marker is not None and not marker.pending:
+            return WebhookResult(200, "duplicate", operation_id, subscription_id)
 
-    operation = _verify(services, event) if settings.webhook_verify_operation else event.operation
-    if marker is None:
-        _, marker = repository.record_operation(
-            subscription_id,
+        operation = _verify(services, event) if settings.webhook_verify_operation else event.operation
+        if marker is None:
+            _, marker = repository.record_operation(
+                subscription_id,
+                operation_id,
+                action=event.operation.action_name,
+                payload=body.decode("utf-8", "replace"),
+                correlation_id=current_correlation_id(),
+            )
+        return apply_operation(services, event, operation, marker=marker)
+    except StorageRefusedError:
+        # A poison event: storage will refuse it on every redelivery, so a 5xx would make Microsoft
+        # retry forever and a 4xx would reject the change. Acknowledge it, and say so loudly: the
+        # reconciler flags the subscription from Microsoft's record.
+        log.error(
+            "OPERATOR ACTION NEEDED: storage refused operation %s of subscription %s; acknowledged unapplied",
             operation_id,
-            action=event.operation.action_name,
-            payload=body.decode("utf-8", "replace"),
-            correlation_id=current_correlation_id(),
+            subscription_id,
         )
-    return apply_operation(services, event, operation, marker=marker)
+        return WebhookResult(200, "not_stored", operation_id, subscription_id)
 
 
 def apply_operation(
