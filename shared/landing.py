@@ -13,9 +13,11 @@ from urllib.parse import quote
 
 from shared import state_machine as sm
 from shared.activation import Activation, ActivationResult, activate, request_operator_activation
+from shared.deadline import deadline_scope
 from shared.domain import Subscription
 from shared.errors import (
     AppError,
+    DeadlineExceededError,
     ForbiddenError,
     MarketplaceBadRequestError,
     MarketplaceError,
@@ -122,6 +124,16 @@ def _purchase_context(
 
 
 def view_purchase(services: Services, raw_token: str | None, user: SignedInUser | None) -> Page:
+    """GET /api/landing within LANDING_DEADLINE_SECONDS (past it: the retry page, nothing half done)."""
+    with deadline_scope(services.settings.landing_deadline_seconds):
+        try:
+            return _view_purchase(services, raw_token, user)
+        except DeadlineExceededError as error:
+            log.warning("landing page out of time: %s", error.message)
+            return _unavailable(services, user, error)
+
+
+def _view_purchase(services: Services, raw_token: str | None, user: SignedInUser | None) -> Page:
     """GET /api/landing?token=...: resolve, record, and show the purchase."""
     token = restore_token(raw_token)
     if not token:
@@ -183,6 +195,17 @@ def view_purchase(services: Services, raw_token: str | None, user: SignedInUser 
 
 
 def confirm_activation(services: Services, subscription_id: str, form_token: str, user: SignedInUser | None) -> Page:
+    """POST /api/landing within LANDING_DEADLINE_SECONDS; an activation cut short is finished by the
+    reconciler (the claim is recorded before Activate is sent)."""
+    with deadline_scope(services.settings.landing_deadline_seconds):
+        try:
+            return _confirm_activation(services, subscription_id, form_token, user)
+        except DeadlineExceededError as error:
+            log.warning("landing confirmation out of time: %s", error.message)
+            return _unavailable(services, user, error)
+
+
+def _confirm_activation(services: Services, subscription_id: str, form_token: str, user: SignedInUser | None) -> Page:
     """POST /api/landing: check the form token, then activate exactly once."""
     if user is None and services.settings.landing_require_signin:
         return _error_page(services, None, 401, "sign_in_expired.html")

@@ -24,6 +24,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,8 +34,10 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import InvalidHeader
 from urllib3.util.retry import Retry
 
+from shared.deadline import current_deadline
 from shared.domain import Operation, Plan, ResolvedPurchase, Subscription, UpdateStatus
 from shared.errors import (
+    DeadlineExceededError,
     MarketplaceBadRequestError,
     MarketplaceConflictError,
     MarketplaceError,
@@ -48,6 +51,9 @@ from shared.observability import current_correlation_id, new_correlation_id
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+MIN_ATTEMPT_SECONDS = 0.5
+# The read timeout of the attempt in flight (inside a deadline), so a retry is only started if it fits.
+_attempt_timeout: ContextVar[float] = ContextVar("marketplace_attempt_timeout", default=MIN_ATTEMPT_SECONDS)
 
 
 class CappedRetry(Retry):
@@ -75,6 +81,17 @@ class CappedRetry(Retry):
         retry = super().new(**kw)
         retry.max_retry_after = self.max_retry_after
         return retry
+
+    def sleep(self, response=None):
+        # Inside a request deadline, a wait (Retry-After or backoff) is taken only if the next
+        # attempt still fits after it; otherwise the call ends now and the caller answers 5xx.
+        deadline = current_deadline()
+        if deadline is not None:
+            wait = self.get_retry_after(response) if response is not None and self.respect_retry_after_header else None
+            wait = self.get_backoff_time() if wait is None else wait
+            if deadline.remaining() - wait < _attempt_timeout.get():
+                raise DeadlineExceededError("no time left to retry the Marketplace call")
+        super().sleep(response)
 
 
 @dataclass(frozen=True)
@@ -233,6 +250,14 @@ class MarketplaceClient:
         if self._token_provider is not None:
             all_headers["Authorization"] = "Bearer " + self._token_provider()
         all_headers.update(headers or {})
+        connect_timeout, read_timeout = self.retry.connect_timeout, self.retry.read_timeout
+        deadline = current_deadline()
+        if deadline is not None:
+            # Half of what is left per attempt leaves room for one retry; never less than a minimum.
+            left = deadline.timeout(read_timeout, what=f"Marketplace {operation}")
+            read_timeout = min(read_timeout, max(left / 2, MIN_ATTEMPT_SECONDS), left)
+            connect_timeout = min(connect_timeout, read_timeout)
+        token = _attempt_timeout.set(read_timeout)
         self.counter.add(operation)
         try:
             response = self._sessions[repeatable].request(
@@ -241,7 +266,7 @@ class MarketplaceClient:
                 params=params,
                 headers=all_headers,
                 data=None if json_body is None else json.dumps(json_body),
-                timeout=(self.retry.connect_timeout, self.retry.read_timeout),
+                timeout=(connect_timeout, read_timeout),
             )
         except requests.RequestException as error:
             log.warning("marketplace %s failed: %s (request %s)", operation, type(error).__name__, request_id)
@@ -251,6 +276,8 @@ class MarketplaceClient:
                 correlation_id=correlation_id,
                 operation=operation,
             ) from error
+        finally:
+            _attempt_timeout.reset(token)
         request_id = response.headers.get("x-ms-requestid", request_id)
         log.info("marketplace %s -> %s (request %s)", operation, response.status_code, request_id)
         if response.status_code in ok:

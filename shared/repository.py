@@ -34,6 +34,7 @@ from azure.core.exceptions import (
 )
 from azure.data.tables import TableServiceClient, TableTransactionError, UpdateMode
 
+from shared.deadline import current_deadline
 from shared.domain import AadIdentifier, format_timestamp, parse_timestamp, utc_now
 from shared.errors import ConflictError, StorageRefusedError, StorageUnavailableError
 from shared.state_machine import HistoryEntry, LocalStatus, Outcome, SubscriptionRecord
@@ -795,6 +796,17 @@ class _storage_errors:
         return False
 
 
+def _bound_by_deadline(request: Any) -> None:
+    """Per attempt (the SDK's retries included): inside a request deadline, wait only for what is left;
+    with nothing left, start nothing (DeadlineExceededError, a 5xx)."""
+    deadline = current_deadline()
+    if deadline is None:
+        return
+    left = deadline.timeout(15.0, what="a storage request")
+    request.context.options["connection_timeout"] = min(5.0, left)
+    request.context.options["read_timeout"] = left
+
+
 def table_service_from_settings(settings) -> TableServiceClient:
     """Connection string (Azurite) or endpoint + managed identity (Azure). Short timeouts, few retries."""
     import requests
@@ -805,7 +817,8 @@ def table_service_from_settings(settings) -> TableServiceClient:
     session.mount("http://", requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64))
     session.mount("https://", requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64))
     timeouts = {"connection_timeout": 5, "read_timeout": 15}
-    options = {
+    options: dict[str, Any] = {
+        "raw_request_hook": _bound_by_deadline,
         "retry_total": 2,
         "retry_backoff_factor": 0.4,
         **timeouts,

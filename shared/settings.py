@@ -129,6 +129,14 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("WEBHOOK_VERIFY_OPERATION", "true", "Confirm each webhook with Get Operation before acting."),
     SettingSpec("WEBHOOK_MAX_BODY_BYTES", "65536", "Largest webhook body accepted."),
     SettingSpec(
+        "WEBHOOK_DEADLINE_SECONDS",
+        "8",
+        "Time budget of one webhook (Microsoft waits 10 s): every outbound call and retry fits in it, else 5xx.",
+    ),
+    SettingSpec(
+        "LANDING_DEADLINE_SECONDS", "20", "Time budget of one landing page request; past it the buyer sees a retry page."
+    ),
+    SettingSpec(
         "PUBLISHER_POLICY", "", "Optional `module:function` deciding ChangePlan/ChangeQuantity/Reinstate; default accepts all."
     ),
     SettingSpec("EVENTS_QUEUE_NAME", "subscription-events", "Storage queue that receives lifecycle events."),
@@ -269,6 +277,8 @@ class Settings:
     webhook_openid_config_url: str = ""
     webhook_verify_operation: bool = True
     webhook_max_body_bytes: int = 65536
+    webhook_deadline_seconds: int = 8
+    landing_deadline_seconds: int = 20
     publisher_policy: str = ""
     events_queue_name: str = "subscription-events"
     events_queue_endpoint: str = ""
@@ -382,6 +392,8 @@ class Settings:
             or (f"https://login.microsoftonline.com/{tenant_id}/v2.0/.well-known/openid-configuration" if tenant_id else ""),
             webhook_verify_operation=_flag(env, "WEBHOOK_VERIFY_OPERATION", problems),
             webhook_max_body_bytes=_int(env, "WEBHOOK_MAX_BODY_BYTES", problems),
+            webhook_deadline_seconds=_int(env, "WEBHOOK_DEADLINE_SECONDS", problems),
+            landing_deadline_seconds=_int(env, "LANDING_DEADLINE_SECONDS", problems),
             publisher_policy=_text(env, "PUBLISHER_POLICY"),
             events_queue_name=_text(env, "EVENTS_QUEUE_NAME"),
             events_queue_endpoint=_text(env, "EVENTS_QUEUE_ENDPOINT"),

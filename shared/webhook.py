@@ -24,9 +24,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from shared import state_machine as sm
+from shared.deadline import current_deadline, deadline_scope
 from shared.domain import Action, Operation, OperationStatus, UpdateStatus, WebhookEvent
 from shared.errors import (
     BadRequestError,
+    DeadlineExceededError,
     MarketplaceBadRequestError,
     MarketplaceConflictError,
     MarketplaceNotFoundError,
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
     from shared.services import Services
 
 log = logging.getLogger(__name__)
+ANSWER_RESERVE_SECONDS = 1.5  # kept for our own write after answering Microsoft
 
 NEEDS_ANSWER = frozenset({Action.CHANGE_PLAN, Action.CHANGE_QUANTITY, Action.REINSTATE})
 
@@ -199,6 +202,11 @@ def _answer(
 def _send_answer(
     services: Services, event: WebhookEvent, operation: Operation, decision: PolicyDecision
 ) -> tuple[PolicyDecision, Operation]:
+    deadline = current_deadline()
+    if deadline is not None and deadline.remaining() < ANSWER_RESERVE_SECONDS:
+        # Answering Microsoft and then running out of time before our own write would leave the
+        # two sides apart: answer nothing now; the redelivery decides again.
+        raise DeadlineExceededError("not enough time left to answer Microsoft and record the change")
     status = UpdateStatus.SUCCESS if decision.accepted else UpdateStatus.FAILURE
     try:
         services.marketplace.update_operation(event.subscription_id, event.id, status)
@@ -212,6 +220,17 @@ def _send_answer(
 
 
 def handle_webhook(services: Services, authorization: str | None, body: bytes) -> WebhookResult:
+    """Authenticate, verify, record and apply one webhook within WEBHOOK_DEADLINE_SECONDS.
+
+    Every outbound call (signing keys, Marketplace, storage) waits only for what is left of the
+    deadline; when it runs out the answer is a 5xx and nothing is half done: the marker and the
+    change are one transaction, and Microsoft's redelivery finishes a recorded operation.
+    """
+    with deadline_scope(services.settings.webhook_deadline_seconds):
+        return _handle_webhook(services, authorization, body)
+
+
+def _handle_webhook(services: Services, authorization: str | None, body: bytes) -> WebhookResult:
     settings = services.settings
     services.webhook_authenticator.authenticate(authorization)
     event = parse_event(body, settings.webhook_max_body_bytes)
