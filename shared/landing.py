@@ -14,7 +14,7 @@ from urllib.parse import quote
 from shared import state_machine as sm
 from shared.activation import Activation, ActivationResult, activate, request_operator_activation
 from shared.deadline import deadline_scope
-from shared.domain import Subscription
+from shared.domain import AadIdentifier, Subscription
 from shared.errors import (
     AppError,
     DeadlineExceededError,
@@ -101,9 +101,30 @@ def _plan_name(services: Services, subscription_id: str, plan_id: str) -> str:
     return plan_id
 
 
+def belongs_to_purchase(user: SignedInUser | None, record: sm.SubscriptionRecord) -> bool:
+    """Is the signed-in user of the purchaser's or the beneficiary's organisation (or one of them)?"""
+    if user is None:
+        return False
+    parties = (record.purchaser, record.beneficiary)
+    tenant = (user.tenant_id or "").strip().lower()
+    if tenant and any(tenant == (party.tenant_id or "").strip().lower() for party in parties):
+        return True
+    email = (user.email or "").strip().lower()
+    return bool(email) and any(email == (party.email_id or "").strip().lower() for party in parties)
+
+
+def _masked(identity: AadIdentifier) -> AadIdentifier:
+    """``a…@contoso.example``: enough to recognise one's own organisation, not to harvest addresses."""
+    local, _, domain = (identity.email_id or "").partition("@")
+    return AadIdentifier(email_id=f"{local[:1]}\u2026@{domain}" if domain else "")
+
+
 def _purchase_context(
     services: Services, user, record: sm.SubscriptionRecord, subscription: Subscription | None
 ) -> dict[str, Any]:
+    # The purchase token is the capability Microsoft issued, and buyers forward the link within their
+    # organisation; someone outside it sees the purchase without its people's email addresses.
+    show_people = services.settings.landing_tenant_check == "off" or belongs_to_purchase(user, record)
     return {
         **_base_context(services, user),
         "record": record,
@@ -116,8 +137,8 @@ def _purchase_context(
         "term_start": record.term_start,
         "term_end": record.term_end,
         "is_free_trial": record.is_free_trial,
-        "purchaser": record.purchaser,
-        "beneficiary": record.beneficiary,
+        "purchaser": record.purchaser if show_people else _masked(record.purchaser),
+        "beneficiary": record.beneficiary if show_people else _masked(record.beneficiary),
         "is_csp": bool(record.purchaser.email_id and record.beneficiary.email_id and record.purchaser != record.beneficiary),
         "status": record.status.value,
     }
@@ -177,6 +198,9 @@ def _view_purchase(services: Services, raw_token: str | None, user: SignedInUser
     except (StorageUnavailableError, StorageRefusedError) as error:
         return _unavailable(services, user, error)
 
+    if services.settings.landing_tenant_check == "strict" and not belongs_to_purchase(user, record):
+        log.warning("landing page refused: the signed-in user is not of the purchaser's or beneficiary's organisation")
+        return _error_page(services, user, 403, "forbidden.html", reason="this purchase belongs to another organisation")
     context = _purchase_context(services, user, record, subscription)
     status = record.status
     if status in (LocalStatus.PENDING_FULFILLMENT_START, LocalStatus.ACTIVATION_FAILED):

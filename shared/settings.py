@@ -134,6 +134,12 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "Time budget of one webhook (Microsoft waits 10 s): every outbound call and retry fits in it, else 5xx.",
     ),
     SettingSpec(
+        "LANDING_TENANT_CHECK",
+        "details",
+        "A signed-in user outside the purchaser's and beneficiary's organisations: `details` (default) sees the purchase "
+        "with masked emails and may activate (recorded); `strict` is refused; `off` sees everything.",
+    ),
+    SettingSpec(
         "LANDING_DEADLINE_SECONDS", "20", "Time budget of one landing page request; past it the buyer sees a retry page."
     ),
     SettingSpec(
@@ -279,6 +285,7 @@ class Settings:
     webhook_max_body_bytes: int = 65536
     webhook_deadline_seconds: int = 8
     landing_deadline_seconds: int = 20
+    landing_tenant_check: str = "details"
     publisher_policy: str = ""
     events_queue_name: str = "subscription-events"
     events_queue_endpoint: str = ""
@@ -394,6 +401,7 @@ class Settings:
             webhook_max_body_bytes=_int(env, "WEBHOOK_MAX_BODY_BYTES", problems),
             webhook_deadline_seconds=_int(env, "WEBHOOK_DEADLINE_SECONDS", problems),
             landing_deadline_seconds=_int(env, "LANDING_DEADLINE_SECONDS", problems),
+            landing_tenant_check=_choice(env, "LANDING_TENANT_CHECK", ("details", "strict", "off"), problems),
             publisher_policy=_text(env, "PUBLISHER_POLICY"),
             events_queue_name=_text(env, "EVENTS_QUEUE_NAME"),
             events_queue_endpoint=_text(env, "EVENTS_QUEUE_ENDPOINT"),

@@ -16,6 +16,7 @@ import jwt
 import pytest
 import requests
 
+from devtools.devhost import SignedInUser
 from devtools.marketplace_standin import make_identity, make_plan
 from shared.domain import utc_now
 from shared.form_tokens import issue_form_token
@@ -356,12 +357,15 @@ def test_signin_can_be_switched_off(host_with, standin):
 # --------------------------------------------------------------------------------------------------
 
 
+ADA_TENANT = SignedInUser.parse(TEST_USER).tenant_id  # the dev host signs Ada in from this tenant
+
+
 def test_new_purchase_page_shows_every_detail(host, standin, services):
     standin.set_plans(
         "contoso-offer", [make_plan("team", per_seat=True, min_quantity=1, max_quantity=50, display_name="Team (per seat)")]
     )
     purchaser = make_identity("reseller@partner.example")
-    beneficiary = make_identity("owner@customer.example")
+    beneficiary = make_identity("owner@customer.example", tenant_id=ADA_TENANT)  # Ada works for the customer
     purchase = standin.create_purchase(
         plan_id="team",
         quantity=7,
@@ -412,7 +416,7 @@ def test_new_purchase_page_shows_every_detail(host, standin, services):
 
 
 def test_single_purchaser_is_not_marked_as_csp(host, standin):
-    purchase = standin.create_purchase(purchaser=make_identity("solo@customer.example"))
+    purchase = standin.create_purchase(purchaser=make_identity("solo@customer.example", tenant_id=ADA_TENANT))
     _response, page = get_page(host, purchase["token"])
     assert page.text("purchaser") == page.text("beneficiary") == "solo@customer.example"
     assert page.text("free-trial") == "No"
@@ -907,3 +911,48 @@ def test_purchase_token_is_never_logged(host, standin, services, caplog):
     leaks = [message for message in messages if any(form in message for form in forms_of_token)]
     assert not leaks
     assert all(form not in fields.values() for form in forms_of_token)
+
+
+# --------------------------------------------------------------------------------------------------
+# a user outside the purchasing organisations (LANDING_TENANT_CHECK)
+
+
+def _purchase_for_another_organisation(standin):
+    return standin.create_purchase(
+        plan_id="standard",
+        quantity=3,
+        purchaser=make_identity("boss@fabrikam.example"),
+        beneficiary=make_identity("it@fabrikam.example"),
+    )
+
+
+def test_a_user_of_another_organisation_sees_no_emails_but_may_activate_and_is_recorded(host, standin, services):
+    """Default (`details`): the forwarded link works, the purchasing people's addresses stay private."""
+    purchase = _purchase_for_another_organisation(standin)
+    response, page = get_page(host, purchase["token"])
+    assert response.status_code == 200 and page.title == "Confirm your subscription"
+    assert "boss@fabrikam.example" not in response.text and "it@fabrikam.example" not in response.text
+    assert page.text("purchaser") == "b\u2026@fabrikam.example"
+
+    response, page = post_form(host, page.forms[0]["fields"])
+    assert response.status_code == 200
+    record = services.repository.get(purchase["subscriptionId"]).record
+    assert record.status.value == "Subscribed"
+    assert record.activated_by == "Ada Lovelace <ada@contoso.example>"  # who activated, on the record
+
+
+def test_a_user_of_the_purchasing_organisation_sees_the_emails(host, standin, services):
+    purchase = standin.create_purchase(plan_id="standard", purchaser=make_identity("boss@fabrikam.example", tenant_id=ADA_TENANT))
+    _response, page = get_page(host, purchase["token"])
+    assert page.text("purchaser") == "boss@fabrikam.example"
+
+
+def test_strict_tenant_check_refuses_a_user_of_another_organisation(host, standin, make_services):
+    strict = make_services(LANDING_TENANT_CHECK="strict")
+    purchase = _purchase_for_another_organisation(standin)
+    response, _page = get_page(host, purchase["token"])
+    assert response.status_code == 403
+    assert "fabrikam.example" not in response.text
+    assert standin.calls["activate"] == 0
+    record = strict.repository.get(purchase["subscriptionId"]).record
+    assert record.status.value == "PendingFulfillmentStart"  # recorded, not activated
