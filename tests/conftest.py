@@ -120,6 +120,17 @@ def devhost(devhost_session, services):
     sign_in(devhost_session, TEST_USER)
 
 
+@pytest.fixture
+def http():
+    """A requests session for loopback calls (never through a proxy from the environment)."""
+    import requests
+
+    session = requests.Session()
+    session.trust_env = False
+    yield session
+    session.close()
+
+
 @pytest.fixture(autouse=True)
 def _quiet_azure_logs():
     logging.getLogger("azure").setLevel(logging.WARNING)

@@ -14,14 +14,6 @@ import requests
 pytestmark = pytest.mark.azurite
 
 
-@pytest.fixture
-def http():
-    session = requests.Session()
-    session.trust_env = False
-    yield session
-    session.close()
-
-
 def _post_webhook(http, devhost, standin, operation_id: str) -> requests.Response:
     return http.post(
         devhost.url + "/api/webhook",

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import requests
 
 from shared.errors import ConfigurationError
 from shared.reconcile import run_reconciliation
@@ -22,14 +21,6 @@ pytestmark = pytest.mark.azurite
 
 ROOT = Path(__file__).resolve().parents[2]
 BAD_IDS = ["a/b", "a?b=1", "..", "x'y", "../../other", "%2e%2e", "", " "]
-
-
-@pytest.fixture
-def http():
-    session = requests.Session()
-    session.trust_env = False
-    yield session
-    session.close()
 
 
 @pytest.mark.parametrize("field", ["subscriptionId", "id"])

@@ -42,14 +42,6 @@ OTHER_TENANT = "0b5e5f3a-0000-4000-8000-0000000000cc"
 # helpers
 
 
-@pytest.fixture
-def http():
-    session = requests.Session()
-    session.trust_env = False  # loopback only: never through a proxy from the environment
-    yield session
-    session.close()
-
-
 class RawLogs(logging.Handler):
     """Records messages as the app wrote them, before any redacting filter on the root handlers.
 

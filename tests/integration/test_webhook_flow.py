@@ -35,14 +35,6 @@ from shared.state_machine import Change, Kind, Source
 
 
 @pytest.fixture
-def http():
-    session = requests.Session()
-    session.trust_env = False
-    yield session
-    session.close()
-
-
-@pytest.fixture
 def wired(standin, devhost):
     """The stand-in fires its webhooks at the dev host."""
     standin.webhook_url = devhost.url + "/api/webhook"
