@@ -126,7 +126,9 @@ class SigningKeys:
         deadline = current_deadline()
         wait = deadline.remaining() if deadline is not None else FETCH_BUDGET_SECONDS
         started_waiting = self._clock()
-        if not self._fetching.acquire(timeout=max(0.0, wait)):
+        # A caller that holds a usable key never queues behind a refresh in progress.
+        acquired = self._fetching.acquire(timeout=max(0.0, wait)) if required else self._fetching.acquire(blocking=False)
+        if not acquired:
             if required:
                 raise SigningKeysUnavailableError("another refresh of the signing keys is still running")
             return
