@@ -434,7 +434,7 @@ class _TimerRunner:
     def run_once(self, scheduled: datetime | None, reason: str) -> InvocationResult:
         """One run; waits for a run in progress to finish first (no overlap)."""
         with self.host._run_lock(self.fn.name):
-            started = _utcnow()
+            started = self.host.clock()
             past_due = scheduled is not None and started - scheduled > PAST_DUE_TOLERANCE
             request = TimerRequest(
                 past_due=past_due, schedule_status=self.status(started, scheduled), schedule={"AdjustForDST": True}
@@ -447,15 +447,15 @@ class _TimerRunner:
     def loop(self, stop: threading.Event) -> None:
         if self.fn.run_on_startup and not stop.is_set():
             self.run_once(None, "run_on_startup")
-        due = _next_run(self.fn.timer_schedule, _utcnow())
+        due = _next_run(self.fn.timer_schedule, self.host.clock())
         while not stop.is_set():
             self.next_due = due
             logger.debug("Timer %s: next run at %s", self.fn.name, due.isoformat())
-            delay = (due - _utcnow()).total_seconds()
+            delay = (due - self.host.clock()).total_seconds()
             if delay > 0 and stop.wait(delay):
                 break
             self.run_once(due, f"Timer fired at {due.isoformat()}")
-            due = _next_run(self.fn.timer_schedule, max(_utcnow(), due))
+            due = _next_run(self.fn.timer_schedule, max(self.host.clock(), due))
 
 
 # --------------------------------------------------------------------------------------------
@@ -529,6 +529,7 @@ class DevHost:
         ``extensions.http.routePrefix`` (default: ``./host.json``; :meth:`from_module` uses the
         one beside the app module). No host.json means the default prefix ``api``.
     :param environ: where ``%SETTING%`` references are resolved (default ``os.environ``).
+    :param clock: the timers' clock (aware UTC datetimes); injectable so tests need not wait.
     """
 
     max_request_body_bytes = MAX_REQUEST_BODY_BYTES
@@ -544,8 +545,11 @@ class DevHost:
         route_prefix: str | None = None,
         host_json: str | Path | None = None,
         environ: Mapping[str, str] | None = None,
+        clock: Callable[[], datetime] = _utcnow,
     ):
         self.app = app
+        # The timers' clock (aware UTC); tests pass one that moves, so schedules are checked without waiting.
+        self.clock = clock
         self.host = host
         self.port = port
         self.timers_enabled = timers

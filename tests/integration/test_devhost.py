@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import azure.functions as func
@@ -266,16 +266,30 @@ def test_invalid_schedule_is_a_startup_error(monkeypatch):
         DevHost(sample.app, port=0)
 
 
+class _SteppingClock:
+    """The dev host's timer clock, one second further at every reading: a schedule comes due at
+    once instead of after real time (the loop computes a wait of zero)."""
+
+    def __init__(self, start: datetime):
+        self.now = start
+        self.lock = threading.Lock()
+
+    def __call__(self) -> datetime:
+        with self.lock:
+            self.now += timedelta(seconds=1)
+            return self.now
+
+
 def test_timer_fires_on_its_schedule(monkeypatch):
-    monkeypatch.setenv("SAMPLE_SCHEDULE", "* * * * * *")  # every second
+    monkeypatch.setenv("SAMPLE_SCHEDULE", "0 0 9 * * MON")  # Monday 09:00 UTC: never during a test by wall time
     before = len(sample.TIMER_RUNS)
-    with DevHost(sample.app, port=0, signed_in_user=""):
-        wait_until(lambda: len(sample.TIMER_RUNS) > before, timeout=3)
+    clock = _SteppingClock(datetime(2026, 11, 30, 8, 59, 58, tzinfo=UTC))  # a Monday, just before nine
+    with DevHost(sample.app, port=0, signed_in_user="", clock=clock):
+        wait_until(lambda: len(sample.TIMER_RUNS) > before)
     run = sample.TIMER_RUNS[before]
     assert run["past_due"] is False
     status = {key: datetime.fromisoformat(value) for key, value in run["schedule_status"].items() if key != "Last"}
-    assert status["Next"] > status["LastUpdated"] - timedelta(seconds=1)
-    assert status["Next"].microsecond == 0  # an occurrence of the every-second schedule
+    assert status["Next"] == datetime(2026, 12, 7, 9, 0, tzinfo=UTC)  # the following Monday's occurrence
 
 
 def _tracking_app(run_on_startup: bool = False):
