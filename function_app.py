@@ -3,6 +3,7 @@
 import azure.functions as func
 
 from landing_page import bp as landing_page_bp
+from publisher_api import bp as publisher_api_bp
 from reconcile_timer import bp as reconcile_timer_bp
 from webhook import bp as webhook_bp
 
@@ -10,3 +11,4 @@ app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
 app.register_functions(landing_page_bp)
 app.register_functions(webhook_bp)
 app.register_functions(reconcile_timer_bp)
+app.register_functions(publisher_api_bp)

@@ -57,6 +57,7 @@ DEFAULT_OUTPUT = ROOT / "docs" / "benchmarks.md"
 BENCH_TENANT_ID = "0be1c4a2-0000-4000-8000-00000000be01"
 BENCH_CLIENT_ID = "0be1c4a2-0000-4000-8000-00000000be02"
 FORM_SECRET = "bench-form-secret-0123456789abcdef"
+PUBLISHER_API_AUDIENCE = "api://bench-fulfillment-api"
 
 
 class Sizes(TypedDict):
@@ -560,6 +561,9 @@ class BenchEnvironment:
             "LANDING_FORM_SECRET": FORM_SECRET,
             "WEBHOOK_AUTH": "entra",
             "WEBHOOK_OPENID_CONFIG_URL": self.standin.openid_config_url,
+            "PUBLISHER_API_AUTH": "entra",
+            "PUBLISHER_API_AUDIENCE": PUBLISHER_API_AUDIENCE,
+            "PUBLISHER_API_OPENID_CONFIG_URL": self.standin.openid_config_url,
             "SAAS_APP_URL": "https://app.contoso.example/",
             # The setup run records every subscription; at 10,000 that can exceed the default 480 s budget.
             "RECONCILE_TIME_BUDGET_SECONDS": "3600",

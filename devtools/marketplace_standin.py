@@ -133,6 +133,10 @@ KNOB_DEFAULTS: dict[str, Any] = {
     "webhook_retry_delay_seconds": 0.5,
     "webhook_timeout_seconds": 15.0,
     "webhook_token_version": "2.0",
+    # Publisher (Partner) operations from PATCH/DELETE: how they end after operation_delay_seconds
+    # ("succeed", "fail" or "conflict"), and whether Microsoft's webhook announces a success.
+    "partner_outcome": "succeed",
+    "partner_webhook": True,
 }
 
 # set_subscription() accepts these Python-style names besides the JSON field names.
@@ -546,6 +550,8 @@ class MarketplaceStandIn:
     webhook_retry_delay_seconds: float
     webhook_timeout_seconds: float
     webhook_token_version: str
+    partner_outcome: str
+    partner_webhook: bool
 
     def __init__(
         self,
@@ -1196,7 +1202,22 @@ class MarketplaceStandIn:
             logger.info("Operation %s auto-accepted (nobody PATCHed it in time)", operation_id)
 
     def _complete_partner_operation(self, operation_id: str) -> None:
-        if self._settle(operation_id, success=True):
+        outcome = self.partner_outcome
+        if outcome in ("fail", "conflict"):
+            with self._lock:
+                operation = self._operations.get(operation_id)
+                if operation is None or operation["status"] != IN_PROGRESS:
+                    return
+                operation["status"] = FAILED if outcome == "fail" else "Conflict"
+                operation["errorStatusCode"] = "400" if outcome == "fail" else "409"
+                operation["errorMessage"] = (
+                    "The requested plan change could not be completed by the billing system"
+                    if outcome == "fail"
+                    else "A newer update of this subscription was already fulfilled"
+                )
+            logger.info("Operation %s ended %s (partner_outcome=%s)", operation_id, operation["status"], outcome)
+            return
+        if self._settle(operation_id, success=True) and self.partner_webhook:
             self._deliver_later(operation_id)
 
     def _finish_activation(self, subscription_id: str) -> None:
@@ -1533,6 +1554,8 @@ class MarketplaceStandIn:
                 raise _bad_request(f"Subscription {sid} is already Unsubscribed", "subscriptionId")
             if "Delete" not in subscription.get("allowedCustomerOperations", ()):
                 raise _bad_request("Delete is not an allowed customer operation for this subscription", "delete")
+            if self._has_pending_operation(sid):
+                raise ApiError(409, "Conflict", "The subscription is locked due to pending operation(s)", "delete")
             operation = self._new_operation(subscription, "Unsubscribe", "Partner", IN_PROGRESS)
         return self._accepted(operation)
 

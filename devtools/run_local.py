@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None, env: MutableMapping[str, str] | None = N
         decide("MARKETPLACE_API_BASE_URL", standin.api_base_url)
         decide("MARKETPLACE_AUTH", "none")
         decide("WEBHOOK_OPENID_CONFIG_URL", standin.openid_config_url)
+    # The SaaS application's calls to the publisher API: no token locally (a warning on every call).
+    decide("PUBLISHER_API_AUTH", "none")
 
     decide("MARKETPLACE_TENANT_ID", DEV_TENANT_ID)
     decide("MARKETPLACE_CLIENT_ID", DEV_CLIENT_ID)

@@ -117,6 +117,9 @@ param supportEmail string = ''
 @description('PUBLISHER_POLICY: optional module:function deciding ChangePlan/ChangeQuantity/Reinstate.')
 param publisherPolicy string = ''
 
+@description('PUBLISHER_API_AUDIENCE: Application ID URI of the API registration the SaaS application calls (docs/deploy.md).')
+param publisherApiAudience string = ''
+
 // ---- Operations -----------------------------------------------------------------------------------
 
 @description('E-mail address the alerts notify. Empty: alerts only appear in the Azure portal.')
@@ -261,6 +264,7 @@ module api './app/api.bicep' = {
     brandLogoUrl: brandLogoUrl
     supportEmail: supportEmail
     publisherPolicy: publisherPolicy
+    publisherApiAudience: publisherApiAudience
   }
 }
 

@@ -8,6 +8,11 @@ Uses the app's own settings (the same environment variables as the function app,
     python -m shared.cli reconcile [--dry-run] [--time-budget SECONDS] [--json]
     python -m shared.cli activate SUBSCRIPTION_ID [--json]
     python -m shared.cli replay [--dry-run] [--json]
+    python -m shared.cli plans SUBSCRIPTION_ID [--json]
+    python -m shared.cli change-plan SUBSCRIPTION_ID PLAN_ID [--wait] [--json]
+    python -m shared.cli change-quantity SUBSCRIPTION_ID QUANTITY [--wait] [--json]
+    python -m shared.cli cancel SUBSCRIPTION_ID [--wait] [--json]
+    python -m shared.cli operation OPERATION_ID [--json]
 
 Exit codes: 0 success, 1 the operation failed (or found nothing to act on), 2 usage or
 configuration error. ``--json`` prints one JSON document on standard output; messages and logs go
@@ -371,17 +376,119 @@ def cmd_replay(services: Services, args, out: TextIO) -> int:
     return EXIT_OK
 
 
+def cmd_plans(services: Services, args, out: TextIO) -> int:
+    from shared.publisher import plans_view
+
+    view = plans_view(services, args.subscription_id)
+    if args.json:
+        _emit_json(out, view)
+        return EXIT_OK
+    out.write(
+        f"Plans available to {args.subscription_id} (current: {view['currentPlanId']}, quantity {view['currentQuantity']}):\n"
+    )
+    _table(
+        out,
+        ["PLAN", "NAME", "PER SEAT", "MIN", "MAX"],
+        [
+            [p["planId"], p["displayName"], "yes" if p["isPricePerSeat"] else "no", p["minQuantity"], p["maxQuantity"]]
+            for p in view["plans"]
+        ],
+    )
+    return EXIT_OK
+
+
+def _publisher_change(services: Services, args, out: TextIO, request) -> int:
+    import time
+
+    from shared.publisher import follow_operation, request_change
+
+    result = request_change(services, request, caller=_operator(), idempotency_key=args.idempotency_key or "")
+    operation_id = result.body["id"]
+    status = result.body["status"]
+    operation = None
+    if args.wait:
+        ends = time.monotonic() + args.timeout
+        wait = 1.0
+        while status == "InProgress" and time.monotonic() < ends:
+            time.sleep(min(wait, max(0.0, ends - time.monotonic())))
+            operation = follow_operation(services, request.subscription_id, operation_id)
+            status = operation.public_status if operation is not None else status
+            wait = min(wait * 2, 10.0)
+    body = operation.to_api() if operation is not None else result.body
+    if args.json:
+        _emit_json(out, body)
+    else:
+        out.write(f"operation {operation_id}: {body['action']} of {request.subscription_id}: {status}\n")
+        if body.get("errorMessage"):
+            out.write(f"  Microsoft: {body['errorMessage']}\n")
+        if status == "InProgress":
+            out.write("  still in progress: `operation ID` shows it; the app follows it to the end\n")
+    if status in ("Failed", "Conflict") or (args.wait and status == "InProgress"):
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_change_plan(services: Services, args, out: TextIO) -> int:
+    from shared.publisher import CHANGE_PLAN, ChangeRequest
+
+    return _publisher_change(services, args, out, ChangeRequest(args.subscription_id, CHANGE_PLAN, plan_id=args.plan_id))
+
+
+def cmd_change_quantity(services: Services, args, out: TextIO) -> int:
+    from shared.publisher import CHANGE_QUANTITY, ChangeRequest
+
+    return _publisher_change(services, args, out, ChangeRequest(args.subscription_id, CHANGE_QUANTITY, quantity=args.quantity))
+
+
+def cmd_cancel(services: Services, args, out: TextIO) -> int:
+    from shared.publisher import UNSUBSCRIBE, ChangeRequest
+
+    return _publisher_change(services, args, out, ChangeRequest(args.subscription_id, UNSUBSCRIBE))
+
+
+def cmd_operation(services: Services, args, out: TextIO) -> int:
+    from shared.publisher import describe, operation_view
+
+    operation = operation_view(services, args.operation_id)
+    if args.json:
+        _emit_json(out, operation.to_api())
+    else:
+        out.write(describe(operation) + "\n")
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[..., int]] = {
     "list": cmd_list,
     "show": cmd_show,
     "reconcile": cmd_reconcile,
     "activate": cmd_activate,
     "replay": cmd_replay,
+    "plans": cmd_plans,
+    "change-plan": cmd_change_plan,
+    "change-quantity": cmd_change_quantity,
+    "cancel": cmd_cancel,
+    "operation": cmd_operation,
 }
 
 
 # ---------------------------------------------------------------------------------------------
 # parsing and main
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _operation_id(text: str) -> str:
+    if not is_marketplace_id(text):
+        raise argparse.ArgumentTypeError("an operation id is a GUID")
+    return text
 
 
 def _positive_seconds(text: str) -> float:
@@ -431,6 +538,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("replay", parents=[common], help="finish webhook operations recorded but never applied")
     p.add_argument("--dry-run", action="store_true", help="only list them")
     p.add_argument("--time-budget", type=_positive_seconds, metavar="SECONDS", help=argparse.SUPPRESS)
+
+    p = commands.add_parser("plans", parents=[common], help="the plans a subscription can change to (List available plans)")
+    p.add_argument("subscription_id", metavar="SUBSCRIPTION_ID", type=_subscription_id)
+
+    change = _Parser(add_help=False)
+    change.add_argument("--wait", action="store_true", help="follow Microsoft's operation until it ends")
+    change.add_argument("--timeout", type=_positive_seconds, default=300.0, metavar="SECONDS", help="how long --wait waits")
+    change.add_argument("--idempotency-key", metavar="KEY", help="repeat with the same key: sent once")
+
+    p = commands.add_parser("change-plan", parents=[common, change], help="ask Microsoft to change the plan")
+    p.add_argument("subscription_id", metavar="SUBSCRIPTION_ID", type=_subscription_id)
+    p.add_argument("plan_id", metavar="PLAN_ID")
+
+    p = commands.add_parser("change-quantity", parents=[common, change], help="ask Microsoft to change the seats")
+    p.add_argument("subscription_id", metavar="SUBSCRIPTION_ID", type=_subscription_id)
+    p.add_argument("quantity", metavar="QUANTITY", type=_positive_int)
+
+    p = commands.add_parser("cancel", parents=[common, change], help="ask Microsoft to cancel the subscription")
+    p.add_argument("subscription_id", metavar="SUBSCRIPTION_ID", type=_subscription_id)
+
+    p = commands.add_parser("operation", parents=[common], help="one publisher operation")
+    p.add_argument("operation_id", metavar="OPERATION_ID", type=_operation_id)
     return parser
 
 
@@ -461,6 +590,8 @@ def main(argv: list[str] | None = None, *, services=None, out: TextIO | None = N
     args.json = getattr(args, "json", False)
     args.verbose = getattr(args, "verbose", False)
     args.time_budget = getattr(args, "time_budget", None)
+    args.wait = getattr(args, "wait", False)
+    args.idempotency_key = getattr(args, "idempotency_key", None)
 
     from shared.errors import AppError, ConfigurationError
 

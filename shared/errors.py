@@ -11,9 +11,11 @@ class AppError(Exception):
     #: a short code safe to show to callers (never secrets)
     code = "internal_error"
 
-    def __init__(self, message: str = "", **details):
+    def __init__(self, message: str = "", *, code: str = "", **details):
         super().__init__(message or self.__class__.__doc__ or self.code)
         self.message = message or (self.__class__.__doc__ or self.code).strip()
+        if code:  # a more precise code than the class's (the status stays the class's)
+            self.code = code
         self.details = details
 
 
@@ -61,6 +63,14 @@ class ConflictError(AppError):
 
     http_status = 409
     code = "conflict"
+
+
+class UnprocessableError(AppError):
+    """The request is well formed but asks for something the subscription cannot do (e.g. its
+    current plan, a quantity outside the plan's limits, an idempotency key reused for another body)."""
+
+    http_status = 422
+    code = "unprocessable"
 
 
 class StorageUnavailableError(AppError):

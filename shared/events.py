@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from shared.domain import format_timestamp, utc_now
 from shared.errors import AppError
-from shared.state_machine import EVENT_UNSUBSCRIBED, Outcome
+from shared.state_machine import EVENT_CHANGE_FAILED, EVENT_UNSUBSCRIBED, Outcome
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +65,8 @@ def build_event_document(outcome: Outcome, seq: int) -> tuple[str, str]:
     }
     if outcome.event_type == EVENT_UNSUBSCRIBED:
         document["retainDataUntil"] = format_timestamp(record.retain_data_until)
+    if outcome.event_type == EVENT_CHANGE_FAILED:
+        document["reason"] = entry.detail  # which change failed and Microsoft's message
     return event_id, json.dumps(document, sort_keys=True)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 import azure.functions as func
 
@@ -25,7 +26,12 @@ def error_response(error: BaseException, correlation_id: str) -> func.HttpRespon
     """The single mapping of an escaped error to an HTTP answer (status from shared.errors)."""
     status = http_status_for(error)
     if isinstance(error, AppError):
-        body = {"error": error.code, "message": error.message if status < 500 else "internal problem, retry later"}
+        body: dict[str, Any] = {
+            "error": error.code,
+            "message": error.message if status < 500 else "internal problem, retry later",
+        }
+        if status < 500 and error.details:
+            body["details"] = error.details
     else:
         log.exception("unexpected error")
         body = {"error": "internal_error", "message": "internal problem, retry later"}

@@ -11,7 +11,7 @@ module costs nothing on a cold start.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -92,6 +92,7 @@ class SubscriptionStore(Protocol):
         known: StoredRecord | None = None,
         known_marker: OperationMarker | None = None,
         attempts: int = 6,
+        extra_rows: Sequence[Mapping[str, Any]] = (),
     ) -> Outcome | None: ...
 
     def get_checkpoint(self) -> dict[str, Any] | None: ...

@@ -113,6 +113,8 @@ class RunSummary:
     events_pending: int = 0
     events_delivered: int = 0
     events_failed: int = 0
+    publisher_operations_pending: int = 0  # publisher changes not settled when the run started
+    publisher_operations_settled: int = 0
     differences: list[dict[str, Any]] = field(default_factory=list)
     duration_seconds: float = 0.0
     marketplace_calls: int = 0
@@ -152,6 +154,7 @@ class Reconciler:
         self.summary = RunSummary(run_id=current_correlation_id() or now.isoformat(), dry_run=dry_run, started_at=now.isoformat())
         self.index: dict[str, IndexEntry] = {}
         self.pending_markers: list[OperationMarker] = []
+        self.publisher_operations: list[Any] = []  # shared.publisher_store.PublisherOperation
         self._checkpoint_link: str | None = None
 
     # -- helpers -------------------------------------------------------------------------------
@@ -187,6 +190,9 @@ class Reconciler:
                 self._index(item.stored.record)
             elif item.marker is not None:
                 self.pending_markers.append(item.marker)
+            elif item.publisher_operation is not None:
+                self.publisher_operations.append(item.publisher_operation)
+                self.summary.publisher_operations_pending += 1
             elif item.event is not None:
                 self.summary.events_pending += 1
                 if item.event.created_at and now - item.event.created_at > EVENT_DELAY_WARNING:
@@ -362,6 +368,8 @@ class Reconciler:
         for operation in self.marketplace.list_outstanding_operations(subscription_id):
             if operation.status is not OperationStatus.IN_PROGRESS:
                 continue
+            if operation.request_source.lower() == "partner":
+                continue  # the publisher's own change: followed as a publisher operation, never answered
             if operation.timestamp and now - operation.timestamp < deadline:
                 continue
             self._difference(subscription_id, "overdue_operation", {"operationId": operation.id, "action": operation.action_name})
@@ -430,6 +438,32 @@ class Reconciler:
             if self._out_of_time():
                 raise _OutOfTime()
 
+    def follow_publisher_operations(self) -> None:
+        """Publisher changes not settled yet: ask Microsoft once each and settle the final ones
+        (also claims whose request died before Microsoft's operation id was recorded)."""
+        from shared.publisher import follow_operation
+
+        for pending in self.publisher_operations:
+            self._difference(pending.subscription_id, "publisher_operation_open", {"operationId": pending.id})
+            if self.dry_run:
+                continue
+            try:
+                operation = follow_operation(self.services, pending.subscription_id, pending.id)
+            except ConflictError:
+                self.summary.deferred += 1
+                continue
+            except MarketplaceError as error:
+                log.info("publisher operation %s: %s; the next run looks again", pending.id, error.code)
+                continue
+            if operation is not None and operation.settled:
+                self.summary.publisher_operations_settled += 1
+                self.summary.count("publisher_operation_settled")
+                stored = self.repository.get(pending.subscription_id)
+                if stored is not None:
+                    self._index(stored.record)
+            if self._out_of_time():
+                raise _OutOfTime()
+
     def relay_events(self) -> None:
         """Deliver lifecycle events that are still waiting (the inline delivery's safety net)."""
         if self.dry_run or not self.summary.events_pending:
@@ -480,6 +514,7 @@ class Reconciler:
             self.summary.resumed_from_checkpoint = bool(start_link)
             self.scan()
             self.replay_operations()
+            self.follow_publisher_operations()
             try:
                 self.compare_listing(start_link)
             except (MarketplaceBadRequestError, MarketplaceNotFoundError) as error:

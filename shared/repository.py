@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -119,10 +119,12 @@ class OutboxEvent:
 class ScanItem:
     """One row of the reconciler's single scan."""
 
-    kind: str  # "state" | "op" | "event"
+    kind: str  # "state" | "op" | "event" | "pubop"
     stored: StoredRecord | None = None
     marker: OperationMarker | None = None
     event: OutboxEvent | None = None
+    #: a publisher operation not settled yet (shared.publisher_store.PublisherOperation)
+    publisher_operation: Any = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +186,7 @@ def record_to_entity(record: SubscriptionRecord) -> dict[str, Any]:
         "ActivationAttempts": record.activation_attempts,
         "Flags": ",".join(record.flags),
         "NeedsAttention": record.needs_attention,
+        "PendingOperationId": record.pending_operation_id,
         "HistorySeq": record.history_seq,
     }
     for name, value in (
@@ -236,6 +239,7 @@ def record_from_entity(entity: dict[str, Any]) -> SubscriptionRecord:
         unsubscribed_at=_dt(entity.get("UnsubscribedAt")),
         retain_data_until=_dt(entity.get("RetainDataUntil")),
         flags=tuple(x for x in entity.get("Flags", "").split(",") if x),
+        pending_operation_id=entity.get("PendingOperationId", "") or "",
         history_seq=int(entity.get("HistorySeq", 0) or 0),
     )
 
@@ -439,6 +443,10 @@ class SubscriptionRepository:
                         yield ScanItem("op", marker=_marker_from_entity(entity))
                     elif kind == "event":
                         yield ScanItem("event", event=_event_from_entity(entity))
+                    elif kind == "pubop":
+                        from shared.publisher_store import operation_from_entity
+
+                        yield ScanItem("pubop", publisher_operation=operation_from_entity(entity))
 
     def pending_events(self, subscription_id: str) -> list[OutboxEvent]:
         query = "PartitionKey eq @pk and Pending eq true"
@@ -499,6 +507,7 @@ class SubscriptionRepository:
         known: StoredRecord | None = None,
         known_marker: OperationMarker | None = None,
         attempts: int = 6,
+        extra_rows: Sequence[Mapping[str, Any]] = (),
     ) -> Outcome | None:
         """Read-decide-write with optimistic concurrency; the decision is re-made after a conflict.
 
@@ -507,6 +516,8 @@ class SubscriptionRepository:
         marker is settled in the same transaction, and the whole call does nothing (returns None)
         if the marker is already settled: a duplicate delivery. ``known`` and ``known_marker`` skip
         the first reads (the caller just read or wrote those rows); a stale ETag costs one retry.
+        ``extra_rows`` are merged into rows of the same partition in the same transaction (e.g. the
+        publisher operation a change settles).
         """
         for attempt in range(attempts):
             first = attempt == 0
@@ -520,7 +531,7 @@ class SubscriptionRepository:
             if outcome is None:
                 return None
             try:
-                self._write(subscription_id, stored, outcome, marker, operation_id, build_event)
+                self._write(subscription_id, stored, outcome, marker, operation_id, build_event, extra_rows)
             except _Conflict:
                 log.info("concurrent update of subscription %s, retrying (attempt %s)", subscription_id, attempt + 1)
                 continue
@@ -540,6 +551,7 @@ class SubscriptionRepository:
         marker: OperationMarker | None,
         operation_id: str,
         build_event: EventBuilder | None,
+        extra_rows: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         state = record_to_entity(outcome.record)
         operations: list[tuple] = []
@@ -594,6 +606,8 @@ class SubscriptionRepository:
                     },
                 )
             )
+        for row in extra_rows:
+            operations.append(("upsert", {**row, "PartitionKey": subscription_id}, {"mode": UpdateMode.MERGE}))
         with _storage_errors("write change"):
             self.metrics.add(writes=1)
             try:

@@ -19,6 +19,8 @@ from shared.settings import Settings
 
 if TYPE_CHECKING:
     from shared.events import EventRelay
+    from shared.publisher import OperationFollower
+    from shared.publisher_store import PublisherOperationStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -32,10 +34,13 @@ class Services:
     clock: Callable[[], datetime] = utc_now
     #: the event relay's storage (build_services: the repository's sibling); None: no relay here
     outbox_factory: Callable[[], OutboxStore] | None = None
+    #: publisher operations (build_services: on the repository's tables); None: no publisher API here
+    publisher_store: PublisherOperationStore | None = None
     _lazy: dict[str, Any] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def _once(self, name: str, build: Callable[[], T]) -> T:
+    def once(self, name: str, build: Callable[[], T]) -> T:
+        """``build()`` on first use, the same object afterwards (per bundle, thread-safe)."""
         with self._lock:
             if name not in self._lazy:
                 self._lazy[name] = build()
@@ -46,7 +51,7 @@ class Services:
         """Built on first use: only the webhook needs PyJWT and the signing keys."""
         from shared.webhook_auth import WebhookAuthenticator
 
-        return self._once(
+        return self.once(
             "webhook_authenticator",
             lambda: WebhookAuthenticator.from_settings(self.settings, clock=lambda: self.clock().timestamp()),
         )
@@ -55,7 +60,7 @@ class Services:
     def policy(self):
         from shared.policy import load_policy
 
-        return self._once("policy", lambda: load_policy(self.settings.publisher_policy))
+        return self.once("policy", lambda: load_policy(self.settings.publisher_policy))
 
     @property
     def events(self) -> EventRelay:
@@ -66,15 +71,26 @@ class Services:
                 raise ConfigurationError(["this services bundle has no outbox to relay events from"])
             return EventRelay.from_settings(self.settings, self.outbox_factory(), clock=lambda: self.clock())
 
-        return self._once("events", build)
+        return self.once("events", build)
+
+    @property
+    def follower(self) -> OperationFollower:
+        """Follows publisher operations to their end in background threads."""
+        from shared.publisher import OperationFollower
+
+        return self.once("follower", lambda: OperationFollower(self))
 
     def close(self) -> None:
+        follower = self._lazy.get("follower")
+        if follower is not None:
+            follower.close()
         self.marketplace.close()
 
 
 def build_services(settings: Settings | None = None) -> Services:
     from shared.marketplace import MarketplaceClient
     from shared.observability import install_log_filter
+    from shared.publisher_store import PublisherOperationStore
     from shared.repository import SubscriptionRepository, table_service_from_settings
 
     install_log_filter()
@@ -87,6 +103,7 @@ def build_services(settings: Settings | None = None) -> Services:
         marketplace=MarketplaceClient.from_settings(settings),
         repository=repository,
         outbox_factory=repository.sibling,
+        publisher_store=PublisherOperationStore(repository),
     )
     # One clock: the repository reads the bundle's, so a clock swapped in (tests, tools) applies to
     # what it writes as well as to what the use cases decide.

@@ -145,6 +145,37 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec(
         "PUBLISHER_POLICY", "", "Optional `module:function` deciding ChangePlan/ChangeQuantity/Reinstate; default accepts all."
     ),
+    SettingSpec(
+        "PUBLISHER_API_AUTH",
+        "entra",
+        "`entra` (the SaaS application's Entra bearer token with an app role) or `none` (local only; refused in Azure).",
+    ),
+    SettingSpec(
+        "PUBLISHER_API_AUDIENCE",
+        "",
+        "Expected `aud` of publisher API tokens: the Application ID URI or client id of this app's API registration.",
+    ),
+    SettingSpec("PUBLISHER_API_TENANT_ID", "", "Tenant that issues publisher API tokens; default MARKETPLACE_TENANT_ID."),
+    SettingSpec(
+        "PUBLISHER_API_OPENID_CONFIG_URL",
+        "",
+        "OpenID metadata URL for publisher API signing keys; default the Entra one of PUBLISHER_API_TENANT_ID.",
+    ),
+    SettingSpec(
+        "PUBLISHER_API_DEADLINE_SECONDS",
+        "10",
+        "Time budget of one publisher API request (the PATCH/DELETE to Microsoft included); past it, 503.",
+    ),
+    SettingSpec(
+        "PUBLISHER_OPERATION_POLL_SECONDS",
+        "5",
+        "First wait before Get Operation follows a publisher change; doubles up to 60 s between polls.",
+    ),
+    SettingSpec(
+        "PUBLISHER_CLAIM_TIMEOUT_SECONDS",
+        "300",
+        "Age after which a publisher change Microsoft never confirmed (no operation found) is settled as failed.",
+    ),
     SettingSpec("EVENTS_QUEUE_NAME", "subscription-events", "Storage queue that receives lifecycle events."),
     SettingSpec(
         "EVENTS_QUEUE_ENDPOINT", "", "Queue service endpoint for identity-based access; default derived from TABLES_ENDPOINT."
@@ -162,7 +193,8 @@ _DEFAULTS = {spec.name: spec.default for spec in SETTINGS}
 #: the webhook, nor an operator's command line.
 LANDING_PAGE = "landing_page"
 WEBHOOK = "webhook"
-ENTRY_POINTS = (LANDING_PAGE, WEBHOOK)
+PUBLISHER_API = "publisher_api"
+ENTRY_POINTS = (LANDING_PAGE, WEBHOOK, PUBLISHER_API)
 
 #: Where `make run` writes the settings of the stack it started, in the format Core Tools reads for
 #: `func start`; the CLI reads it too. Never deployed (.funcignore) and never committed (.gitignore).
@@ -287,6 +319,13 @@ class Settings:
     landing_deadline_seconds: int = 20
     landing_tenant_check: str = "details"
     publisher_policy: str = ""
+    publisher_api_auth: str = "entra"
+    publisher_api_audience: str = ""
+    publisher_api_tenant_id: str = ""
+    publisher_api_openid_config_url: str = ""
+    publisher_api_deadline_seconds: int = 10
+    publisher_operation_poll_seconds: int = 5
+    publisher_claim_timeout_seconds: int = 300
     events_queue_name: str = "subscription-events"
     events_queue_endpoint: str = ""
     events_webhook_url: str = ""
@@ -344,6 +383,17 @@ class Settings:
                 needs[WEBHOOK].append("WEBHOOK_AUDIENCE or MARKETPLACE_CLIENT_ID is required when WEBHOOK_AUTH=entra")
         elif running_in_azure:
             problems.append("WEBHOOK_AUTH=none is refused when running in Azure (WEBSITE_INSTANCE_ID is set)")
+        publisher_api_auth = _choice(env, "PUBLISHER_API_AUTH", ("entra", "none"), problems)
+        publisher_api_tenant = _text(env, "PUBLISHER_API_TENANT_ID") or tenant_id
+        if publisher_api_auth == "entra":
+            if not publisher_api_tenant:
+                needs[PUBLISHER_API].append(
+                    "PUBLISHER_API_TENANT_ID or MARKETPLACE_TENANT_ID is required when PUBLISHER_API_AUTH=entra"
+                )
+            if not _text(env, "PUBLISHER_API_AUDIENCE"):
+                needs[PUBLISHER_API].append("PUBLISHER_API_AUDIENCE is required when PUBLISHER_API_AUTH=entra")
+        elif running_in_azure:
+            problems.append("PUBLISHER_API_AUTH=none is refused when running in Azure (WEBSITE_INSTANCE_ID is set)")
 
         connection_string = _text(env, "TABLES_CONNECTION_STRING")
         endpoint = _text(env, "TABLES_ENDPOINT")
@@ -403,6 +453,18 @@ class Settings:
             landing_deadline_seconds=_int(env, "LANDING_DEADLINE_SECONDS", problems),
             landing_tenant_check=_choice(env, "LANDING_TENANT_CHECK", ("details", "strict", "off"), problems),
             publisher_policy=_text(env, "PUBLISHER_POLICY"),
+            publisher_api_auth=publisher_api_auth,
+            publisher_api_audience=_text(env, "PUBLISHER_API_AUDIENCE"),
+            publisher_api_tenant_id=publisher_api_tenant,
+            publisher_api_openid_config_url=_text(env, "PUBLISHER_API_OPENID_CONFIG_URL")
+            or (
+                f"https://login.microsoftonline.com/{publisher_api_tenant}/v2.0/.well-known/openid-configuration"
+                if publisher_api_tenant
+                else ""
+            ),
+            publisher_api_deadline_seconds=_int(env, "PUBLISHER_API_DEADLINE_SECONDS", problems),
+            publisher_operation_poll_seconds=_int(env, "PUBLISHER_OPERATION_POLL_SECONDS", problems),
+            publisher_claim_timeout_seconds=_int(env, "PUBLISHER_CLAIM_TIMEOUT_SECONDS", problems),
             events_queue_name=_text(env, "EVENTS_QUEUE_NAME"),
             events_queue_endpoint=_text(env, "EVENTS_QUEUE_ENDPOINT"),
             events_webhook_url=events_webhook_url,

@@ -52,6 +52,7 @@ class Source(str, Enum):
     WEBHOOK = "webhook"
     RECONCILE = "reconcile"
     OPERATOR = "operator"
+    PUBLISHER = "publisher"  # the publisher's SaaS application (publisher API) or an operator's CLI change
 
 
 class Kind(str, Enum):
@@ -72,10 +73,11 @@ class Kind(str, Enum):
     CLEAR_FLAG = "clear_flag"  # the reason for a flag is gone
     UNKNOWN_ACTION = "unknown_action"  # recorded for reconciliation
     REFUSED = "refused"  # the publisher's policy refused a requested change; state stays
+    CHANGE_FAILED = "change_failed"  # a publisher change Microsoft failed or never confirmed; state stays
 
 
 # Kinds that record a fact without moving the subscription: never "stale".
-HISTORY_ONLY_KINDS = frozenset({Kind.FLAG, Kind.CLEAR_FLAG, Kind.UNKNOWN_ACTION, Kind.REFUSED})
+HISTORY_ONLY_KINDS = frozenset({Kind.FLAG, Kind.CLEAR_FLAG, Kind.UNKNOWN_ACTION, Kind.REFUSED, Kind.CHANGE_FAILED})
 
 
 class Result(str, Enum):
@@ -97,6 +99,7 @@ EVENT_REINSTATED = "subscription.reinstated"
 EVENT_RENEWED = "subscription.renewed"
 EVENT_UNSUBSCRIBED = "subscription.unsubscribed"
 EVENT_FLAGGED = "subscription.flagged"
+EVENT_CHANGE_FAILED = "subscription.change_failed"
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,8 @@ class SubscriptionRecord:
     unsubscribed_at: datetime | None = None
     retain_data_until: datetime | None = None
     flags: tuple[str, ...] = ()
+    #: the publisher operation (our id) holding this subscription's claim; "" when none is pending
+    pending_operation_id: str = ""
     history_seq: int = 0  # number of history entries; also orders them
 
     @property
@@ -157,6 +162,7 @@ class SubscriptionRecord:
             "activatedBy": self.activated_by,
             "retainDataUntil": format_timestamp(self.retain_data_until),
             "flags": list(self.flags),
+            "pendingOperationId": self.pending_operation_id or None,
         }
 
 
@@ -176,6 +182,8 @@ class Change:
     actor: str = ""
     detail: str = ""
     flag: str = ""
+    #: a publisher operation this change settles: its claim is released whatever the result
+    release_operation: str = ""
 
 
 @dataclass(frozen=True)
@@ -252,7 +260,7 @@ SNAPSHOT_FIELDS = (
     "auto_renew",
     "allowed_customer_operations",
 )
-_TRACKED_FIELDS = ("status", *SNAPSHOT_FIELDS, "activated_by", "activation_attempts", "flags")
+_TRACKED_FIELDS = ("status", *SNAPSHOT_FIELDS, "activated_by", "activation_attempts", "flags", "pending_operation_id")
 
 
 def snapshot_values(subscription: Subscription) -> dict[str, Any]:
@@ -410,6 +418,8 @@ def _decide(record: SubscriptionRecord, change: Change) -> _Decision:
         return _Decision(Result.RECORDED, {"flags": tuple(f for f in record.flags if f != change.flag)})
     if kind in (Kind.UNKNOWN_ACTION, Kind.REFUSED):
         return _Decision(Result.RECORDED)
+    if kind is Kind.CHANGE_FAILED:
+        return _Decision(Result.RECORDED, event=EVENT_CHANGE_FAILED)
     if kind is Kind.UNSUBSCRIBE:
         if status is LocalStatus.UNSUBSCRIBED:
             return _Decision(Result.NOOP)
@@ -504,6 +514,11 @@ def apply(record: SubscriptionRecord | None, change: Change, *, now: datetime | 
         last = current.last_event_at
         if last is None or change.occurred_at > last:
             updated = replace(current, last_event_at=change.occurred_at)
+    released = bool(change.release_operation) and current.pending_operation_id == change.release_operation
+    if released:
+        # Settling a publisher operation frees the subscription for the next one, whatever the
+        # state machine made of the change itself (applied, already so, stale or refused).
+        updated = replace(updated, pending_operation_id="", updated_at=now)
     updated = replace(updated, history_seq=current.history_seq + 1)
 
     entry = HistoryEntry(
@@ -515,7 +530,7 @@ def apply(record: SubscriptionRecord | None, change: Change, *, now: datetime | 
         result=decision.result.value,
         from_status=record.status.value if record is not None else "",
         to_status=updated.status.value,
-        changes=_diff(record, updated) if decision.result in (Result.APPLIED, Result.RECORDED) else {},
+        changes=_diff(record, updated) if released or decision.result in (Result.APPLIED, Result.RECORDED) else {},
         operation_id=change.operation_id,
         correlation_id=change.correlation_id,
         actor=change.actor,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from shared import state_machine as sm
@@ -275,6 +275,18 @@ def apply_operation(
     """
     subscription_id, operation_id = event.subscription_id, event.id
     stored = _ensure_known(services, subscription_id, operation.timestamp or event.operation.timestamp)
+    requested_by_publisher = (operation.request_source or event.operation.request_source).lower() == "partner"
+    if requested_by_publisher and operation.status in (OperationStatus.IN_PROGRESS, OperationStatus.NOT_STARTED):
+        # A change the publisher asked for, not complete yet: there is nothing to answer (Microsoft
+        # refuses a PATCH of its status) nor to apply. The marker stays pending: the publisher
+        # operation's follower, or the reconciler's replay, applies it once it has succeeded.
+        log.info("operation %s requested by the publisher is still %s", operation_id, operation.status.value)
+        return WebhookResult(200, "in_progress", operation_id, subscription_id)
+    ours = None
+    if stored is not None and stored.record.pending_operation_id:
+        from shared.publisher import matching_operation
+
+        ours = matching_operation(services, stored.record, operation)
 
     kind = _KIND_FOR_ACTION.get(operation.action if operation.action is not Action.UNKNOWN else event.action)
     detail = ""
@@ -294,8 +306,19 @@ def apply_operation(
             occurred_at = services.clock()
     elif operation.status in (OperationStatus.FAILED, OperationStatus.CONFLICT):
         kind, detail = Kind.REFUSED, f"operation {operation.status.value} at Microsoft; nothing to apply"
+        if ours is not None:
+            reason = operation.error_message or f"{operation.status.value} at Microsoft"
+            kind, detail = Kind.CHANGE_FAILED, f"{ours.action} {operation.status.value}: {reason}"
 
     change = _change_for(event, operation, services, kind, detail, occurred_at)
+    extra_rows: list[dict] = []
+    if ours is not None:
+        # The publisher's own operation: settled here, in the same transaction, exactly once
+        # whether this webhook or the operation's follower gets there first.
+        from shared.publisher import settled_row
+
+        change = replace(change, source=Source.PUBLISHER, release_operation=ours.id, actor=ours.caller)
+        extra_rows.append(settled_row(ours, operation, services.clock()))
     outcome = services.repository.apply(
         subscription_id,
         lambda record: sm.apply(record, change, now=services.clock()),
@@ -303,6 +326,7 @@ def apply_operation(
         build_event=build_event_document,
         known=stored,
         known_marker=marker,
+        extra_rows=extra_rows,
     )
     if outcome is None:
         return WebhookResult(200, "duplicate", operation_id, subscription_id)

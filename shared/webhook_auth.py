@@ -216,31 +216,38 @@ def _unverified_issued_at(token: str) -> float | None:
     return float(issued_at) if isinstance(issued_at, (int, float)) and not isinstance(issued_at, bool) else None
 
 
-class WebhookAuthenticator:
+class EntraTokenValidator:
+    """Validates an Entra ID access token issued by one tenant for one audience (PyJWT).
+
+    ``required_caller``: the only client application (``azp``/``appid``) accepted; None accepts any
+    caller of the tenant (authorization is then the caller's job, e.g. app roles).
+    """
+
+    #: the setting that turns validation off, named in the warning every unauthenticated call logs
+    switch_name = "AUTH"
+
     def __init__(
-        self, *, tenant_id: str, audience: str, metadata_url: str, enabled: bool = True, clock: Callable[[], float] = time.time
+        self,
+        *,
+        tenant_id: str,
+        audience: str,
+        metadata_url: str,
+        enabled: bool = True,
+        clock: Callable[[], float] = time.time,
+        required_caller: str | None = None,
     ):
         self.enabled = enabled
         tenant_id = tenant_id.strip().lower()  # GUIDs: compare case-insensitively
         self.tenant_id = tenant_id
+        self.required_caller = required_caller
         self.audiences = [audience, f"api://{audience}"] if audience and not audience.startswith("api://") else [audience]
         self.issuers = {f"https://sts.windows.net/{tenant_id}/", f"https://login.microsoftonline.com/{tenant_id}/v2.0"}
         self.keys = SigningKeys([metadata_url, _v1_metadata_url(metadata_url)], clock=clock) if enabled else None
 
-    @classmethod
-    def from_settings(cls, settings: Settings, *, clock: Callable[[], float] = time.time) -> WebhookAuthenticator:
-        return cls(
-            tenant_id=settings.marketplace_tenant_id,
-            audience=settings.webhook_audience,
-            metadata_url=settings.webhook_openid_config_url,
-            enabled=settings.webhook_auth == "entra",
-            clock=clock,
-        )
-
     def authenticate(self, authorization: str | None) -> dict[str, Any]:
         """Return the verified claims, or raise UnauthorizedError saying which check failed."""
         if not self.enabled:
-            log.warning("WEBHOOK_AUTH=none: accepting an unauthenticated webhook call (local development only)")
+            log.warning("%s=none: accepting an unauthenticated call (local development only)", self.switch_name)
             return {}
         scheme, _, token = (authorization or "").strip().partition(" ")
         if not authorization:
@@ -255,7 +262,7 @@ class WebhookAuthenticator:
         if header.get("alg") != "RS256":
             raise UnauthorizedError(f"algorithm {header.get('alg')!r} is not allowed")
         if self.keys is None:  # pragma: no cover - enabled implies keys
-            raise UnauthorizedError("webhook authentication is not configured")
+            raise UnauthorizedError("token validation is not configured")
         key = self.keys.get(str(header.get("kid", "")), issued_at=_unverified_issued_at(token))
         if key is None:
             raise UnauthorizedError("signing key id is not one of the tenant's keys")
@@ -285,6 +292,34 @@ class WebhookAuthenticator:
         if str(claims.get("tid", "")).lower() != self.tenant_id:
             raise UnauthorizedError("tenant is not ours")
         caller = claims.get("azp") or claims.get("appid")
-        if caller != MARKETPLACE_RESOURCE_ID:
+        if self.required_caller is not None and caller != self.required_caller:
             raise UnauthorizedError("caller is not the Microsoft marketplace")
         return claims
+
+
+class WebhookAuthenticator(EntraTokenValidator):
+    """Microsoft's webhook tokens: our marketplace app's audience, the marketplace as caller."""
+
+    switch_name = "WEBHOOK_AUTH"
+
+    def __init__(
+        self, *, tenant_id: str, audience: str, metadata_url: str, enabled: bool = True, clock: Callable[[], float] = time.time
+    ):
+        super().__init__(
+            tenant_id=tenant_id,
+            audience=audience,
+            metadata_url=metadata_url,
+            enabled=enabled,
+            clock=clock,
+            required_caller=MARKETPLACE_RESOURCE_ID,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, clock: Callable[[], float] = time.time) -> WebhookAuthenticator:
+        return cls(
+            tenant_id=settings.marketplace_tenant_id,
+            audience=settings.webhook_audience,
+            metadata_url=settings.webhook_openid_config_url,
+            enabled=settings.webhook_auth == "entra",
+            clock=clock,
+        )

@@ -19,6 +19,7 @@ TENANT_ID = "72f988bf-0000-4000-8000-0000000000aa"
 APP_CLIENT_ID = "a1b2c3d4-0000-4000-8000-0000000000bb"
 FORM_SECRET = "test-form-secret-0123456789abcdef"
 TEST_USER = "Ada Lovelace <ada@contoso.example>"
+PUBLISHER_API_AUDIENCE = "api://contoso-fulfillment-api"
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +56,9 @@ def make_env(azurite, standin, **overrides) -> dict[str, str]:
         "LANDING_FORM_SECRET": FORM_SECRET,
         "WEBHOOK_AUTH": "entra",
         "WEBHOOK_OPENID_CONFIG_URL": standin.openid_config_url,
+        "PUBLISHER_API_AUTH": "entra",
+        "PUBLISHER_API_AUDIENCE": PUBLISHER_API_AUDIENCE,
+        "PUBLISHER_API_OPENID_CONFIG_URL": standin.openid_config_url,
         "SAAS_APP_URL": "https://app.contoso.example/",
         "SUPPORT_EMAIL": "support@contoso.example",
         "BRAND_NAME": "Contoso Analytics",

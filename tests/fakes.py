@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -33,6 +33,7 @@ class FakeRepository:
         self.on_event_written: Callable[[str], object] | None = None
         self.checkpoint: dict[str, Any] | None = None
         self.runs: list[dict[str, Any]] = []
+        self.extra_rows: dict[tuple[str, str], dict[str, Any]] = {}  # rows merged by apply(extra_rows=...)
         self.down = False
         self._lock = threading.Lock()
 
@@ -128,6 +129,7 @@ class FakeRepository:
         known: StoredRecord | None = None,
         known_marker: OperationMarker | None = None,
         attempts: int = 6,
+        extra_rows: Sequence[Mapping[str, Any]] = (),
     ) -> Outcome | None:
         # known/known_marker only save reads in the real repository; the fake always reads.
         self._check()
@@ -148,6 +150,9 @@ class FakeRepository:
                 self._check()
                 self.records[subscription_id] = (outcome.record, version + 1)
                 self.histories.setdefault(subscription_id, []).append(outcome.history.to_json())
+                for row in extra_rows:
+                    key = (subscription_id, str(row["RowKey"]))
+                    self.extra_rows[key] = {**self.extra_rows.get(key, {}), **row}
                 if operation_id:
                     key = (subscription_id, operation_id)
                     base = self.markers.get(key) or OperationMarker(subscription_id, operation_id, "", OP_RECEIVED, None)
@@ -323,6 +328,7 @@ def fake_services(**setting_overrides) -> Services:
     env = {
         "MARKETPLACE_AUTH": "none",
         "WEBHOOK_AUTH": "none",
+        "PUBLISHER_API_AUTH": "none",
         "TABLES_CONNECTION_STRING": "UseDevelopmentStorage=true",
         "LANDING_FORM_SECRET": "unit-test-form-secret-0123456789",
         "SAAS_APP_URL": "https://app.example/",

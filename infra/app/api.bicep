@@ -140,6 +140,9 @@ param supportEmail string = ''
 @description('PUBLISHER_POLICY: optional `module:function` that decides ChangePlan/ChangeQuantity/Reinstate.')
 param publisherPolicy string = ''
 
+@description('PUBLISHER_API_AUDIENCE: Application ID URI (or client id) of the API registration the SaaS application gets tokens for; empty: the publisher API answers 503 until it is set.')
+param publisherApiAudience string = ''
+
 var signInEnabled = !empty(signInClientId)
 
 // A Key Vault reference to the current version of a secret, resolved by the platform with the
@@ -205,6 +208,15 @@ var appSettings = {
   LANDING_DEADLINE_SECONDS: '20'
   LANDING_TENANT_CHECK: 'details'
   PUBLISHER_POLICY: publisherPolicy
+  // The SaaS application's API: Entra tokens for this app's API registration with an app role
+  // (docs/deploy.md, "Publisher API"). Tenant and metadata default to MARKETPLACE_TENANT_ID's.
+  PUBLISHER_API_AUTH: 'entra'
+  PUBLISHER_API_AUDIENCE: publisherApiAudience
+  PUBLISHER_API_TENANT_ID: ''
+  PUBLISHER_API_OPENID_CONFIG_URL: ''
+  PUBLISHER_API_DEADLINE_SECONDS: '10'
+  PUBLISHER_OPERATION_POLL_SECONDS: '5'
+  PUBLISHER_CLAIM_TIMEOUT_SECONDS: '300'
   EVENTS_QUEUE_NAME: eventsQueueName
   EVENTS_QUEUE_ENDPOINT: queueEndpoint
   EVENTS_WEBHOOK_URL: eventsWebhookUrl
@@ -287,8 +299,9 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
 }
 
 // App Service Authentication (Easy Auth v2) with Microsoft Entra ID, for the landing page.
-// Everything requires a signed-in user except the two paths that Microsoft and probes call:
-// the webhook (it validates Microsoft's bearer token itself) and the health check.
+// Everything requires a signed-in user except the paths that Microsoft, probes and the SaaS
+// application call: the webhook and the publisher API (they validate bearer tokens themselves)
+// and the health check.
 // Easy Auth stays on even before the sign-in app exists (signInClientId empty): it is what strips
 // X-MS-CLIENT-PRINCIPAL* headers sent by clients, so with it off anyone could claim to be signed in.
 // Without a provider every protected path answers 401 until the sign-in app is configured.
@@ -309,6 +322,10 @@ resource siteAuth 'Microsoft.Web/sites/config@2024-04-01' = {
       excludedPaths: [
         '/api/webhook'
         '/api/health'
+        // The publisher API: the SaaS application's bearer token is validated in code (audience,
+        // tenant, app role). A trailing `/*` excludes everything below the path (docs/marketplace-notes.md).
+        '/api/subscriptions/*'
+        '/api/operations/*'
       ]
     }
     identityProviders: {

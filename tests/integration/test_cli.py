@@ -266,3 +266,45 @@ def test_the_module_runs_as_a_command(azurite, standin, tmp_path):
         timeout=60,
     )
     assert listed.returncode == 0 and {row["id"] for row in json.loads(listed.stdout)} == set(ids)
+
+
+def test_publisher_change_verbs_end_to_end(standin, services):
+    (subscription_id,) = standin.seed(1, plan_id="standard", quantity=5)
+    sync_in_the_past(services)
+
+    plans = cli_json(services, "plans", subscription_id)
+    assert plans["currentPlanId"] == "standard"
+    assert {p["planId"] for p in plans["plans"]} == {"basic", "standard", "premium"}
+    code, text = cli(services, "plans", subscription_id)
+    assert code == 0 and "premium" in text
+
+    changed = cli_json(services, "change-plan", subscription_id, "premium", "--wait")
+    assert changed["status"] == "Succeeded" and changed["requestedBy"].startswith("operator:")
+    assert services.repository.get(subscription_id).record.plan_id == "premium"
+    entry = next(e for e in services.repository.history(subscription_id) if e["kind"] == "change_plan")
+    assert entry["source"] == "publisher" and entry["actor"].startswith("operator:")
+
+    seats = cli_json(services, "change-quantity", subscription_id, "9", "--wait")
+    assert seats["status"] == "Succeeded" and services.repository.get(subscription_id).record.quantity == 9
+    assert cli_json(services, "operation", seats["id"])["quantity"] == 9
+
+    refused = cli_json(services, "change-quantity", subscription_id, "9", expect=1)
+    assert refused["error"] == "quantity_unchanged"
+    assert cli_json(services, "change-quantity", subscription_id, "0", expect=2)["error"] == "usage"
+    assert standin.calls["update"] == 2
+
+    started = cli_json(services, "cancel", subscription_id)  # without --wait: answered at once
+    assert started["status"] == "InProgress" and started["action"] == "Unsubscribe"
+    services.follower.wait_idle(30)
+    code, text = cli(services, "operation", started["id"])
+    assert code == 0 and "cancel" in text
+    assert services.repository.get(subscription_id).record.status is LocalStatus.UNSUBSCRIBED
+
+
+def test_publisher_change_that_microsoft_fails_exits_1(standin, services):
+    (subscription_id,) = standin.seed(1, plan_id="standard", quantity=5)
+    sync_in_the_past(services)
+    standin.partner_outcome = "fail"
+    failed = cli_json(services, "change-plan", subscription_id, "premium", "--wait", expect=1)
+    assert failed["status"] == "Failed" and failed["errorMessage"]
+    assert services.repository.get(subscription_id).record.plan_id == "standard"

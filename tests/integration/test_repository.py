@@ -116,6 +116,7 @@ def full_record(sid: str) -> SubscriptionRecord:
         unsubscribed_at=moment + timedelta(days=1),
         retain_data_until=moment + timedelta(days=8),
         flags=("activation_stuck", "unknown_status"),
+        pending_operation_id="0f1e2d3c-4b5a-4968-8776-655443322110",
         history_seq=1,
     )
 

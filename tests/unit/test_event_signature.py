@@ -284,6 +284,7 @@ def every_event_type() -> list[dict]:
     first.apply(Kind.ACTIVATION_CONFIRMED, Source.OPERATOR, subscription=_microsoft("Subscribed"))
     first.apply(Kind.CHANGE_PLAN, plan_id="premium")
     first.apply(Kind.CHANGE_QUANTITY, quantity=12)
+    first.apply(Kind.CHANGE_FAILED, Source.PUBLISHER, detail="ChangePlan Failed: the billing system refused it")
     first.apply(Kind.SUSPEND)
     first.apply(Kind.REINSTATE)
     first.apply(Kind.RENEW, term=Term("P1M", datetime(2026, 12, 1, tzinfo=UTC), datetime(2026, 12, 31, tzinfo=UTC)))
@@ -299,7 +300,7 @@ ALL_EVENT_TYPES = {value for name, value in vars(sm).items() if name.startswith(
 def test_the_timeline_covers_every_event_type():
     documents = every_event_type()
     assert {d["eventType"] for d in documents} == ALL_EVENT_TYPES
-    assert len(ALL_EVENT_TYPES) == 10
+    assert len(ALL_EVENT_TYPES) == 11
 
 
 def test_real_event_documents_validate_against_the_published_schema():

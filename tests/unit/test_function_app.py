@@ -34,7 +34,15 @@ def _index() -> dict:
 
 def test_functions_are_registered_with_the_contracted_names_routes_and_triggers():
     functions = _index()
-    assert set(functions) == {"landing_page", "webhook", "reconcile_timer", "health"}
+    assert set(functions) == {
+        "landing_page",
+        "webhook",
+        "reconcile_timer",
+        "health",
+        "publisher_subscription",
+        "publisher_plans",
+        "publisher_operation",
+    }
 
     def trigger(name):
         return next(b for b in functions[name] if b["direction"] == "0")
@@ -43,7 +51,12 @@ def test_functions_are_registered_with_the_contracted_names_routes_and_triggers(
     assert sorted(trigger("landing_page")["methods"]) == ["GET", "POST"]
     assert trigger("webhook")["route"] == "webhook" and trigger("webhook")["methods"] == ["POST"]
     assert trigger("health")["route"] == "health" and trigger("health")["methods"] == ["GET"]
-    for name in ("landing_page", "webhook", "health"):
+    assert trigger("publisher_subscription")["route"] == "subscriptions/{subscriptionId}"
+    assert sorted(trigger("publisher_subscription")["methods"]) == ["DELETE", "GET", "PATCH"]
+    assert trigger("publisher_plans")["route"] == "subscriptions/{subscriptionId}/plans"
+    assert trigger("publisher_operation")["route"] == "operations/{operationId}"
+    assert trigger("publisher_operation")["methods"] == ["GET"]
+    for name in ("landing_page", "webhook", "health", "publisher_subscription", "publisher_plans", "publisher_operation"):
         # No function keys: Microsoft sends none and keys in URLs fail certification.
         assert trigger(name)["authLevel"] == "anonymous"
     timer = trigger("reconcile_timer")

@@ -11,6 +11,7 @@ from shared.settings import (
     DEFAULT_API_BASE_URL,
     DEFAULT_API_VERSION,
     LANDING_PAGE,
+    PUBLISHER_API,
     SETTING_NAMES,
     SETTINGS,
     WEBHOOK,
@@ -31,6 +32,7 @@ def minimal_env(**overrides) -> dict[str, str]:
         "MARKETPLACE_CLIENT_SECRET": "client-secret-value-1234",
         "TABLES_CONNECTION_STRING": "UseDevelopmentStorage=true",
         "LANDING_FORM_SECRET": "form-secret-0123456789abcdef",
+        "PUBLISHER_API_AUDIENCE": "api://contoso-fulfillment-api",
     }
     env.update(overrides)
     return {name: value for name, value in env.items() if value is not None}
@@ -83,6 +85,10 @@ def test_defaults_match_the_settings_table():
         value = getattr(settings, attribute)
         if spec.name in ("WEBHOOK_AUDIENCE", "WEBHOOK_OPENID_CONFIG_URL"):
             continue  # derived defaults, checked above
+        if spec.name in ("PUBLISHER_API_TENANT_ID", "PUBLISHER_API_OPENID_CONFIG_URL"):
+            assert value == (TENANT if spec.name.endswith("TENANT_ID") else settings.publisher_api_openid_config_url)
+            assert TENANT in settings.publisher_api_openid_config_url  # derived from MARKETPLACE_TENANT_ID
+            continue
         if isinstance(value, bool):
             assert value is (spec.default == "true"), spec.name
         elif isinstance(value, int):
@@ -170,12 +176,14 @@ def test_local_configuration_without_entra():
         {
             "MARKETPLACE_AUTH": "none",
             "WEBHOOK_AUTH": "none",
+            "PUBLISHER_API_AUTH": "none",
             "TABLES_CONNECTION_STRING": "UseDevelopmentStorage=true",
             "LANDING_FORM_SECRET": "form-secret-0123456789abcdef",
         }
     )
     assert settings.marketplace_auth == "none"
     assert settings.webhook_auth == "none"
+    assert settings.publisher_api_auth == "none"
     assert settings.webhook_openid_config_url == ""
 
 
@@ -324,7 +332,11 @@ def test_reads_os_environ_by_default(monkeypatch):
 
 def test_each_entry_point_requires_only_what_it_uses():
     env = minimal_env(
-        LANDING_FORM_SECRET=None, MARKETPLACE_TENANT_ID=None, MARKETPLACE_AUTH="none", MARKETPLACE_CLIENT_SECRET=None
+        LANDING_FORM_SECRET=None,
+        MARKETPLACE_TENANT_ID=None,
+        MARKETPLACE_AUTH="none",
+        MARKETPLACE_CLIENT_SECRET=None,
+        PUBLISHER_API_AUDIENCE=None,
     )
     # The CLI and the timer (no entry point of their own) start; the function app's functions too.
     settings = Settings.from_env(env, require=())
@@ -334,17 +346,28 @@ def test_each_entry_point_requires_only_what_it_uses():
     with pytest.raises(ConfigurationError) as webhook:
         settings.require(WEBHOOK)
     assert webhook.value.problems == ["MARKETPLACE_TENANT_ID is required when WEBHOOK_AUTH=entra"]
-    assert settings.problems_by_entry_point() == {LANDING_PAGE: landing.value.problems, WEBHOOK: webhook.value.problems}
+    with pytest.raises(ConfigurationError) as publisher_api:
+        settings.require(PUBLISHER_API)
+    assert publisher_api.value.problems == [
+        "PUBLISHER_API_TENANT_ID or MARKETPLACE_TENANT_ID is required when PUBLISHER_API_AUTH=entra",
+        "PUBLISHER_API_AUDIENCE is required when PUBLISHER_API_AUTH=entra",
+    ]
+    assert settings.problems_by_entry_point() == {
+        LANDING_PAGE: landing.value.problems,
+        WEBHOOK: webhook.value.problems,
+        PUBLISHER_API: publisher_api.value.problems,
+    }
     # Asking for one entry point reports that one's problems only, all at once.
     assert problems_of_entry(env, [LANDING_PAGE]) == ["LANDING_FORM_SECRET is required (32+ random characters)"]
     # Without `require`, everything is required (deployment checks, tests): both named together.
-    assert set(problems_of(env)) == {*landing.value.problems, *webhook.value.problems}
+    assert set(problems_of(env)) == {*landing.value.problems, *webhook.value.problems, *publisher_api.value.problems}
 
 
 def test_a_complete_configuration_has_no_entry_point_problems():
     settings = Settings.from_env(minimal_env(), require=())
     settings.require(LANDING_PAGE)
     settings.require(WEBHOOK)
+    settings.require(PUBLISHER_API)
     assert settings.problems_by_entry_point() == {}
 
 

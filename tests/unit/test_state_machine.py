@@ -285,6 +285,10 @@ TRANSITIONS = {
         lambda: change(Kind.REFUSED, detail="policy refused ChangePlan"),
         {status: (Result.RECORDED, status) for status in ALL},
     ),
+    Kind.CHANGE_FAILED: (
+        lambda: change(Kind.CHANGE_FAILED, detail="ChangePlan Failed: refused by billing", source=Source.PUBLISHER),
+        {status: (Result.RECORDED, status) for status in ALL},
+    ),
 }
 
 # The same change again (value already in effect) is a no-op, except where Unsubscribed refuses it.
@@ -312,6 +316,7 @@ EXPECTED_EVENT = {
     Kind.FLAG: lambda old: sm.EVENT_FLAGGED,
     Kind.UNKNOWN_ACTION: lambda old: None,
     Kind.REFUSED: lambda old: None,
+    Kind.CHANGE_FAILED: lambda old: sm.EVENT_CHANGE_FAILED,
 }
 
 CASES = [(kind, status) for kind in TRANSITIONS for status in ALL]
