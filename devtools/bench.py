@@ -63,12 +63,28 @@ PUBLISHER_API_AUDIENCE = "api://bench-fulfillment-api"
 class Sizes(TypedDict):
     webhooks: int
     senders: int
+    publisher_changes: int
+    publisher_callers: int
     reconcile: tuple[int, ...]
     coldstart_runs: int
 
 
-FULL_SIZES: Sizes = {"webhooks": 1000, "senders": 20, "reconcile": (1000, 10000), "coldstart_runs": 5}
-QUICK_SIZES: Sizes = {"webhooks": 100, "senders": 20, "reconcile": (500,), "coldstart_runs": 3}
+FULL_SIZES: Sizes = {
+    "webhooks": 1000,
+    "senders": 20,
+    "publisher_changes": 500,
+    "publisher_callers": 10,
+    "reconcile": (1000, 10000),
+    "coldstart_runs": 5,
+}
+QUICK_SIZES: Sizes = {
+    "webhooks": 100,
+    "senders": 20,
+    "publisher_changes": 50,
+    "publisher_callers": 10,
+    "reconcile": (500,),
+    "coldstart_runs": 3,
+}
 
 # The reconciler leaves a record alone when it changed less than SETTLE_WINDOW (2 min) before the
 # listing was fetched. The measured runs play "the setup run was a while ago" by running the
@@ -92,6 +108,17 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, math.ceil(q / 100 * len(ordered)))
     return ordered[min(rank, len(ordered)) - 1]
+
+
+def latency_summary(latencies: list[float]) -> dict[str, float]:
+    """p50/p90/p99/max/mean of durations in seconds, as milliseconds."""
+    return {
+        "p50": _ms(percentile(latencies, 50)),
+        "p90": _ms(percentile(latencies, 90)),
+        "p99": _ms(percentile(latencies, 99)),
+        "max": _ms(max(latencies)),
+        "mean": _ms(statistics.fmean(latencies)),
+    }
 
 
 def _diff(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
@@ -290,6 +317,16 @@ class _Worker:
             "cpu_seconds": usage.ru_utime + usage.ru_stime,
             "relay_threads": len(_relay_threads()),
         }
+
+    def cmd_wait_followers(self, timeout: float = 300.0) -> bool:
+        """Wait until the background followers of publisher operations are done."""
+        return self.services.follower.wait_idle(timeout)
+
+    def cmd_publisher_operations(self, ids: list[str]) -> dict[str, int]:
+        """How the publisher operations of these subscriptions ended (status -> count)."""
+        store = self.services.publisher_store
+        assert store is not None
+        return dict(Counter(op.status for sid in ids for op in store.list_for(sid)))
 
     def cmd_wait_relays(self, timeout: float = 120.0) -> int:
         """Wait for the background event relays; returns how many were still running."""
@@ -793,13 +830,7 @@ def bench_webhook(
         {
             "burst_seconds": round(burst_seconds, 3),
             "throughput_per_second": round(events / burst_seconds, 1),
-            "latency_ms": {
-                "p50": _ms(percentile(latencies, 50)),
-                "p90": _ms(percentile(latencies, 90)),
-                "p99": _ms(percentile(latencies, 99)),
-                "max": _ms(max(latencies)),
-                "mean": _ms(statistics.fmean(latencies)),
-            },
+            "latency_ms": latency_summary(latencies),
             "statuses": dict(statuses),
             "results": dict(results),
             "errors": errors,
@@ -842,6 +873,142 @@ def bench_webhook(
         }
     )
     return result
+
+
+def bench_publisher(bench: BenchEnvironment, changes: int = 500, callers: int = 10) -> dict[str, Any]:
+    """``changes`` PATCHes of the publisher API from ``callers`` threads, one subscription each,
+    followed to the end (Microsoft's Partner webhook and our polls), then checked for consistency."""
+    standin = bench.standin
+    bench.reset_standin()
+    ids = standin.seed(changes + 1, plan_id="standard", quantity=5)
+    probe_id = ids.pop()
+    env = bench.app_env(PUBLISHER_OPERATION_POLL_SECONDS="1")
+    token = standin.sign_token(
+        {"aud": PUBLISHER_API_AUDIENCE, "azp": "0be1c4a2-0000-4000-8000-00000000be03", "roles": ["Subscriptions.ReadWrite"]}
+    )
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    result: dict[str, Any] = {"changes": changes, "callers": callers}
+    with bench.app(env, "publisher") as app:
+        app_url = app.call("serve")
+        base = app_url + "/api/subscriptions/"
+        standin.webhook_url = app_url + "/api/webhook"  # Microsoft announces each completed Partner operation
+        app.call("reconcile")  # records the seeded subscriptions (not measured)
+        session = _new_session()
+        # -- probe: one change alone; the snapshot right after the 202 holds the request's own work
+        # (the follower's first poll waits PUBLISHER_OPERATION_POLL_SECONDS).
+        before = app.call("snapshot")
+        response = session.patch(base + probe_id, data=json.dumps({"quantity": 6}), headers=headers, timeout=REQUEST_TIMEOUT)
+        after = app.call("snapshot")
+        reads, writes = _reads_writes(_storage_counts(after, before))
+        result["probe"] = {
+            "status": response.status_code,
+            "storage_reads": reads,
+            "storage_writes": writes,
+            "marketplace": _diff(after["marketplace"], before["marketplace"]),
+        }
+        app.call("wait_followers")
+        app.call("wait_relays")
+        session.close()
+
+        # -- the burst ------------------------------------------------------------------------------
+        calls_before = dict(standin.calls)
+        deliveries_before = len(standin.webhook_deliveries)
+        before = app.call("snapshot")
+        local = threading.local()
+
+        def change(index: int) -> tuple[int | None, float]:
+            session = getattr(local, "session", None) or _new_session()
+            local.session = session
+            started = time.perf_counter()
+            try:
+                answer = session.patch(
+                    base + ids[index], data=json.dumps({"quantity": 6 + index % 50}), headers=headers, timeout=REQUEST_TIMEOUT
+                )
+                return answer.status_code, time.perf_counter() - started
+            except Exception:  # noqa: BLE001 - counted as an error
+                return None, time.perf_counter() - started
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=callers, thread_name_prefix="bench-caller") as pool:
+            outcomes = list(pool.map(change, range(changes)))
+        burst_seconds = time.perf_counter() - started
+        app.call("wait_followers")
+        settled_seconds = time.perf_counter() - started
+        app.call("wait_relays")
+        after = app.call("snapshot")
+        endings = app.call("publisher_operations", ids=ids)
+        check = app.call("reconcile", clock_skew_seconds=RECONCILE_CLOCK_SKEW_SECONDS)
+        result["log"] = app.log_counts()
+
+    latencies = [elapsed for _, elapsed in outcomes]
+    statuses = Counter(str(status) for status, _ in outcomes)
+    marketplace = _diff(after["marketplace"], before["marketplace"])
+    webhooks = len(standin.webhook_deliveries) - deliveries_before
+    wire = _storage_counts(after, before)
+    reads, writes = _reads_writes(wire)
+    relay_wire = _diff(after["wire"]["relay"], before["wire"]["relay"])
+    applied = sum(1 for index, sid in enumerate(ids) if standin.get_subscription(sid).get("quantity") == 6 + index % 50)
+    polls = marketplace.get("get_operation", 0) - webhooks  # every webhook is verified with one Get Operation
+    result.update(
+        {
+            "burst_seconds": round(burst_seconds, 3),
+            "settled_seconds": round(settled_seconds, 3),
+            "throughput_per_second": round(changes / burst_seconds, 1),
+            "latency_ms": latency_summary(latencies),
+            "statuses": dict(statuses),
+            "errors": sum(count for status, count in statuses.items() if status != "202"),
+            "marketplace_calls": marketplace,
+            "standin_patches": _diff(dict(standin.calls), calls_before).get("update", 0),
+            "partner_webhooks": webhooks,
+            "follower_polls": polls,
+            "polls_per_change": _per(polls, changes),
+            "marketplace_per_change": _per(sum(marketplace.values()), changes),
+            "storage_wire": wire,
+            "storage_reads_per_change": _per(reads, changes),
+            "storage_writes_per_change": _per(writes, changes),
+            "relay_storage_per_change": _per(sum(relay_wire.values()), changes),
+            "endings": endings,
+            "applied_at_microsoft": applied,
+            "consistency_repairs": check["summary"]["repairs"],
+            "consistency_open_operations": check["summary"].get("publisher_operations_pending", 0),
+        }
+    )
+    return result
+
+
+def _render_publisher(p: dict[str, Any]) -> list[str]:
+    lat, probe = p["latency_ms"], p["probe"]
+    return [
+        "## 2. Publisher changes (publisher API)",
+        "",
+        f'{p["changes"]} `PATCH /api/subscriptions/{{id}}` (`{{"quantity": n}}`, one subscription each) from'
+        f" {p['callers']} concurrent callers with one Entra token (validated, role checked), through the dev host;"
+        " Microsoft's stand-in completes each operation after 0.2 s and sends its Partner webhook, as Microsoft does;"
+        " `PUBLISHER_OPERATION_POLL_SECONDS=1`.",
+        "",
+        "| Figure | Value |",
+        "|---|---|",
+        f"| Answers | {_fmt_counts(p['statuses'])} (errors: {p['errors']}) |",
+        f"| Latency of the 202 | p50 {lat['p50']} ms, p90 {lat['p90']} ms, p99 {lat['p99']} ms, max {lat['max']} ms |",
+        f"| Burst / all settled | {p['burst_seconds']} s ({p['throughput_per_second']}/s) / {p['settled_seconds']} s |",
+        f"| PATCHes sent to Microsoft | {p['standin_patches']} for {p['changes']} changes |",
+        f"| Marketplace calls per change (whole life) | {p['marketplace_per_change']}: {_fmt_counts(p['marketplace_calls'])} |",
+        f"| Get Operation polls by the follower | {p['follower_polls']} ({p['polls_per_change']} per change); the other"
+        f" {p['partner_webhooks']} Get Operation calls verify the {p['partner_webhooks']} Partner webhooks |",
+        f"| Storage per change (request, follow, webhook) | {p['storage_reads_per_change']} reads,"
+        f" {p['storage_writes_per_change']} writes (+ relay {p['relay_storage_per_change']} in background) |",
+        f"| One change alone, until its 202 | {probe['storage_reads']} storage reads, {probe['storage_writes']} writes,"
+        f" Marketplace {_fmt_counts(probe['marketplace'])} |",
+        f"| How they ended | {_fmt_counts(p['endings'])}; applied at Microsoft: {p['applied_at_microsoft']} |",
+        f"| Reconciliation right after | repairs {_fmt_counts(p['consistency_repairs']) or 'none'},"
+        f" open publisher operations {p['consistency_open_operations']} |",
+        "",
+        "Design minimum per change: 1 PATCH plus the Get Operation polls until Microsoft says `Succeeded`."
+        " When Microsoft's Partner webhook arrives before the first poll (here: 0.2 s vs 1 s) the webhook settles the"
+        " operation and the poll finds it settled without calling Microsoft, so most changes need no poll at all;"
+        " when no webhook comes, the first poll (after `PUBLISHER_OPERATION_POLL_SECONDS`) settles it.",
+        "",
+    ]
 
 
 def _probe(app: AppProcess, standin, session, url: str, label: str, delivery: _Delivery) -> dict[str, Any]:
@@ -1134,6 +1301,14 @@ def print_summary(results: dict[str, Any]) -> None:
                 f"  peak heap {mem['peak_heap_bytes'] / 1e6:.1f} MB; peak RSS {_mib(drift['peak_rss_kib'])} MiB "
                 f"(before the run {_mib(drift['rss_kib_before'])} MiB)"
             )
+    pub = results.get("publisher")
+    if pub:
+        print(
+            f"publisher: {pub['changes']} changes / {pub['callers']} callers: {_fmt_counts(pub['statuses'])}, 202 p50"
+            f" {pub['latency_ms']['p50']} ms p99 {pub['latency_ms']['p99']} ms; PATCHes {pub['standin_patches']}, polls"
+            f" {pub['follower_polls']}, marketplace/change {pub['marketplace_per_change']}, storage/change"
+            f" {pub['storage_reads_per_change']} r {pub['storage_writes_per_change']} w; endings {_fmt_counts(pub['endings'])}"
+        )
     cold = results.get("coldstart")
     if cold:
         print(
@@ -1159,12 +1334,14 @@ def render_markdown(results: dict[str, Any], machine: dict[str, str], argv: list
         f"- Load average when the run finished: {machine['load_average']} (the machine was shared with other work;"
         " latencies and wall times carry that noise, call counts do not)",
         f"- Command: `{' '.join(['python -m devtools.bench', *_shown_args(argv)]).strip()}` (`make bench` = no arguments;"
-        " `--quick` = 100 webhooks and 500 subscriptions, printed only; `--only webhook|reconcile|coldstart`)",
+        " `--quick` = 100 webhooks and 500 subscriptions, printed only; `--only webhook|publisher|reconcile|coldstart`)",
         "",
     ]
     webhook = results.get("webhook")
     if webhook:
         lines += _render_webhook(webhook)
+    if results.get("publisher"):
+        lines += _render_publisher(results["publisher"])
     if results.get("reconcile"):
         lines += _render_reconcile(results["reconcile"], results.get("reconcile_note", ""))
     if results.get("coldstart"):
@@ -1272,7 +1449,7 @@ def _probe_field(probes: list[dict[str, Any]], label: str, name: str) -> str:
 
 def _render_reconcile(runs: list[dict[str, Any]], note: str) -> list[str]:
     lines = [
-        "## 2. Reconciliation",
+        "## 3. Reconciliation",
         "",
         "N subscriptions held by the stand-in (List subscriptions pages of "
         f"{runs[0]['page_size']}); a setup run records them (not measured), then 1 % drift is made silently"
@@ -1342,7 +1519,7 @@ def _render_reconcile(runs: list[dict[str, Any]], note: str) -> list[str]:
 
 def _render_coldstart(c: dict[str, Any]) -> list[str]:
     lines = [
-        "## 3. Cold start",
+        "## 4. Cold start",
         "",
         f'`python -X importtime -c "import function_app"` in a fresh interpreter, {c["runs"]} runs, median.',
         "",
@@ -1376,6 +1553,14 @@ def _render_coldstart(c: dict[str, Any]) -> list[str]:
 
 def interpret(results: dict[str, Any]) -> list[str]:
     notes = []
+    pub = results.get("publisher")
+    if pub:
+        notes.append(
+            f"Publisher changes: {pub['errors']} errors in {pub['changes']} (target zero); {pub['standin_patches']} PATCHes"
+            f" for {pub['changes']} changes (exactly one each); {pub['applied_at_microsoft']} applied at Microsoft and"
+            f" {pub['endings'].get('Succeeded', 0)} recorded Succeeded; the 202 answered in p99 {pub['latency_ms']['p99']} ms"
+            " without waiting for Microsoft's operation."
+        )
     webhook = results.get("webhook")
     if webhook:
         probes = {p["label"]: p for p in webhook["probes"]}
@@ -1639,11 +1824,16 @@ def run(
 ) -> dict[str, Any]:
     sizes = QUICK_SIZES if quick else FULL_SIZES
     results: dict[str, Any] = {}
-    if only in (None, "webhook", "reconcile"):
+    if only in (None, "webhook", "publisher", "reconcile"):
         with BenchEnvironment() as bench:
             if only in (None, "webhook"):
                 print(f"webhook burst: {webhooks or sizes['webhooks']} events, {sizes['senders']} senders ...", flush=True)
                 results["webhook"] = bench_webhook(bench, webhooks or sizes["webhooks"], sizes["senders"])
+            if only in (None, "publisher"):
+                print(
+                    f"publisher changes: {sizes['publisher_changes']} from {sizes['publisher_callers']} callers ...", flush=True
+                )
+                results["publisher"] = bench_publisher(bench, sizes["publisher_changes"], sizes["publisher_callers"])
             if only in (None, "reconcile"):
                 results["reconcile"] = []
                 for count in reconcile_sizes or sizes["reconcile"]:
@@ -1664,7 +1854,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m devtools.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (100 webhooks, 500 subscriptions); a smoke run")
-    parser.add_argument("--only", choices=("webhook", "reconcile", "coldstart"))
+    parser.add_argument("--only", choices=("webhook", "publisher", "reconcile", "coldstart"))
     parser.add_argument("--reconcile-sizes", help="comma-separated subscription counts (default 1000,10000)")
     parser.add_argument("--output", help="markdown report path (default docs/benchmarks.md for a full run, none otherwise)")
     parser.add_argument("--json", help="also write the raw results as JSON to this path")

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,12 @@ def test_make_run_writes_the_settings_a_second_terminal_uses_and_storage_survive
         assert listed.returncode == 0, listed.stderr
         before = {row["id"] for row in json.loads(listed.stdout)}
         assert len(before) == 1
+        # The SaaS application's publisher API answers locally without a token (PUBLISHER_API_AUTH=none).
+        assert values["PUBLISHER_API_AUTH"] == "none"
+        url = f"http://127.0.0.1:{stack_env['DEV_HOST_PORT']}/api/subscriptions/{next(iter(before))}"
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(url, timeout=30) as answer:
+            assert answer.status == 200 and json.loads(answer.read())["id"] == next(iter(before))
     finally:
         _stop(process)
     assert process.returncode == 0
