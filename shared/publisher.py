@@ -703,65 +703,108 @@ def settled_row(operation: PublisherOperation, found: Operation, now: datetime) 
 
 
 class OperationFollower:
-    """Follows operations in background threads: Get Operation after PUBLISHER_OPERATION_POLL_SECONDS,
-    doubling up to a minute, for up to FOLLOW_BUDGET_SECONDS; the reconciler finishes the rest."""
+    """Follows operations in the background: Get Operation after PUBLISHER_OPERATION_POLL_SECONDS,
+    doubling up to a minute, for up to FOLLOW_BUDGET_SECONDS; the reconciler finishes the rest.
+
+    Waiting costs no thread: one scheduler thread keeps the due times in a heap and hands each due
+    poll to a small pool, so a burst of changes is polled on time however many are waiting.
+    """
 
     def __init__(self, services: Services, *, workers: int = 4):
         from concurrent.futures import ThreadPoolExecutor
 
         self._services = services
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="publisher-follow")
-        self._stop = threading.Event()
-        self._active = 0
-        self._idle = threading.Condition()
+        self._due: list[tuple[float, int, str, str, float, float]] = []  # (due, seq, sid, oid, wait, ends)
+        self._seq = 0
+        self._changed = threading.Condition()
+        self._stopped = False
+        self._active = 0  # operations being followed (waiting or polling)
+        self._scheduler: threading.Thread | None = None
         self.first_wait = float(services.settings.publisher_operation_poll_seconds)
 
     def follow(self, subscription_id: str, operation_id: str) -> None:
-        with self._idle:
+        now = time.monotonic()
+        with self._changed:
+            if self._stopped:
+                return
             self._active += 1
-        try:
-            self._pool.submit(self._run, subscription_id, operation_id)
-        except RuntimeError:  # shut down
-            self._done()
+            self._push(now + self.first_wait, subscription_id, operation_id, self.first_wait, now + FOLLOW_BUDGET_SECONDS)
+            if self._scheduler is None:
+                self._scheduler = threading.Thread(target=self._schedule, name="publisher-follow-scheduler", daemon=True)
+                self._scheduler.start()
 
-    def _done(self) -> None:
-        with self._idle:
-            self._active -= 1
-            self._idle.notify_all()
+    def _push(self, due: float, subscription_id: str, operation_id: str, wait: float, ends: float) -> None:
+        import heapq
 
-    def _run(self, subscription_id: str, operation_id: str) -> None:
-        try:
-            wait, ends = self.first_wait, time.monotonic() + FOLLOW_BUDGET_SECONDS
-            while time.monotonic() < ends:
-                if self._stop.wait(wait):
-                    return
+        self._seq += 1
+        heapq.heappush(self._due, (due, self._seq, subscription_id, operation_id, wait, ends))
+        self._changed.notify_all()
+
+    def _schedule(self) -> None:
+        import heapq
+
+        with self._changed:
+            while not self._stopped:
+                if not self._due:
+                    self._changed.wait()
+                    continue
+                due = self._due[0][0]
+                left = due - time.monotonic()
+                if left > 0:
+                    self._changed.wait(left)
+                    continue
+                _, _, subscription_id, operation_id, wait, ends = heapq.heappop(self._due)
                 try:
-                    operation = follow_operation(self._services, subscription_id, operation_id)
-                except AppError as error:
-                    log.warning("following operation %s: %s (retrying)", operation_id, error.code)
-                    operation = None
-                else:
-                    if operation is None or operation.settled:
-                        return
-                wait = min(wait * 2, POLL_MAX_SECONDS)
-            log.info("operation %s is still open; the reconciler follows it from here", operation_id)
-        except Exception:
+                    self._pool.submit(self._poll, subscription_id, operation_id, wait, ends)
+                except RuntimeError:  # shut down
+                    self._finished()
+
+    def _poll(self, subscription_id: str, operation_id: str, wait: float, ends: float) -> None:
+        try:
+            operation = follow_operation(self._services, subscription_id, operation_id)
+            done = operation is None or operation.settled  # None: released (nothing to follow)
+        except AppError as error:
+            log.warning("following operation %s: %s (retrying)", operation_id, error.code)
+            done = False
+        except Exception:  # a background thread must not die silently
             log.exception("following operation %s failed", operation_id)
-        finally:
-            self._done()
+            done = True
+        wait = min(wait * 2, POLL_MAX_SECONDS)
+        due = time.monotonic() + wait
+        if not done and due > ends:
+            log.info("operation %s is still open; the reconciler follows it from here", operation_id)
+            done = True
+        with self._changed:
+            if done or self._stopped:
+                self._finished()
+            else:
+                self._push(due, subscription_id, operation_id, wait, ends)
+
+    def _finish(self) -> None:
+        with self._changed:
+            self._finished()
+
+    def _finished(self) -> None:  # with self._changed held
+        self._active -= 1
+        self._changed.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
         ends = time.monotonic() + timeout
-        with self._idle:
+        with self._changed:
             while self._active:
                 left = ends - time.monotonic()
                 if left <= 0:
                     return False
-                self._idle.wait(left)
+                self._changed.wait(left)
         return True
 
     def close(self) -> None:
-        self._stop.set()
+        with self._changed:
+            self._stopped = True
+            self._active -= len(self._due)
+            self._due.clear()
+            self._changed.notify_all()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
