@@ -1003,10 +1003,12 @@ def _render_publisher(p: dict[str, Any]) -> list[str]:
         f"| Reconciliation right after | repairs {_fmt_counts(p['consistency_repairs']) or 'none'},"
         f" open publisher operations {p['consistency_open_operations']} |",
         "",
-        "Design minimum per change: 1 PATCH plus the Get Operation polls until Microsoft says `Succeeded`."
-        " When Microsoft's Partner webhook arrives before the first poll (here: 0.2 s vs 1 s) the webhook settles the"
-        " operation and the poll finds it settled without calling Microsoft, so most changes need no poll at all;"
-        " when no webhook comes, the first poll (after `PUBLISHER_OPERATION_POLL_SECONDS`) settles it.",
+        "Design minimum per change: 1 PATCH plus the Get Operation polls until Microsoft says `Succeeded`"
+        f" (here {p['polls_per_change']} polls per change). Whichever comes first settles the operation: Microsoft's"
+        " Partner webhook (its Get Operation verifies it) or our first poll after `PUBLISHER_OPERATION_POLL_SECONDS`;"
+        " the other finds it settled. A poll that finds it settled calls nobody; one that settles it reads the"
+        " subscription back once (the `get_subscription` calls). List available plans is one call per subscription"
+        " (cached 60 s; every change here is on another subscription).",
         "",
     ]
 
