@@ -31,6 +31,9 @@ API (under ``/api``; ``api-version=2018-08-31`` is required on every call, ``pub
     GET    /saas/subscriptions/{id}/operations              InProgress operations (Partner ones included)
     GET    /saas/subscriptions/{id}/operations/{opId}
     PATCH  /saas/subscriptions/{id}/operations/{opId}       {"status": "Success" | "Failure"}
+    POST   /usageEvent                                      one per resource, dimension, hour; 409 Duplicate
+    POST   /batchUsageEvent                                 {"request": [<= 25 events]} -> per-item statuses
+    GET    /usageEvents?usageStartDate=...                  accepted events (read-back)
 
 OpenID metadata and signing keys (the JWT issuer of the webhooks)
     GET /{tenant}/v2.0/.well-known/openid-configuration    (issuer https://login.microsoftonline.com/{tenant}/v2.0)
@@ -392,7 +395,12 @@ API_ROUTES = _routes(
     ("GET", _SUB + "/operations/?", "list_operations", "_api_list_operations"),
     ("GET", _SUB + "/operations/(?P<oid>[^/]+)", "get_operation", "_api_get_operation"),
     ("PATCH", _SUB + "/operations/(?P<oid>[^/]+)", "patch_operation", "_api_patch_operation"),
+    ("POST", r"/usageEvent", "usage_event", "_api_usage_event"),
+    ("POST", r"/batchUsageEvent", "batch_usage_event", "_api_batch_usage_event"),
+    ("GET", r"/usageEvents", "usage_events", "_api_usage_events"),
 )
+MAX_BATCH_EVENTS = 25
+USAGE_WINDOW = timedelta(hours=24)
 IDENTITY_ROUTES = _routes(
     ("GET", r"/(?P<tenant>[^/]+)/v2\.0/\.well-known/openid-configuration", "openid_config", "_openid_v2"),
     ("GET", r"/(?P<tenant>[^/]+)/\.well-known/openid-configuration", "openid_config", "_openid_v1"),
@@ -606,6 +614,9 @@ class MarketplaceStandIn:
         self.patches: list[dict[str, Any]] = []
         self.webhook_deliveries: list[tuple[str, int | None]] = []
         self._webhook_tokens: dict[tuple[str, ...], tuple[str, float]] = {}  # bearer cache: (token, exp)
+        # Metering: one accepted event per (resource, dimension, hour); the clock decides the 24 h window.
+        self.usage_events: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.usage_clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
     def _later(self, delay: float, function: Callable[..., None], *args: Any) -> None:
         if self._scheduler is None:
@@ -1404,6 +1415,127 @@ class MarketplaceStandIn:
         return result if isinstance(result, _Response) else _Response(200, result)
 
     # ---- fulfillment API handlers ----------------------------------------------------------------
+
+    # ---- metering (usageEvent, batchUsageEvent, usageEvents) -------------------------------------
+
+    def _usage_result(self, event: Any) -> tuple[str, dict[str, Any]]:
+        """(status, item) for one usage event, recording it when Accepted (lock held)."""
+        item: dict[str, Any] = {
+            "usageEventId": None,
+            "messageTime": _timestamp(self.usage_clock()),
+            "resourceId": "",
+            "quantity": None,
+            "dimension": "",
+            "effectiveStartTime": "",
+            "planId": "",
+        }
+        if not isinstance(event, dict):
+            return "BadArgument", {**item, "error": {"code": "BadArgument", "message": "The event must be an object"}}
+        resource_id = str(event.get("resourceId") or "")
+        dimension = str(event.get("dimension") or "")
+        plan_id = str(event.get("planId") or "")
+        quantity = event.get("quantity")
+        started_text = str(event.get("effectiveStartTime") or "")
+        item.update(resourceId=resource_id, quantity=quantity, dimension=dimension, planId=plan_id)
+        item["effectiveStartTime"] = started_text
+
+        def refuse(status: str, message: str) -> tuple[str, dict[str, Any]]:
+            return status, {**item, "status": status, "error": {"code": status, "message": message}}
+
+        try:
+            started = datetime.fromisoformat(started_text.replace("Z", "+00:00"))
+        except ValueError:
+            return refuse("BadArgument", "effectiveStartTime is not a date-time")
+        if started.tzinfo is None:
+            started = started.replace(tzinfo=UTC)
+        if not resource_id or not dimension or not plan_id:
+            return refuse("BadArgument", "resourceId, dimension and planId are required")
+        if isinstance(quantity, bool) or not isinstance(quantity, (int, float)) or not quantity > 0 or quantity != quantity:
+            return refuse("InvalidQuantity", "The quantity must be a number greater than 0")
+        now = self.usage_clock()
+        if started > now:
+            return refuse("BadArgument", "effectiveStartTime is in the future")
+        if now - started > USAGE_WINDOW:
+            return refuse("Expired", "effectiveStartTime is older than 24 hours")
+        subscription = self._subscriptions.get(resource_id)
+        if subscription is None:
+            return refuse("ResourceNotFound", f"Resource {resource_id} was not found")
+        if subscription["saasSubscriptionStatus"] != SUBSCRIBED:
+            return refuse("ResourceNotActive", f"Resource {resource_id} is {subscription['saasSubscriptionStatus']}")
+        if plan_id != subscription["planId"]:
+            return refuse("BadArgument", f"Plan {plan_id} is not the plan of resource {resource_id}")
+        plan = self._plans_for(subscription["offerId"]).get(plan_id, {})
+        dimensions = {d.get("id") for d in (plan.get("planComponents") or {}).get("meteringDimensions") or []}
+        if dimensions and dimension not in dimensions:
+            return refuse("InvalidDimension", f"Dimension {dimension} is not defined for plan {plan_id}")
+        hour = started.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+        key = (resource_id.lower(), dimension, hour.isoformat())
+        accepted = self.usage_events.get(key)
+        if accepted is not None:
+            return "Duplicate", {**accepted, "status": "Duplicate"}
+        accepted = {
+            **item,
+            "usageEventId": _new_id(),
+            "status": "Accepted",
+            "effectiveStartTime": _timestamp(started),
+            "offerId": subscription["offerId"],
+        }
+        self.usage_events[key] = accepted
+        return "Accepted", accepted
+
+    def _api_usage_event(self, request: _Request) -> _Response:
+        with self._lock:
+            status, item = self._usage_result(request.json())
+        if status == "Accepted":
+            return _Response(200, item)
+        if status == "Duplicate":
+            return _Response(
+                409,
+                {"additionalInfo": {"acceptedMessage": item}, "message": "This usage event already exist.", "code": "Conflict"},
+            )
+        error = item.get("error", {})
+        raise _bad_request(error.get("message", status), "usageEvent", code=status)
+
+    def _api_batch_usage_event(self, request: _Request) -> _Response:
+        events = request.json().get("request")
+        if not isinstance(events, list):
+            raise _bad_request("request must be a list of usage events", "request")
+        if len(events) > MAX_BATCH_EVENTS:
+            raise _bad_request(f"A batch holds at most {MAX_BATCH_EVENTS} usage events", "request")
+        with self._lock:
+            results = [self._usage_result(event)[1] for event in events]
+        for item in results:
+            item.setdefault("status", "Error")
+        return _Response(200, {"count": len(results), "result": results})
+
+    def _api_usage_events(self, request: _Request) -> _Response:
+        start_text = request.query.get("usageStartDate") or request.query.get("usagestartdate") or ""
+        try:
+            start = datetime.fromisoformat(start_text.replace("Z", "+00:00")) if start_text else None
+        except ValueError:
+            raise _bad_request("usageStartDate is not a date-time", "usageStartDate") from None
+        if start is None:
+            raise _bad_request("usageStartDate is required", "usageStartDate")
+        if start.tzinfo is None:
+            start = start.replace(tzinfo=UTC)
+        with self._lock:
+            items = [
+                {**event, "reconStatus": "Accepted"}
+                for (_, _, hour), event in sorted(self.usage_events.items())
+                if datetime.fromisoformat(hour) >= start
+                and request.query.get("dimension") in (None, "", event["dimension"])
+                and request.query.get("planId") in (None, "", event["planId"])
+            ]
+        return _Response(200, items)
+
+    def accepted_usage(self, resource_id: str | None = None) -> list[dict[str, Any]]:
+        """Every accepted usage event (of one resource), oldest hour first."""
+        with self._lock:
+            return [
+                copy.deepcopy(event)
+                for (resource, _, _), event in sorted(self.usage_events.items(), key=lambda kv: kv[0][2])
+                if resource_id is None or resource == resource_id.lower()
+            ]
 
     def _api_resolve(self, request: _Request) -> _Response:
         token = request.headers.get("x-ms-marketplace-token")
