@@ -389,3 +389,74 @@ class WebhookEvent:
         inner = field_of(data, "subscription")
         subscription = Subscription.from_api(inner) if isinstance(inner, Mapping) else None
         return cls(operation=Operation.from_api(data), subscription=subscription)
+
+
+# ---------------------------------------------------------------------------------------------
+# metering
+
+
+class UsageStatus(_LenientEnum):
+    """Per-item status of a batchUsageEvent answer (open set: unknown values are UNKNOWN)."""
+
+    ACCEPTED = "Accepted"
+    DUPLICATE = "Duplicate"
+    EXPIRED = "Expired"
+    ERROR = "Error"
+    RESOURCE_NOT_FOUND = "ResourceNotFound"
+    RESOURCE_NOT_AUTHORIZED = "ResourceNotAuthorized"
+    RESOURCE_NOT_ACTIVE = "ResourceNotActive"
+    INVALID_DIMENSION = "InvalidDimension"
+    INVALID_QUANTITY = "InvalidQuantity"
+    BAD_ARGUMENT = "BadArgument"
+    UNKNOWN = "Unknown"
+
+
+@dataclass(frozen=True)
+class UsageEvent:
+    """One hour of one dimension of one subscription, as sent to the metering API."""
+
+    resource_id: str
+    plan_id: str
+    dimension: str
+    quantity: float
+    effective_start_time: datetime
+
+    def to_api(self) -> dict[str, Any]:
+        return {
+            "resourceId": self.resource_id,
+            "planId": self.plan_id,
+            "dimension": self.dimension,
+            "quantity": self.quantity,
+            "effectiveStartTime": format_timestamp(self.effective_start_time),
+        }
+
+
+@dataclass(frozen=True)
+class UsageResult:
+    """Microsoft's answer for one usage event (an item of batchUsageEvent)."""
+
+    status: UsageStatus
+    resource_id: str = ""
+    dimension: str = ""
+    quantity: float | None = None
+    effective_start_time: datetime | None = None
+    usage_event_id: str = ""
+    error_code: str = ""
+    error_message: str = ""
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_api(cls, data: Mapping[str, Any]) -> UsageResult:
+        error = field_of(data, "error")
+        quantity = field_of(data, "quantity")
+        return cls(
+            status=UsageStatus.parse(field_of(data, "status")),
+            resource_id=_text(data, "resourceId"),
+            dimension=_text(data, "dimension"),
+            quantity=float(quantity) if isinstance(quantity, (int, float)) and not isinstance(quantity, bool) else None,
+            effective_start_time=parse_timestamp(field_of(data, "effectiveStartTime")),
+            usage_event_id=_text(data, "usageEventId"),
+            error_code=_text(error, "code") if isinstance(error, Mapping) else "",
+            error_message=_text(error, "message") if isinstance(error, Mapping) else "",
+            raw=dict(data),
+        )

@@ -35,7 +35,7 @@ from urllib3.exceptions import InvalidHeader
 from urllib3.util.retry import Retry
 
 from shared.deadline import current_deadline
-from shared.domain import Operation, Plan, ResolvedPurchase, Subscription, UpdateStatus
+from shared.domain import Operation, Plan, ResolvedPurchase, Subscription, UpdateStatus, UsageEvent, UsageResult
 from shared.errors import (
     DeadlineExceededError,
     MarketplaceBadRequestError,
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 MIN_ATTEMPT_SECONDS = 0.5
+MAX_USAGE_BATCH = 25  # batchUsageEvent refuses more (400)
 # The read timeout of the attempt in flight (inside a deadline), so a retry is only started if it fits.
 _attempt_timeout: ContextVar[float] = ContextVar("marketplace_attempt_timeout", default=MIN_ATTEMPT_SECONDS)
 
@@ -379,6 +380,24 @@ class MarketplaceClient:
         return self._start_operation("delete", "DELETE", subscription_id)
 
     # -- operations ----------------------------------------------------------------------------
+
+    # -- metering --------------------------------------------------------------------------------
+
+    def batch_usage_event(self, events: list[UsageEvent]) -> list[UsageResult]:
+        """Send up to MAX_USAGE_BATCH usage events; one result per event, in order.
+
+        Repeatable: Microsoft keeps one event per resource, dimension and hour, so a retry after a
+        lost answer comes back ``Duplicate`` (with what it accepted), never as a second charge.
+        """
+        if len(events) > MAX_USAGE_BATCH:
+            raise ValueError(f"a batch holds at most {MAX_USAGE_BATCH} usage events")
+        body = self._json(
+            self._request("batch_usage_event", "POST", "/batchUsageEvent", json_body={"request": [e.to_api() for e in events]})
+        )
+        items = body.get("result") if isinstance(body, dict) else None
+        if not isinstance(items, list) or len(items) != len(events):
+            raise MarketplaceUnavailableError("batchUsageEvent answered without one result per event", status=200)
+        return [UsageResult.from_api(item if isinstance(item, dict) else {}) for item in items]
 
     def list_outstanding_operations(self, subscription_id: str) -> list[Operation]:
         body = self._json(self._request("list_operations", "GET", f"/saas/subscriptions/{subscription_id}/operations"))

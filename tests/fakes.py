@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from shared import errors
-from shared.domain import Operation, Plan, ResolvedPurchase, Subscription, UpdateStatus
+from shared.domain import Operation, Plan, ResolvedPurchase, Subscription, UpdateStatus, UsageEvent, UsageResult, UsageStatus
 from shared.marketplace import CallCounter
 from shared.repository import OP_RECEIVED, EventBuilder, OperationMarker, ScanItem, StorageMetrics, StoredRecord
 from shared.services import Services
@@ -173,6 +173,7 @@ class FakeMarketplace:
         self.operations: dict[str, dict[str, Any]] = {}
         self.activations: list[str] = []
         self.updates: list[tuple[str, str, str]] = []
+        self.usage: dict[tuple[str, str, datetime], float] = {}  # accepted usage per (resource, dimension, hour)
         self.counter = CallCounter()
         self.fail_with: errors.MarketplaceError | None = None
         self.activation_completes = True
@@ -303,6 +304,23 @@ class FakeMarketplace:
     def delete_subscription(self, subscription_id: str) -> str:
         self._maybe_fail("delete_subscription")
         return self._start_operation(subscription_id, "Unsubscribe")
+
+    def batch_usage_event(self, events: list[UsageEvent]) -> list[UsageResult]:
+        """One accepted event per (resource, dimension, hour); the same hour again is a Duplicate."""
+        self._maybe_fail("batch_usage_event")
+        results = []
+        for event in events:
+            key = (event.resource_id, event.dimension, event.effective_start_time.replace(minute=0, second=0, microsecond=0))
+            if key in self.usage:
+                results.append(UsageResult(UsageStatus.DUPLICATE, event.resource_id, event.dimension, self.usage[key]))
+                continue
+            self.usage[key] = event.quantity
+            results.append(
+                UsageResult(
+                    UsageStatus.ACCEPTED, event.resource_id, event.dimension, event.quantity, usage_event_id=str(uuid.uuid4())
+                )
+            )
+        return results
 
     def update_operation(self, subscription_id: str, operation_id: str, status: UpdateStatus) -> None:
         self._maybe_fail("update_operation")

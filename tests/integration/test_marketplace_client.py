@@ -644,3 +644,31 @@ def test_connection_refused_is_unavailable(make_client):
         client.get_subscription("x")
     assert error.value.status is None
     assert error.value.http_status == 503
+
+
+def test_batch_usage_event_returns_one_result_per_event_and_is_safe_to_retry(standin, client):
+    from datetime import UTC, datetime, timedelta
+
+    from devtools.marketplace_standin import make_plan
+    from shared.domain import UsageEvent, UsageStatus
+
+    now = datetime.now(UTC)
+    dimensions = [{"id": "api_calls", "name": "API calls"}]
+    standin.set_plans("contoso-offer", [make_plan("metered", planComponents={"meteringDimensions": dimensions})])
+    (active,) = standin.seed(1, plan_id="metered")
+    hour = (now - timedelta(hours=1)).replace(minute=0, second=0, microsecond=0)
+    events = [
+        UsageEvent(active, "metered", "api_calls", 1234.5, hour),
+        UsageEvent(active, "metered", "storage_gb", 3, hour),
+        UsageEvent(active, "metered", "api_calls", 7, now - timedelta(hours=30)),
+    ]
+    # The first answer is lost after Microsoft recorded it (a 503): the retry finds it Duplicate.
+    standin.fail_next(1, 503, path_contains="batchUsageEvent", process=True)
+    results = client.batch_usage_event(events)
+    assert [r.status for r in results] == [UsageStatus.DUPLICATE, UsageStatus.INVALID_DIMENSION, UsageStatus.EXPIRED]
+    assert results[0].quantity == 1234.5 and results[0].usage_event_id  # what Microsoft accepted
+    assert results[1].error_message
+    assert standin.calls["batch_usage_event"] == 2
+    assert [e["quantity"] for e in standin.accepted_usage(active)] == [1234.5]
+    with pytest.raises(ValueError, match="at most 25"):
+        client.batch_usage_event([events[0]] * 26)
