@@ -21,7 +21,13 @@ def check_health(get_services: Callable[[], Services]) -> tuple[int, dict[str, A
         _ = services.policy  # a PUBLISHER_POLICY that cannot be loaded is a configuration problem
     except ConfigurationError as error:
         return 503, {"status": "unhealthy", "checks": {"configuration": {"ok": False, "problems": error.problems}}}
-    by_function = services.settings.problems_by_entry_point()
+    from shared.settings import OPTIONAL_ENTRY_POINTS
+
+    problems = services.settings.problems_by_entry_point()
+    by_function = {entry: found for entry, found in problems.items() if entry not in OPTIONAL_ENTRY_POINTS}
+    # An optional feature left unconfigured (e.g. the publisher API without PUBLISHER_API_AUDIENCE):
+    # its functions answer 503 and say why, but a health probe must not restart a working app for it.
+    disabled = {entry: found for entry, found in problems.items() if entry in OPTIONAL_ENTRY_POINTS}
     if by_function:  # the other functions still work; this one answers 503 until it is fixed
         checks["configuration"] = {
             "ok": False,
@@ -30,6 +36,8 @@ def check_health(get_services: Callable[[], Services]) -> tuple[int, dict[str, A
         }
     else:
         checks["configuration"] = {"ok": True}
+    if disabled:
+        checks["configuration"]["disabled"] = disabled
     try:
         services.repository.check()
         checks["storage"] = {"ok": True}

@@ -195,6 +195,8 @@ LANDING_PAGE = "landing_page"
 WEBHOOK = "webhook"
 PUBLISHER_API = "publisher_api"
 ENTRY_POINTS = (LANDING_PAGE, WEBHOOK, PUBLISHER_API)
+#: Features a publisher may leave unconfigured: their functions answer 503, but the app is healthy.
+OPTIONAL_ENTRY_POINTS = frozenset({PUBLISHER_API})
 
 #: Where `make run` writes the settings of the stack it started, in the format Core Tools reads for
 #: `func start`; the CLI reads it too. Never deployed (.funcignore) and never committed (.gitignore).

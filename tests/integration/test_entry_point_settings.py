@@ -3,6 +3,8 @@ page (503 page) and shows in the health check, while the webhook keeps working."
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 import requests
 
@@ -50,3 +52,24 @@ def test_a_missing_landing_secret_stops_only_the_landing_page(without_landing_se
     assert standin.webhook_deliveries == [(operation["id"], 200)]
     stored = services.repository.get(subscription_id)
     assert stored is not None and stored.record.status.value == "Suspended"
+
+
+def test_an_unconfigured_publisher_api_is_disabled_not_unhealthy(azurite, standin, devhost_session, http):
+    services = build_services(Settings.from_env(make_env(azurite, standin, PUBLISHER_API_AUDIENCE=""), require=()))
+    services.repository.ensure_tables()
+    set_services_factory(lambda: services)
+    try:
+        _check_publisher_api_disabled(devhost_session, http)
+    finally:
+        set_services_factory(None)
+        services.close()
+
+
+def _check_publisher_api_disabled(devhost_session, http):
+    health = http.get(devhost_session.url + "/api/health", timeout=30)
+    assert health.status_code == 200, health.text
+    configuration = health.json()["checks"]["configuration"]
+    assert configuration["ok"] is True
+    assert configuration["disabled"] == {"publisher_api": ["PUBLISHER_API_AUDIENCE is required when PUBLISHER_API_AUTH=entra"]}
+    answer = http.get(devhost_session.url + f"/api/subscriptions/{uuid.uuid4()}", timeout=30)
+    assert answer.status_code == 503 and answer.json()["error"] == "configuration_error"
