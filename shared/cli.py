@@ -51,10 +51,19 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(message)
 
 
-def _subscription_id(text: str) -> str:
-    if not is_marketplace_id(text):
-        raise argparse.ArgumentTypeError("a subscription id is a GUID")
-    return text
+def _marketplace_id(what: str) -> Callable[[str], str]:
+    """An argparse type accepting only a GUID, refusing anything else as "<what> is a GUID"."""
+
+    def parse(text: str) -> str:
+        if not is_marketplace_id(text):
+            raise argparse.ArgumentTypeError(f"{what} is a GUID")
+        return text
+
+    return parse
+
+
+_subscription_id = _marketplace_id("a subscription id")
+_operation_id = _marketplace_id("an operation id")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,12 +492,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
-
-
-def _operation_id(text: str) -> str:
-    if not is_marketplace_id(text):
-        raise argparse.ArgumentTypeError("an operation id is a GUID")
-    return text
 
 
 def _positive_seconds(text: str) -> float:

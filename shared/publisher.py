@@ -504,12 +504,17 @@ def follow_operation(services: Services, subscription_id: str, operation_id: str
     return _settle_from(services, operation, found)
 
 
+def failure_of(found: Operation) -> tuple[str, str]:
+    """(our status, the reason) of an operation Microsoft failed or found in conflict."""
+    status = CONFLICT if found.status is OperationStatus.CONFLICT else FAILED
+    return status, found.error_message or found.error_status_code or f"{found.status.value} at Microsoft"
+
+
 def _settle_from(services: Services, operation: PublisherOperation, found: Operation) -> PublisherOperation:
     if found.status is OperationStatus.SUCCEEDED:
         return settle_succeeded(services, operation, found.id)
     if found.status in (OperationStatus.FAILED, OperationStatus.CONFLICT):
-        status = CONFLICT if found.status is OperationStatus.CONFLICT else FAILED
-        message = found.error_message or found.error_status_code or f"{found.status.value} at Microsoft"
+        status, message = failure_of(found)
         return settle_failed(services, operation, status, message, marketplace_id=found.id)
     return operation
 
@@ -549,8 +554,10 @@ def _resolve_unconfirmed(services: Services, operation: PublisherOperation) -> P
             adopted = _store(services).update(
                 replace(operation, status=IN_PROGRESS, marketplace_operation_id=found.id, sent_at=operation.created_at)
             )
+            if adopted is None:
+                return operation  # changed meanwhile (settled or adopted by another follower)
             log.info("operation %s: found Microsoft's operation %s", operation.id, found.id)
-            return _settle_from(services, adopted or operation, found) if adopted else operation
+            return _settle_from(services, adopted, found)
     subscription = marketplace.get_subscription(operation.subscription_id)
     if _already_done(operation, subscription):
         return settle_succeeded(services, operation, "", snapshot=subscription)
@@ -570,25 +577,8 @@ def settle_succeeded(
         marketplace_operation_id=marketplace_id or operation.marketplace_operation_id,
         completed_at=now,
     )
-    change = Change(
-        kind=_KIND_FOR_ACTION[operation.action],
-        source=Source.PUBLISHER,
-        occurred_at=now,  # it took effect when Microsoft completed it, which is no later than now
-        plan_id=operation.plan_id,
-        quantity=operation.quantity,
-        operation_id=settled.marketplace_operation_id,
-        correlation_id=operation.correlation_id or current_correlation_id(),
-        actor=operation.caller,
-        detail=f"publisher operation {operation.id}",
-        release_operation=operation.id,
-    )
-    outcome = services.repository.apply(
-        operation.subscription_id,
-        lambda record: sm.apply(record, change, now=services.clock()) if record is not None else None,
-        operation_id=settled.marketplace_operation_id,
-        build_event=build_event_document,
-        extra_rows=[operation_row(settled)],
-    )
+    # It took effect when Microsoft completed it, which is no later than now.
+    outcome = _settle(services, settled, _KIND_FOR_ACTION[operation.action], f"publisher operation {operation.id}")
     if outcome is None:
         return _settled_elsewhere(services, settled)
     log.info("operation %s succeeded: %s", operation.id, outcome.result.value)
@@ -601,37 +591,42 @@ def settle_failed(
 ) -> PublisherOperation:
     """Microsoft failed the change (or never had it): the subscription stays, the reason is recorded,
     a ``subscription.change_failed`` event says so, the claim is released."""
-    now = services.clock()
     settled = replace(
         operation,
         status=status,
         marketplace_operation_id=marketplace_id or operation.marketplace_operation_id,
         error_message=message,
-        completed_at=now,
+        completed_at=services.clock(),
     )
+    outcome = _settle(services, settled, Kind.CHANGE_FAILED, f"{operation.action} {status}: {message}"[:1000])
+    if outcome is None:
+        return _settled_elsewhere(services, settled)
+    log.warning("operation %s %s at Microsoft: %s", operation.id, status, message)
+    return settled
+
+
+def _settle(services: Services, settled: PublisherOperation, kind: Kind, detail: str) -> sm.Outcome | None:
+    """Record ``settled`` through the state machine, releasing its claim, in one transaction with
+    Microsoft's operation marker (None: that operation was applied already)."""
     change = Change(
-        kind=Kind.CHANGE_FAILED,
+        kind=kind,
         source=Source.PUBLISHER,
-        occurred_at=now,
-        plan_id=operation.plan_id,
-        quantity=operation.quantity,
+        occurred_at=settled.completed_at or services.clock(),
+        plan_id=settled.plan_id,
+        quantity=settled.quantity,
         operation_id=settled.marketplace_operation_id,
-        correlation_id=operation.correlation_id or current_correlation_id(),
-        actor=operation.caller,
-        detail=f"{operation.action} {status}: {message}"[:1000],
-        release_operation=operation.id,
+        correlation_id=settled.correlation_id or current_correlation_id(),
+        actor=settled.caller,
+        detail=detail,
+        release_operation=settled.id,
     )
-    outcome = services.repository.apply(
-        operation.subscription_id,
+    return services.repository.apply(
+        settled.subscription_id,
         lambda record: sm.apply(record, change, now=services.clock()) if record is not None else None,
         operation_id=settled.marketplace_operation_id,
         build_event=build_event_document,
         extra_rows=[operation_row(settled)],
     )
-    if outcome is None:
-        return _settled_elsewhere(services, settled)
-    log.warning("operation %s %s at Microsoft: %s", operation.id, status, message)
-    return settled
 
 
 def _settled_elsewhere(services: Services, settled: PublisherOperation) -> PublisherOperation:
@@ -692,8 +687,7 @@ def settled_row(operation: PublisherOperation, found: Operation, now: datetime) 
     if found.status is OperationStatus.SUCCEEDED:
         settled = replace(operation, status=SUCCEEDED, marketplace_operation_id=found.id, completed_at=now)
     else:
-        status = CONFLICT if found.status is OperationStatus.CONFLICT else FAILED
-        message = found.error_message or f"{found.status.value} at Microsoft"
+        status, message = failure_of(found)
         settled = replace(operation, status=status, marketplace_operation_id=found.id, error_message=message, completed_at=now)
     return operation_row(settled)
 

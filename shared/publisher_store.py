@@ -268,25 +268,27 @@ class PublisherOperationStore:
                 return None
         return replace(operation, etag=str(metadata.get("etag", "")))
 
-    def release(self, operation: PublisherOperation, attempts: int = 6) -> None:
+    def release(self, operation: PublisherOperation) -> None:
         """Undo a claim that never reached Microsoft: clear the claim and delete the operation row, in
         one transaction (nothing recorded). A claim already released or taken over stays as it is."""
+        self._unclaim(operation.subscription_id, operation.id, delete_row=True)
+
+    def clear_claim(self, subscription_id: str, operation_id: str) -> None:
+        """Free the subscription if ``operation_id`` still holds its claim (ETag-guarded merge)."""
+        self._unclaim(subscription_id, operation_id, delete_row=False)
+
+    def _unclaim(self, subscription_id: str, operation_id: str, *, delete_row: bool, attempts: int = 6) -> None:
         for _ in range(attempts):
-            stored = self._repository.get(operation.subscription_id)
-            holds = stored is not None and stored.record.pending_operation_id == operation.id
-            transaction: list[tuple] = [
-                ("delete", {"PartitionKey": operation.subscription_id, "RowKey": PUBOP_PREFIX + operation.id})
-            ]
-            if holds and stored is not None:
-                state = {"PartitionKey": operation.subscription_id, "RowKey": STATE_ROW, "PendingOperationId": ""}
-                transaction.insert(
-                    0,
-                    (
-                        "update",
-                        state,
-                        {"mode": UpdateMode.MERGE, "etag": stored.etag, "match_condition": MatchConditions.IfNotModified},
-                    ),
-                )
+            stored = self._repository.get(subscription_id)
+            transaction: list[tuple] = []
+            if stored is not None and stored.record.pending_operation_id == operation_id:
+                state = {"PartitionKey": subscription_id, "RowKey": STATE_ROW, "PendingOperationId": ""}
+                condition = {"mode": UpdateMode.MERGE, "etag": stored.etag, "match_condition": MatchConditions.IfNotModified}
+                transaction.append(("update", state, condition))
+            if delete_row:
+                transaction.append(("delete", {"PartitionKey": subscription_id, "RowKey": PUBOP_PREFIX + operation_id}))
+            if not transaction:
+                return
             with _storage_errors("release claim"):
                 self.metrics.add(writes=1)
                 try:
@@ -298,22 +300,4 @@ class PublisherOperationStore:
                         continue
                     raise
             return
-        raise ConflictError(f"subscription {operation.subscription_id} kept changing while its claim was released")
-
-    def clear_claim(self, subscription_id: str, operation_id: str, attempts: int = 6) -> None:
-        """Free the subscription if ``operation_id`` still holds its claim (ETag-guarded merge)."""
-        for _ in range(attempts):
-            stored = self._repository.get(subscription_id)
-            if stored is None or stored.record.pending_operation_id != operation_id:
-                return
-            state = {"PartitionKey": subscription_id, "RowKey": STATE_ROW, "PendingOperationId": ""}
-            with _storage_errors("clear claim"):
-                self.metrics.add(writes=1)
-                try:
-                    self._rows.update_entity(
-                        state, mode=UpdateMode.MERGE, etag=stored.etag, match_condition=MatchConditions.IfNotModified
-                    )
-                except ResourceModifiedError:
-                    continue
-            return
-        raise ConflictError(f"subscription {subscription_id} kept changing while its claim was cleared")
+        raise ConflictError(f"subscription {subscription_id} kept changing while its claim was released")

@@ -307,8 +307,10 @@ def apply_operation(
     elif operation.status in (OperationStatus.FAILED, OperationStatus.CONFLICT):
         kind, detail = Kind.REFUSED, f"operation {operation.status.value} at Microsoft; nothing to apply"
         if ours is not None:
-            reason = operation.error_message or f"{operation.status.value} at Microsoft"
-            kind, detail = Kind.CHANGE_FAILED, f"{ours.action} {operation.status.value}: {reason}"
+            from shared.publisher import failure_of
+
+            status, reason = failure_of(operation)
+            kind, detail = Kind.CHANGE_FAILED, f"{ours.action} {status}: {reason}"
 
     change = _change_for(event, operation, services, kind, detail, occurred_at)
     extra_rows: list[dict] = []
