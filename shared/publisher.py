@@ -59,7 +59,6 @@ from shared.events import build_event_document
 from shared.ids import require_marketplace_id
 from shared.observability import current_correlation_id
 from shared.publisher_store import (
-    CLAIMED,
     CONFLICT,
     FAILED,
     IN_PROGRESS,
@@ -849,6 +848,3 @@ def describe(operation: PublisherOperation) -> str:
     )
     tail = f": {operation.error_message}" if operation.error_message else ""
     return f"{operation.id} {what} {operation.public_status}{tail} (created {format_timestamp(operation.created_at)})"
-
-
-__all__ = ["CLAIMED", "ApiResult", "ChangeRequest", "OperationFollower", "follow_operation", "request_change"]

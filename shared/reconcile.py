@@ -46,6 +46,7 @@ from shared.repository import OperationMarker
 from shared.state_machine import Change, Kind, LocalStatus, Source
 
 if TYPE_CHECKING:
+    from shared.publisher_store import PublisherOperation
     from shared.services import Services
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ class Reconciler:
         self.summary = RunSummary(run_id=current_correlation_id() or now.isoformat(), dry_run=dry_run, started_at=now.isoformat())
         self.index: dict[str, IndexEntry] = {}
         self.pending_markers: list[OperationMarker] = []
-        self.publisher_operations: list[Any] = []  # shared.publisher_store.PublisherOperation
+        self.publisher_operations: list[PublisherOperation] = []
         self._checkpoint_link: str | None = None
 
     # -- helpers -------------------------------------------------------------------------------

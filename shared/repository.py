@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import (
@@ -38,6 +38,9 @@ from shared.deadline import current_deadline
 from shared.domain import AadIdentifier, format_timestamp, parse_timestamp, utc_now
 from shared.errors import ConflictError, StorageRefusedError, StorageUnavailableError
 from shared.state_machine import HistoryEntry, LocalStatus, Outcome, SubscriptionRecord
+
+if TYPE_CHECKING:
+    from shared.publisher_store import PublisherOperation
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +126,7 @@ class ScanItem:
     stored: StoredRecord | None = None
     marker: OperationMarker | None = None
     event: OutboxEvent | None = None
-    #: a publisher operation not settled yet (shared.publisher_store.PublisherOperation)
-    publisher_operation: Any = None
+    publisher_operation: PublisherOperation | None = None  # not settled yet
 
 
 # ---------------------------------------------------------------------------------------------
