@@ -267,6 +267,11 @@ def _text(env: Mapping[str, str], name: str) -> str:
     return (env.get(name) or _DEFAULTS[name] or "").strip()
 
 
+def _entra_metadata_url(tenant_id: str) -> str:
+    """Entra's OpenID metadata of a tenant (its token signing keys); "" without a tenant."""
+    return f"https://login.microsoftonline.com/{tenant_id}/v2.0/.well-known/openid-configuration" if tenant_id else ""
+
+
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
@@ -447,8 +452,7 @@ class Settings:
             support_email=_text(env, "SUPPORT_EMAIL"),
             webhook_auth=webhook_auth,
             webhook_audience=_text(env, "WEBHOOK_AUDIENCE") or client_id,
-            webhook_openid_config_url=_text(env, "WEBHOOK_OPENID_CONFIG_URL")
-            or (f"https://login.microsoftonline.com/{tenant_id}/v2.0/.well-known/openid-configuration" if tenant_id else ""),
+            webhook_openid_config_url=_text(env, "WEBHOOK_OPENID_CONFIG_URL") or _entra_metadata_url(tenant_id),
             webhook_verify_operation=_flag(env, "WEBHOOK_VERIFY_OPERATION", problems),
             webhook_max_body_bytes=_int(env, "WEBHOOK_MAX_BODY_BYTES", problems),
             webhook_deadline_seconds=_int(env, "WEBHOOK_DEADLINE_SECONDS", problems),
@@ -459,11 +463,7 @@ class Settings:
             publisher_api_audience=_text(env, "PUBLISHER_API_AUDIENCE"),
             publisher_api_tenant_id=publisher_api_tenant,
             publisher_api_openid_config_url=_text(env, "PUBLISHER_API_OPENID_CONFIG_URL")
-            or (
-                f"https://login.microsoftonline.com/{publisher_api_tenant}/v2.0/.well-known/openid-configuration"
-                if publisher_api_tenant
-                else ""
-            ),
+            or _entra_metadata_url(publisher_api_tenant),
             publisher_api_deadline_seconds=_int(env, "PUBLISHER_API_DEADLINE_SECONDS", problems),
             publisher_operation_poll_seconds=_int(env, "PUBLISHER_OPERATION_POLL_SECONDS", problems),
             publisher_claim_timeout_seconds=_int(env, "PUBLISHER_CLAIM_TIMEOUT_SECONDS", problems),
