@@ -3,6 +3,7 @@
 import azure.functions as func
 
 from landing_page import bp as landing_page_bp
+from metering_timer import bp as metering_timer_bp
 from publisher_api import bp as publisher_api_bp
 from reconcile_timer import bp as reconcile_timer_bp
 from webhook import bp as webhook_bp
@@ -12,3 +13,4 @@ app.register_functions(landing_page_bp)
 app.register_functions(webhook_bp)
 app.register_functions(reconcile_timer_bp)
 app.register_functions(publisher_api_bp)
+app.register_functions(metering_timer_bp)

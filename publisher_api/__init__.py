@@ -5,6 +5,7 @@
     PATCH  /api/subscriptions/{subscriptionId}         {"planId": "..."} or {"quantity": n}: 202 + Location
     DELETE /api/subscriptions/{subscriptionId}         cancel: 202 + Location
     GET    /api/operations/{operationId}               InProgress | Succeeded | Failed | Conflict
+    POST   /api/usage                                  metered usage: {"events": [...]}, per-event results (202)
 
 Anonymous at the Functions level (no key in the URL); the use cases validate the caller's Entra bearer
 token and app role themselves (shared/api_auth.py).
@@ -74,3 +75,12 @@ def publisher_operation(req: func.HttpRequest) -> func.HttpResponse:
     operation_id = req.route_params.get("operationId", "")
     authorization = req.headers.get("Authorization")
     return _answer(lambda services: publisher.api_get_operation(services, authorization, operation_id))
+
+
+@bp.function_name("publisher_usage")
+@bp.route(route="usage", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
+def publisher_usage(req: func.HttpRequest) -> func.HttpResponse:
+    from shared import metering
+
+    authorization = req.headers.get("Authorization")
+    return _answer(lambda services: metering.api_report_usage(services, authorization, req.get_body()))

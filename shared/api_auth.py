@@ -5,7 +5,8 @@ issued by the publisher's tenant, typically to its managed identity. The token i
 with the webhook's JWT machinery (signature from the tenant's keys, ``aud``, ``iss``, ``tid``,
 lifetime), then the call needs an app role in ``roles``:
 
-* ``Subscriptions.Read``: the GETs; ``Subscriptions.ReadWrite``: changes (and the GETs).
+* ``Subscriptions.Read``: the GETs; ``Subscriptions.ReadWrite``: changes (and the GETs);
+* ``Usage.Write``: metered usage reports (``POST /api/usage``).
 
 401 for a token that does not prove who the caller is, 403 for a caller without the role; nothing
 is recorded either way. ``PUBLISHER_API_AUTH=none`` (local work only, refused in Azure) accepts
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 ROLE_SUBSCRIPTIONS_READ = "Subscriptions.Read"
 ROLE_SUBSCRIPTIONS_READ_WRITE = "Subscriptions.ReadWrite"
+ROLE_USAGE_WRITE = "Usage.Write"  # POST /api/usage (metered billing)
 #: a role that includes others (ReadWrite may read)
 _IMPLIED_BY = {ROLE_SUBSCRIPTIONS_READ: frozenset({ROLE_SUBSCRIPTIONS_READ_WRITE})}
 

@@ -43,5 +43,30 @@ def check_health(get_services: Callable[[], Services]) -> tuple[int, dict[str, A
         checks["storage"] = {"ok": True}
     except AppError as error:
         checks["storage"] = {"ok": False, "error": error.code}
+    if checks["storage"]["ok"] and services.usage_store is not None:
+        checks["metering"] = _metering(services)
     healthy = all(check["ok"] for check in checks.values())
     return (200 if healthy else 503), {"status": "healthy" if healthy else "unhealthy", "checks": checks}
+
+
+def _metering(services: Services) -> dict[str, Any]:
+    """The last metering run's backlog (one row read; informational: usage waits, it is not lost)."""
+    from shared.domain import parse_timestamp
+
+    assert services.usage_store is not None
+    try:
+        summary = services.usage_store.latest_summary()
+    except AppError as error:
+        return {"ok": True, "error": error.code}
+    if summary is None:
+        return {"ok": True, "lastRunAt": None}
+    oldest = parse_timestamp(summary.get("oldest_pending_hour"))
+    age = round((services.clock() - oldest).total_seconds() / 3600, 2) if oldest else None
+    return {
+        "ok": True,
+        "lastRunAt": summary.get("ranAt"),
+        "pendingHours": summary.get("pending_hours", 0),
+        "oldestPendingHours": age,
+        "flagged": summary.get("flagged_total", 0),
+        "nearExpiry": summary.get("near_expiry", 0),
+    }

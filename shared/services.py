@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from shared.events import EventRelay
     from shared.publisher import OperationFollower
     from shared.publisher_store import PublisherOperationStore
+    from shared.usage_store import UsageStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -36,6 +37,8 @@ class Services:
     outbox_factory: Callable[[], OutboxStore] | None = None
     #: publisher operations (build_services: on the repository's tables); None: no publisher API here
     publisher_store: PublisherOperationStore | None = None
+    #: metered usage (build_services: on the repository's storage); None: no metering here
+    usage_store: UsageStore | None = None
     _lazy: dict[str, Any] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -92,6 +95,7 @@ def build_services(settings: Settings | None = None) -> Services:
     from shared.observability import install_log_filter
     from shared.publisher_store import PublisherOperationStore
     from shared.repository import SubscriptionRepository, table_service_from_settings
+    from shared.usage_store import UsageStore
 
     install_log_filter()
     # Each function checks the settings only it needs (Settings.require), so one missing name does
@@ -104,6 +108,7 @@ def build_services(settings: Settings | None = None) -> Services:
         repository=repository,
         outbox_factory=repository.sibling,
         publisher_store=PublisherOperationStore(repository),
+        usage_store=UsageStore(repository),
     )
     # One clock: the repository reads the bundle's, so a clock swapped in (tests, tools) applies to
     # what it writes as well as to what the use cases decide.

@@ -176,6 +176,26 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "300",
         "Age after which a publisher change Microsoft never confirmed (no operation found) is settled as failed.",
     ),
+    SettingSpec(
+        "METERING_SCHEDULE",
+        "0 5 * * * *",
+        "NCRONTAB (6 fields, UTC) schedule of the metering timer that sends each closed hour's usage to Microsoft.",
+    ),
+    SettingSpec(
+        "METERING_TIME_BUDGET_SECONDS",
+        "240",
+        "Wall-time budget of one metering run; hours left over are sent by the next run (oldest first).",
+    ),
+    SettingSpec(
+        "METERING_EXPIRY_WARNING_HOURS",
+        "4",
+        "An hour of usage still unsent this close to Microsoft's 24-hour limit is logged as `usage_near_expiry` (alerted).",
+    ),
+    SettingSpec(
+        "METERING_LATE_USAGE",
+        "carry",
+        "Usage reported into an hour already sent: `carry` (into the current hour, billed) or `unbillable` (recorded only).",
+    ),
     SettingSpec("EVENTS_QUEUE_NAME", "subscription-events", "Storage queue that receives lifecycle events."),
     SettingSpec(
         "EVENTS_QUEUE_ENDPOINT", "", "Queue service endpoint for identity-based access; default derived from TABLES_ENDPOINT."
@@ -333,6 +353,10 @@ class Settings:
     publisher_api_deadline_seconds: int = 10
     publisher_operation_poll_seconds: int = 5
     publisher_claim_timeout_seconds: int = 300
+    metering_schedule: str = "0 5 * * * *"
+    metering_time_budget_seconds: int = 240
+    metering_expiry_warning_hours: int = 4
+    metering_late_usage: str = "carry"
     events_queue_name: str = "subscription-events"
     events_queue_endpoint: str = ""
     events_webhook_url: str = ""
@@ -467,6 +491,10 @@ class Settings:
             publisher_api_deadline_seconds=_int(env, "PUBLISHER_API_DEADLINE_SECONDS", problems),
             publisher_operation_poll_seconds=_int(env, "PUBLISHER_OPERATION_POLL_SECONDS", problems),
             publisher_claim_timeout_seconds=_int(env, "PUBLISHER_CLAIM_TIMEOUT_SECONDS", problems),
+            metering_schedule=_text(env, "METERING_SCHEDULE"),
+            metering_time_budget_seconds=_int(env, "METERING_TIME_BUDGET_SECONDS", problems),
+            metering_expiry_warning_hours=_int(env, "METERING_EXPIRY_WARNING_HOURS", problems, minimum=0),
+            metering_late_usage=_choice(env, "METERING_LATE_USAGE", ("carry", "unbillable"), problems),
             events_queue_name=_text(env, "EVENTS_QUEUE_NAME"),
             events_queue_endpoint=_text(env, "EVENTS_QUEUE_ENDPOINT"),
             events_webhook_url=events_webhook_url,

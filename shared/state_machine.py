@@ -53,6 +53,7 @@ class Source(str, Enum):
     RECONCILE = "reconcile"
     OPERATOR = "operator"
     PUBLISHER = "publisher"  # the publisher's SaaS application (publisher API) or an operator's CLI change
+    METERING = "metering"  # the metering emitter: Microsoft's answer to an hour of usage
 
 
 class Kind(str, Enum):
@@ -74,10 +75,14 @@ class Kind(str, Enum):
     UNKNOWN_ACTION = "unknown_action"  # recorded for reconciliation
     REFUSED = "refused"  # the publisher's policy refused a requested change; state stays
     CHANGE_FAILED = "change_failed"  # a publisher change Microsoft failed or never confirmed; state stays
+    USAGE_ACCEPTED = "usage_accepted"  # Microsoft accepted an hour of metered usage; state stays
+    USAGE_REJECTED = "usage_rejected"  # Microsoft refused an hour of usage, or it expired unsent; state stays
 
 
 # Kinds that record a fact without moving the subscription: never "stale".
-HISTORY_ONLY_KINDS = frozenset({Kind.FLAG, Kind.CLEAR_FLAG, Kind.UNKNOWN_ACTION, Kind.REFUSED, Kind.CHANGE_FAILED})
+HISTORY_ONLY_KINDS = frozenset(
+    {Kind.FLAG, Kind.CLEAR_FLAG, Kind.UNKNOWN_ACTION, Kind.REFUSED, Kind.CHANGE_FAILED, Kind.USAGE_ACCEPTED, Kind.USAGE_REJECTED}
+)
 
 
 class Result(str, Enum):
@@ -100,6 +105,8 @@ EVENT_RENEWED = "subscription.renewed"
 EVENT_UNSUBSCRIBED = "subscription.unsubscribed"
 EVENT_FLAGGED = "subscription.flagged"
 EVENT_CHANGE_FAILED = "subscription.change_failed"
+EVENT_USAGE_ACCEPTED = "usage.accepted"
+EVENT_USAGE_REJECTED = "usage.rejected"
 
 
 @dataclass(frozen=True)
@@ -420,6 +427,10 @@ def _decide(record: SubscriptionRecord, change: Change) -> _Decision:
         return _Decision(Result.RECORDED)
     if kind is Kind.CHANGE_FAILED:
         return _Decision(Result.RECORDED, event=EVENT_CHANGE_FAILED)
+    if kind is Kind.USAGE_ACCEPTED:
+        return _Decision(Result.RECORDED, event=EVENT_USAGE_ACCEPTED)
+    if kind is Kind.USAGE_REJECTED:
+        return _Decision(Result.RECORDED, event=EVENT_USAGE_REJECTED)
     if kind is Kind.UNSUBSCRIBE:
         if status is LocalStatus.UNSUBSCRIBED:
             return _Decision(Result.NOOP)

@@ -42,6 +42,8 @@ def test_functions_are_registered_with_the_contracted_names_routes_and_triggers(
         "publisher_subscription",
         "publisher_plans",
         "publisher_operation",
+        "publisher_usage",
+        "metering_timer",
     }
 
     def trigger(name):
@@ -56,13 +58,26 @@ def test_functions_are_registered_with_the_contracted_names_routes_and_triggers(
     assert trigger("publisher_plans")["route"] == "subscriptions/{subscriptionId}/plans"
     assert trigger("publisher_operation")["route"] == "operations/{operationId}"
     assert trigger("publisher_operation")["methods"] == ["GET"]
-    for name in ("landing_page", "webhook", "health", "publisher_subscription", "publisher_plans", "publisher_operation"):
+    assert trigger("publisher_usage")["route"] == "usage" and trigger("publisher_usage")["methods"] == ["POST"]
+    for name in (
+        "landing_page",
+        "webhook",
+        "health",
+        "publisher_subscription",
+        "publisher_plans",
+        "publisher_operation",
+        "publisher_usage",
+    ):
         # No function keys: Microsoft sends none and keys in URLs fail certification.
         assert trigger(name)["authLevel"] == "anonymous"
     timer = trigger("reconcile_timer")
     assert timer["type"] == "timerTrigger"
     assert timer["schedule"] == "%RECONCILE_SCHEDULE%"
     assert timer["runOnStartup"] is False
+    metering = trigger("metering_timer")
+    assert metering["type"] == "timerTrigger"
+    assert metering["schedule"] == "%METERING_SCHEDULE%"
+    assert metering["runOnStartup"] is False
 
 
 def test_host_json_keeps_the_api_prefix_and_an_extension_bundle():

@@ -1,0 +1,787 @@
+"""Metered billing: usage reported by the SaaS application reaches Microsoft exactly once, hour by hour.
+
+Ingest (``POST /api/usage``, :func:`report_usage`): each event is checked (known subscription,
+``Subscribed`` at the usage time, positive finite quantity, inside Microsoft's 24-hour window, a
+dimension of the plan in force when Microsoft lists the plan's dimensions) and stored as its own
+row, insert only, in the partition of its subscription and UTC hour (shared/usage_store.py). A
+caller's ``id`` is counted once wherever it lands. The answer (202) comes after every accepted row
+and the emitter's work-list row are written.
+
+Emission (``metering_timer``, :func:`run_metering`): every closed hour with usage not yet settled,
+oldest first, within a time budget. Per (subscription, hour, dimension) one event, the exact sum of
+its rows (decimal arithmetic), sent with ``batchUsageEvent`` 25 at a time. Microsoft's answer is
+recorded per bucket: ``Accepted`` (or ``Duplicate`` of the same quantity, e.g. after a lost answer)
+settles it; refusals and a ``Duplicate`` of another quantity are flagged for a person and never
+re-sent blindly; 429, 5xx and timeouts leave it pending for the next run. An hour about to leave the
+24-hour window unsent is logged loudly (``usage_near_expiry``); one that left it is ``Expired``.
+
+Plan rule: each reported event keeps the plan in force at its own time (from the subscription's
+history). Microsoft keeps one event per resource, dimension and hour and checks ``planId`` against
+the subscription's plan, so an hour split by a plan change is sent once, under the plan in force at
+the hour's latest usage of that dimension.
+
+Late usage (rows that reach an hour after its bucket was settled) never makes a second event for
+that hour: by default it is carried into the earliest open hour (the current one) and recorded on
+both buckets; ``METERING_LATE_USAGE=unbillable`` records it on the old bucket as unbillable instead.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import json
+import logging
+import math
+import re
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timedelta
+from decimal import Decimal
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from shared.api_auth import ROLE_USAGE_WRITE
+from shared.deadline import deadline_scope
+from shared.domain import UsageEvent, UsageResult, UsageStatus, format_timestamp, parse_timestamp
+from shared.errors import AppError, BadRequestError, ConfigurationError, DeadlineExceededError, MarketplaceError
+from shared.ids import MARKETPLACE_ID
+from shared.observability import current_correlation_id
+from shared.state_machine import Change, Kind, LocalStatus, Source
+from shared.usage_store import (
+    ACCEPTED,
+    EXPIRED,
+    FLAGGED,
+    SENT_PENDING,
+    Bucket,
+    Carry,
+    HourPartition,
+    IdRecord,
+    PendingHour,
+    UsageRow,
+    UsageStore,
+    hour_key,
+    hour_of,
+)
+
+if TYPE_CHECKING:
+    from shared.publisher import ApiResult
+    from shared.services import Services
+
+log = logging.getLogger(__name__)
+
+MAX_EVENTS_PER_CALL = 1000
+MAX_USAGE_BODY_BYTES = 1024 * 1024
+MAX_QUANTITY = Decimal("1000000000000")  # 1e12 per event: beyond any real hour; a typo, not usage
+USAGE_WINDOW = timedelta(hours=24)  # Microsoft accepts an hour for 24 hours
+FUTURE_TOLERANCE = timedelta(minutes=5)  # clock skew between the caller and us
+DIMENSIONS_CACHE_SECONDS = 3600.0  # a plan's dimensions change only when the offer is republished
+DIMENSIONS_RETRY_SECONDS = 60.0  # after Microsoft could not list them
+SEND_DEADLINE_SECONDS = 30.0  # one batchUsageEvent call, its retries included
+EMIT_CHUNK_HOURS = 200  # subscription-hours read, sent and recorded per step of a run
+STORAGE_WORKERS = 8
+_DIMENSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}")
+_EVENT_ID = re.compile(r"[A-Za-z0-9._:@\-]{1,128}")
+_LATE_MODES = ("carry", "unbillable")
+
+# Reasons an event is refused at ingest (the ``reason`` of its result)
+INVALID_EVENT = "invalid_event"
+INVALID_SUBSCRIPTION_ID = "invalid_subscription_id"
+INVALID_DIMENSION = "invalid_dimension"
+INVALID_QUANTITY = "invalid_quantity"
+INVALID_TIME = "invalid_effective_start_time"
+INVALID_ID = "invalid_id"
+FUTURE_TIME = "effective_start_time_in_future"
+EXPIRED_TIME = "effective_start_time_too_old"
+UNKNOWN_SUBSCRIPTION = "unknown_subscription"
+NOT_SUBSCRIBED = "not_subscribed"
+UNKNOWN_DIMENSION = "unknown_dimension"
+ID_REUSED = "id_reused"
+STORAGE_UNAVAILABLE = "storage_unavailable"
+
+EVENT_USAGE_ACCEPTED = "usage.accepted"
+EVENT_USAGE_REJECTED = "usage.rejected"
+
+
+class UsageBodyTooLargeError(BadRequestError):
+    """The usage report is larger than the API accepts."""
+
+    http_status = 413
+    code = "payload_too_large"
+
+
+# ---------------------------------------------------------------------------------------------
+# ingest
+
+
+@dataclass(frozen=True)
+class ReportedUsage:
+    """One event of a report, well-formed (not yet checked against the subscription)."""
+
+    index: int
+    subscription_id: str
+    dimension: str
+    quantity: Decimal
+    at: datetime
+    event_id: str
+    caller_id: bool  # the id is the caller's (idempotency), not one we made up
+
+
+@dataclass
+class _Outcome:
+    index: int
+    event_id: str
+    status: str  # accepted | refused | failed
+    reason: str = ""
+    message: str = ""
+    subscription_id: str = ""
+    dimension: str = ""
+    hour: datetime | None = None
+    plan_id: str = ""
+    duplicate: bool = False
+
+    def to_api(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"index": self.index, "id": self.event_id or None, "status": self.status}
+        if self.status == "accepted":
+            body.update(
+                subscriptionId=self.subscription_id,
+                dimension=self.dimension,
+                hour=format_timestamp(self.hour),
+                planId=self.plan_id,
+                duplicate=self.duplicate,
+            )
+        else:
+            body.update(reason=self.reason, message=self.message)
+        return body
+
+
+def _refused(index: int, event_id: str, reason: str, message: str) -> _Outcome:
+    return _Outcome(index, event_id, "refused", reason, message)
+
+
+def _parse_event(index: int, raw: Any, now: datetime) -> ReportedUsage | _Outcome:
+    if not isinstance(raw, dict):
+        return _refused(index, "", INVALID_EVENT, "each event must be a JSON object")
+    given_id = raw.get("id")
+    event_id = given_id if isinstance(given_id, str) else ""
+    if given_id is not None and not (isinstance(given_id, str) and _EVENT_ID.fullmatch(given_id)):
+        return _refused(index, "", INVALID_ID, "id must be 1-128 characters: letters, digits and . _ : @ -")
+    subscription_id = raw.get("subscriptionId")
+    if not (isinstance(subscription_id, str) and MARKETPLACE_ID.fullmatch(subscription_id)):
+        return _refused(index, event_id, INVALID_SUBSCRIPTION_ID, "subscriptionId must be a Marketplace subscription id (GUID)")
+    dimension = raw.get("dimension")
+    if not (isinstance(dimension, str) and _DIMENSION.fullmatch(dimension)):
+        return _refused(index, event_id, INVALID_DIMENSION, "dimension must be a dimension id (letters, digits, . _ -)")
+    quantity = raw.get("quantity")
+    if isinstance(quantity, bool) or not isinstance(quantity, (int, float)) or not math.isfinite(quantity) or quantity <= 0:
+        return _refused(index, event_id, INVALID_QUANTITY, "quantity must be a number greater than 0")
+    amount = Decimal(str(quantity))
+    if amount > MAX_QUANTITY:
+        return _refused(index, event_id, INVALID_QUANTITY, f"quantity must be at most {MAX_QUANTITY}")
+    at = now
+    if raw.get("effectiveStartTime") is not None:
+        parsed = parse_timestamp(raw.get("effectiveStartTime")) if isinstance(raw.get("effectiveStartTime"), str) else None
+        if parsed is None:
+            return _refused(index, event_id, INVALID_TIME, "effectiveStartTime must be an ISO 8601 UTC date-time")
+        at = parsed
+    if at > now + FUTURE_TOLERANCE:
+        return _refused(index, event_id, FUTURE_TIME, "effectiveStartTime is in the future")
+    if now - hour_of(at) >= USAGE_WINDOW:
+        return _refused(index, event_id, EXPIRED_TIME, "effectiveStartTime is older than Microsoft accepts (24 hours)")
+    return ReportedUsage(index, subscription_id.lower(), dimension, amount, at, event_id, bool(event_id))
+
+
+def parse_usage_body(body: bytes, now: datetime) -> list[ReportedUsage | _Outcome]:
+    """The events of a report; the whole call is refused only when the body itself is wrong."""
+    if len(body) > MAX_USAGE_BODY_BYTES:
+        raise UsageBodyTooLargeError(f"the body is larger than {MAX_USAGE_BODY_BYTES} bytes")
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequestError("the body is not JSON", code="malformed_json") from None
+    events = document.get("events") if isinstance(document, dict) else None
+    if not isinstance(events, list) or not events:
+        raise BadRequestError('the body must be {"events": [ ... ]} with at least one event', code="no_events")
+    if len(events) > MAX_EVENTS_PER_CALL:
+        raise BadRequestError(f"at most {MAX_EVENTS_PER_CALL} events per call", code="too_many_events")
+    return [_parse_event(index, raw, now) for index, raw in enumerate(events)]
+
+
+def state_at(record: Any, history: Sequence[dict[str, Any]], at: datetime) -> tuple[str, str]:
+    """(local status, plan id) of a subscription at ``at``: the record, with later changes undone."""
+    status, plan = record.status.value, record.plan_id
+    for entry in reversed(history):
+        if entry.get("result") != "applied":
+            continue
+        occurred = parse_timestamp(entry.get("occurredAt"))
+        if occurred is None or occurred <= at:
+            continue
+        changes = entry.get("changes") or {}
+        if "status" in changes:
+            status = changes["status"][0] or ""
+        if "plan_id" in changes:
+            plan = changes["plan_id"][0] or ""
+    return status, plan
+
+
+class _DimensionsCache:
+    """The metering dimensions of each (offer, plan), from List available plans; None when unknown."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], tuple[float, frozenset[str] | None]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, services: Services, subscription_id: str, offer_id: str, plan_id: str) -> frozenset[str] | None:
+        key = (offer_id, plan_id)
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is not None and entry[0] > time.monotonic():
+            return entry[1]
+        try:
+            plans = services.marketplace.list_available_plans(subscription_id)
+        except (MarketplaceError, DeadlineExceededError) as error:
+            # Microsoft will refuse an unknown dimension at emission (flagged); ingest never waits on it.
+            log.warning("could not list plans of %s to check dimensions: %s", subscription_id, error.code)
+            with self._lock:
+                self._entries[key] = (time.monotonic() + DIMENSIONS_RETRY_SECONDS, None)
+            return None
+        found: dict[tuple[str, str], frozenset[str] | None] = {key: None}
+        for plan in plans:
+            components = plan.raw.get("planComponents") if isinstance(plan.raw, dict) else None
+            dimensions = components.get("meteringDimensions") if isinstance(components, dict) else None
+            ids = frozenset(str(d.get("id")) for d in dimensions or [] if isinstance(d, dict) and d.get("id"))
+            # An empty list is treated as "not provided": Microsoft decides at emission.
+            found[(offer_id, plan.plan_id)] = ids or None
+        expires = time.monotonic() + DIMENSIONS_CACHE_SECONDS
+        with self._lock:
+            for each, value in found.items():
+                self._entries[each] = (expires, value)
+        return found[key]
+
+
+def usage_store(services: Services) -> UsageStore:
+    store = services.usage_store
+    if store is None:
+        raise ConfigurationError(["this services bundle has no usage store"])
+    return store
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _parallel(calls: Iterable[Callable[[], Any]]) -> list[Any]:
+    """Run storage calls concurrently, each in a copy of the caller's context (its deadline)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(STORAGE_WORKERS, thread_name_prefix="usage-storage")
+    futures = [_pool.submit(contextvars.copy_context().run, call) for call in calls]
+    return [future.result() for future in futures]
+
+
+def _check_subscription(
+    services: Services, subscription_id: str, items: list[ReportedUsage]
+) -> list[tuple[ReportedUsage, str] | _Outcome]:
+    """Each item with the plan in force at its time, or its refusal."""
+    stored = services.repository.get(subscription_id)
+    if stored is None:
+        return [
+            _refused(i.index, i.event_id, UNKNOWN_SUBSCRIPTION, f"subscription {subscription_id} is not known here")
+            for i in items
+        ]
+    record = stored.record
+    earliest = min(item.at for item in items)
+    changed_since = record.last_event_at is not None and record.last_event_at > earliest
+    history = services.repository.history(subscription_id) if changed_since else []
+    dimensions_cache = services.once("usage_dimensions", _DimensionsCache)
+    checked: list[tuple[ReportedUsage, str] | _Outcome] = []
+    for item in items:
+        status, plan_id = state_at(record, history, item.at) if changed_since else (record.status.value, record.plan_id)
+        if status != LocalStatus.SUBSCRIBED.value:
+            checked.append(
+                _refused(
+                    item.index, item.event_id, NOT_SUBSCRIBED, f"the subscription was {status or 'not created yet'} at that time"
+                )
+            )
+            continue
+        dimensions = dimensions_cache.get(services, subscription_id, record.offer_id, plan_id)
+        if dimensions is not None and item.dimension not in dimensions:
+            checked.append(
+                _refused(item.index, item.event_id, UNKNOWN_DIMENSION, f"plan {plan_id} has no dimension {item.dimension}")
+            )
+            continue
+        checked.append((item, plan_id))
+    return checked
+
+
+def _store_subscription(
+    services: Services, subscription_id: str, checked: list[tuple[ReportedUsage, str] | _Outcome], caller: str, now: datetime
+) -> tuple[list[_Outcome], set[datetime]]:
+    """Write the accepted events of one subscription; (their results, the hours written)."""
+    store = usage_store(services)
+    results: list[_Outcome] = []
+    rows_by_hour: dict[datetime, list[UsageRow]] = defaultdict(list)
+    for entry in checked:
+        if isinstance(entry, _Outcome):
+            results.append(entry)
+            continue
+        item, plan_id = entry
+        hour = hour_of(item.at)
+        event_id = (
+            item.event_id
+            or f"auto-{hashlib.sha1(f'{current_correlation_id()}|{item.index}|{time.time_ns()}'.encode()).hexdigest()[:24]}"
+        )
+        row = UsageRow(item.dimension, event_id, item.quantity, plan_id, item.at, now, caller)
+        outcome = _Outcome(
+            item.index,
+            event_id,
+            "accepted",
+            subscription_id=subscription_id,
+            dimension=item.dimension,
+            hour=hour,
+            plan_id=plan_id,
+        )
+        if item.caller_id:
+            first = store.claim_id(subscription_id, IdRecord(event_id, hour, item.dimension, item.quantity, plan_id, item.at))
+            if first is not None:
+                if first.dimension != item.dimension or first.quantity != item.quantity:
+                    results.append(
+                        _refused(
+                            item.index, event_id, ID_REUSED, "this id was reported before with another dimension or quantity"
+                        )
+                    )
+                    continue
+                # Counted once, where it was first counted; its row is written again in case the first
+                # call stopped between the id and the row (an insert that exists changes nothing).
+                hour, plan_id = first.hour, first.plan_id
+                row = UsageRow(first.dimension, event_id, first.quantity, first.plan_id, first.effective_start_time, now, caller)
+                outcome = replace(outcome, hour=hour, plan_id=plan_id, duplicate=True)
+        rows_by_hour[hour].append(row)
+        results.append(outcome)
+    for hour, rows in rows_by_hour.items():
+        store.insert_events(subscription_id, hour, rows)
+    return results, set(rows_by_hour)
+
+
+def report_usage(services: Services, body: bytes, *, caller: str) -> ApiResult:
+    """Check and store a usage report; per-event results (see the module docstring)."""
+    from shared.publisher import ApiResult
+
+    now = services.clock()
+    parsed = parse_usage_body(body, now)
+    outcomes: list[_Outcome] = [p for p in parsed if isinstance(p, _Outcome)]
+    by_subscription: dict[str, list[ReportedUsage]] = defaultdict(list)
+    for item in parsed:
+        if isinstance(item, ReportedUsage):
+            by_subscription[item.subscription_id].append(item)
+
+    def handle(subscription_id: str, items: list[ReportedUsage]) -> tuple[list[_Outcome], set[tuple[str, datetime]]]:
+        try:
+            checked = _check_subscription(services, subscription_id, items)
+            results, hours = _store_subscription(services, subscription_id, checked, caller, now)
+            return results, {(subscription_id, hour) for hour in hours}
+        except AppError as error:
+            log.warning("usage for %s not stored: %s", subscription_id, error.code)
+            return [
+                _Outcome(i.index, i.event_id, "failed", STORAGE_UNAVAILABLE, "not recorded; send it again") for i in items
+            ], set()
+
+    written: set[tuple[str, datetime]] = set()
+    for results, hours in _parallel([partial(handle, s, i) for s, i in by_subscription.items()]):
+        outcomes.extend(results)
+        written |= hours
+    try:
+        usage_store(services).mark_pending(sorted(written))
+    except AppError as error:
+        # The rows exist but the emitter would not look at them: the caller sends again (same ids: counted once).
+        log.warning("usage work list not updated: %s", error.code)
+        outcomes = [
+            _Outcome(o.index, o.event_id, "failed", STORAGE_UNAVAILABLE, "not recorded; send it again")
+            if o.status == "accepted"
+            else o
+            for o in outcomes
+        ]
+    outcomes.sort(key=lambda o: o.index)
+    accepted = sum(1 for o in outcomes if o.status == "accepted")
+    refused = sum(1 for o in outcomes if o.status == "refused")
+    failed = len(outcomes) - accepted - refused
+    log.info("usage report: %s accepted, %s refused, %s failed (caller %s)", accepted, refused, failed, caller)
+    status = 503 if failed and not accepted and not refused else 202
+    body_out = {"accepted": accepted, "refused": refused, "failed": failed, "results": [o.to_api() for o in outcomes]}
+    return ApiResult(status, body_out, {"Retry-After": "5"} if status == 503 else {})
+
+
+def api_report_usage(services: Services, authorization: str | None, body: bytes) -> ApiResult:
+    from shared.publisher import _authenticator
+
+    caller = _authenticator(services).authenticate(authorization, ROLE_USAGE_WRITE)
+    with deadline_scope(services.settings.publisher_api_deadline_seconds):
+        return report_usage(services, body, caller=caller.id)
+
+
+# ---------------------------------------------------------------------------------------------
+# emission
+
+
+@dataclass
+class MeteringSummary:
+    hours_listed: int = 0
+    hours_settled: int = 0
+    buckets_sent: int = 0
+    accepted: int = 0
+    duplicates_matched: int = 0
+    flagged: int = 0
+    expired: int = 0
+    retry: int = 0
+    calls: int = 0
+    late_carried: int = 0
+    late_carried_quantity: float = 0.0
+    late_unbillable: int = 0
+    late_unbillable_quantity: float = 0.0
+    near_expiry: int = 0
+    events_written: int = 0
+    budget_exhausted: bool = False
+    pending_hours: int = 0
+    oldest_pending_hours: float | None = None
+    oldest_pending_hour: str | None = None
+    flagged_total: int = 0
+    seconds: float = 0.0
+    by_status: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _HourWork:
+    pending: PendingHour
+    partition: HourPartition
+    to_send: dict[str, tuple[UsageEvent, Bucket]] = field(default_factory=dict)
+    changed: dict[str, Bucket] = field(default_factory=dict)
+    unsettled: bool = False
+
+
+def _totals(partition: HourPartition) -> dict[str, tuple[Decimal, Decimal, int, str]]:
+    """Per dimension: (total, carried in, events, plan of the latest usage)."""
+    totals: dict[str, tuple[Decimal, Decimal, int, str]] = {}
+    latest: dict[str, datetime] = {}
+    for row in partition.rows:
+        total, carried, events, plan = totals.get(row.dimension, (Decimal(0), Decimal(0), 0, ""))
+        at = row.effective_start_time or partition.hour
+        if row.dimension not in latest or at >= latest[row.dimension]:
+            latest[row.dimension], plan = at, row.plan_id
+        totals[row.dimension] = (total + row.quantity, carried, events + 1, plan)
+    for carry in partition.carries:
+        total, carried, events, plan = totals.get(carry.dimension, (Decimal(0), Decimal(0), 0, ""))
+        totals[carry.dimension] = (total + carry.quantity, carried + carry.quantity, events, plan or carry.plan_id)
+    return totals
+
+
+class Emitter:
+    """One metering run (see the module docstring)."""
+
+    def __init__(self, services: Services, *, time_budget_seconds: float | None = None):
+        self.services = services
+        self.store = usage_store(services)
+        self.settings = services.settings
+        self.budget = float(
+            time_budget_seconds if time_budget_seconds is not None else self.settings.metering_time_budget_seconds
+        )
+        self.summary = MeteringSummary()
+        self.now = services.clock()
+        self.current_hour = hour_of(self.now)
+
+    def run(self) -> MeteringSummary:
+        started = time.monotonic()
+        pending = self.store.list_pending(self.current_hour)
+        self.summary.hours_listed = len(pending)
+        for start in range(0, len(pending), EMIT_CHUNK_HOURS):
+            if time.monotonic() - started > self.budget:
+                self.summary.budget_exhausted = True
+                log.warning("metering run stopped by its time budget; %s hours left for the next run", len(pending) - start)
+                break
+            self._emit_chunk(pending[start : start + EMIT_CHUNK_HOURS])
+        self._finish(started)
+        return self.summary
+
+    # -- one chunk: read, send, record -----------------------------------------------------------
+
+    def _emit_chunk(self, chunk: Sequence[PendingHour]) -> None:
+        works = _parallel([partial(self._plan, p) for p in chunk])
+        items = [(work, dimension) for work in works for dimension in sorted(work.to_send)]
+        for start in range(0, len(items), 25):
+            self._send([*items[start : start + 25]])
+        _parallel([partial(self._record, w) for w in works])
+
+    def _plan(self, pending: PendingHour) -> _HourWork:
+        partition = self.store.read_hour(pending.subscription_id, pending.hour)
+        work = _HourWork(pending, partition)
+        expires_at = pending.hour + USAGE_WINDOW
+        warning = timedelta(hours=self.settings.metering_expiry_warning_hours)
+        for dimension, (total, carried_in, events, plan) in sorted(_totals(partition).items()):
+            bucket = partition.buckets.get(dimension) or Bucket(pending.subscription_id, pending.hour, dimension)
+            if bucket.settled:
+                continue  # late usage of a settled bucket: _record handles it
+            if total <= 0:
+                continue
+            bucket = replace(bucket, plan_id=plan, quantity=total, events=events, carried_in=carried_in)
+            if self.now >= expires_at:
+                bucket = replace(bucket, status=EXPIRED, message="the 24-hour window closed before Microsoft accepted this hour")
+                work.changed[dimension] = bucket
+                continue
+            if expires_at - self.now <= warning:
+                self.summary.near_expiry += 1
+                log.error(
+                    "usage_near_expiry: subscription %s hour %s dimension %s quantity %s is unsent and expires at %s",
+                    pending.subscription_id,
+                    format_timestamp(pending.hour),
+                    dimension,
+                    total,
+                    format_timestamp(expires_at),
+                )
+            event = UsageEvent(pending.subscription_id, plan, dimension, float(total), pending.hour)
+            work.to_send[dimension] = (event, bucket)
+        return work
+
+    def _send(self, items: list[tuple[_HourWork, str]]) -> None:
+        events = [work.to_send[dimension][0] for work, dimension in items]
+        self.summary.calls += 1
+        try:
+            with deadline_scope(SEND_DEADLINE_SECONDS):
+                results: list[UsageResult] | None = self.services.marketplace.batch_usage_event(events)
+        except (MarketplaceError, DeadlineExceededError) as error:
+            log.warning("batchUsageEvent failed (%s); %s buckets stay pending for the next run", error.code, len(events))
+            results = None
+        for position, (work, dimension) in enumerate(items):
+            event, bucket = work.to_send[dimension]
+            bucket = replace(bucket, attempts=bucket.attempts + 1, sent_at=self.now)
+            self.summary.buckets_sent += 1
+            if results is None:
+                work.changed[dimension] = replace(
+                    bucket, status=SENT_PENDING, message="no answer from Microsoft; sent again next run"
+                )
+                continue
+            work.changed[dimension] = self._settle(bucket, event, results[position])
+
+    def _settle(self, bucket: Bucket, event: UsageEvent, result: UsageResult) -> Bucket:
+        status = result.status
+        self.summary.by_status[status.value] = self.summary.by_status.get(status.value, 0) + 1
+        bucket = replace(bucket, marketplace_status=status.value, message=result.error_message)
+        if status is UsageStatus.ACCEPTED:
+            return replace(bucket, status=ACCEPTED, usage_event_id=result.usage_event_id)
+        if status is UsageStatus.DUPLICATE:
+            kept = Decimal(str(result.quantity)) if result.quantity is not None else None
+            if kept is not None and abs(kept - bucket.quantity) <= Decimal("1e-9") * max(Decimal(1), bucket.quantity):
+                self.summary.duplicates_matched += 1
+                return replace(
+                    bucket, status=ACCEPTED, usage_event_id=result.usage_event_id, message="Microsoft already had this hour"
+                )
+            return replace(
+                bucket,
+                status=FLAGGED,
+                usage_event_id=result.usage_event_id,
+                message=f"Microsoft already holds {kept} for this hour; our total is {bucket.quantity}",
+            )
+        if status is UsageStatus.EXPIRED:
+            return replace(bucket, status=EXPIRED, message=result.error_message or "Microsoft: older than 24 hours")
+        return replace(bucket, status=FLAGGED, message=result.error_message or f"Microsoft answered {status.value}")
+
+    # -- recording ---------------------------------------------------------------------------------
+
+    def _record(self, work: _HourWork) -> None:
+        subscription_id, hour = work.pending.subscription_id, work.pending.hour
+        try:
+            if work.changed and not self.store.write_buckets(list(work.changed.values())):
+                log.info(
+                    "usage buckets of %s %s changed under this run; the next run looks again", subscription_id, hour_key(hour)
+                )
+                return
+            fresh = {**work.partition.buckets, **work.changed}
+            for bucket in work.changed.values():
+                self._count(bucket)
+            self._late_usage(work, fresh)
+            self._notify(subscription_id, hour, fresh)
+            if work.unsettled or any(not b.settled for b in fresh.values()):
+                return
+            if self.store.settle_pending(work.pending):
+                self.summary.hours_settled += 1
+        except AppError as error:
+            log.warning(
+                "usage hour %s of %s not recorded completely (%s); the next run finishes it",
+                hour_key(hour),
+                subscription_id,
+                error.code,
+            )
+
+    def _count(self, bucket: Bucket) -> None:
+        if bucket.status == ACCEPTED:
+            self.summary.accepted += 1
+        elif bucket.status == SENT_PENDING:
+            self.summary.retry += 1
+        else:
+            if bucket.status == EXPIRED:
+                self.summary.expired += 1
+            else:
+                self.summary.flagged += 1
+            log.error(
+                "usage_flagged: subscription %s hour %s dimension %s quantity %s: %s %s",
+                bucket.subscription_id,
+                format_timestamp(bucket.hour),
+                bucket.dimension,
+                bucket.quantity,
+                bucket.status,
+                bucket.message,
+            )
+            self.store.flag(bucket)
+
+    def _late_usage(self, work: _HourWork, buckets: dict[str, Bucket]) -> None:
+        """Usage that reached a settled bucket after it was sent: carried forward or unbillable."""
+        totals = _totals(work.partition)
+        for dimension, bucket in sorted(buckets.items()):
+            if not bucket.settled or dimension in work.changed:
+                continue
+            total, _, _, plan = totals.get(dimension, (Decimal(0), Decimal(0), 0, bucket.plan_id))
+            late = total - bucket.quantity - bucket.carried_out - bucket.unbillable
+            if late <= 0:
+                continue
+            if self.settings.metering_late_usage == "unbillable":
+                updated = replace(bucket, unbillable=bucket.unbillable + late)
+                self.summary.late_unbillable += 1
+                self.summary.late_unbillable_quantity += float(late)
+                log.warning(
+                    "late usage of %s %s %s recorded unbillable: %s",
+                    bucket.subscription_id,
+                    hour_key(bucket.hour),
+                    dimension,
+                    late,
+                )
+            else:
+                into = self.current_hour
+                carry = Carry(dimension, hour_key(bucket.hour), bucket.carry_count + 1, late, plan or bucket.plan_id)
+                carried = self.store.insert_carry(bucket.subscription_id, into, carry)
+                self.store.mark_pending([(bucket.subscription_id, into)])
+                updated = replace(bucket, carried_out=bucket.carried_out + carried, carry_count=carry.number)
+                self.summary.late_carried += 1
+                self.summary.late_carried_quantity += float(carried)
+                log.info(
+                    "late usage of %s %s %s (%s) carried into %s",
+                    bucket.subscription_id,
+                    hour_key(bucket.hour),
+                    dimension,
+                    carried,
+                    hour_key(into),
+                )
+            if not self.store.write_buckets([updated]):
+                work.unsettled = True  # another run moved it: look again next run
+            else:
+                buckets[dimension] = updated
+
+    def _notify(self, subscription_id: str, hour: datetime, buckets: dict[str, Bucket]) -> None:
+        """One lifecycle event per outcome for the buckets settled and not announced yet (exactly once)."""
+        fresh = [b for b in buckets.values() if b.settled and not b.notified]
+        if not fresh:
+            return
+        accepted = [b for b in fresh if b.status == ACCEPTED]
+        rejected = [b for b in fresh if b.status != ACCEPTED]
+        for kind, group in ((Kind.USAGE_ACCEPTED, accepted), (Kind.USAGE_REJECTED, rejected)):
+            if group:
+                write_usage_event(self.services, subscription_id, hour, kind, group)
+                self.summary.events_written += 1
+        self.store.mark_notified(fresh)
+
+    def _finish(self, started: float) -> None:
+        try:
+            count, oldest = self.store.count_pending()
+            self.summary.pending_hours = count
+            if oldest is not None:
+                self.summary.oldest_pending_hours = round((self.now - oldest).total_seconds() / 3600, 2)
+                self.summary.oldest_pending_hour = format_timestamp(oldest)
+            self.summary.flagged_total = self.store.count_flagged()
+            self.summary.seconds = round(time.monotonic() - started, 3)
+            self.store.save_summary({**self.summary.to_json(), "ranAt": format_timestamp(self.now)})
+        except AppError as error:
+            log.warning("metering run summary not saved: %s", error.code)
+        s = self.summary
+        log.info(
+            "metering run: %s hours listed, %s settled; %s buckets sent in %s calls: %s accepted (%s duplicates matched), "
+            "%s flagged, %s expired, %s to retry; late usage %s carried, %s unbillable; %s near expiry; %s pending, %s flagged in all",
+            s.hours_listed,
+            s.hours_settled,
+            s.buckets_sent,
+            s.calls,
+            s.accepted,
+            s.duplicates_matched,
+            s.flagged,
+            s.expired,
+            s.retry,
+            s.late_carried,
+            s.late_unbillable,
+            s.near_expiry,
+            s.pending_hours,
+            s.flagged_total,
+        )
+
+
+def write_usage_event(services: Services, subscription_id: str, hour: datetime, kind: Kind, buckets: Sequence[Bucket]) -> None:
+    """A history entry and lifecycle event (``usage.accepted`` / ``usage.rejected``) for settled buckets.
+
+    The operation marker's id is derived from the hour and the buckets, so a run that stops before
+    noting the buckets as announced writes the same event once, not twice."""
+    from shared import state_machine as sm
+    from shared.events import build_event_document
+
+    usage = [
+        {
+            "hour": format_timestamp(b.hour),
+            "dimension": b.dimension,
+            "planId": b.plan_id,
+            "quantity": float(b.quantity),
+            "status": b.status,
+            "marketplaceStatus": b.marketplace_status,
+            "usageEventId": b.usage_event_id or None,
+            "message": b.message,
+        }
+        for b in sorted(buckets, key=lambda b: b.dimension)
+    ]
+    digest = hashlib.sha256(json.dumps([kind.value, usage], sort_keys=True).encode()).hexdigest()[:24]
+    marker = f"usage-{hour_key(hour)}-{digest}"
+    change = Change(
+        kind=kind,
+        source=Source.METERING,
+        occurred_at=services.clock(),
+        correlation_id=current_correlation_id(),
+        detail=json.dumps(usage),
+    )
+
+    def decide(record: sm.SubscriptionRecord | None) -> sm.Outcome | None:
+        if record is None:
+            return None
+        return sm.apply(record, change, now=services.clock())
+
+    services.repository.apply(subscription_id, decide, operation_id=marker, build_event=build_event_document)
+
+
+def run_metering(services: Services, *, time_budget_seconds: float | None = None) -> MeteringSummary:
+    return Emitter(services, time_budget_seconds=time_budget_seconds).run()
+
+
+# ---------------------------------------------------------------------------------------------
+# operators
+
+
+def usage_view(services: Services, subscription_id: str, start: datetime, end: datetime) -> list[dict[str, Any]]:
+    """The buckets of a subscription between two hours, each with its reported total."""
+    out = []
+    for partition in usage_store(services).list_buckets(
+        subscription_id.lower(), hour_of(start), hour_of(end) + timedelta(hours=1)
+    ):
+        for dimension, (total, carried_in, events, plan) in sorted(_totals(partition).items()):
+            bucket = partition.buckets.get(dimension)
+            view = bucket.to_api() if bucket else Bucket(subscription_id, partition.hour, dimension, plan_id=plan).to_api()
+            view.update(reported=float(total - carried_in), reportedEvents=events, status=view["status"] if bucket else "Unsent")
+            out.append(view)
+    return out
