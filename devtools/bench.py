@@ -299,7 +299,7 @@ class _Worker:
             port=0,
             timers=False,
             signed_in_user="",
-            environ={"RECONCILE_SCHEDULE": "0 0 0 1 1 *"},
+            environ={"RECONCILE_SCHEDULE": "0 0 0 1 1 *", "METERING_SCHEDULE": "0 0 0 1 1 *"},
             host_json=ROOT / "host.json",
         )
         host.start()

@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None, env: MutableMapping[str, str] | None = N
     # Kept across restarts, so a confirmation page left open still submits.
     decide("LANDING_FORM_SECRET", previous.get("LANDING_FORM_SECRET") or secrets.token_urlsafe(32))
     decide("RECONCILE_SCHEDULE", "0 */5 * * * *")
+    decide("METERING_SCHEDULE", "0 5 * * * *")
     decide("DEV_SIGNED_IN_USER", DEV_USER)
     decide("SAAS_APP_URL", "https://app.contoso.example/")
     decide("BRAND_NAME", "Contoso SaaS (local)")

@@ -84,6 +84,9 @@ param signInAccounts string = 'workSchoolAndPersonal'
 @description('RECONCILE_SCHEDULE: NCRONTAB with 6 fields (seconds first), UTC. Flex Consumption ignores WEBSITE_TIME_ZONE.')
 param reconcileSchedule string = '0 */30 * * * *'
 
+@description('METERING_SCHEDULE: NCRONTAB with 6 fields (seconds first), UTC; by default 5 minutes past every hour.')
+param meteringSchedule string = '0 5 * * * *'
+
 @description('ACTIVATION_MODE: auto activates the subscription when the buyer confirms; manual records PendingActivation for an operator.')
 @allowed([
   'auto'
@@ -255,6 +258,7 @@ module api './app/api.bicep' = {
     signInCredentialType: signInCredentialType
     signInIssuer: '${environment().authentication.loginEndpoint}${signInAuthority}/v2.0'
     reconcileSchedule: reconcileSchedule
+    meteringSchedule: meteringSchedule
     activationMode: activationMode
     tablesPrefix: tablesPrefix
     eventsQueueName: eventsQueueName

@@ -13,6 +13,9 @@ Uses the app's own settings (the same environment variables as the function app,
     python -m shared.cli change-quantity SUBSCRIPTION_ID QUANTITY [--wait] [--json]
     python -m shared.cli cancel SUBSCRIPTION_ID [--wait] [--json]
     python -m shared.cli operation OPERATION_ID [--json]
+    python -m shared.cli usage SUBSCRIPTION_ID [--from TIME] [--to TIME] [--json]
+    python -m shared.cli usage --flagged [--json]
+    python -m shared.cli meter-now [--time-budget SECONDS] [--json]
 
 Exit codes: 0 success, 1 the operation failed (or found nothing to act on), 2 usage or
 configuration error. ``--json`` prints one JSON document on standard output; messages and logs go
@@ -28,6 +31,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from shared.ids import is_marketplace_id
@@ -466,6 +470,78 @@ def cmd_operation(services: Services, args, out: TextIO) -> int:
     return EXIT_OK
 
 
+def cmd_usage(services: Services, args, out: TextIO) -> int:
+    from shared.domain import parse_timestamp
+    from shared.metering import usage_store, usage_view
+
+    if args.flagged:
+        if args.subscription_id:
+            raise _UsageError("give SUBSCRIPTION_ID or --flagged, not both")
+        flagged = usage_store(services).list_flagged()
+        if args.json:
+            _emit_json(out, {"flagged": flagged})
+            return EXIT_OK
+        out.write(f"Flagged usage ({len(flagged)}):\n")
+        if flagged:
+            rows = [
+                [f["hour"], f["subscriptionId"], f["dimension"], _number(f["quantity"]), f["status"], f["message"]]
+                for f in flagged
+            ]
+            _table(out, ["HOUR", "SUBSCRIPTION", "DIMENSION", "QUANTITY", "STATUS", "WHY"], rows)
+        else:
+            out.write("  none: nothing needs a person\n")
+        return EXIT_OK
+    if not args.subscription_id:
+        raise _UsageError("give SUBSCRIPTION_ID or --flagged")
+    now = services.clock()
+    end = parse_timestamp(args.to) if args.to else now
+    start = parse_timestamp(args.from_) if args.from_ else now - timedelta(hours=24)
+    if start is None or end is None:
+        raise _UsageError("--from and --to take ISO 8601 UTC date-times, e.g. 2026-12-03T09:00:00Z")
+    buckets = usage_view(services, args.subscription_id, start, end)
+    if args.json:
+        _emit_json(out, {"subscriptionId": args.subscription_id, "buckets": buckets})
+        return EXIT_OK
+    out.write(f"Usage of {args.subscription_id} ({len(buckets)} buckets):\n")
+    if buckets:
+        rows = [
+            [
+                b["hour"],
+                b["dimension"],
+                b["planId"],
+                _number(b["reported"]),
+                _number(b["quantity"]),
+                b["status"],
+                b["usageEventId"] or "",
+                b["message"],
+            ]
+            for b in buckets
+        ]
+        _table(out, ["HOUR", "DIMENSION", "PLAN", "REPORTED", "SENT", "STATUS", "USAGE EVENT", "NOTE"], rows)
+    return EXIT_OK
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def cmd_meter_now(services: Services, args, out: TextIO) -> int:
+    from shared.metering import run_metering
+
+    summary = run_metering(services, time_budget_seconds=args.time_budget).to_json()
+    if args.json:
+        _emit_json(out, summary)
+    else:
+        out.write(
+            "Metering: {hours_listed} hours listed, {hours_settled} settled; {buckets_sent} buckets sent in {calls} calls: "
+            "{accepted} accepted, {flagged} flagged, {expired} expired, {retry} to retry; late usage {late_carried} carried, "
+            "{late_unbillable} unbillable; {near_expiry} near expiry; {pending_hours} hours pending, {flagged_total} flagged in all\n".format(
+                **summary
+            )
+        )
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[..., int]] = {
     "list": cmd_list,
     "show": cmd_show,
@@ -477,6 +553,8 @@ COMMANDS: dict[str, Callable[..., int]] = {
     "change-quantity": cmd_change_quantity,
     "cancel": cmd_cancel,
     "operation": cmd_operation,
+    "usage": cmd_usage,
+    "meter-now": cmd_meter_now,
 }
 
 
@@ -563,6 +641,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("operation", parents=[common], help="one publisher operation")
     p.add_argument("operation_id", metavar="OPERATION_ID", type=_operation_id)
+
+    p = commands.add_parser("usage", parents=[common], help="metered usage of a subscription by hour, or --flagged")
+    p.add_argument("subscription_id", metavar="SUBSCRIPTION_ID", type=_subscription_id, nargs="?")
+    p.add_argument("--from", dest="from_", metavar="TIME", help="first hour (ISO 8601 UTC); default 24 hours ago")
+    p.add_argument("--to", metavar="TIME", help="last hour (ISO 8601 UTC); default now")
+    p.add_argument("--flagged", action="store_true", help="every hour of usage that needs a person")
+
+    p = commands.add_parser("meter-now", parents=[common], help="send every closed hour of usage not yet accepted")
+    p.add_argument(
+        "--time-budget",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="stop after this long; default METERING_TIME_BUDGET_SECONDS",
+    )
     return parser
 
 

@@ -7,7 +7,10 @@
 //                                would reject Microsoft's real events (Microsoft retries for 8 hours,
 //                                then gives up);
 //   3. reconciliation flags    - a reconciliation run flagged items for an operator: every run logs
-//                                `reconcile summary {json}` (shared/reconcile.py) with `flagged_count`.
+//                                `reconcile summary {json}` (shared/reconcile.py) with `flagged_count`;
+//   4. metered usage at risk   - the metering timer logged `usage_flagged` (Microsoft refused an hour
+//                                of usage, or it expired unsent) or `usage_near_expiry` (an hour is
+//                                still unsent close to Microsoft's 24-hour limit): billing is at stake.
 // With `alertEmail` set the alerts notify that address through an action group; without it they
 // still fire and show in the portal (Monitor > Alerts).
 
@@ -42,6 +45,8 @@ var queries = {
   functionFailures: 'requests | where success == false | where not(toint(resultCode) between (400 .. 499)) | summarize failures = count() by operation_Name'
   webhook401: format('requests | where url contains "{0}" and resultCode == "401"', webhookPath)
   // The summary line is `[cid=...] reconcile summary {"flagged_count": 2, ...}`.
+  // shared/metering.py logs `usage_flagged: ...` and `usage_near_expiry: ...` at ERROR level.
+  meteringAtRisk: 'traces | where message has "usage_flagged" or message has "usage_near_expiry"'
   reconcileFlagged: 'traces | where message contains "reconcile summary" | extend summary = parse_json(substring(message, indexof(message, "{"))) | where toint(summary.flagged_count) > 0'
 }
 
@@ -163,6 +168,39 @@ resource reconcileFlaggedAlert 'Microsoft.Insights/scheduledQueryRules@2021-08-0
       allOf: [
         {
           query: queries.reconcileFlagged
+          timeAggregation: 'Count'
+          operator: 'GreaterThan'
+          threshold: 0
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    autoMitigate: false
+    actions: actions
+  }
+}
+
+resource meteringAtRiskAlert 'Microsoft.Insights/scheduledQueryRules@2021-08-01' = {
+  name: '${namePrefix}metering-at-risk'
+  location: location
+  tags: tags
+  properties: {
+    displayName: 'SaaS fulfillment: metered usage flagged or about to expire'
+    description: 'Microsoft refused an hour of metered usage, kept another quantity for it, or an hour is still unsent close to the 24-hour limit after which Microsoft no longer accepts it. Run `python -m shared.cli usage --flagged` and look at the metering timer\'s log lines.'
+    severity: 1
+    enabled: true
+    scopes: [
+      applicationInsightsId
+    ]
+    evaluationFrequency: 'PT15M'
+    windowSize: 'PT1H'
+    criteria: {
+      allOf: [
+        {
+          query: queries.meteringAtRisk
           timeAggregation: 'Count'
           operator: 'GreaterThan'
           threshold: 0

@@ -119,6 +119,9 @@ param activationMode string
 @description('TABLES_PREFIX: prefix of the table names the app creates.')
 param tablesPrefix string
 
+@description('NCRONTAB schedule (6 fields, UTC) of the metering timer (METERING_SCHEDULE).')
+param meteringSchedule string = '0 5 * * * *'
+
 @description('EVENTS_QUEUE_NAME: the storage queue created for lifecycle events.')
 param eventsQueueName string
 
@@ -217,6 +220,10 @@ var appSettings = {
   PUBLISHER_API_DEADLINE_SECONDS: '10'
   PUBLISHER_OPERATION_POLL_SECONDS: '5'
   PUBLISHER_CLAIM_TIMEOUT_SECONDS: '300'
+  METERING_SCHEDULE: meteringSchedule
+  METERING_TIME_BUDGET_SECONDS: '240'
+  METERING_EXPIRY_WARNING_HOURS: '4'
+  METERING_LATE_USAGE: 'carry'
   EVENTS_QUEUE_NAME: eventsQueueName
   EVENTS_QUEUE_ENDPOINT: queueEndpoint
   EVENTS_WEBHOOK_URL: eventsWebhookUrl

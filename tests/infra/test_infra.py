@@ -63,6 +63,7 @@ LOCAL_HOST_SETTINGS = {"FUNCTIONS_WORKER_RUNTIME", "AzureWebJobsStorage", "Azure
 # main.bicep parameters that carry a setting's default value, and the setting they feed.
 MAIN_PARAMETER_DEFAULTS = {
     "reconcileSchedule": "RECONCILE_SCHEDULE",
+    "meteringSchedule": "METERING_SCHEDULE",
     "activationMode": "ACTIVATION_MODE",
     "tablesPrefix": "TABLES_PREFIX",
     "eventsQueueName": "EVENTS_QUEUE_NAME",

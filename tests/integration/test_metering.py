@@ -485,3 +485,79 @@ def test_health_reports_metering_backlog_and_flags(meter):
 
 def test_hour_of_is_utc():
     assert hour_of(datetime(2026, 12, 3, 10, 59, 59, tzinfo=UTC)) == datetime(2026, 12, 3, 10, tzinfo=UTC)
+
+
+# ---------------------------------------------------------------------------------------------
+# over HTTP: the route, its authentication and its app role
+
+API_AUDIENCE = "api://contoso-fulfillment-api"
+
+
+def test_usage_api_auth_matrix_over_http(standin, make_services, devhost, http):
+    import time
+
+    from shared.domain import utc_now
+
+    standin.set_plans("contoso-offer", [make_plan("metered", planComponents={"meteringDimensions": DIMENSIONS})])
+    services = make_services(PUBLISHER_API_AUDIENCE=API_AUDIENCE)
+    (sid,) = standin.seed(1, plan_id="metered")
+    services.clock = lambda: utc_now() - timedelta(hours=36)
+    assert run_reconciliation(services).completed
+    services.clock = utc_now
+
+    def token(roles=("Usage.Write",), **claims) -> str:
+        return standin.sign_token(
+            {"aud": API_AUDIENCE, "azp": "5aa5aa5a-0000-4000-8000-0000000000cc", "roles": list(roles), **claims}
+        )
+
+    body = json.dumps({"events": [usage(sid, 3, id="http-1")]})
+    url = devhost.url + "/api/usage"
+    now = int(time.time())
+    cases = [
+        ("no token", None, 401),
+        ("wrong audience", token(aud="api://someone-else"), 401),
+        ("expired", token(exp=now - 3600, iat=now - 7200), 401),
+        ("forged", standin.sign_token({"aud": API_AUDIENCE, "roles": ["Usage.Write"]}, key=standin.other_key()), 401),
+        ("no role", token(roles=()), 403),
+        ("the change role is not the usage role", token(roles=("Subscriptions.ReadWrite",)), 403),
+    ]
+    for name, bearer, status in cases:
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {bearer}"} if bearer else {})}
+        response = http.post(url, data=body, headers=headers, timeout=30)
+        assert response.status_code == status, (name, response.text)
+        assert not bearer or bearer not in response.text
+        assert usage_rows(services) == [], name
+    accepted = http.post(url, data=body, headers={"Authorization": f"Bearer {token()}"}, timeout=30)
+    assert accepted.status_code == 202, accepted.text
+    result = accepted.json()
+    assert result["accepted"] == 1 and result["results"][0]["status"] == "accepted" and result["correlationId"]
+    assert [row["Caller"] for row in usage_rows(services)] == ["app:5aa5aa5a-0000-4000-8000-0000000000cc"]
+    bad = http.post(url, data=b"{nope", headers={"Authorization": f"Bearer {token()}"}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"] == "malformed_json"
+
+
+def test_cli_usage_flagged_and_meter_now(meter):
+    from tests.integration.test_cli import cli, cli_json
+
+    sid = meter.subscription()
+    nine = START.replace(minute=0) - timedelta(hours=1)
+    meter.report(usage(sid, 2, at=nine, id="a"), usage(sid, 5, dimension="storage_gb", at=nine, id="b"))
+    meter.standin.set_plans("contoso-offer", [make_plan("metered", planComponents={"meteringDimensions": DIMENSIONS[:1]})])
+    summary = cli_json(meter.services, "meter-now")
+    assert summary["accepted"] == 1 and summary["flagged"] == 1 and summary["calls"] == 1
+    shown = cli_json(meter.services, "usage", sid, "--from", "2026-12-03T08:00:00Z")
+    assert {(b["dimension"], b["status"], b["reported"]) for b in shown["buckets"]} == {
+        ("api_calls", "Accepted", 2.0),
+        ("storage_gb", "Flagged", 5.0),
+    }
+    flagged = cli_json(meter.services, "usage", "--flagged")["flagged"]
+    assert [(f["subscriptionId"], f["dimension"], f["marketplaceStatus"]) for f in flagged] == [
+        (sid, "storage_gb", "InvalidDimension")
+    ]
+    code, text = cli(meter.services, "usage", "--flagged")
+    assert code == 0 and "storage_gb" in text and "InvalidDimension" not in text.split("\n")[0]
+    code, text = cli(meter.services, "usage", sid)
+    assert code == 0 and "Accepted" in text and "Flagged" in text
+    assert cli(meter.services, "usage")[0] == 2  # neither an id nor --flagged
+    code, text = cli(meter.services, "meter-now")
+    assert code == 0 and "0 buckets sent" in text
