@@ -499,23 +499,41 @@ class Emitter:
         started = time.monotonic()
         pending = self.store.list_pending(self.current_hour)
         self.summary.hours_listed = len(pending)
+        # Items of several hours share a batch, and a partial batch waits for the next chunk's items,
+        # so a run makes ceil(buckets / 25) calls; an hour is recorded once all its items are answered.
+        queued: list[tuple[_HourWork, str]] = []
+        unanswered: dict[int, int] = {}
         for start in range(0, len(pending), EMIT_CHUNK_HOURS):
             if time.monotonic() - started > self.budget:
                 self.summary.budget_exhausted = True
                 log.warning("metering run stopped by its time budget; %s hours left for the next run", len(pending) - start)
                 break
-            self._emit_chunk(pending[start : start + EMIT_CHUNK_HOURS])
+            works = _parallel([partial(self._plan, p) for p in pending[start : start + EMIT_CHUNK_HOURS]])
+            ready = [work for work in works if not work.to_send]
+            for work in works:
+                if work.to_send:
+                    unanswered[id(work)] = len(work.to_send)
+                    queued.extend((work, dimension) for dimension in sorted(work.to_send))
+            last = start + EMIT_CHUNK_HOURS >= len(pending)
+            ready += self._send_batches(queued, unanswered, everything=last)
+            _parallel([partial(self._record, work) for work in ready])
+        _parallel([partial(self._record, work) for work in self._send_batches(queued, unanswered, everything=True)])
         self._finish(started)
         return self.summary
 
-    # -- one chunk: read, send, record -----------------------------------------------------------
-
-    def _emit_chunk(self, chunk: Sequence[PendingHour]) -> None:
-        works = _parallel([partial(self._plan, p) for p in chunk])
-        items = [(work, dimension) for work in works for dimension in sorted(work.to_send)]
-        for start in range(0, len(items), 25):
-            self._send([*items[start : start + 25]])
-        _parallel([partial(self._record, w) for w in works])
+    def _send_batches(
+        self, queued: list[tuple[_HourWork, str]], unanswered: dict[int, int], *, everything: bool
+    ) -> list[_HourWork]:
+        """Send the queued items 25 at a time (all of them, or only full batches); the hours now complete."""
+        complete: list[_HourWork] = []
+        while len(queued) >= 25 or (everything and queued):
+            batch, queued[:] = queued[:25], queued[25:]
+            self._send(batch)
+            for work, _ in batch:
+                unanswered[id(work)] -= 1
+                if unanswered[id(work)] == 0:
+                    complete.append(work)
+        return complete
 
     def _plan(self, pending: PendingHour) -> _HourWork:
         partition = self.store.read_hour(pending.subscription_id, pending.hour)

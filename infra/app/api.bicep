@@ -333,6 +333,8 @@ resource siteAuth 'Microsoft.Web/sites/config@2024-04-01' = {
         // tenant, app role). A trailing `/*` excludes everything below the path (docs/marketplace-notes.md).
         '/api/subscriptions/*'
         '/api/operations/*'
+        // Metered usage from the SaaS application (same in-code validation, app role Usage.Write).
+        '/api/usage'
       ]
     }
     identityProviders: {

@@ -351,6 +351,7 @@ def test_urls_and_alerts_match_the_function_app() -> None:
         f"authsettingsV2 excludedPaths {sorted(excluded)} must contain the webhook and health paths"
     )
     assert routes["landing_page"] not in excluded, "the landing page must stay behind sign-in"
+    assert routes["publisher_usage"] in excluded, "the SaaS application's usage reports carry an app token, validated in code"
 
     # The alerts query what the code writes.
     alerts = (INFRA / "app" / "alerts.bicep").read_text(encoding="utf-8")
@@ -359,6 +360,11 @@ def test_urls_and_alerts_match_the_function_app() -> None:
     for marker in ("reconcile summary", "flagged_count"):
         assert marker in alerts and marker in reconcile, (
             f"the reconciliation alert and shared/reconcile.py must both use {marker!r}"
+        )
+    metering = (ROOT / "shared" / "metering.py").read_text(encoding="utf-8")
+    for marker in ("usage_flagged", "usage_near_expiry"):
+        assert marker in alerts and f'"{marker}: ' in metering, (
+            f"the metering alert and shared/metering.py must both use {marker!r}"
         )
 
 

@@ -285,6 +285,21 @@ def every_event_type() -> list[dict]:
     first.apply(Kind.CHANGE_PLAN, plan_id="premium")
     first.apply(Kind.CHANGE_QUANTITY, quantity=12)
     first.apply(Kind.CHANGE_FAILED, Source.PUBLISHER, detail="ChangePlan Failed: the billing system refused it")
+    usage = [
+        {
+            "hour": "2026-11-02T08:00:00Z",
+            "dimension": "api_calls",
+            "planId": "premium",
+            "quantity": 12.5,
+            "status": "Accepted",
+            "marketplaceStatus": "Accepted",
+            "usageEventId": str(uuid.uuid4()),
+            "message": "",
+        }
+    ]
+    first.apply(Kind.USAGE_ACCEPTED, Source.METERING, detail=json.dumps(usage))
+    rejected = [{**usage[0], "status": "Flagged", "marketplaceStatus": "InvalidDimension", "usageEventId": None, "message": "no"}]
+    first.apply(Kind.USAGE_REJECTED, Source.METERING, detail=json.dumps(rejected))
     first.apply(Kind.SUSPEND)
     first.apply(Kind.REINSTATE)
     first.apply(Kind.RENEW, term=Term("P1M", datetime(2026, 12, 1, tzinfo=UTC), datetime(2026, 12, 31, tzinfo=UTC)))
@@ -300,7 +315,7 @@ ALL_EVENT_TYPES = {value for name, value in vars(sm).items() if name.startswith(
 def test_the_timeline_covers_every_event_type():
     documents = every_event_type()
     assert {d["eventType"] for d in documents} == ALL_EVENT_TYPES
-    assert len(ALL_EVENT_TYPES) == 11
+    assert len(ALL_EVENT_TYPES) == 13
 
 
 def test_real_event_documents_validate_against_the_published_schema():
