@@ -2,7 +2,7 @@
 
     python -m devtools.bench                       # full run; writes docs/benchmarks.md
     python -m devtools.bench --quick               # smoke sizes; prints only (unless --output)
-    python -m devtools.bench --only webhook|reconcile|coldstart [--output PATH]
+    python -m devtools.bench --only webhook|publisher|metering|reconcile|coldstart [--output PATH]
 
 Everything runs on 127.0.0.1: an in-memory Azurite, the marketplace stand-in (in this process)
 and the app in a *separate* process (``AppProcess``: the dev host serving the real
@@ -65,6 +65,8 @@ class Sizes(TypedDict):
     senders: int
     publisher_changes: int
     publisher_callers: int
+    usage_events: int
+    usage_subscriptions: int
     reconcile: tuple[int, ...]
     coldstart_runs: int
 
@@ -74,6 +76,8 @@ FULL_SIZES: Sizes = {
     "senders": 20,
     "publisher_changes": 500,
     "publisher_callers": 10,
+    "usage_events": 100_000,
+    "usage_subscriptions": 1000,
     "reconcile": (1000, 10000),
     "coldstart_runs": 5,
 }
@@ -82,6 +86,8 @@ QUICK_SIZES: Sizes = {
     "senders": 20,
     "publisher_changes": 50,
     "publisher_callers": 10,
+    "usage_events": 5000,
+    "usage_subscriptions": 100,
     "reconcile": (500,),
     "coldstart_runs": 3,
 }
@@ -327,6 +333,21 @@ class _Worker:
         store = self.services.publisher_store
         assert store is not None
         return dict(Counter(op.status for sid in ids for op in store.list_for(sid)))
+
+    def cmd_meter(self) -> dict[str, Any]:
+        """One metering run (no time budget to speak of), with its Marketplace and storage counts."""
+        from shared.metering import run_metering
+
+        wire_before, calls_before = self.wire.snapshot()["app"], dict(self.services.marketplace.counter.counts)
+        started = time.perf_counter()
+        summary = run_metering(self.services, time_budget_seconds=3600.0)
+        wall = time.perf_counter() - started
+        return {
+            "summary": summary.to_json(),
+            "wall_seconds": round(wall, 3),
+            "wire": _diff(self.wire.snapshot()["app"], wire_before),
+            "marketplace": _diff(dict(self.services.marketplace.counter.counts), calls_before),
+        }
 
     def cmd_wait_relays(self, timeout: float = 120.0) -> int:
         """Wait for the background event relays; returns how many were still running."""
@@ -1013,6 +1034,161 @@ def _render_publisher(p: dict[str, Any]) -> list[str]:
     ]
 
 
+METERING_DIMENSIONS = ("api_calls", "storage_gb", "gpu_minutes")
+METERING_HOURS = 3
+USAGE_PER_CALL = 1000
+
+
+def _usage_events(ids: list[str], count: int, hours: list[datetime]) -> tuple[list[dict[str, Any]], int]:
+    """``count`` events spread evenly over every (subscription, dimension, hour); quantities are
+    multiples of 0.25 (exact in binary), so totals can be compared to the unit without rounding."""
+    rng = random.Random(13)
+    buckets = len(ids) * len(METERING_DIMENSIONS) * len(hours)
+    events = []
+    for index in range(count):
+        bucket = index % buckets
+        hour = hours[bucket // (len(ids) * len(METERING_DIMENSIONS))]
+        events.append(
+            {
+                "subscriptionId": ids[bucket % len(ids)],
+                "dimension": METERING_DIMENSIONS[(bucket // len(ids)) % len(METERING_DIMENSIONS)],
+                "quantity": rng.randint(1, 400) / 4,
+                "effectiveStartTime": (hour + timedelta(seconds=rng.randint(0, 3599))).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "id": f"bench-{index}",
+            }
+        )
+    return events, min(buckets, count)
+
+
+def bench_metering(
+    bench: BenchEnvironment, events: int = 100_000, subscriptions: int = 1000, reporters: int = 20
+) -> dict[str, Any]:
+    """``events`` usage events from ``reporters`` concurrent callers (``POST /api/usage``, 1,000 per call)
+    over ``subscriptions`` x 3 dimensions x 3 closed hours; then one metering run, and the check that
+    Microsoft's stand-in accepted exactly what was reported."""
+    from decimal import Decimal
+
+    from devtools.marketplace_standin import DEFAULT_OFFER_ID, make_plan
+
+    standin = bench.standin
+    bench.reset_standin()
+    dimensions = [{"id": d, "name": d, "unitOfMeasure": "unit", "pricePerUnit": 0.01} for d in METERING_DIMENSIONS]
+    standin.set_plans(DEFAULT_OFFER_ID, [make_plan("metered", planComponents={"meteringDimensions": dimensions})])
+    ids = standin.seed(subscriptions, plan_id="metered")
+    now = datetime.now(UTC)
+    current = now.replace(minute=0, second=0, microsecond=0)
+    hours = [current - timedelta(hours=n) for n in range(METERING_HOURS, 0, -1)]
+    usage, buckets = _usage_events(ids, events, hours)
+    calls = [usage[start : start + USAGE_PER_CALL] for start in range(0, len(usage), USAGE_PER_CALL)]
+    token = standin.sign_token(
+        {"aud": PUBLISHER_API_AUDIENCE, "azp": "0be1c4a2-0000-4000-8000-00000000be04", "roles": ["Usage.Write"]}
+    )
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    result: dict[str, Any] = {"events": events, "reporters": reporters, "subscriptions": subscriptions, "buckets": buckets}
+    with bench.app(bench.app_env(), "metering") as app:
+        url = app.call("serve") + "/api/usage"
+        # Record the subscriptions as known since well before the usage hours (not measured), then
+        # put the app's clock back to now.
+        app.call("reconcile", clock_skew_seconds=-36 * 3600)
+        app.call("reconcile")
+        app.call("wait_relays")
+        local = threading.local()
+
+        def report(batch: list[dict[str, Any]]) -> tuple[int | None, float, int]:
+            session = getattr(local, "session", None) or _new_session()
+            local.session = session
+            started = time.perf_counter()
+            try:
+                answer = session.post(url, data=json.dumps({"events": batch}), headers=headers, timeout=120)
+                accepted = answer.json().get("accepted", 0) if answer.status_code == 202 else 0
+                return answer.status_code, time.perf_counter() - started, accepted
+            except Exception:  # noqa: BLE001 - counted as an error
+                return None, time.perf_counter() - started, 0
+
+        before = app.call("snapshot")
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=reporters, thread_name_prefix="bench-reporter") as pool:
+            outcomes = list(pool.map(report, calls))
+        ingest_seconds = time.perf_counter() - started
+        after = app.call("snapshot")
+        emission = app.call("meter")
+        app.call("wait_relays", timeout=600.0)
+        again = app.call("meter")
+        result["log"] = app.log_counts()
+
+    reads, writes = _reads_writes(_storage_counts(after, before))
+    accepted_events = sum(accepted for _, _, accepted in outcomes)
+    reported_total = sum(Decimal(str(e["quantity"])) for e in usage)
+    kept = standin.accepted_usage()
+    kept_total = sum((Decimal(str(e["quantity"])) for e in kept), Decimal(0))
+    emission_reads, emission_writes = _reads_writes(emission["wire"])
+    summary = emission["summary"]
+    result.update(
+        {
+            "calls": len(calls),
+            "statuses": dict(Counter(str(status) for status, _, _ in outcomes)),
+            "accepted_events": accepted_events,
+            "ingest_seconds": round(ingest_seconds, 3),
+            "events_per_second": round(events / ingest_seconds, 1),
+            "call_latency_ms": latency_summary([elapsed for _, elapsed, _ in outcomes]),
+            "storage_reads_per_event": _per(reads, events, 3),
+            "storage_writes_per_event": _per(writes, events, 3),
+            "emission_seconds": emission["wall_seconds"],
+            "emission_calls": emission["marketplace"].get("batch_usage_event", 0),
+            "emission_minimum_calls": math.ceil(buckets / 25),
+            "emission_marketplace": emission["marketplace"],
+            "emission_storage_reads": emission_reads,
+            "emission_storage_writes": emission_writes,
+            "emission_summary": {
+                k: summary[k]
+                for k in ("hours_listed", "hours_settled", "buckets_sent", "accepted", "flagged", "retry", "events_written")
+            },
+            "microsoft_events": len(kept),
+            "reported_total": str(reported_total),
+            "accepted_total": str(kept_total),
+            "exact": reported_total == kept_total,
+            "second_run_calls": again["marketplace"].get("batch_usage_event", 0),
+            "second_run_pending": again["summary"]["pending_hours"],
+        }
+    )
+    return result
+
+
+def _render_metering(m: dict[str, Any]) -> list[str]:
+    lat, summary = m["call_latency_ms"], m["emission_summary"]
+    return [
+        "## 5. Metered billing (usage ingest and hourly emission)",
+        "",
+        f"{m['events']:,} usage events, each with an `id`, from {m['reporters']} concurrent reporters (`POST /api/usage`,"
+        f" {USAGE_PER_CALL:,} events per call, one Entra token with `Usage.Write`) over {m['subscriptions']:,} subscriptions x"
+        f" {len(METERING_DIMENSIONS)} dimensions x {METERING_HOURS} closed hours ({m['buckets']:,} buckets); then one"
+        " metering run (`run_metering`, as the timer runs it) and a second one.",
+        "",
+        "| Figure | Value |",
+        "|---|---|",
+        f"| Answers | {_fmt_counts(m['statuses'])}; events accepted {m['accepted_events']:,} of {m['events']:,} |",
+        f"| Ingest throughput | {m['events_per_second']:,} events/s ({m['ingest_seconds']} s for {m['calls']} calls) |",
+        f"| Latency of one call (1,000 events) | p50 {lat['p50']} ms, p90 {lat['p90']} ms, p99 {lat['p99']} ms, max {lat['max']} ms |",
+        f"| Storage per event at ingest | {m['storage_writes_per_event']} writes, {m['storage_reads_per_event']} reads |",
+        f"| Emission | {m['emission_seconds']} s; {summary['buckets_sent']:,} buckets sent, {summary['accepted']:,} accepted,"
+        f" {summary['flagged']} flagged, {summary['retry']} to retry; {summary['hours_settled']:,} of {summary['hours_listed']:,}"
+        f" subscription-hours settled; {summary['events_written']:,} `usage.accepted` events |",
+        f"| batchUsageEvent calls | {m['emission_calls']} (design minimum ceil({m['buckets']:,} / 25) = {m['emission_minimum_calls']});"
+        f" all Marketplace calls: {_fmt_counts(m['emission_marketplace'])} |",
+        f"| Emission storage | {m['emission_storage_reads']:,} reads, {m['emission_storage_writes']:,} writes |",
+        f"| Exactness | reported {m['reported_total']}, accepted by Microsoft's stand-in {m['accepted_total']}"
+        f" in {m['microsoft_events']:,} events: {'equal to the unit' if m['exact'] else 'DIFFERENT'} |",
+        f"| Second run | {m['second_run_calls']} calls, {m['second_run_pending']} hours pending |",
+        "",
+        "Ingest writes per event: the id's row (idempotency across hours) and the event's row, plus the work-list"
+        " upserts (100 per transaction); reads: one state row per subscription per call (and its history only"
+        " when it changed after the usage time). Emission per subscription-hour: the work-list range query,"
+        " one partition query, one bucket transaction, the lifecycle event (state read, marker read, one"
+        " transaction), the notified mark and the work-list delete.",
+        "",
+    ]
+
+
 def _probe(app: AppProcess, standin, session, url: str, label: str, delivery: _Delivery) -> dict[str, Any]:
     before = app.call("snapshot")
     calls_before = dict(standin.calls)
@@ -1311,6 +1487,16 @@ def print_summary(results: dict[str, Any]) -> None:
             f" {pub['follower_polls']}, marketplace/change {pub['marketplace_per_change']}, storage/change"
             f" {pub['storage_reads_per_change']} r {pub['storage_writes_per_change']} w; endings {_fmt_counts(pub['endings'])}"
         )
+    met = results.get("metering")
+    if met:
+        print(
+            f"metering: {met['events']} events / {met['reporters']} reporters: {_fmt_counts(met['statuses'])},"
+            f" accepted {met['accepted_events']}, {met['events_per_second']} events/s, call p99 {met['call_latency_ms']['p99']} ms,"
+            f" storage/event {met['storage_writes_per_event']} w {met['storage_reads_per_event']} r; emission"
+            f" {met['emission_seconds']} s, {met['emission_calls']} calls (minimum {met['emission_minimum_calls']}),"
+            f" {met['microsoft_events']} events at Microsoft; reported {met['reported_total']} accepted {met['accepted_total']}"
+            f" exact={met['exact']}; second run {met['second_run_calls']} calls"
+        )
     cold = results.get("coldstart")
     if cold:
         print(
@@ -1336,7 +1522,7 @@ def render_markdown(results: dict[str, Any], machine: dict[str, str], argv: list
         f"- Load average when the run finished: {machine['load_average']} (the machine was shared with other work;"
         " latencies and wall times carry that noise, call counts do not)",
         f"- Command: `{' '.join(['python -m devtools.bench', *_shown_args(argv)]).strip()}` (`make bench` = no arguments;"
-        " `--quick` = 100 webhooks and 500 subscriptions, printed only; `--only webhook|publisher|reconcile|coldstart`)",
+        " `--quick` = 100 webhooks and 500 subscriptions, printed only; `--only webhook|publisher|metering|reconcile|coldstart`)",
         "",
     ]
     webhook = results.get("webhook")
@@ -1344,6 +1530,8 @@ def render_markdown(results: dict[str, Any], machine: dict[str, str], argv: list
         lines += _render_webhook(webhook)
     if results.get("publisher"):
         lines += _render_publisher(results["publisher"])
+    if results.get("metering"):
+        lines += _render_metering(results["metering"])
     if results.get("reconcile"):
         lines += _render_reconcile(results["reconcile"], results.get("reconcile_note", ""))
     if results.get("coldstart"):
@@ -1826,7 +2014,7 @@ def run(
 ) -> dict[str, Any]:
     sizes = QUICK_SIZES if quick else FULL_SIZES
     results: dict[str, Any] = {}
-    if only in (None, "webhook", "publisher", "reconcile"):
+    if only in (None, "webhook", "publisher", "metering", "reconcile"):
         with BenchEnvironment() as bench:
             if only in (None, "webhook"):
                 print(f"webhook burst: {webhooks or sizes['webhooks']} events, {sizes['senders']} senders ...", flush=True)
@@ -1836,6 +2024,9 @@ def run(
                     f"publisher changes: {sizes['publisher_changes']} from {sizes['publisher_callers']} callers ...", flush=True
                 )
                 results["publisher"] = bench_publisher(bench, sizes["publisher_changes"], sizes["publisher_callers"])
+            if only in (None, "metering"):
+                print(f"metering: {sizes['usage_events']} usage events, 20 reporters ...", flush=True)
+                results["metering"] = bench_metering(bench, sizes["usage_events"], sizes["usage_subscriptions"])
             if only in (None, "reconcile"):
                 results["reconcile"] = []
                 for count in reconcile_sizes or sizes["reconcile"]:
@@ -1856,7 +2047,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m devtools.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (100 webhooks, 500 subscriptions); a smoke run")
-    parser.add_argument("--only", choices=("webhook", "publisher", "reconcile", "coldstart"))
+    parser.add_argument("--only", choices=("webhook", "publisher", "metering", "reconcile", "coldstart"))
     parser.add_argument("--reconcile-sizes", help="comma-separated subscription counts (default 1000,10000)")
     parser.add_argument("--output", help="markdown report path (default docs/benchmarks.md for a full run, none otherwise)")
     parser.add_argument("--json", help="also write the raw results as JSON to this path")

@@ -35,6 +35,7 @@ import math
 import re
 import threading
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -82,7 +83,7 @@ DIMENSIONS_CACHE_SECONDS = 3600.0  # a plan's dimensions change only when the of
 DIMENSIONS_RETRY_SECONDS = 60.0  # after Microsoft could not list them
 SEND_DEADLINE_SECONDS = 30.0  # one batchUsageEvent call, its retries included
 EMIT_CHUNK_HOURS = 200  # subscription-hours read, sent and recorded per step of a run
-STORAGE_WORKERS = 8
+STORAGE_WORKERS = 32
 _DIMENSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}")
 _EVENT_ID = re.compile(r"[A-Za-z0-9._:@\-]{1,128}")
 _LATE_MODES = ("carry", "unbillable")
@@ -233,13 +234,26 @@ class _DimensionsCache:
     def __init__(self) -> None:
         self._entries: dict[tuple[str, str], tuple[float, frozenset[str] | None]] = {}
         self._lock = threading.Lock()
+        self._fetching = threading.Lock()  # one List available plans at a time: a burst asks once
 
-    def get(self, services: Services, subscription_id: str, offer_id: str, plan_id: str) -> frozenset[str] | None:
-        key = (offer_id, plan_id)
+    def _cached(self, key: tuple[str, str]) -> tuple[bool, frozenset[str] | None]:
         with self._lock:
             entry = self._entries.get(key)
         if entry is not None and entry[0] > time.monotonic():
-            return entry[1]
+            return True, entry[1]
+        return False, None
+
+    def get(self, services: Services, subscription_id: str, offer_id: str, plan_id: str) -> frozenset[str] | None:
+        key = (offer_id, plan_id)
+        found, value = self._cached(key)
+        if found:
+            return value
+        with self._fetching:
+            found, value = self._cached(key)
+            return value if found else self._fetch(services, subscription_id, key)
+
+    def _fetch(self, services: Services, subscription_id: str, key: tuple[str, str]) -> frozenset[str] | None:
+        offer_id = key[0]
         try:
             plans = services.marketplace.list_available_plans(subscription_id)
         except (MarketplaceError, DeadlineExceededError) as error:
@@ -323,18 +337,19 @@ def _store_subscription(
 ) -> tuple[list[_Outcome], set[datetime]]:
     """Write the accepted events of one subscription; (their results, the hours written)."""
     store = usage_store(services)
-    results: list[_Outcome] = []
+    accepted = [entry for entry in checked if not isinstance(entry, _Outcome)]
+    results: list[_Outcome] = [entry for entry in checked if isinstance(entry, _Outcome)]
+    # The caller's ids, claimed together (one transaction per 100): None = new, else where it counted.
+    claims: dict[str, IdRecord] = {}
+    for item, plan_id in accepted:
+        if item.caller_id and item.event_id not in claims:
+            claims[item.event_id] = IdRecord(item.event_id, hour_of(item.at), item.dimension, item.quantity, plan_id, item.at)
+    earlier = store.claim_ids(subscription_id, list(claims.values())) if claims else {}
     rows_by_hour: dict[datetime, list[UsageRow]] = defaultdict(list)
-    for entry in checked:
-        if isinstance(entry, _Outcome):
-            results.append(entry)
-            continue
-        item, plan_id = entry
+    counted: set[str] = set()
+    for item, plan_id in accepted:
         hour = hour_of(item.at)
-        event_id = (
-            item.event_id
-            or f"auto-{hashlib.sha1(f'{current_correlation_id()}|{item.index}|{time.time_ns()}'.encode()).hexdigest()[:24]}"
-        )
+        event_id = item.event_id or f"auto-{uuid.uuid4().hex}"
         row = UsageRow(item.dimension, event_id, item.quantity, plan_id, item.at, now, caller)
         outcome = _Outcome(
             item.index,
@@ -346,7 +361,9 @@ def _store_subscription(
             plan_id=plan_id,
         )
         if item.caller_id:
-            first = store.claim_id(subscription_id, IdRecord(event_id, hour, item.dimension, item.quantity, plan_id, item.at))
+            # Counted once: where an earlier call counted it, or at its first occurrence in this call.
+            first = earlier.get(event_id) or (claims[event_id] if event_id in counted else None)
+            counted.add(event_id)
             if first is not None:
                 if first.dimension != item.dimension or first.quantity != item.quantity:
                     results.append(
@@ -355,12 +372,13 @@ def _store_subscription(
                         )
                     )
                     continue
-                # Counted once, where it was first counted; its row is written again in case the first
-                # call stopped between the id and the row (an insert that exists changes nothing).
+                # The row is written again in case the first call stopped between the id and the row
+                # (an insert that exists changes nothing).
                 hour, plan_id = first.hour, first.plan_id
                 row = UsageRow(first.dimension, event_id, first.quantity, first.plan_id, first.effective_start_time, now, caller)
                 outcome = replace(outcome, hour=hour, plan_id=plan_id, duplicate=True)
-        rows_by_hour[hour].append(row)
+        if not outcome.duplicate or event_id not in {r.event_id for r in rows_by_hour[hour]}:
+            rows_by_hour[hour].append(row)
         results.append(outcome)
     for hour, rows in rows_by_hour.items():
         store.insert_events(subscription_id, hour, rows)
@@ -419,7 +437,7 @@ def api_report_usage(services: Services, authorization: str | None, body: bytes)
     from shared.publisher import _authenticator
 
     caller = _authenticator(services).authenticate(authorization, ROLE_USAGE_WRITE)
-    with deadline_scope(services.settings.publisher_api_deadline_seconds):
+    with deadline_scope(services.settings.usage_api_deadline_seconds):
         return report_usage(services, body, caller=caller.id)
 
 
@@ -613,6 +631,9 @@ class Emitter:
     def _record(self, work: _HourWork) -> None:
         subscription_id, hour = work.pending.subscription_id, work.pending.hour
         try:
+            # The lifecycle events first: they are exactly once by their content, so a bucket recorded
+            # as settled always has its event, and a run that stops in between writes it once.
+            self._notify(subscription_id, hour, [b for b in work.changed.values() if b.settled])
             if work.changed and not self.store.write_buckets(list(work.changed.values())):
                 log.info(
                     "usage buckets of %s %s changed under this run; the next run looks again", subscription_id, hour_key(hour)
@@ -622,7 +643,6 @@ class Emitter:
             for bucket in work.changed.values():
                 self._count(bucket)
             self._late_usage(work, fresh)
-            self._notify(subscription_id, hour, fresh)
             if work.unsettled or any(not b.settled for b in fresh.values()):
                 return
             if self.store.settle_pending(work.pending):
@@ -698,18 +718,13 @@ class Emitter:
             else:
                 buckets[dimension] = updated
 
-    def _notify(self, subscription_id: str, hour: datetime, buckets: dict[str, Bucket]) -> None:
-        """One lifecycle event per outcome for the buckets settled and not announced yet (exactly once)."""
-        fresh = [b for b in buckets.values() if b.settled and not b.notified]
-        if not fresh:
-            return
-        accepted = [b for b in fresh if b.status == ACCEPTED]
-        rejected = [b for b in fresh if b.status != ACCEPTED]
+    def _notify(self, subscription_id: str, hour: datetime, settled: list[Bucket]) -> None:
+        """One lifecycle event per outcome for the buckets this run settled."""
+        accepted = [b for b in settled if b.status == ACCEPTED]
+        rejected = [b for b in settled if b.status != ACCEPTED]
         for kind, group in ((Kind.USAGE_ACCEPTED, accepted), (Kind.USAGE_REJECTED, rejected)):
-            if group:
-                write_usage_event(self.services, subscription_id, hour, kind, group)
+            if group and write_usage_event(self.services, subscription_id, hour, kind, group):
                 self.summary.events_written += 1
-        self.store.mark_notified(fresh)
 
     def _finish(self, started: float) -> None:
         try:
@@ -744,11 +759,13 @@ class Emitter:
         )
 
 
-def write_usage_event(services: Services, subscription_id: str, hour: datetime, kind: Kind, buckets: Sequence[Bucket]) -> None:
-    """A history entry and lifecycle event (``usage.accepted`` / ``usage.rejected``) for settled buckets.
+def write_usage_event(services: Services, subscription_id: str, hour: datetime, kind: Kind, buckets: Sequence[Bucket]) -> bool:
+    """A history entry and lifecycle event (``usage.accepted`` / ``usage.rejected``) for settled buckets;
+    False when it was written before.
 
-    The operation marker's id is derived from the hour and the buckets, so a run that stops before
-    noting the buckets as announced writes the same event once, not twice."""
+    The operation marker's id is derived from the hour and what was settled (dimension, outcome,
+    quantity), so a run that stopped before recording the buckets, and sends them again (Microsoft
+    answers ``Duplicate``), finds the marker and writes no second event."""
     from shared import state_machine as sm
     from shared.events import build_event_document
 
@@ -765,7 +782,8 @@ def write_usage_event(services: Services, subscription_id: str, hour: datetime, 
         }
         for b in sorted(buckets, key=lambda b: b.dimension)
     ]
-    digest = hashlib.sha256(json.dumps([kind.value, usage], sort_keys=True).encode()).hexdigest()[:24]
+    settled = sorted((b.dimension, b.status, str(b.quantity)) for b in buckets)
+    digest = hashlib.sha256(json.dumps([kind.value, settled]).encode()).hexdigest()[:24]
     marker = f"usage-{hour_key(hour)}-{digest}"
     change = Change(
         kind=kind,
@@ -780,7 +798,7 @@ def write_usage_event(services: Services, subscription_id: str, hour: datetime, 
             return None
         return sm.apply(record, change, now=services.clock())
 
-    services.repository.apply(subscription_id, decide, operation_id=marker, build_event=build_event_document)
+    return services.repository.apply(subscription_id, decide, operation_id=marker, build_event=build_event_document) is not None
 
 
 def run_metering(services: Services, *, time_budget_seconds: float | None = None) -> MeteringSummary:

@@ -177,6 +177,11 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "Age after which a publisher change Microsoft never confirmed (no operation found) is settled as failed.",
     ),
     SettingSpec(
+        "USAGE_API_DEADLINE_SECONDS",
+        "60",
+        "Time budget of one `POST /api/usage` (up to 1,000 events); events not stored by then are answered `failed`.",
+    ),
+    SettingSpec(
         "METERING_SCHEDULE",
         "0 5 * * * *",
         "NCRONTAB (6 fields, UTC) schedule of the metering timer that sends each closed hour's usage to Microsoft.",
@@ -353,6 +358,7 @@ class Settings:
     publisher_api_deadline_seconds: int = 10
     publisher_operation_poll_seconds: int = 5
     publisher_claim_timeout_seconds: int = 300
+    usage_api_deadline_seconds: int = 60
     metering_schedule: str = "0 5 * * * *"
     metering_time_budget_seconds: int = 240
     metering_expiry_warning_hours: int = 4
@@ -491,6 +497,7 @@ class Settings:
             publisher_api_deadline_seconds=_int(env, "PUBLISHER_API_DEADLINE_SECONDS", problems),
             publisher_operation_poll_seconds=_int(env, "PUBLISHER_OPERATION_POLL_SECONDS", problems),
             publisher_claim_timeout_seconds=_int(env, "PUBLISHER_CLAIM_TIMEOUT_SECONDS", problems),
+            usage_api_deadline_seconds=_int(env, "USAGE_API_DEADLINE_SECONDS", problems),
             metering_schedule=_text(env, "METERING_SCHEDULE"),
             metering_time_budget_seconds=_int(env, "METERING_TIME_BUDGET_SECONDS", problems),
             metering_expiry_warning_hours=_int(env, "METERING_EXPIRY_WARNING_HOURS", problems, minimum=0),
