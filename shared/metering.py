@@ -81,6 +81,8 @@ USAGE_WINDOW = timedelta(hours=24)  # Microsoft accepts an hour for 24 hours
 FUTURE_TOLERANCE = timedelta(minutes=5)  # clock skew between the caller and us
 DIMENSIONS_CACHE_SECONDS = 3600.0  # a plan's dimensions change only when the offer is republished
 DIMENSIONS_RETRY_SECONDS = 60.0  # after Microsoft could not list them
+RECORD_CACHE_SECONDS = 5.0
+RECORD_CACHE_SIZE = 50_000
 SEND_DEADLINE_SECONDS = 30.0  # one batchUsageEvent call, its retries included
 EMIT_CHUNK_HOURS = 200  # subscription-hours read, sent and recorded per step of a run
 STORAGE_WORKERS = 32
@@ -274,6 +276,31 @@ class _DimensionsCache:
             for each, value in found.items():
                 self._entries[each] = (expires, value)
         return found[key]
+
+
+class _RecordCache:
+    """Subscription records read by ingest, kept a few seconds: a reporter sends many calls a minute
+    for the same subscriptions. A change in those seconds is still caught at emission (Microsoft
+    answers ResourceNotActive, flagged)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[float, Any]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, services: Services, subscription_id: str) -> Any:
+        now = time.monotonic()
+        with self._lock:
+            entry = self._entries.get(subscription_id)
+        if entry is not None and entry[0] > now:
+            return entry[1]
+        stored = services.repository.get(subscription_id)
+        if stored is None:
+            return None  # not cached: a subscription recorded a moment later is found at once
+        with self._lock:
+            if len(self._entries) > RECORD_CACHE_SIZE:
+                self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
+            self._entries[subscription_id] = (now + RECORD_CACHE_SECONDS, stored)
+        return stored
 
 
 def usage_store(services: Services) -> UsageStore:
