@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import threading
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import pytest
 
@@ -352,6 +353,53 @@ def test_every_per_item_status_is_recorded_and_refusals_are_flagged_never_resent
     rejected = next(e for e in events if e["eventType"] == "usage.rejected")
     assert rejected["usage"][0]["dimension"] == "storage_gb" and rejected["usage"][0]["marketplaceStatus"] == "InvalidDimension"
     assert rejected["source"] == "metering"
+
+
+def test_microsofts_expired_and_bad_argument_are_flagged_with_its_message(meter):
+    moved = meter.subscription()
+    late = meter.subscription()
+    nine = START.replace(minute=0) - timedelta(hours=1)
+    meter.report(usage(moved, 2, at=nine, id="m"))
+    meter.standin.set_subscription(moved, planId="metered-pro")  # changed at Microsoft before the hour was sent
+    first = meter.emit()
+    assert first.by_status == {"BadArgument": 1} and first.flagged == 1 and first.accepted == 0
+    meter.report(usage(late, 3, at=START, id="l"))
+    meter.clock.advance(hours=22)
+    # Microsoft's clock runs ahead of ours: for it the hour is past the 24-hour window.
+    meter.standin.usage_clock = lambda: meter.clock.now + timedelta(hours=3)
+    second = meter.emit()
+    assert second.by_status == {"Expired": 1} and second.expired == 1 and second.accepted == 0
+    flagged = {f["subscriptionId"]: f for f in metering.usage_store(meter.services).list_flagged()}
+    assert flagged[moved]["marketplaceStatus"] == "BadArgument" and "not the plan" in flagged[moved]["message"]
+    assert flagged[late]["status"] == "Expired" and "24 hours" in flagged[late]["message"]
+    assert meter.emit().buckets_sent == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "ours"),
+    [
+        ("InvalidQuantity", "Flagged"),
+        ("Error", "Flagged"),
+        ("ResourceNotAuthorized", "Flagged"),
+        ("SomethingNew", "Flagged"),
+        ("Expired", "Expired"),
+        ("Accepted", "Accepted"),
+    ],
+)
+def test_every_status_microsoft_may_answer_maps_to_a_bucket_state(meter, status, ours):
+    from shared.domain import UsageEvent, UsageResult
+    from shared.usage_store import Bucket
+
+    emitter = metering.Emitter(meter.services)
+    bucket = Bucket("s", START, "api_calls", quantity=Decimal(2))
+    result = UsageResult.from_api(
+        {"status": status, "quantity": 2, "usageEventId": "u", "error": {"code": status, "message": "why"}}
+    )
+    settled = emitter._settle(bucket, UsageEvent("s", "metered", "api_calls", 2.0, START), result)
+    assert settled.status == ours
+    assert settled.marketplace_status == ("Unknown" if status == "SomethingNew" else status)
+    if ours != "Accepted":
+        assert settled.message  # a person sees why
 
 
 def test_duplicate_with_the_same_quantity_counts_as_accepted(meter):

@@ -289,6 +289,15 @@ TRANSITIONS = {
         lambda: change(Kind.CHANGE_FAILED, detail="ChangePlan Failed: refused by billing", source=Source.PUBLISHER),
         {status: (Result.RECORDED, status) for status in ALL},
     ),
+    # metering outcomes are history only: whatever the status, nothing moves
+    Kind.USAGE_ACCEPTED: (
+        lambda: change(Kind.USAGE_ACCEPTED, detail='[{"dimension": "api_calls"}]', source=Source.METERING),
+        {status: (Result.RECORDED, status) for status in ALL},
+    ),
+    Kind.USAGE_REJECTED: (
+        lambda: change(Kind.USAGE_REJECTED, detail='[{"dimension": "api_calls"}]', source=Source.METERING),
+        {status: (Result.RECORDED, status) for status in ALL},
+    ),
 }
 
 # The same change again (value already in effect) is a no-op, except where Unsubscribed refuses it.
@@ -317,6 +326,8 @@ EXPECTED_EVENT = {
     Kind.UNKNOWN_ACTION: lambda old: None,
     Kind.REFUSED: lambda old: None,
     Kind.CHANGE_FAILED: lambda old: sm.EVENT_CHANGE_FAILED,
+    Kind.USAGE_ACCEPTED: lambda old: sm.EVENT_USAGE_ACCEPTED,
+    Kind.USAGE_REJECTED: lambda old: sm.EVENT_USAGE_REJECTED,
 }
 
 CASES = [(kind, status) for kind in TRANSITIONS for status in ALL]
