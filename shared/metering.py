@@ -81,7 +81,7 @@ USAGE_WINDOW = timedelta(hours=24)  # Microsoft accepts an hour for 24 hours
 FUTURE_TOLERANCE = timedelta(minutes=5)  # clock skew between the caller and us
 DIMENSIONS_CACHE_SECONDS = 3600.0  # a plan's dimensions change only when the offer is republished
 DIMENSIONS_RETRY_SECONDS = 60.0  # after Microsoft could not list them
-RECORD_CACHE_SECONDS = 5.0
+RECORD_CACHE_SECONDS = 30.0
 RECORD_CACHE_SIZE = 50_000
 SEND_DEADLINE_SECONDS = 30.0  # one batchUsageEvent call, its retries included
 EMIT_CHUNK_HOURS = 200  # subscription-hours read, sent and recorded per step of a run
@@ -279,9 +279,9 @@ class _DimensionsCache:
 
 
 class _RecordCache:
-    """Subscription records read by ingest, kept a few seconds: a reporter sends many calls a minute
-    for the same subscriptions. A change in those seconds is still caught at emission (Microsoft
-    answers ResourceNotActive, flagged)."""
+    """Subscription records read by ingest, kept RECORD_CACHE_SECONDS: reporters send many calls a
+    minute for the same subscriptions. Usage reported in those seconds after a suspension or
+    cancellation is still caught at emission (Microsoft answers ResourceNotActive: flagged)."""
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[float, Any]] = {}
@@ -328,7 +328,7 @@ def _check_subscription(
     services: Services, subscription_id: str, items: list[ReportedUsage]
 ) -> list[tuple[ReportedUsage, str] | _Outcome]:
     """Each item with the plan in force at its time, or its refusal."""
-    stored = services.repository.get(subscription_id)
+    stored = services.once("usage_records", _RecordCache).get(services, subscription_id)
     if stored is None:
         return [
             _refused(i.index, i.event_id, UNKNOWN_SUBSCRIPTION, f"subscription {subscription_id} is not known here")
@@ -643,6 +643,17 @@ class Emitter:
                 return replace(
                     bucket, status=ACCEPTED, usage_event_id=result.usage_event_id, message="Microsoft already had this hour"
                 )
+            if kept is not None and 0 < kept < bucket.quantity and bucket.attempts > 1:
+                # Our own earlier send, whose answer was lost, before more usage reached the hour:
+                # Microsoft bills what it kept; the rest is late usage (carried or unbillable).
+                self.summary.duplicates_matched += 1
+                return replace(
+                    bucket,
+                    status=ACCEPTED,
+                    quantity=kept,
+                    usage_event_id=result.usage_event_id,
+                    message=f"Microsoft kept {kept} from an earlier send; the {bucket.quantity - kept} reported since is late usage",
+                )
             return replace(
                 bucket,
                 status=FLAGGED,
@@ -661,13 +672,14 @@ class Emitter:
             # The lifecycle events first: they are exactly once by their content, so a bucket recorded
             # as settled always has its event, and a run that stops in between writes it once.
             self._notify(subscription_id, hour, [b for b in work.changed.values() if b.settled])
-            if work.changed and not self.store.write_buckets(list(work.changed.values())):
+            written = self.store.write_buckets(list(work.changed.values()))
+            if len(written) < len(work.changed):
                 log.info(
                     "usage buckets of %s %s changed under this run; the next run looks again", subscription_id, hour_key(hour)
                 )
-                return
-            fresh = {**work.partition.buckets, **work.changed}
-            for bucket in work.changed.values():
+                work.unsettled = True
+            fresh = {**work.partition.buckets, **written}
+            for bucket in written.values():
                 self._count(bucket)
             self._late_usage(work, fresh)
             if work.unsettled or any(not b.settled for b in fresh.values()):
@@ -707,7 +719,7 @@ class Emitter:
         """Usage that reached a settled bucket after it was sent: carried forward or unbillable."""
         totals = _totals(work.partition)
         for dimension, bucket in sorted(buckets.items()):
-            if not bucket.settled or dimension in work.changed:
+            if not bucket.settled:
                 continue
             total, _, _, plan = totals.get(dimension, (Decimal(0), Decimal(0), 0, bucket.plan_id))
             late = total - bucket.quantity - bucket.carried_out - bucket.unbillable
@@ -740,10 +752,10 @@ class Emitter:
                     carried,
                     hour_key(into),
                 )
-            if not self.store.write_buckets([updated]):
-                work.unsettled = True  # another run moved it: look again next run
-            else:
+            if dimension in self.store.write_buckets([updated]):
                 buckets[dimension] = updated
+            else:
+                work.unsettled = True  # another run moved it: look again next run
 
     def _notify(self, subscription_id: str, hour: datetime, settled: list[Bucket]) -> None:
         """One lifecycle event per outcome for the buckets this run settled."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
@@ -428,33 +428,27 @@ class UsageStore:
                     )
         return partition
 
-    def write_buckets(self, buckets: Sequence[Bucket]) -> bool:
-        """Write one hour's buckets in one transaction (each conditional on the ETag it was read with).
-        False when another emitter wrote one of them first: the caller re-reads."""
-        if not buckets:
-            return True
-        operations: list[tuple] = []
+    def write_buckets(self, buckets: Sequence[Bucket]) -> dict[str, Bucket]:
+        """Write buckets, each conditional on the ETag it was read with (none: it must not exist yet).
+        Returns the ones written, with their new ETags; a bucket another emitter wrote first is left out
+        (the caller looks again next run). One write each: buckets are independent, and a transaction
+        costs more CPU than the few writes an hour has."""
+        written: dict[str, Bucket] = {}
         for bucket in buckets:
             entity = bucket_entity(bucket)
-            if bucket.etag:
-                operations.append(
-                    (
-                        "update",
-                        entity,
-                        {"mode": UpdateMode.REPLACE, "etag": bucket.etag, "match_condition": MatchConditions.IfNotModified},
-                    )
-                )
-            else:
-                operations.append(("create", entity))
-        with _storage_errors("write usage buckets"):
-            self.metrics.add(writes=1)
-            try:
-                self._table.submit_transaction(operations)
-            except TableTransactionError as error:
-                if error.status_code in (409, 412):
-                    return False
-                raise
-        return True
+            with _storage_errors("write usage bucket"):
+                self.metrics.add(writes=1)
+                try:
+                    if bucket.etag:
+                        metadata = self._table.update_entity(
+                            entity, mode=UpdateMode.REPLACE, etag=bucket.etag, match_condition=MatchConditions.IfNotModified
+                        )
+                    else:
+                        metadata = self._table.create_entity(entity)
+                except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
+                    continue
+            written[bucket.dimension] = replace(bucket, etag=metadata["etag"])
+        return written
 
     def insert_carry(self, subscription_id: str, into: datetime, carry: Carry) -> Decimal:
         """Record late usage in the hour it is carried into; the quantity of that carry as stored (a

@@ -174,7 +174,21 @@ def test_make_run_writes_the_settings_a_second_terminal_uses_and_storage_survive
         url = f"http://127.0.0.1:{stack_env['DEV_HOST_PORT']}/api/subscriptions/{next(iter(before))}"
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         with opener.open(url, timeout=30) as answer:
-            assert answer.status == 200 and json.loads(answer.read())["id"] == next(iter(before))
+            record = json.loads(answer.read())
+            assert answer.status == 200 and record["id"] == next(iter(before))
+        # ...and so does metered usage: each event gets its answer, and the metering run works locally.
+        report = urllib.request.Request(
+            f"http://127.0.0.1:{stack_env['DEV_HOST_PORT']}/api/usage",
+            data=json.dumps({"events": [{"subscriptionId": record["id"], "dimension": "api_calls", "quantity": 2}]}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with opener.open(report, timeout=30) as answer:
+            (result,) = json.loads(answer.read())["results"]
+            expected = "accepted" if record["status"] == "Subscribed" else "refused"
+            assert answer.status == 202 and result["status"] == expected, result
+        metered = _cli(second_terminal, "meter-now", "--json")
+        assert metered.returncode == 0 and json.loads(metered.stdout)["flagged"] == 0, metered.stderr
     finally:
         _stop(process)
     assert process.returncode == 0

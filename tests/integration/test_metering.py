@@ -416,6 +416,25 @@ def test_duplicate_with_the_same_quantity_counts_as_accepted(meter):
     assert view["status"] == "Accepted" and view["marketplaceStatus"] == "Duplicate" and view["usageEventId"]
 
 
+def test_a_lost_answer_then_more_usage_bills_what_microsoft_kept_and_carries_the_rest(meter):
+    sid = meter.subscription()
+    nine = START.replace(minute=0) - timedelta(hours=1)
+    meter.report(usage(sid, 6, at=nine, id="first"))
+    fail_batches(meter.standin, 1, process=True)  # Microsoft keeps 6; we never hear it
+    assert meter.emit().retry == 1
+    meter.report(usage(sid, 4, at=nine + timedelta(minutes=40), id="more"))  # the hour grows before the resend
+    summary = meter.emit()
+    assert summary.accepted == 1 and summary.flagged == 0 and summary.late_carried == 1 and summary.late_carried_quantity == 4
+    (nine_view,) = usage_view(meter.services, sid, nine, nine)
+    assert (nine_view["status"], nine_view["quantity"], nine_view["carriedOut"]) == ("Accepted", 6.0, 4.0)
+    meter.clock.advance(hours=1)
+    meter.emit()
+    assert [(e["effectiveStartTime"], e["quantity"]) for e in meter.accepted(sid)] == [
+        ("2026-12-03T09:00:00Z", 6),
+        ("2026-12-03T10:00:00Z", 4),
+    ]
+
+
 def test_throttling_and_timeouts_retry_next_run_without_duplicates(meter, monkeypatch):
     subscriptions = [meter.subscription() for _ in range(30)]  # two batches
     nine = START.replace(minute=0) - timedelta(hours=1)
