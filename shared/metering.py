@@ -66,6 +66,8 @@ from shared.usage_store import (
     UsageStore,
     hour_key,
     hour_of,
+    partition_of,
+    shard_of,
 )
 
 if TYPE_CHECKING:
@@ -84,7 +86,7 @@ DIMENSIONS_RETRY_SECONDS = 60.0  # after Microsoft could not list them
 RECORD_CACHE_SECONDS = 30.0
 RECORD_CACHE_SIZE = 50_000
 SEND_DEADLINE_SECONDS = 30.0  # one batchUsageEvent call, its retries included
-EMIT_CHUNK_HOURS = 200  # subscription-hours read, sent and recorded per step of a run
+EMIT_CHUNK_SHARDS = 16  # hour shards read, sent and recorded per step of a run
 STORAGE_WORKERS = 32
 _DIMENSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}")
 _EVENT_ID = re.compile(r"[A-Za-z0-9._:@\-]{1,128}")
@@ -359,38 +361,62 @@ def _check_subscription(
     return checked
 
 
-def _store_subscription(
-    services: Services, subscription_id: str, checked: list[tuple[ReportedUsage, str] | _Outcome], caller: str, now: datetime
-) -> tuple[list[_Outcome], set[datetime]]:
-    """Write the accepted events of one subscription; (their results, the hours written)."""
+def _failed(item: ReportedUsage) -> _Outcome:
+    return _Outcome(item.index, item.event_id, "failed", STORAGE_UNAVAILABLE, "not recorded; send it again")
+
+
+def _store(
+    services: Services, accepted: list[tuple[str, ReportedUsage, str]], caller: str, now: datetime
+) -> tuple[list[_Outcome], set[tuple[datetime, str]]]:
+    """Write the accepted events ((subscription, item, plan)); their results and the (hour, shard)s written.
+
+    Per shard, the caller's ids first (insert only: an id that exists was counted before), then per
+    hour and shard the event rows; both in transactions of up to 100 rows."""
     store = usage_store(services)
-    accepted = [entry for entry in checked if not isinstance(entry, _Outcome)]
-    results: list[_Outcome] = [entry for entry in checked if isinstance(entry, _Outcome)]
-    # The caller's ids, claimed together (one transaction per 100): None = new, else where it counted.
-    claims: dict[str, IdRecord] = {}
-    for item, plan_id in accepted:
-        if item.caller_id and item.event_id not in claims:
-            claims[item.event_id] = IdRecord(item.event_id, hour_of(item.at), item.dimension, item.quantity, plan_id, item.at)
-    earlier = store.claim_ids(subscription_id, list(claims.values())) if claims else {}
-    rows_by_hour: dict[datetime, list[UsageRow]] = defaultdict(list)
-    counted: set[str] = set()
-    for item, plan_id in accepted:
+    # 1. the caller's ids, distinct, grouped by shard
+    claims: dict[tuple[str, str], IdRecord] = {}
+    for sid, item, plan_id in accepted:
+        if item.caller_id and (sid, item.event_id) not in claims:
+            claims[(sid, item.event_id)] = IdRecord(
+                item.event_id, hour_of(item.at), item.dimension, item.quantity, plan_id, item.at
+            )
+    by_shard: dict[str, list[tuple[str, IdRecord]]] = defaultdict(list)
+    for (sid, _), record in claims.items():
+        by_shard[shard_of(sid)].append((sid, record))
+
+    def claim(shard: str) -> tuple[str, dict[tuple[str, str], IdRecord] | None]:
+        try:
+            return shard, store.claim_ids(shard, by_shard[shard])
+        except AppError as error:
+            log.warning("usage ids of shard %s not recorded: %s", shard, error.code)
+            return shard, None
+
+    earlier: dict[tuple[str, str], IdRecord] = {}
+    failed_shards: set[str] = set()
+    for shard, found in _parallel([partial(claim, shard) for shard in by_shard]):
+        if found is None:
+            failed_shards.add(shard)
+        else:
+            earlier.update(found)
+
+    # 2. the rows, where each id counts (an earlier call, or its first occurrence in this call)
+    results: list[_Outcome] = []
+    rows: dict[str, dict[str, tuple[str, datetime, UsageRow]]] = defaultdict(dict)  # partition -> RowKey -> row
+    members: dict[str, list[int]] = defaultdict(list)  # partition -> positions in results
+    counted: set[tuple[str, str]] = set()
+    for sid, item, plan_id in accepted:
+        if item.caller_id and shard_of(sid) in failed_shards:
+            results.append(_failed(item))
+            continue
         hour = hour_of(item.at)
         event_id = item.event_id or f"auto-{uuid.uuid4().hex}"
         row = UsageRow(item.dimension, event_id, item.quantity, plan_id, item.at, now, caller)
         outcome = _Outcome(
-            item.index,
-            event_id,
-            "accepted",
-            subscription_id=subscription_id,
-            dimension=item.dimension,
-            hour=hour,
-            plan_id=plan_id,
+            item.index, event_id, "accepted", subscription_id=sid, dimension=item.dimension, hour=hour, plan_id=plan_id
         )
         if item.caller_id:
-            # Counted once: where an earlier call counted it, or at its first occurrence in this call.
-            first = earlier.get(event_id) or (claims[event_id] if event_id in counted else None)
-            counted.add(event_id)
+            first = earlier.get((sid, event_id)) or (claims[(sid, event_id)] if (sid, event_id) in counted else None)
+            counted.add((sid, event_id))
             if first is not None:
                 if first.dimension != item.dimension or first.quantity != item.quantity:
                     results.append(
@@ -404,12 +430,30 @@ def _store_subscription(
                 hour, plan_id = first.hour, first.plan_id
                 row = UsageRow(first.dimension, event_id, first.quantity, first.plan_id, first.effective_start_time, now, caller)
                 outcome = replace(outcome, hour=hour, plan_id=plan_id, duplicate=True)
-        if not outcome.duplicate or event_id not in {r.event_id for r in rows_by_hour[hour]}:
-            rows_by_hour[hour].append(row)
+        partition = partition_of(sid, hour)
+        rows[partition][f"{sid}|{row.dimension}|{event_id}"] = (sid, hour, row)
+        members[partition].append(len(results))
         results.append(outcome)
-    for hour, rows in rows_by_hour.items():
-        store.insert_events(subscription_id, hour, rows)
-    return results, set(rows_by_hour)
+
+    def insert(partition: str) -> tuple[str, bool]:
+        try:
+            store.insert_events(partition, list(rows[partition].values()))
+            return partition, True
+        except AppError as error:
+            log.warning("usage rows of %s not recorded: %s", partition, error.code)
+            return partition, False
+
+    written: set[tuple[datetime, str]] = set()
+    for partition, ok in _parallel([partial(insert, partition) for partition in rows]):
+        sid, hour, _ = next(iter(rows[partition].values()))
+        if ok:
+            written.add((hour, shard_of(sid)))
+            continue
+        for position in members[partition]:
+            results[position] = _Outcome(
+                results[position].index, results[position].event_id, "failed", STORAGE_UNAVAILABLE, "not recorded; send it again"
+            )
+    return results, written
 
 
 def report_usage(services: Services, body: bytes, *, caller: str) -> ApiResult:
@@ -424,23 +468,26 @@ def report_usage(services: Services, body: bytes, *, caller: str) -> ApiResult:
         if isinstance(item, ReportedUsage):
             by_subscription[item.subscription_id].append(item)
 
-    def handle(subscription_id: str, items: list[ReportedUsage]) -> tuple[list[_Outcome], set[tuple[str, datetime]]]:
+    def check(subscription_id: str, items: list[ReportedUsage]) -> list[tuple[ReportedUsage, str] | _Outcome]:
         try:
-            checked = _check_subscription(services, subscription_id, items)
-            results, hours = _store_subscription(services, subscription_id, checked, caller, now)
-            return results, {(subscription_id, hour) for hour in hours}
+            return _check_subscription(services, subscription_id, items)
         except AppError as error:
-            log.warning("usage for %s not stored: %s", subscription_id, error.code)
-            return [
-                _Outcome(i.index, i.event_id, "failed", STORAGE_UNAVAILABLE, "not recorded; send it again") for i in items
-            ], set()
+            log.warning("usage for %s not checked: %s", subscription_id, error.code)
+            return [_failed(item) for item in items]
 
-    written: set[tuple[str, datetime]] = set()
-    for results, hours in _parallel([partial(handle, s, i) for s, i in by_subscription.items()]):
-        outcomes.extend(results)
-        written |= hours
+    accepted: list[tuple[str, ReportedUsage, str]] = []
+    for subscription_id, checked in zip(
+        by_subscription, _parallel([partial(check, s, i) for s, i in by_subscription.items()]), strict=True
+    ):
+        for entry in checked:
+            if isinstance(entry, _Outcome):
+                outcomes.append(entry)
+            else:
+                accepted.append((subscription_id, entry[0], entry[1]))
+    stored, written = _store(services, accepted, caller, now)
+    outcomes += stored
     try:
-        usage_store(services).mark_pending(sorted(written))
+        usage_store(services).mark_pending(written)
     except AppError as error:
         # The rows exist but the emitter would not look at them: the caller sends again (same ids: counted once).
         log.warning("usage work list not updated: %s", error.code)
@@ -451,12 +498,12 @@ def report_usage(services: Services, body: bytes, *, caller: str) -> ApiResult:
             for o in outcomes
         ]
     outcomes.sort(key=lambda o: o.index)
-    accepted = sum(1 for o in outcomes if o.status == "accepted")
+    accepted_count = sum(1 for o in outcomes if o.status == "accepted")
     refused = sum(1 for o in outcomes if o.status == "refused")
-    failed = len(outcomes) - accepted - refused
-    log.info("usage report: %s accepted, %s refused, %s failed (caller %s)", accepted, refused, failed, caller)
-    status = 503 if failed and not accepted and not refused else 202
-    body_out = {"accepted": accepted, "refused": refused, "failed": failed, "results": [o.to_api() for o in outcomes]}
+    failed = len(outcomes) - accepted_count - refused
+    log.info("usage report: %s accepted, %s refused, %s failed (caller %s)", accepted_count, refused, failed, caller)
+    status = 503 if failed and not accepted_count and not refused else 202
+    body_out = {"accepted": accepted_count, "refused": refused, "failed": failed, "results": [o.to_api() for o in outcomes]}
     return ApiResult(status, body_out, {"Retry-After": "5"} if status == 503 else {})
 
 
@@ -503,11 +550,22 @@ class MeteringSummary:
 
 @dataclass
 class _HourWork:
-    pending: PendingHour
+    """One subscription's hour within a shard being emitted."""
+
     partition: HourPartition
     to_send: dict[str, tuple[UsageEvent, Bucket]] = field(default_factory=dict)
     changed: dict[str, Bucket] = field(default_factory=dict)
+    written: dict[str, Bucket] = field(default_factory=dict)
     unsettled: bool = False
+
+
+@dataclass
+class _ShardWork:
+    """One row of the work list: an hour and shard, and the subscriptions in it."""
+
+    pending: PendingHour
+    hours: list[_HourWork]
+    unanswered: int = 0  # items sent and not answered yet
 
 
 def _totals(partition: HourPartition) -> dict[str, tuple[Decimal, Decimal, int, str]]:
@@ -544,49 +602,53 @@ class Emitter:
         started = time.monotonic()
         pending = self.store.list_pending(self.current_hour)
         self.summary.hours_listed = len(pending)
-        # Items of several hours share a batch, and a partial batch waits for the next chunk's items,
-        # so a run makes ceil(buckets / 25) calls; an hour is recorded once all its items are answered.
-        queued: list[tuple[_HourWork, str]] = []
-        unanswered: dict[int, int] = {}
-        for start in range(0, len(pending), EMIT_CHUNK_HOURS):
+        # Items of many subscriptions and hours share a batch, and a partial batch waits for the next
+        # chunk's items, so a run makes ceil(buckets / 25) calls; a shard is recorded once all its
+        # items are answered.
+        queued: list[tuple[_ShardWork, _HourWork, str]] = []
+        for start in range(0, len(pending), EMIT_CHUNK_SHARDS):
             if time.monotonic() - started > self.budget:
                 self.summary.budget_exhausted = True
-                log.warning("metering run stopped by its time budget; %s hours left for the next run", len(pending) - start)
+                log.warning("metering run stopped by its time budget; %s hour shards left for the next run", len(pending) - start)
                 break
-            works = _parallel([partial(self._plan, p) for p in pending[start : start + EMIT_CHUNK_HOURS]])
-            ready = [work for work in works if not work.to_send]
-            for work in works:
-                if work.to_send:
-                    unanswered[id(work)] = len(work.to_send)
-                    queued.extend((work, dimension) for dimension in sorted(work.to_send))
-            last = start + EMIT_CHUNK_HOURS >= len(pending)
-            ready += self._send_batches(queued, unanswered, everything=last)
-            _parallel([partial(self._record, work) for work in ready])
-        _parallel([partial(self._record, work) for work in self._send_batches(queued, unanswered, everything=True)])
+            shards = _parallel([partial(self._plan, p) for p in pending[start : start + EMIT_CHUNK_SHARDS]])
+            ready = []
+            for shard in shards:
+                items = [(shard, work, dimension) for work in shard.hours for dimension in sorted(work.to_send)]
+                shard.unanswered = len(items)
+                queued.extend(items)
+                if not items:
+                    ready.append(shard)
+            last = start + EMIT_CHUNK_SHARDS >= len(pending)
+            ready += self._send_batches(queued, everything=last)
+            _parallel([partial(self._record, shard) for shard in ready])
+        _parallel([partial(self._record, shard) for shard in self._send_batches(queued, everything=True)])
         self._finish(started)
         return self.summary
 
-    def _send_batches(
-        self, queued: list[tuple[_HourWork, str]], unanswered: dict[int, int], *, everything: bool
-    ) -> list[_HourWork]:
-        """Send the queued items 25 at a time (all of them, or only full batches); the hours now complete."""
-        complete: list[_HourWork] = []
+    def _send_batches(self, queued: list[tuple[_ShardWork, _HourWork, str]], *, everything: bool) -> list[_ShardWork]:
+        """Send the queued items 25 at a time (all of them, or only full batches); the shards now complete."""
+        complete: list[_ShardWork] = []
         while len(queued) >= 25 or (everything and queued):
             batch, queued[:] = queued[:25], queued[25:]
-            self._send(batch)
-            for work, _ in batch:
-                unanswered[id(work)] -= 1
-                if unanswered[id(work)] == 0:
-                    complete.append(work)
+            self._send([(work, dimension) for _, work, dimension in batch])
+            for shard, _, _ in batch:
+                shard.unanswered -= 1
+                if shard.unanswered == 0:
+                    complete.append(shard)
         return complete
 
-    def _plan(self, pending: PendingHour) -> _HourWork:
-        partition = self.store.read_hour(pending.subscription_id, pending.hour)
-        work = _HourWork(pending, partition)
-        expires_at = pending.hour + USAGE_WINDOW
+    def _plan(self, pending: PendingHour) -> _ShardWork:
+        partitions = self.store.read_shard(pending.hour, pending.shard)
+        return _ShardWork(pending, [self._plan_hour(partition) for _, partition in sorted(partitions.items())])
+
+    def _plan_hour(self, partition: HourPartition) -> _HourWork:
+        work = _HourWork(partition)
+        hour, subscription_id = partition.hour, partition.subscription_id
+        expires_at = hour + USAGE_WINDOW
         warning = timedelta(hours=self.settings.metering_expiry_warning_hours)
         for dimension, (total, carried_in, events, plan) in sorted(_totals(partition).items()):
-            bucket = partition.buckets.get(dimension) or Bucket(pending.subscription_id, pending.hour, dimension)
+            bucket = partition.buckets.get(dimension) or Bucket(subscription_id, hour, dimension)
             if bucket.settled:
                 continue  # late usage of a settled bucket: _record handles it
             if total <= 0:
@@ -600,14 +662,13 @@ class Emitter:
                 self.summary.near_expiry += 1
                 log.error(
                     "usage_near_expiry: subscription %s hour %s dimension %s quantity %s is unsent and expires at %s",
-                    pending.subscription_id,
-                    format_timestamp(pending.hour),
+                    subscription_id,
+                    format_timestamp(hour),
                     dimension,
                     total,
                     format_timestamp(expires_at),
                 )
-            event = UsageEvent(pending.subscription_id, plan, dimension, float(total), pending.hour)
-            work.to_send[dimension] = (event, bucket)
+            work.to_send[dimension] = (UsageEvent(subscription_id, plan, dimension, float(total), hour), bucket)
         return work
 
     def _send(self, items: list[tuple[_HourWork, str]]) -> None:
@@ -666,31 +727,36 @@ class Emitter:
 
     # -- recording ---------------------------------------------------------------------------------
 
-    def _record(self, work: _HourWork) -> None:
-        subscription_id, hour = work.pending.subscription_id, work.pending.hour
+    def _record(self, shard: _ShardWork) -> None:
+        pending = shard.pending
         try:
             # The lifecycle events first: they are exactly once by their content, so a bucket recorded
             # as settled always has its event, and a run that stops in between writes it once.
-            self._notify(subscription_id, hour, [b for b in work.changed.values() if b.settled])
-            written = self.store.write_buckets(list(work.changed.values()))
-            if len(written) < len(work.changed):
-                log.info(
-                    "usage buckets of %s %s changed under this run; the next run looks again", subscription_id, hour_key(hour)
-                )
-                work.unsettled = True
-            fresh = {**work.partition.buckets, **written}
-            for bucket in written.values():
-                self._count(bucket)
-            self._late_usage(work, fresh)
-            if work.unsettled or any(not b.settled for b in fresh.values()):
+            for work in shard.hours:
+                settled = [b for b in work.changed.values() if b.settled]
+                self._notify(work.partition.subscription_id, pending.hour, settled)
+            changed = [bucket for work in shard.hours for bucket in work.changed.values()]
+            written = self.store.write_buckets(changed)
+            for work in shard.hours:
+                sid = work.partition.subscription_id
+                work.written = {d: written[(sid, d)] for d in work.changed if (sid, d) in written}
+                if len(work.written) < len(work.changed):
+                    log.info(
+                        "usage buckets of %s %s changed under this run; the next run looks again", sid, hour_key(pending.hour)
+                    )
+                    work.unsettled = True
+                for bucket in work.written.values():
+                    self._count(bucket)
+                self._late_usage(work, {**work.partition.buckets, **work.written})
+            if any(w.unsettled or not all(b.settled for b in {**w.partition.buckets, **w.written}.values()) for w in shard.hours):
                 return
-            if self.store.settle_pending(work.pending):
+            if self.store.settle_pending(pending):
                 self.summary.hours_settled += 1
         except AppError as error:
             log.warning(
-                "usage hour %s of %s not recorded completely (%s); the next run finishes it",
-                hour_key(hour),
-                subscription_id,
+                "usage of hour %s shard %s not recorded completely (%s); the next run finishes it",
+                hour_key(pending.hour),
+                pending.shard,
                 error.code,
             )
 
@@ -740,7 +806,7 @@ class Emitter:
                 into = self.current_hour
                 carry = Carry(dimension, hour_key(bucket.hour), bucket.carry_count + 1, late, plan or bucket.plan_id)
                 carried = self.store.insert_carry(bucket.subscription_id, into, carry)
-                self.store.mark_pending([(bucket.subscription_id, into)])
+                self.store.mark_pending([(into, shard_of(bucket.subscription_id))])
                 updated = replace(bucket, carried_out=bucket.carried_out + carried, carry_count=carry.number)
                 self.summary.late_carried += 1
                 self.summary.late_carried_quantity += float(carried)
@@ -752,7 +818,7 @@ class Emitter:
                     carried,
                     hour_key(into),
                 )
-            if dimension in self.store.write_buckets([updated]):
+            if (bucket.subscription_id, dimension) in self.store.write_buckets([updated]):
                 buckets[dimension] = updated
             else:
                 work.unsettled = True  # another run moved it: look again next run

@@ -1,26 +1,30 @@
 """Storage of metered usage: reported events, the hourly buckets sent to Microsoft, and their indexes.
 
-One table ``<prefix>usage`` (see docs/storage.md, "Metering"):
+One table ``<prefix>usage`` (see docs/storage.md, "Metering"). Subscriptions are spread over
+SHARDS shards (a hash of the id), so one call's events land in few partitions and are written in
+entity group transactions, and the emitter reads an hour with a few range queries:
 
-* ``<subscription id>|<yyyymmddhh>``: one partition per subscription and UTC hour
-  - ``r|<dimension>|<event id>``: one reported event, **insert only** (never read-modify-written);
-  - ``b|<dimension>``: the bucket, written by the emitter (ETag-guarded): what was sent, Microsoft's
-    answer, late usage carried out of it;
-  - ``c|<dimension>|<from hour>|<n>``: late usage carried into this hour, insert only.
-* ``<subscription id>|id``: the caller's event ids (``RowKey`` = id), so a repeated id is counted once
-  even when it would fall into another hour.
-* ``pending``: ``<yyyymmddhh>|<subscription id>``, upserted after every write into an hour; the
+* ``h|<yyyymmddhh>|<shard>``: one partition per UTC hour and shard
+  - ``r|<subscription>|<dimension>|<event id>``: one reported event, **insert only** (never
+    read-modify-written);
+  - ``b|<subscription>|<dimension>``: the bucket, written by the emitter (ETag-guarded): what was
+    sent, Microsoft's answer, late usage carried out of it;
+  - ``c|<subscription>|<dimension>|<from hour>|<n>``: late usage carried into this hour, insert only.
+* ``i|<shard>``: the caller's event ids (``RowKey`` = ``<subscription>|<id>``), so a repeated id is
+  counted once even when it would fall into another hour.
+* ``pending``: ``<yyyymmddhh>|<shard>``, upserted after every write into that hour and shard; the
   emitter's work list, oldest hour first, deleted (ETag-conditional) once the hour is settled.
-* ``flagged``: ``<yyyymmddhh>|<subscription id>|<dimension>``: buckets that need a person.
+* ``flagged``: ``<yyyymmddhh>|<subscription>|<dimension>``: buckets that need a person.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +46,7 @@ CARRY_PREFIX = "c|"
 PENDING_PARTITION = "pending"
 FLAGGED_PARTITION = "flagged"
 SUMMARY_PARTITION = "summary"
-ID_PARTITION_SUFFIX = "|id"
+SHARDS = 16  # partitions per hour: Table storage serves ~2,000 entities/s per partition
 TRANSACTION_LIMIT = 100  # Table storage: operations per entity group transaction
 # Below this many rows, plain inserts cost less: the SDK spends ~7 ms of CPU building any multipart
 # transaction body, a single insert ~2 ms (measured against Azurite; docs/benchmarks.md).
@@ -68,8 +72,17 @@ def hour_from_key(key: str) -> datetime:
     return datetime.strptime(key, "%Y%m%d%H").replace(tzinfo=UTC)
 
 
+def shard_of(subscription_id: str) -> str:
+    return f"{int(hashlib.sha1(subscription_id.encode()).hexdigest()[:8], 16) % SHARDS:02d}"
+
+
 def partition_of(subscription_id: str, hour: datetime) -> str:
-    return f"{subscription_id}|{hour_key(hour)}"
+    """The partition holding a subscription's usage of one hour."""
+    return hour_partition(hour, shard_of(subscription_id))
+
+
+def hour_partition(hour: datetime, shard: str) -> str:
+    return f"h|{hour_key(hour)}|{shard}"
 
 
 def decimal_of(value: Any) -> Decimal:
@@ -162,8 +175,10 @@ class HourPartition:
 
 @dataclass(frozen=True)
 class PendingHour:
-    subscription_id: str
+    """One shard of one hour with usage not settled yet (a row of the work list)."""
+
     hour: datetime
+    shard: str
     etag: str
 
 
@@ -179,11 +194,11 @@ class IdRecord:
     effective_start_time: datetime | None
 
 
-def _bucket_from_entity(subscription_id: str, hour: datetime, entity: Any) -> Bucket:
+def _bucket_from_entity(subscription_id: str, hour: datetime, dimension: str, entity: Any) -> Bucket:
     return Bucket(
         subscription_id=subscription_id,
         hour=hour,
-        dimension=entity["RowKey"][len(BUCKET_PREFIX) :],
+        dimension=dimension,
         status=entity.get("Status", SENT_PENDING),
         plan_id=entity.get("PlanId", ""),
         quantity=decimal_of(entity.get("Quantity")),
@@ -204,8 +219,9 @@ def _bucket_from_entity(subscription_id: str, hour: datetime, entity: Any) -> Bu
 def bucket_entity(bucket: Bucket) -> dict[str, Any]:
     return {
         "PartitionKey": partition_of(bucket.subscription_id, bucket.hour),
-        "RowKey": BUCKET_PREFIX + bucket.dimension,
+        "RowKey": f"{BUCKET_PREFIX}{bucket.subscription_id}|{bucket.dimension}",
         "Kind": "bucket",
+        "SubscriptionId": bucket.subscription_id,
         "Status": bucket.status,
         "PlanId": bucket.plan_id,
         "Quantity": str(bucket.quantity),
@@ -224,8 +240,8 @@ def bucket_entity(bucket: Bucket) -> dict[str, Any]:
 
 def _id_entity(subscription_id: str, record: IdRecord) -> dict[str, Any]:
     return {
-        "PartitionKey": subscription_id + ID_PARTITION_SUFFIX,
-        "RowKey": record.event_id,
+        "PartitionKey": f"i|{shard_of(subscription_id)}",
+        "RowKey": f"{subscription_id}|{record.event_id}",
         "Kind": "id",
         "Hour": hour_key(record.hour),
         "Dimension": record.dimension,
@@ -235,11 +251,23 @@ def _id_entity(subscription_id: str, record: IdRecord) -> dict[str, Any]:
     }
 
 
+def _bucket_operation(bucket: Bucket) -> tuple:
+    entity = bucket_entity(bucket)
+    if bucket.etag:
+        return (
+            "update",
+            entity,
+            {"mode": UpdateMode.REPLACE, "etag": bucket.etag, "match_condition": MatchConditions.IfNotModified},
+        )
+    return ("create", entity)
+
+
 def event_entity(subscription_id: str, hour: datetime, row: UsageRow) -> dict[str, Any]:
     return {
         "PartitionKey": partition_of(subscription_id, hour),
-        "RowKey": f"{EVENT_PREFIX}{row.dimension}|{row.event_id}",
+        "RowKey": f"{EVENT_PREFIX}{subscription_id}|{row.dimension}|{row.event_id}",
         "Kind": "usage",
+        "SubscriptionId": subscription_id,
         "Quantity": str(row.quantity),
         "PlanId": row.plan_id,
         "EffectiveStartTime": format_timestamp(row.effective_start_time),
@@ -268,74 +296,27 @@ class UsageStore:
 
     # -- ingest ------------------------------------------------------------------------------------
 
-    def claim_ids(self, subscription_id: str, records: Sequence[IdRecord]) -> dict[str, IdRecord]:
-        """Insert the ids' rows (distinct ids), 100 per transaction; the ids counted before, with where."""
-        earlier: dict[str, IdRecord] = {}
-        for start in range(0, len(records), TRANSACTION_LIMIT):
-            chunk = records[start : start + TRANSACTION_LIMIT]
-            if len(chunk) < TRANSACTION_MIN_ROWS:
-                for record in chunk:
-                    first = self.claim_id(subscription_id, record)
-                    if first is not None:
-                        earlier[record.event_id] = first
-                continue
-            with _storage_errors("record usage ids"):
-                self.metrics.add(writes=1)
-                try:
-                    self._table.submit_transaction([("create", _id_entity(subscription_id, r)) for r in chunk])
-                    continue
-                except TableTransactionError as error:
-                    if error.status_code != 409:
-                        raise
-            for record in chunk:  # one of them was counted before: claim them one by one
-                first = self.claim_id(subscription_id, record)
-                if first is not None:
-                    earlier[record.event_id] = first
-        return earlier
-
-    def claim_id(self, subscription_id: str, record: IdRecord) -> IdRecord | None:
-        """Insert the id's row; None when it is new, else where it was counted first."""
-        entity = _id_entity(subscription_id, record)
-        with _storage_errors("record usage id"):
-            self.metrics.add(writes=1)
-            try:
-                self._table.create_entity(entity)
-                return None
-            except ResourceExistsError:
-                pass
-            self.metrics.add(reads=1)
-            found = self._table.get_entity(entity["PartitionKey"], record.event_id)
-        return IdRecord(
-            event_id=record.event_id,
-            hour=hour_from_key(found["Hour"]),
-            dimension=found.get("Dimension", ""),
-            quantity=decimal_of(found.get("Quantity")),
-            plan_id=found.get("PlanId", ""),
-            effective_start_time=parse_timestamp(found.get("EffectiveStartTime")),
-        )
-
-    def insert_events(self, subscription_id: str, hour: datetime, rows: Sequence[UsageRow]) -> None:
-        """Insert the rows of one hour; a row that exists already (a repeat) is left as it is."""
-        entities = [event_entity(subscription_id, hour, row) for row in rows]
+    def _insert_all(self, entities: Sequence[dict[str, Any]], what: str) -> set[str]:
+        """Insert rows of one partition; returns the RowKeys that existed already (left as they are)."""
+        existing: set[str] = set()
         for start in range(0, len(entities), TRANSACTION_LIMIT):
             chunk = entities[start : start + TRANSACTION_LIMIT]
-            if len(chunk) < TRANSACTION_MIN_ROWS:
-                for entity in chunk:
-                    self._insert_once(entity)
-                continue
-            with _storage_errors("record usage"):
-                self.metrics.add(writes=1)
-                try:
-                    self._table.submit_transaction([("create", entity) for entity in chunk])
-                    continue
-                except TableTransactionError as error:
-                    if error.status_code != 409:
-                        raise
-            for entity in chunk:  # one of them exists: insert the others one by one
-                self._insert_once(entity)
+            if len(chunk) >= TRANSACTION_MIN_ROWS:
+                with _storage_errors(what):
+                    self.metrics.add(writes=1)
+                    try:
+                        self._table.submit_transaction([("create", entity) for entity in chunk])
+                        continue
+                    except TableTransactionError as error:
+                        if error.status_code != 409:
+                            raise
+            for entity in chunk:  # few rows, or one of them exists: one by one
+                if not self._insert_once(entity, what):
+                    existing.add(entity["RowKey"])
+        return existing
 
-    def _insert_once(self, entity: dict[str, Any]) -> bool:
-        with _storage_errors("record usage"):
+    def _insert_once(self, entity: dict[str, Any], what: str = "record usage") -> bool:
+        with _storage_errors(what):
             self.metrics.add(writes=1)
             try:
                 self._table.create_entity(entity)
@@ -343,33 +324,57 @@ class UsageStore:
             except ResourceExistsError:
                 return False
 
-    def mark_pending(self, keys: Sequence[tuple[str, datetime]]) -> None:
-        """Upsert the emitter's work-list rows (after the rows they point at are written)."""
-        now = format_timestamp(self._repository.clock())
-        entities = sorted(
-            {
-                f"{hour_key(hour)}|{subscription_id}": {
-                    "PartitionKey": PENDING_PARTITION,
-                    "RowKey": f"{hour_key(hour)}|{subscription_id}",
-                    "Kind": "pending",
-                    "TouchedAt": now,
-                }
-                for subscription_id, hour in keys
-            }.values(),
-            key=lambda e: e["RowKey"],
+    def claim_ids(self, shard: str, claims: Sequence[tuple[str, IdRecord]]) -> dict[tuple[str, str], IdRecord]:
+        """Insert the id rows of one shard ((subscription, record), distinct); the ids counted before,
+        keyed (subscription, id), with where they were counted."""
+        entities = [_id_entity(subscription_id, record) for subscription_id, record in claims]
+        existing = self._insert_all(entities, "record usage ids")
+        earlier: dict[tuple[str, str], IdRecord] = {}
+        for subscription_id, record in claims:
+            if f"{subscription_id}|{record.event_id}" in existing:
+                earlier[(subscription_id, record.event_id)] = self._read_id(subscription_id, record.event_id)
+        return earlier
+
+    def _read_id(self, subscription_id: str, event_id: str) -> IdRecord:
+        with _storage_errors("read usage id"):
+            self.metrics.add(reads=1)
+            found = self._table.get_entity(f"i|{shard_of(subscription_id)}", f"{subscription_id}|{event_id}")
+        return IdRecord(
+            event_id=event_id,
+            hour=hour_from_key(found["Hour"]),
+            dimension=found.get("Dimension", ""),
+            quantity=decimal_of(found.get("Quantity")),
+            plan_id=found.get("PlanId", ""),
+            effective_start_time=parse_timestamp(found.get("EffectiveStartTime")),
         )
+
+    def insert_events(self, partition: str, rows: Sequence[tuple[str, datetime, UsageRow]]) -> None:
+        """Insert the event rows of one partition ((subscription, hour, row)); a repeat is left as it is."""
+        self._insert_all([event_entity(sid, hour, row) for sid, hour, row in rows], "record usage")
+
+    def mark_pending(self, keys: Iterable[tuple[datetime, str]]) -> None:
+        """Upsert the emitter's work-list rows (hour, shard), after the rows they point at are written."""
+        now = format_timestamp(self._repository.clock())
+        entities = [
+            {"PartitionKey": PENDING_PARTITION, "RowKey": f"{hour_key(hour)}|{shard}", "Kind": "pending", "TouchedAt": now}
+            for hour, shard in sorted(set(keys))
+        ]
         for start in range(0, len(entities), TRANSACTION_LIMIT):
             chunk = entities[start : start + TRANSACTION_LIMIT]
             with _storage_errors("record pending usage"):
                 self.metrics.add(writes=1)
                 # REPLACE changes the ETag even when the content is the same: an emitter that read the
                 # row before this write cannot delete it (see docs/storage.md).
-                self._table.submit_transaction([("upsert", entity, {"mode": UpdateMode.REPLACE}) for entity in chunk])
+                if len(chunk) < TRANSACTION_MIN_ROWS:
+                    for entity in chunk:
+                        self._table.upsert_entity(entity, mode=UpdateMode.REPLACE)
+                else:
+                    self._table.submit_transaction([("upsert", entity, {"mode": UpdateMode.REPLACE}) for entity in chunk])
 
     # -- emission ---------------------------------------------------------------------------------
 
-    def list_pending(self, before: datetime, *, limit: int | None = None) -> list[PendingHour]:
-        """Hours with usage not settled yet, strictly before ``before``, oldest first."""
+    def list_pending(self, before: datetime) -> list[PendingHour]:
+        """Hour shards with usage not settled yet, strictly before ``before``, oldest first."""
         query = "PartitionKey eq @pk and RowKey lt @hi"
         found: list[PendingHour] = []
         with _storage_errors("list pending usage"):
@@ -379,14 +384,12 @@ class UsageStore:
             for page in pages:
                 self.metrics.add(reads=1, pages=1)
                 for entity in page:
-                    hour_text, _, subscription_id = entity["RowKey"].partition("|")
-                    found.append(PendingHour(subscription_id, hour_from_key(hour_text), entity.metadata["etag"]))
-                if limit is not None and len(found) >= limit:
-                    break
-        return found if limit is None else found[:limit]
+                    hour_text, _, shard = entity["RowKey"].partition("|")
+                    found.append(PendingHour(hour_from_key(hour_text), shard, entity.metadata["etag"]))
+        return found
 
     def count_pending(self) -> tuple[int, datetime | None]:
-        """(pending subscription-hours, oldest pending hour)."""
+        """(pending hour shards, oldest pending hour)."""
         count, oldest = 0, None
         with _storage_errors("count pending usage"):
             for entity in self._table.query_entities(
@@ -397,57 +400,77 @@ class UsageStore:
                 oldest = hour if oldest is None or hour < oldest else oldest
         return count, oldest
 
-    def read_hour(self, subscription_id: str, hour: datetime) -> HourPartition:
-        partition = HourPartition(subscription_id, hour)
+    def read_shard(self, hour: datetime, shard: str, subscription_id: str | None = None) -> dict[str, HourPartition]:
+        """Everything stored for one hour and shard (or one subscription of it), by subscription."""
+        found: dict[str, HourPartition] = {}
+        query, params = "PartitionKey eq @pk", {"pk": hour_partition(hour, shard)}
+        if subscription_id is not None:
+            query += " and SubscriptionId eq @sid"
+            params["sid"] = subscription_id
         with _storage_errors("read usage hour"):
-            self.metrics.add(reads=1)
-            for entity in self._table.query_entities(
-                "PartitionKey eq @pk", parameters={"pk": partition_of(subscription_id, hour)}
-            ):
-                key = entity["RowKey"]
-                if key.startswith(EVENT_PREFIX):
-                    dimension, _, event_id = key[len(EVENT_PREFIX) :].partition("|")
-                    partition.rows.append(
-                        UsageRow(
-                            dimension,
-                            event_id,
-                            decimal_of(entity.get("Quantity")),
-                            entity.get("PlanId", ""),
-                            parse_timestamp(entity.get("EffectiveStartTime")),
-                            parse_timestamp(entity.get("ReportedAt")),
-                            entity.get("Caller", ""),
+            pages = self._table.query_entities(query, parameters=params, results_per_page=1000).by_page()
+            for page in pages:
+                self.metrics.add(reads=1, pages=1)
+                for entity in page:
+                    kind, _, rest = entity["RowKey"].partition("|")
+                    sid, _, rest = rest.partition("|")
+                    partition = found.get(sid)
+                    if partition is None:
+                        partition = found[sid] = HourPartition(sid, hour)
+                    if kind == "r":
+                        dimension, _, event_id = rest.partition("|")
+                        partition.rows.append(
+                            UsageRow(
+                                dimension,
+                                event_id,
+                                decimal_of(entity.get("Quantity")),
+                                entity.get("PlanId", ""),
+                                parse_timestamp(entity.get("EffectiveStartTime")),
+                                parse_timestamp(entity.get("ReportedAt")),
+                                entity.get("Caller", ""),
+                            )
                         )
-                    )
-                elif key.startswith(BUCKET_PREFIX):
-                    bucket = _bucket_from_entity(subscription_id, hour, entity)
-                    partition.buckets[bucket.dimension] = bucket
-                elif key.startswith(CARRY_PREFIX):
-                    dimension, from_hour, number = key[len(CARRY_PREFIX) :].split("|", 2)
-                    partition.carries.append(
-                        Carry(dimension, from_hour, int(number), decimal_of(entity.get("Quantity")), entity.get("PlanId", ""))
-                    )
-        return partition
+                    elif kind == "b":
+                        partition.buckets[rest] = _bucket_from_entity(sid, hour, rest, entity)
+                    elif kind == "c":
+                        dimension, from_hour, number = rest.split("|", 2)
+                        partition.carries.append(
+                            Carry(dimension, from_hour, int(number), decimal_of(entity.get("Quantity")), entity.get("PlanId", ""))
+                        )
+        return found
 
-    def write_buckets(self, buckets: Sequence[Bucket]) -> dict[str, Bucket]:
-        """Write buckets, each conditional on the ETag it was read with (none: it must not exist yet).
-        Returns the ones written, with their new ETags; a bucket another emitter wrote first is left out
-        (the caller looks again next run). One write each: buckets are independent, and a transaction
-        costs more CPU than the few writes an hour has."""
-        written: dict[str, Bucket] = {}
-        for bucket in buckets:
-            entity = bucket_entity(bucket)
-            with _storage_errors("write usage bucket"):
-                self.metrics.add(writes=1)
-                try:
-                    if bucket.etag:
-                        metadata = self._table.update_entity(
-                            entity, mode=UpdateMode.REPLACE, etag=bucket.etag, match_condition=MatchConditions.IfNotModified
-                        )
-                    else:
-                        metadata = self._table.create_entity(entity)
-                except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
+    def write_buckets(self, buckets: Sequence[Bucket]) -> dict[tuple[str, str], Bucket]:
+        """Write buckets of one partition, each conditional on the ETag it was read with (none: it must
+        not exist yet). Returns the ones written, keyed (subscription, dimension), with their new ETags;
+        a bucket another emitter wrote first is left out (the caller looks again next run)."""
+        written: dict[tuple[str, str], Bucket] = {}
+        for start in range(0, len(buckets), TRANSACTION_LIMIT):
+            chunk = buckets[start : start + TRANSACTION_LIMIT]
+            if len(chunk) >= TRANSACTION_MIN_ROWS:
+                with _storage_errors("write usage buckets"):
+                    self.metrics.add(writes=1)
+                    try:
+                        results = self._table.submit_transaction([_bucket_operation(b) for b in chunk])
+                    except TableTransactionError as error:
+                        if error.status_code not in (409, 412):
+                            raise
+                        results = None
+                if results is not None:
+                    for bucket, metadata in zip(chunk, results, strict=True):
+                        written[(bucket.subscription_id, bucket.dimension)] = replace(bucket, etag=metadata["etag"])
                     continue
-            written[bucket.dimension] = replace(bucket, etag=metadata["etag"])
+            for bucket in chunk:  # few, or one of them moved under us: one by one
+                operation = _bucket_operation(bucket)
+                with _storage_errors("write usage bucket"):
+                    self.metrics.add(writes=1)
+                    try:
+                        if operation[0] == "update":
+                            metadata = self._table.update_entity(operation[1], **operation[2])
+                        else:
+                            metadata = self._table.create_entity(operation[1])
+                    except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
+                        continue
+                written[(bucket.subscription_id, bucket.dimension)] = replace(bucket, etag=metadata["etag"])
         return written
 
     def insert_carry(self, subscription_id: str, into: datetime, carry: Carry) -> Decimal:
@@ -455,8 +478,9 @@ class UsageStore:
         run that stopped after this insert finds its own carry again, with the quantity it carried)."""
         entity = {
             "PartitionKey": partition_of(subscription_id, into),
-            "RowKey": f"{CARRY_PREFIX}{carry.dimension}|{carry.from_hour}|{carry.number}",
+            "RowKey": f"{CARRY_PREFIX}{subscription_id}|{carry.dimension}|{carry.from_hour}|{carry.number}",
             "Kind": "carry",
+            "SubscriptionId": subscription_id,
             "Quantity": str(carry.quantity),
             "PlanId": carry.plan_id,
             "FromHour": carry.from_hour,
@@ -474,7 +498,7 @@ class UsageStore:
             try:
                 self._table.delete_entity(
                     PENDING_PARTITION,
-                    f"{hour_key(pending.hour)}|{pending.subscription_id}",
+                    f"{hour_key(pending.hour)}|{pending.shard}",
                     etag=pending.etag,
                     match_condition=MatchConditions.IfNotModified,
                 )
@@ -534,15 +558,13 @@ class UsageStore:
             )
 
     def list_buckets(self, subscription_id: str, start: datetime, end: datetime) -> Iterator[HourPartition]:
-        """Every stored hour of a subscription in [start, end), oldest first."""
-        query = "PartitionKey ge @lo and PartitionKey lt @hi"
-        params = {"lo": partition_of(subscription_id, start), "hi": partition_of(subscription_id, end)}
-        hours: dict[str, None] = {}
-        with _storage_errors("list usage hours"):
-            for entity in self._table.query_entities(query, parameters=params, select=["PartitionKey"]):
-                hours.setdefault(entity["PartitionKey"], None)
-        for key in sorted(hours):
-            yield self.read_hour(subscription_id, hour_from_key(key.rsplit("|", 1)[1]))
+        """Every stored hour of a subscription in [start, end), oldest first (one query per hour)."""
+        shard, hour = shard_of(subscription_id), hour_of(start)
+        while hour < end:
+            found = self.read_shard(hour, shard, subscription_id).get(subscription_id)
+            if found is not None:
+                yield found
+            hour += timedelta(hours=1)
 
     # -- the last run's summary (health reads one row, never the work list) --------------------------
 
