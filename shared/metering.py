@@ -64,6 +64,7 @@ from shared.usage_store import (
     PendingHour,
     UsageRow,
     UsageStore,
+    event_key,
     hour_key,
     hour_of,
     partition_of,
@@ -133,6 +134,7 @@ class ReportedUsage:
     at: datetime
     event_id: str
     caller_id: bool  # the id is the caller's (idempotency), not one we made up
+    timed: bool  # the caller gave effectiveStartTime (else the hour is the time we received it)
 
 
 @dataclass
@@ -196,7 +198,8 @@ def _parse_event(index: int, raw: Any, now: datetime) -> ReportedUsage | _Outcom
         return _refused(index, event_id, FUTURE_TIME, "effectiveStartTime is in the future")
     if now - hour_of(at) >= USAGE_WINDOW:
         return _refused(index, event_id, EXPIRED_TIME, "effectiveStartTime is older than Microsoft accepts (24 hours)")
-    return ReportedUsage(index, subscription_id.lower(), dimension, amount, at, event_id, bool(event_id))
+    timed = raw.get("effectiveStartTime") is not None
+    return ReportedUsage(index, subscription_id.lower(), dimension, amount, at, event_id, bool(event_id), timed)
 
 
 def parse_usage_body(body: bytes, now: datetime) -> list[ReportedUsage | _Outcome]:
@@ -370,13 +373,16 @@ def _store(
 ) -> tuple[list[_Outcome], set[tuple[datetime, str]]]:
     """Write the accepted events ((subscription, item, plan)); their results and the (hour, shard)s written.
 
-    Per shard, the caller's ids first (insert only: an id that exists was counted before), then per
-    hour and shard the event rows; both in transactions of up to 100 rows."""
+    An event row's key holds the caller's id, so within its hour a repeat collides with the first
+    (compared: the same dimension and quantity is a duplicate, counted once; anything else is
+    ``id_reused``). An event without ``effectiveStartTime`` gets its hour from the time it arrives,
+    so a retry could fall into the next hour: its id is claimed first in the shard's id rows, and a
+    repeat goes to the hour where it was first counted. Rows go in transactions of up to 100."""
     store = usage_store(services)
-    # 1. the caller's ids, distinct, grouped by shard
+    # 1. ids of untimed events, distinct, claimed per shard
     claims: dict[tuple[str, str], IdRecord] = {}
     for sid, item, plan_id in accepted:
-        if item.caller_id and (sid, item.event_id) not in claims:
+        if item.caller_id and not item.timed and (sid, item.event_id) not in claims:
             claims[(sid, item.event_id)] = IdRecord(
                 item.event_id, hour_of(item.at), item.dimension, item.quantity, plan_id, item.at
             )
@@ -399,13 +405,12 @@ def _store(
         else:
             earlier.update(found)
 
-    # 2. the rows, where each id counts (an earlier call, or its first occurrence in this call)
+    # 2. the rows, per partition; a repeat inside this call is compared with its first occurrence
     results: list[_Outcome] = []
     rows: dict[str, dict[str, tuple[str, datetime, UsageRow]]] = defaultdict(dict)  # partition -> RowKey -> row
     members: dict[str, list[int]] = defaultdict(list)  # partition -> positions in results
-    counted: set[tuple[str, str]] = set()
     for sid, item, plan_id in accepted:
-        if item.caller_id and shard_of(sid) in failed_shards:
+        if (sid, item.event_id) in claims and shard_of(sid) in failed_shards:
             results.append(_failed(item))
             continue
         hour = hour_of(item.at)
@@ -414,46 +419,64 @@ def _store(
         outcome = _Outcome(
             item.index, event_id, "accepted", subscription_id=sid, dimension=item.dimension, hour=hour, plan_id=plan_id
         )
-        if item.caller_id:
-            first = earlier.get((sid, event_id)) or (claims[(sid, event_id)] if (sid, event_id) in counted else None)
-            counted.add((sid, event_id))
-            if first is not None:
-                if first.dimension != item.dimension or first.quantity != item.quantity:
-                    results.append(
-                        _refused(
-                            item.index, event_id, ID_REUSED, "this id was reported before with another dimension or quantity"
-                        )
-                    )
-                    continue
-                # The row is written again in case the first call stopped between the id and the row
-                # (an insert that exists changes nothing).
-                hour, plan_id = first.hour, first.plan_id
-                row = UsageRow(first.dimension, event_id, first.quantity, first.plan_id, first.effective_start_time, now, caller)
-                outcome = replace(outcome, hour=hour, plan_id=plan_id, duplicate=True)
-        partition = partition_of(sid, hour)
-        rows[partition][f"{sid}|{row.dimension}|{event_id}"] = (sid, hour, row)
+        first = earlier.get((sid, event_id))
+        if first is not None:  # counted by an earlier call, in that hour
+            if (first.dimension, first.quantity) != (item.dimension, item.quantity):
+                results.append(
+                    _refused(item.index, event_id, ID_REUSED, "this id was reported before with another dimension or quantity")
+                )
+                continue
+            hour, plan_id = first.hour, first.plan_id
+            row = UsageRow(first.dimension, event_id, first.quantity, first.plan_id, first.effective_start_time, now, caller)
+            outcome = replace(outcome, hour=hour, plan_id=plan_id)
+        partition, key = partition_of(sid, hour), event_key(sid, event_id)
+        seen = rows[partition].get(key)
+        if seen is not None:
+            if (seen[2].dimension, seen[2].quantity) != (item.dimension, item.quantity):
+                results.append(
+                    _refused(item.index, event_id, ID_REUSED, "this id was reported before with another dimension or quantity")
+                )
+                continue
+            outcome = replace(outcome, duplicate=True)
+        else:
+            rows[partition][key] = (sid, hour, row)
         members[partition].append(len(results))
         results.append(outcome)
 
-    def insert(partition: str) -> tuple[str, bool]:
+    def insert(partition: str) -> tuple[str, dict[str, UsageRow] | None]:
         try:
-            store.insert_events(partition, list(rows[partition].values()))
-            return partition, True
+            return partition, store.insert_events(partition, list(rows[partition].values()))
         except AppError as error:
             log.warning("usage rows of %s not recorded: %s", partition, error.code)
-            return partition, False
+            return partition, None
 
     written: set[tuple[datetime, str]] = set()
-    for partition, ok in _parallel([partial(insert, partition) for partition in rows]):
-        sid, hour, _ = next(iter(rows[partition].values()))
-        if ok:
-            written.add((hour, shard_of(sid)))
-            continue
+    for partition, existing in _parallel([partial(insert, partition) for partition in rows]):
         for position in members[partition]:
-            results[position] = _Outcome(
-                results[position].index, results[position].event_id, "failed", STORAGE_UNAVAILABLE, "not recorded; send it again"
-            )
+            outcome = results[position]
+            if existing is None:
+                results[position] = _Outcome(
+                    outcome.index, outcome.event_id, "failed", STORAGE_UNAVAILABLE, "not recorded; send it again"
+                )
+                continue
+            stored = existing.get(event_key(outcome.subscription_id, outcome.event_id))
+            if stored is None:
+                continue
+            # The row was there before this call: the same event again (counted once), or an id reused.
+            if (stored.dimension, stored.quantity) == (outcome.dimension, _quantity_of(rows, partition, outcome)):
+                results[position] = replace(outcome, duplicate=True, plan_id=stored.plan_id)
+            else:
+                results[position] = _refused(
+                    outcome.index, outcome.event_id, ID_REUSED, "this id was reported before with another dimension or quantity"
+                )
+        if existing is not None:
+            sid, hour, _ = next(iter(rows[partition].values()))
+            written.add((hour, shard_of(sid)))
     return results, written
+
+
+def _quantity_of(rows: dict[str, dict[str, tuple[str, datetime, UsageRow]]], partition: str, outcome: _Outcome) -> Decimal:
+    return rows[partition][event_key(outcome.subscription_id, outcome.event_id)][2].quantity
 
 
 def report_usage(services: Services, body: bytes, *, caller: str) -> ApiResult:

@@ -262,12 +262,30 @@ def _bucket_operation(bucket: Bucket) -> tuple:
     return ("create", entity)
 
 
+def event_key(subscription_id: str, event_id: str) -> str:
+    """An event's RowKey: the id is unique per subscription within an hour (a repeat collides)."""
+    return f"{EVENT_PREFIX}{subscription_id}|{event_id}"
+
+
+def _event_row(entity: Any) -> UsageRow:
+    return UsageRow(
+        entity.get("Dimension", ""),
+        entity["RowKey"].rsplit("|", 1)[1],
+        decimal_of(entity.get("Quantity")),
+        entity.get("PlanId", ""),
+        parse_timestamp(entity.get("EffectiveStartTime")),
+        parse_timestamp(entity.get("ReportedAt")),
+        entity.get("Caller", ""),
+    )
+
+
 def event_entity(subscription_id: str, hour: datetime, row: UsageRow) -> dict[str, Any]:
     return {
         "PartitionKey": partition_of(subscription_id, hour),
-        "RowKey": f"{EVENT_PREFIX}{subscription_id}|{row.dimension}|{row.event_id}",
+        "RowKey": event_key(subscription_id, row.event_id),
         "Kind": "usage",
         "SubscriptionId": subscription_id,
+        "Dimension": row.dimension,
         "Quantity": str(row.quantity),
         "PlanId": row.plan_id,
         "EffectiveStartTime": format_timestamp(row.effective_start_time),
@@ -348,9 +366,16 @@ class UsageStore:
             effective_start_time=parse_timestamp(found.get("EffectiveStartTime")),
         )
 
-    def insert_events(self, partition: str, rows: Sequence[tuple[str, datetime, UsageRow]]) -> None:
-        """Insert the event rows of one partition ((subscription, hour, row)); a repeat is left as it is."""
-        self._insert_all([event_entity(sid, hour, row) for sid, hour, row in rows], "record usage")
+    def insert_events(self, partition: str, rows: Sequence[tuple[str, datetime, UsageRow]]) -> dict[str, UsageRow]:
+        """Insert the event rows of one partition ((subscription, hour, row)). A row whose key exists is
+        left as it is; those are returned (RowKey -> the stored row) for the caller to compare."""
+        existing = self._insert_all([event_entity(sid, hour, row) for sid, hour, row in rows], "record usage")
+        stored: dict[str, UsageRow] = {}
+        for key in existing:
+            with _storage_errors("read usage"):
+                self.metrics.add(reads=1)
+                stored[key] = _event_row(self._table.get_entity(partition, key))
+        return stored
 
     def mark_pending(self, keys: Iterable[tuple[datetime, str]]) -> None:
         """Upsert the emitter's work-list rows (hour, shard), after the rows they point at are written."""
@@ -418,18 +443,7 @@ class UsageStore:
                     if partition is None:
                         partition = found[sid] = HourPartition(sid, hour)
                     if kind == "r":
-                        dimension, _, event_id = rest.partition("|")
-                        partition.rows.append(
-                            UsageRow(
-                                dimension,
-                                event_id,
-                                decimal_of(entity.get("Quantity")),
-                                entity.get("PlanId", ""),
-                                parse_timestamp(entity.get("EffectiveStartTime")),
-                                parse_timestamp(entity.get("ReportedAt")),
-                                entity.get("Caller", ""),
-                            )
-                        )
+                        partition.rows.append(_event_row(entity))
                     elif kind == "b":
                         partition.buckets[rest] = _bucket_from_entity(sid, hour, rest, entity)
                     elif kind == "c":

@@ -171,6 +171,21 @@ def test_a_repeated_id_is_counted_once_even_in_another_hour(meter):
     assert [e["quantity"] for e in meter.accepted(sid)] == [5]
 
 
+def test_a_repeated_id_with_its_time_is_counted_once_and_another_quantity_is_refused(meter):
+    sid = meter.subscription()
+    at = START - timedelta(minutes=50)
+    first = meter.report(usage(sid, 5, at=at, id="t-1"), usage(sid, 5, at=at, id="t-1"))[1]["results"]
+    assert [r["duplicate"] for r in first] == [False, True]
+    again = meter.report(usage(sid, 5, at=at, id="t-1"))[1]["results"][0]  # a retry of the whole call
+    assert again["status"] == "accepted" and again["duplicate"] is True
+    other = meter.report(usage(sid, 7, at=at, id="t-1"), usage(sid, 5, dimension="storage_gb", at=at, id="t-1"))[1]["results"]
+    assert [(r["status"], r.get("reason")) for r in other] == [("refused", "id_reused"), ("refused", "id_reused")]
+    assert len(usage_rows(meter.services)) == 1
+    meter.clock.advance(hours=1)
+    meter.emit()
+    assert [e["quantity"] for e in meter.accepted(sid)] == [5]
+
+
 def test_twenty_concurrent_reporters_into_one_bucket_lose_nothing(meter):
     sid = meter.subscription()
     errors: list[BaseException] = []
