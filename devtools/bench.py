@@ -1191,7 +1191,7 @@ def _render_metering(m: dict[str, Any]) -> list[str]:
         f"| Storage per event at ingest | {m['storage_writes_per_event']} writes, {m['storage_reads_per_event']} reads |",
         f"| Emission | {m['emission_seconds']} s; {summary['buckets_sent']:,} buckets sent, {summary['accepted']:,} accepted,"
         f" {summary['flagged']} flagged, {summary['retry']} to retry; {summary['hours_settled']:,} of {summary['hours_listed']:,}"
-        f" subscription-hours settled; {summary['events_written']:,} `usage.accepted` events |",
+        f" hour shards settled; {summary['events_written']:,} `usage.accepted` events |",
         f"| batchUsageEvent calls | {m['emission_calls']} (design minimum ceil({m['buckets']:,} / 25) = {m['emission_minimum_calls']});"
         f" all Marketplace calls: {_fmt_counts(m['emission_marketplace'])} |",
         f"| Emission storage | {m['emission_storage_reads']:,} reads, {m['emission_storage_writes']:,} writes"
@@ -1200,11 +1200,12 @@ def _render_metering(m: dict[str, Any]) -> list[str]:
         f" in {m['microsoft_events']:,} events: {'equal to the unit' if m['exact'] else 'DIFFERENT'} |",
         f"| Second run | {m['second_run_calls']} calls, {m['second_run_pending']} hours pending |",
         "",
-        "Ingest writes per event: the id's row (idempotency across hours) and the event's row, plus the work-list"
-        " upserts (100 per transaction); reads: one state row per subscription per call (and its history only"
-        " when it changed after the usage time). Emission per subscription-hour: the work-list range query,"
-        " one partition query, one bucket transaction, the lifecycle event (state read, marker read, one"
-        " transaction), the notified mark and the work-list delete.",
+        "Ingest: one row per event (the caller's id is in the row key; these events carry `effectiveStartTime`, so"
+        " no id rows are needed), written per hour shard in transactions from 6 rows on, which is why a write"
+        " carries several events; reads: each subscription's record, cached 30 s per process. The work list is"
+        " one upsert per hour shard touched. Emission: one paged query per hour shard, the bucket writes in"
+        " transactions, and per subscription-hour one lifecycle event (state read, marker read, one"
+        " transaction): those events are most of the emission's storage work and time.",
         "",
     ]
 
@@ -1913,6 +1914,21 @@ def interpret(results: dict[str, Any]) -> list[str]:
 def findings(results: dict[str, Any]) -> list[str]:
     """Where the measured counts exceed the design's minimum, and why (file and function)."""
     out = []
+    met = results.get("metering")
+    if met:
+        out.append(
+            f"Metering ingest is bound by the storage SDK's CPU, not by round trips: {met['events_per_second']:,} events/s"
+            f" with {met['storage_writes_per_event']} writes per event. A single insert costs ~2.6 ms of Python CPU and a"
+            " transaction ~13 ms plus ~0.7 ms per row (azure-core builds and parses a multipart body part by part;"
+            " measured against Azurite), so one process tops out at a few hundred events/s and the latency of a call"
+            " under 20 concurrent reporters is mostly queueing (`shared/usage_store.py` `_insert_all`). Functions scale"
+            " out by instance; a single instance's ceiling is what is measured here."
+        )
+        if met["emission_calls"] > met["emission_minimum_calls"]:
+            out.append(
+                f"Metering emission made {met['emission_calls']} batchUsageEvent calls where"
+                f" {met['emission_minimum_calls']} suffice (`shared/metering.py` `Emitter._send_batches`)."
+            )
     webhook = results.get("webhook")
     if webhook:
         probes = {p["label"]: p for p in webhook["probes"]}
