@@ -104,3 +104,18 @@ def test_coldstart_parses_importtime():
         "import time:       246 |       1346 | function_app\n"
     )
     assert rows == [("json.decoder", 100, 100, 1), ("function_app", 246, 1346, 0)]
+
+
+def test_metering_structure(environment):
+    result = bench.bench_metering(environment, events=600, subscriptions=20, reporters=4)
+
+    assert result["statuses"] == {"202": result["calls"]}  # no event had to be sent again
+    assert result["accepted_events"] == 600
+    # Every bucket reached Microsoft once, in the fewest calls, and nothing was lost or added.
+    assert result["microsoft_events"] == result["buckets"] == 20 * 3 * 3
+    assert result["emission_calls"] == result["emission_minimum_calls"] == 8
+    assert result["exact"] and result["reported_total"] == result["accepted_total"]
+    assert result["emission_summary"]["accepted"] == result["buckets"]
+    assert result["second_run_calls"] == 0 and result["second_run_pending"] == 0
+    # Ingest writes rows in transactions per hour shard: fewer writes than events, never more than two each.
+    assert 0 < result["storage_writes_per_event"] <= 2
