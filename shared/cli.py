@@ -533,9 +533,9 @@ def cmd_meter_now(services: Services, args, out: TextIO) -> int:
         _emit_json(out, summary)
     else:
         out.write(
-            "Metering: {hours_listed} hours listed, {hours_settled} settled; {buckets_sent} buckets sent in {calls} calls: "
+            "Metering: {hours_listed} hour shards listed, {hours_settled} settled; {buckets_sent} buckets sent in {calls} calls: "
             "{accepted} accepted, {flagged} flagged, {expired} expired, {retry} to retry; late usage {late_carried} carried, "
-            "{late_unbillable} unbillable; {near_expiry} near expiry; {pending_hours} hours pending, {flagged_total} flagged in all\n".format(
+            "{late_unbillable} unbillable; {near_expiry} near expiry; {pending_hours} hour shards pending, {flagged_total} flagged in all\n".format(
                 **summary
             )
         )

@@ -108,9 +108,6 @@ UNKNOWN_DIMENSION = "unknown_dimension"
 ID_REUSED = "id_reused"
 STORAGE_UNAVAILABLE = "storage_unavailable"
 
-EVENT_USAGE_ACCEPTED = "usage.accepted"
-EVENT_USAGE_REJECTED = "usage.rejected"
-
 
 class UsageBodyTooLargeError(BadRequestError):
     """The usage report is larger than the API accepts."""
@@ -544,6 +541,9 @@ def api_report_usage(services: Services, authorization: str | None, body: bytes)
 
 @dataclass
 class MeteringSummary:
+    """One run. ``hours_*`` and ``pending_hours`` count rows of the work list: an hour of one shard
+    (a sixteenth of the subscriptions), not an hour of one subscription."""
+
     hours_listed: int = 0
     hours_settled: int = 0
     buckets_sent: int = 0
@@ -868,8 +868,8 @@ class Emitter:
             log.warning("metering run summary not saved: %s", error.code)
         s = self.summary
         log.info(
-            "metering run: %s hours listed, %s settled; %s buckets sent in %s calls: %s accepted (%s duplicates matched), "
-            "%s flagged, %s expired, %s to retry; late usage %s carried, %s unbillable; %s near expiry; %s pending, %s flagged in all",
+            "metering run: %s hour shards listed, %s settled; %s buckets sent in %s calls: %s accepted (%s duplicates matched), "
+            "%s flagged, %s expired, %s to retry; late usage %s carried, %s unbillable; %s near expiry; %s hour shards pending, %s flagged in all",
             s.hours_listed,
             s.hours_settled,
             s.buckets_sent,
