@@ -489,6 +489,16 @@ def test_an_outage_of_hours_is_caught_up_oldest_first_and_expired_hours_are_flag
     assert meter.standin.calls["batch_usage_event"] == 1
 
 
+def test_a_spent_time_budget_leaves_the_rest_for_the_next_run(meter):
+    subscriptions = [meter.subscription() for _ in range(3)]
+    nine = START.replace(minute=0) - timedelta(hours=1)
+    meter.report(*[usage(s, 1, at=nine, id=f"b-{n}") for n, s in enumerate(subscriptions)])
+    stopped = meter.emit(time_budget_seconds=-1)  # spent before the first step
+    assert stopped.budget_exhausted and stopped.buckets_sent == 0 and stopped.pending_hours == stopped.hours_listed > 0
+    finished = meter.emit()
+    assert not finished.budget_exhausted and finished.accepted == 3 and finished.pending_hours == 0
+
+
 def test_near_expiry_is_logged_loudly_before_the_window_closes(meter, caplog):
     sid = meter.subscription()
     nine = START.replace(minute=0) - timedelta(hours=1)
