@@ -1551,12 +1551,12 @@ def render_markdown(results: dict[str, Any], machine: dict[str, str], argv: list
         lines += _render_webhook(webhook)
     if results.get("publisher"):
         lines += _render_publisher(results["publisher"])
-    if results.get("metering"):
-        lines += _render_metering(results["metering"])
     if results.get("reconcile"):
         lines += _render_reconcile(results["reconcile"], results.get("reconcile_note", ""))
     if results.get("coldstart"):
         lines += _render_coldstart(results["coldstart"])
+    if results.get("metering"):
+        lines += _render_metering(results["metering"])
     if results.get("interpretation"):
         lines += ["## Against the targets", ""] + [f"- {item}" for item in results["interpretation"]] + [""]
     if results.get("findings"):
