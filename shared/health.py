@@ -66,6 +66,7 @@ def _metering(services: Services) -> dict[str, Any]:
         "ok": True,
         "lastRunAt": summary.get("ranAt"),
         "pendingHours": summary.get("pending_hours", 0),
+        "bucketsToRetry": summary.get("retry", 0),
         "oldestPendingHours": age,
         "flagged": summary.get("flagged_total", 0),
         "nearExpiry": summary.get("near_expiry", 0),

@@ -142,6 +142,8 @@ def test_require_bearer_knob(standin, http):
 def test_resolve_with_a_token_that_needs_url_encoding(standin, http):
     purchase = standin.create_purchase(plan_id="standard", quantity=7, name="Contoso HR")
     token = purchase["token"]
+    while token.startswith("+"):  # 1 in 64: "+" -> " " would be a leading space, which requests refuses to send
+        token = standin.new_token(purchase["subscriptionId"])["token"]
     assert {"+", "/", "="} <= set(token)
 
     # The landing page gets the token percent-encoded; decoding once gives it back intact ...

@@ -573,6 +573,7 @@ def test_health_reports_metering_backlog_and_flags(meter):
     assert body["checks"]["metering"]["pendingHours"] == 1
     assert body["checks"]["metering"]["oldestPendingHours"] == pytest.approx(1.33, abs=0.01)
     assert body["checks"]["metering"]["flagged"] == 0
+    assert body["checks"]["metering"]["bucketsToRetry"] == 1
 
 
 def test_hour_of_is_utc():
