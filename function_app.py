@@ -2,6 +2,7 @@
 
 import azure.functions as func
 
+from console import bp as console_bp
 from landing_page import bp as landing_page_bp
 from metering_timer import bp as metering_timer_bp
 from publisher_api import bp as publisher_api_bp
@@ -14,3 +15,4 @@ app.register_functions(webhook_bp)
 app.register_functions(reconcile_timer_bp)
 app.register_functions(publisher_api_bp)
 app.register_functions(metering_timer_bp)
+app.register_functions(console_bp)

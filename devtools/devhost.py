@@ -215,9 +215,10 @@ class SignedInUser:
     name: str
     email: str
     tenant_id: str
+    roles: tuple[str, ...] = ()  # app roles, as Entra puts them in the token's `roles` claim
 
     @classmethod
-    def parse(cls, text: str, tenant_id: str | None = None) -> SignedInUser:
+    def parse(cls, text: str, tenant_id: str | None = None, roles: tuple[str, ...] = ()) -> SignedInUser:
         text = text.strip()
         match = re.fullmatch(r"(.*?)\s*<\s*([^<>\s]+@[^<>\s]+)\s*>", text) or re.fullmatch(r"()([^<>\s]+@[^<>\s]+)", text)
         if not match:
@@ -225,7 +226,7 @@ class SignedInUser:
         name, email = match.group(1).strip().strip('"'), match.group(2)
         domain = email.rsplit("@", 1)[1].lower()
         tenant = tenant_id or str(uuid.uuid5(uuid.NAMESPACE_DNS, f"devhost-tenant.{domain}"))
-        return cls(name=name or email, email=email, tenant_id=tenant)
+        return cls(name=name or email, email=email, tenant_id=tenant, roles=tuple(roles))
 
     @property
     def object_id(self) -> str:
@@ -239,6 +240,7 @@ class SignedInUser:
             (_CLAIM_EMAIL, self.email),
             (_CLAIM_OID, self.object_id),
             (_CLAIM_TID, self.tenant_id),
+            *(("roles", role) for role in self.roles),
         ]
         return {
             "auth_typ": "aad",

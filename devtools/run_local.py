@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None, env: MutableMapping[str, str] | None = N
         decide("WEBHOOK_OPENID_CONFIG_URL", standin.openid_config_url)
     # The SaaS application's calls to the publisher API: no token locally (a warning on every call).
     decide("PUBLISHER_API_AUTH", "none")
+    # The operator console: the dev host's signed-in user is an operator locally.
+    decide("CONSOLE_AUTH", "none")
 
     decide("MARKETPLACE_TENANT_ID", DEV_TENANT_ID)
     decide("MARKETPLACE_CLIENT_ID", DEV_CLIENT_ID)

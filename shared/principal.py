@@ -26,6 +26,9 @@ _CLAIM_ALIASES = {
     "tenant_id": ("tid", "http://schemas.microsoft.com/identity/claims/tenantid"),
 }
 
+# Easy Auth passes the token's `roles` claim as one claim per role, under the short or the long name.
+_ROLE_CLAIMS = frozenset({"roles", "http://schemas.microsoft.com/ws/2008/06/identity/claims/role"})
+
 
 @dataclass(frozen=True)
 class SignedInUser:
@@ -34,6 +37,8 @@ class SignedInUser:
     object_id: str = ""
     tenant_id: str = ""
     identity_provider: str = ""
+    #: app roles from the principal's role claims (the operator console's Console.Reader / Console.Operator)
+    roles: tuple[str, ...] = ()
 
     @property
     def id(self) -> str:
@@ -57,6 +62,7 @@ def signed_in_user(headers: Mapping[str, str]) -> SignedInUser | None:
     lowered = {k.lower(): v for k, v in headers.items()}
     encoded = lowered.get("x-ms-client-principal", "")
     claims: dict[str, str] = {}
+    roles: list[str] = []
     provider = lowered.get("x-ms-client-principal-idp", "")
     if encoded:
         try:
@@ -66,7 +72,10 @@ def signed_in_user(headers: Mapping[str, str]) -> SignedInUser | None:
             data = {}
         for claim in data.get("claims", []) if isinstance(data, dict) else []:
             if isinstance(claim, dict) and claim.get("typ") and claim.get("val"):
-                claims.setdefault(clean_text(str(claim["typ"])), clean_text(str(claim["val"])))
+                claim_type, value = clean_text(str(claim["typ"])), clean_text(str(claim["val"]))
+                claims.setdefault(claim_type, value)
+                if claim_type in _ROLE_CLAIMS and value not in roles:  # one claim per role
+                    roles.append(value)
         provider = provider or str(data.get("auth_typ", "")) if isinstance(data, dict) else provider
     principal_name = clean_text(lowered.get("x-ms-client-principal-name", ""))
     principal_id = clean_text(lowered.get("x-ms-client-principal-id", ""))
@@ -76,5 +85,10 @@ def signed_in_user(headers: Mapping[str, str]) -> SignedInUser | None:
     if not (email or object_id):
         return None
     return SignedInUser(
-        name=name, email=email, object_id=object_id, tenant_id=_first(claims, "tenant_id"), identity_provider=provider
+        name=name,
+        email=email,
+        object_id=object_id,
+        tenant_id=_first(claims, "tenant_id"),
+        identity_provider=provider,
+        roles=tuple(roles),
     )

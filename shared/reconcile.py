@@ -116,6 +116,7 @@ class RunSummary:
     events_failed: int = 0
     publisher_operations_pending: int = 0  # publisher changes not settled when the run started
     publisher_operations_settled: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)  # our records by local status, as scanned
     differences: list[dict[str, Any]] = field(default_factory=list)
     duration_seconds: float = 0.0
     marketplace_calls: int = 0
@@ -189,6 +190,8 @@ class Reconciler:
         for item in self.repository.scan():
             if item.stored is not None:
                 self._index(item.stored.record)
+                status = item.stored.record.status.value
+                self.summary.by_status[status] = self.summary.by_status.get(status, 0) + 1
             elif item.marker is not None:
                 self.pending_markers.append(item.marker)
             elif item.publisher_operation is not None:

@@ -428,6 +428,23 @@ class SubscriptionRepository:
                 for entity in page:
                     yield record_from_entity(entity)
 
+    def page_records(
+        self, *, status: str = "", offer_id: str = "", plan_id: str = "", page_size: int = 50, continuation: Any = None
+    ) -> tuple[list[SubscriptionRecord], Any]:
+        """One page of records (the server stops after ``page_size`` matches) and the token of the next."""
+        clauses, params = ["RowKey eq @state"], {"state": STATE_ROW}
+        for column, value in (("Status", status), ("OfferId", offer_id), ("PlanId", plan_id)):
+            if value:
+                clauses.append(f"{column} eq @{column.lower()}")
+                params[column.lower()] = value
+        with _storage_errors("page subscriptions"):
+            pages = self._subscriptions.query_entities(
+                " and ".join(clauses), parameters=params, results_per_page=page_size
+            ).by_page(continuation_token=continuation)
+            page = list(next(pages, []))
+            self.metrics.add(reads=1, pages=1)
+            return [record_from_entity(entity) for entity in page], pages.continuation_token
+
     def scan(self, *, page_size: int = 1000) -> Iterator[ScanItem]:
         """The reconciler's one scan: every state row, pending operation marker and outbox row."""
         query = "RowKey eq @state or Pending eq true"

@@ -201,6 +201,12 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "carry",
         "Usage reported into an hour already sent: `carry` (into the current hour, billed) or `unbillable` (recorded only).",
     ),
+    SettingSpec(
+        "CONSOLE_AUTH",
+        "entra",
+        "Operator console: `entra` (App Service Authentication, app roles Console.Reader / Console.Operator) or `none` "
+        "(local only: every signed-in user is an operator; refused in Azure).",
+    ),
     SettingSpec("EVENTS_QUEUE_NAME", "subscription-events", "Storage queue that receives lifecycle events."),
     SettingSpec(
         "EVENTS_QUEUE_ENDPOINT", "", "Queue service endpoint for identity-based access; default derived from TABLES_ENDPOINT."
@@ -363,6 +369,7 @@ class Settings:
     metering_time_budget_seconds: int = 240
     metering_expiry_warning_hours: int = 4
     metering_late_usage: str = "carry"
+    console_auth: str = "entra"
     events_queue_name: str = "subscription-events"
     events_queue_endpoint: str = ""
     events_webhook_url: str = ""
@@ -431,6 +438,10 @@ class Settings:
                 needs[PUBLISHER_API].append("PUBLISHER_API_AUDIENCE is required when PUBLISHER_API_AUTH=entra")
         elif running_in_azure:
             problems.append("PUBLISHER_API_AUTH=none is refused when running in Azure (WEBSITE_INSTANCE_ID is set)")
+
+        console_auth = _choice(env, "CONSOLE_AUTH", ("entra", "none"), problems)
+        if console_auth == "none" and running_in_azure:
+            problems.append("CONSOLE_AUTH=none is refused when running in Azure (WEBSITE_INSTANCE_ID is set)")
 
         connection_string = _text(env, "TABLES_CONNECTION_STRING")
         endpoint = _text(env, "TABLES_ENDPOINT")
@@ -502,6 +513,7 @@ class Settings:
             metering_time_budget_seconds=_int(env, "METERING_TIME_BUDGET_SECONDS", problems),
             metering_expiry_warning_hours=_int(env, "METERING_EXPIRY_WARNING_HOURS", problems, minimum=0),
             metering_late_usage=_choice(env, "METERING_LATE_USAGE", ("carry", "unbillable"), problems),
+            console_auth=console_auth,
             events_queue_name=_text(env, "EVENTS_QUEUE_NAME"),
             events_queue_endpoint=_text(env, "EVENTS_QUEUE_ENDPOINT"),
             events_webhook_url=events_webhook_url,

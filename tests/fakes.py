@@ -17,7 +17,7 @@ from typing import Any
 from shared import errors
 from shared.domain import Operation, Plan, ResolvedPurchase, Subscription, UpdateStatus, UsageEvent, UsageResult, UsageStatus
 from shared.marketplace import CallCounter
-from shared.repository import OP_RECEIVED, EventBuilder, OperationMarker, ScanItem, StorageMetrics, StoredRecord
+from shared.repository import OP_RECEIVED, EventBuilder, OperationMarker, OutboxEvent, ScanItem, StorageMetrics, StoredRecord
 from shared.services import Services
 from shared.settings import Settings
 from shared.state_machine import Outcome, SubscriptionRecord
@@ -70,6 +70,17 @@ class FakeRepository:
             if (offer_id and record.offer_id != offer_id) or (plan_id and record.plan_id != plan_id):
                 continue
             yield record
+
+    def pending_events(self, subscription_id: str) -> list[OutboxEvent]:
+        return []  # the fake delivers nothing: it only keeps the documents (self.events)
+
+    def page_records(
+        self, *, status: str = "", offer_id: str = "", plan_id: str = "", page_size: int = 50, continuation: Any = None
+    ) -> tuple[list[SubscriptionRecord], Any]:
+        records = sorted(self.list_records(status=status, offer_id=offer_id, plan_id=plan_id), key=lambda r: r.id)
+        start = int(continuation["NextRowIndex"]) if continuation else 0
+        following = {"NextRowIndex": str(start + page_size)} if start + page_size < len(records) else None
+        return records[start : start + page_size], following
 
     def scan(self, *, page_size: int = 1000) -> Iterator[ScanItem]:
         self._check()

@@ -44,6 +44,8 @@ def test_functions_are_registered_with_the_contracted_names_routes_and_triggers(
         "publisher_operation",
         "publisher_usage",
         "metering_timer",
+        "console_list",
+        "console_subscription",
     }
 
     def trigger(name):
@@ -59,6 +61,8 @@ def test_functions_are_registered_with_the_contracted_names_routes_and_triggers(
     assert trigger("publisher_operation")["route"] == "operations/{operationId}"
     assert trigger("publisher_operation")["methods"] == ["GET"]
     assert trigger("publisher_usage")["route"] == "usage" and trigger("publisher_usage")["methods"] == ["POST"]
+    assert trigger("console_list")["route"] == "console" and trigger("console_list")["methods"] == ["GET"]
+    assert trigger("console_subscription")["route"] == "console/subscriptions/{subscriptionId}"
     for name in (
         "landing_page",
         "webhook",

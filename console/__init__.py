@@ -1,0 +1,56 @@
+"""Operator console (server-rendered pages behind App Service Authentication; shared/console.py).
+
+    GET /api/console                                  the subscriptions (filters, server-side paging)
+    GET /api/console/subscriptions/{subscriptionId}   one subscription: ours vs Microsoft's, history, operations, usage
+
+Never in Easy Auth's excludedPaths: the platform signs the user in; the use case checks the app role.
+"""
+
+import logging
+
+import azure.functions as func
+
+from shared.observability import correlation
+
+bp = func.Blueprint()
+log = logging.getLogger(__name__)
+
+
+def _page(call) -> func.HttpResponse:
+    """Run one console use case and render its page; errors become a small page with the right status."""
+    from shared.errors import AppError, http_status_for
+    from shared.principal import signed_in_user
+    from shared.services import get_services
+    from shared.web import render_page
+
+    with correlation() as cid:
+        try:
+            services = get_services()
+            page = call(services, signed_in_user)
+            html, headers = render_page(page.template, page.context)
+            return func.HttpResponse(html, status_code=page.status, mimetype="text/html", headers=headers)
+        except Exception as error:
+            status = http_status_for(error)
+            if not isinstance(error, AppError):
+                log.exception("console page failed")
+            message = error.message if isinstance(error, AppError) and status < 500 else "Something went wrong."
+            html, headers = render_page("console_error.html", {"status": status, "message": message, "correlation_id": cid})
+            return func.HttpResponse(html, status_code=status, mimetype="text/html", headers=headers)
+
+
+@bp.function_name("console_list")
+@bp.route(route="console", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def console_list(req: func.HttpRequest) -> func.HttpResponse:
+    from shared import console
+
+    params = {name: req.params.get(name, "") for name in ("status", "offer", "plan", "q", "cursor")}
+    return _page(lambda services, who: console.list_page(services, who(req.headers), params))
+
+
+@bp.function_name("console_subscription")
+@bp.route(route="console/subscriptions/{subscriptionId}", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def console_subscription(req: func.HttpRequest) -> func.HttpResponse:
+    from shared import console
+
+    subscription_id = req.route_params.get("subscriptionId", "")
+    return _page(lambda services, who: console.subscription_page(services, who(req.headers), subscription_id))

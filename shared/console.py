@@ -1,0 +1,212 @@
+"""Operator console (read side, first slice of issue 14): the subscriptions list and one subscription.
+
+Who may look: App Service Authentication (Easy Auth) signs the user in; the principal's app roles
+decide (``Console.Reader`` to look, ``Console.Operator`` to act). ``CONSOLE_AUTH=none`` (local only,
+refused in Azure) treats every signed-in user as an operator.
+
+The list never scans the whole table for a page view: one filtered query (``RowKey eq 'state'``
+plus the status / offer / plan filters) that the server stops after PAGE_SIZE matches, with Table
+storage's continuation token as the "next page" cursor. Counts per status come from the last
+reconciliation run (it scans every record anyway). A text search other than a subscription id
+reads at most SEARCH_SCAN_LIMIT records and says so.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from shared.domain import format_timestamp
+from shared.errors import AppError, BadRequestError, ForbiddenError, NotFoundError, UnauthorizedError
+from shared.ids import is_marketplace_id, require_marketplace_id
+from shared.state_machine import LocalStatus
+
+if TYPE_CHECKING:
+    from shared.principal import SignedInUser
+    from shared.services import Services
+
+log = logging.getLogger(__name__)
+
+ROLE_READER = "Console.Reader"
+ROLE_OPERATOR = "Console.Operator"
+PAGE_SIZE = 50
+SEARCH_SCAN_LIMIT = 5000
+MAX_FILTER_CHARS = 200
+
+
+@dataclass(frozen=True)
+class ConsoleUser:
+    label: str
+    can_act: bool
+
+
+@dataclass(frozen=True)
+class Page:
+    template: str
+    context: dict[str, Any] = field(default_factory=dict)
+    status: int = 200
+
+
+def authorize(services: Services, user: SignedInUser | None, *, act: bool = False) -> ConsoleUser:
+    """The console user, or UnauthorizedError (nobody signed in) / ForbiddenError (no console role)."""
+    if user is None:
+        raise UnauthorizedError("sign in to use the operator console", code="sign_in_required")
+    if services.settings.console_auth == "none":
+        return ConsoleUser(user.label, can_act=True)
+    roles = set(user.roles)
+    can_act = ROLE_OPERATOR in roles
+    if not (can_act or ROLE_READER in roles) or (act and not can_act):
+        needed = ROLE_OPERATOR if act else f"{ROLE_READER} or {ROLE_OPERATOR}"
+        log.warning("console refused %s: no %s role", user.label, needed)
+        raise ForbiddenError(f"the operator console needs the app role {needed}", code="missing_role")
+    return ConsoleUser(user.label, can_act=can_act)
+
+
+def _cursor_out(token: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(token).encode()).decode() if token else ""
+
+
+def _cursor_in(text: str) -> Any:
+    if not text:
+        return None
+    try:
+        token = json.loads(base64.urlsafe_b64decode(text.encode() + b"=" * (-len(text) % 4)))
+    except (ValueError, binascii.Error):
+        raise BadRequestError("the page cursor is not valid", code="bad_cursor") from None
+    if not isinstance(token, dict) or not all(isinstance(v, str) for v in token.values()):
+        raise BadRequestError("the page cursor is not valid", code="bad_cursor")
+    return token
+
+
+def _filter(params: Mapping[str, str], name: str) -> str:
+    value = (params.get(name) or "").strip()
+    if len(value) > MAX_FILTER_CHARS:
+        raise BadRequestError(f"{name} is too long", code="bad_filter")
+    return value
+
+
+def _row(record: Any) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "name": record.name,
+        "status": record.status.value,
+        "offer_id": record.offer_id,
+        "plan_id": record.plan_id,
+        "quantity": record.quantity,
+        "purchaser": record.purchaser.email_id,
+        "beneficiary": record.beneficiary.email_id,
+        "flags": list(record.flags),
+        "updated_at": format_timestamp(record.updated_at),
+    }
+
+
+def _matches(record: Any, text: str) -> bool:
+    needle = text.lower()
+    haystack = (record.id, record.name, record.purchaser.email_id, record.beneficiary.email_id)
+    return any(needle in (value or "").lower() for value in haystack)
+
+
+def list_page(services: Services, user: SignedInUser | None, params: Mapping[str, str]) -> Page:
+    console_user = authorize(services, user)
+    status, offer, plan, text = (_filter(params, name) for name in ("status", "offer", "plan", "q"))
+    if status and status not in {s.value for s in LocalStatus}:
+        raise BadRequestError("unknown status", code="bad_filter")
+    cursor = _cursor_in(_filter(params, "cursor"))
+    repository = services.repository
+    note, next_cursor = "", ""
+    if text and is_marketplace_id(text):
+        stored = repository.get(text.lower())
+        records = [stored.record] if stored is not None else []
+    elif text:
+        records, scanned = [], 0
+        for record in repository.list_records(status=status, offer_id=offer, plan_id=plan):
+            scanned += 1
+            if _matches(record, text):
+                records.append(record)
+            if len(records) >= PAGE_SIZE or scanned >= SEARCH_SCAN_LIMIT:
+                break
+        if scanned >= SEARCH_SCAN_LIMIT:
+            note = f"Searched the first {SEARCH_SCAN_LIMIT:,} records; narrow the filters or search by subscription id."
+    else:
+        records, token = repository.page_records(
+            status=status, offer_id=offer, plan_id=plan, page_size=PAGE_SIZE, continuation=cursor
+        )
+        next_cursor = _cursor_out(token)
+    runs = repository.latest_runs(1)
+    last_run = runs[0] if runs else {}
+    return Page(
+        "console_list.html",
+        {
+            "brand_name": services.settings.brand_name,
+            "user": console_user,
+            "rows": [_row(record) for record in records],
+            "filters": {"status": status, "offer": offer, "plan": plan, "q": text},
+            "statuses": [s.value for s in LocalStatus],
+            "counts": last_run.get("by_status") or {},
+            "counts_at": last_run.get("started_at", ""),
+            "next_cursor": next_cursor,
+            "first_page": cursor is None,
+            "note": note,
+        },
+    )
+
+
+def subscription_page(services: Services, user: SignedInUser | None, subscription_id: str) -> Page:
+    console_user = authorize(services, user)
+    subscription_id = require_marketplace_id(subscription_id, "subscription id").lower()
+    stored = services.repository.get(subscription_id)
+    if stored is None:
+        raise NotFoundError("this subscription is not recorded here", code="unknown_subscription")
+    record = stored.record
+    checked_at = format_timestamp(services.clock())
+    try:
+        found = services.marketplace.get_subscription(subscription_id)
+        microsoft: dict[str, Any] | None = {
+            "status": found.status.value,
+            "name": found.name,
+            "offer_id": found.offer_id,
+            "plan_id": found.plan_id,
+            "quantity": found.quantity,
+            "term": f"{format_timestamp(found.term.start_date)} - {format_timestamp(found.term.end_date)}",
+            "auto_renew": found.auto_renew,
+        }
+        microsoft_error = ""
+    except AppError as error:  # shown, never fatal: the console must work when Microsoft does not
+        microsoft, microsoft_error = None, error.code
+    history = list(reversed(services.repository.history(subscription_id)))
+    operations = services.publisher_store.list_for(subscription_id) if services.publisher_store is not None else []
+    usage: list[dict[str, Any]] = []
+    if services.usage_store is not None:
+        from shared.metering import usage_view
+
+        now = services.clock()
+        usage = usage_view(services, subscription_id, now - timedelta(hours=24), now)
+    events = services.repository.pending_events(subscription_id)
+    ours = _row(record) | {
+        "marketplace_status": record.marketplace_status,
+        "term": f"{format_timestamp(record.term_start)} - {format_timestamp(record.term_end)}",
+        "auto_renew": record.auto_renew,
+        "activated_by": record.activated_by,
+        "last_event_at": format_timestamp(record.last_event_at),
+    }
+    return Page(
+        "console_subscription.html",
+        {
+            "brand_name": services.settings.brand_name,
+            "user": console_user,
+            "record": ours,
+            "microsoft": microsoft,
+            "microsoft_error": microsoft_error,
+            "checked_at": checked_at,
+            "history": history,
+            "operations": [op.to_api() for op in operations],
+            "usage": usage,
+            "pending_events": [{"seq": e.seq, "event_id": e.event_id, "attempts": e.attempts} for e in events],
+        },
+    )

@@ -1,0 +1,117 @@
+"""Operator console, read side (issue 14, first slice), over real HTTP through the dev host: Easy Auth's
+principal with app roles, Azurite and the marketplace stand-in."""
+
+from __future__ import annotations
+
+import re
+from html import unescape
+
+import pytest
+
+from devtools.devhost import SignedInUser
+from shared import console
+from shared.reconcile import run_reconciliation
+
+pytestmark = pytest.mark.azurite
+
+ADA = "Ada Operator <ada@contoso.example>"
+
+
+@pytest.fixture
+def site(standin, services, devhost, http):
+    ids = standin.seed(3, plan_id="standard", quantity=5)
+    standin.set_subscription(ids[1], status="Suspended")
+    standin.set_subscription(ids[2], name="<script>alert(1)</script> & Co")
+    assert run_reconciliation(services).completed  # records them
+    assert run_reconciliation(services).completed  # counts them (a run counts what its scan found)
+
+    def get(path: str, roles: tuple[str, ...] | None = ("Console.Reader",), **params):
+        devhost.signed_in_user = None if roles is None else SignedInUser.parse(ADA, roles=roles)
+        return http.get(devhost.url + path, params=params, timeout=30)
+
+    return ids, get
+
+
+def rows(html: str) -> list[str]:
+    return re.findall(r'data-testid="subscription-row">\s*<td><a href="/api/console/subscriptions/([0-9a-f-]+)"', html)
+
+
+def test_the_list_shows_every_subscription_with_counts_and_the_pages_security_headers(site):
+    ids, get = site
+    response = get("/api/console")
+    assert response.status_code == 200
+    assert sorted(rows(response.text)) == sorted(ids)
+    counts = re.search(r'data-testid="counts">(.*?)</div>', response.text, re.S).group(1)
+    assert "Subscribed</span> 2" in counts and "Suspended</span> 1" in counts
+    headers = response.headers
+    nonce = re.search(r"'nonce-([^']+)'", headers["Content-Security-Policy"]).group(1)
+    assert f'nonce="{nonce}"' in response.text and "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+    assert headers["Cache-Control"] == "no-store" and headers["Referrer-Policy"] == "no-referrer"
+    assert "<script>alert(1)" not in response.text and "&lt;script&gt;alert(1)&lt;/script&gt; &amp; Co" in response.text
+
+
+def test_filters_search_and_server_side_pages(site, monkeypatch):
+    ids, get = site
+    assert rows(get("/api/console", status="Suspended").text) == [ids[1]]
+    assert rows(get("/api/console", q=ids[2].upper()).text) == [ids[2]]  # an id: one point read
+    assert rows(get("/api/console", q="& co").text) == [ids[2]]  # text: name, purchaser, beneficiary
+    assert rows(get("/api/console", status="Unsubscribed").text) == []
+    monkeypatch.setattr(console, "PAGE_SIZE", 2)
+    first = get("/api/console")
+    cursor = re.search(r'data-testid="next-page" href="([^"]+)"', first.text)
+    assert len(rows(first.text)) == 2 and cursor
+    second = get("/api/console" + unescape(cursor.group(1)))
+    assert len(rows(second.text)) == 1 and 'data-testid="next-page"' not in second.text
+    assert sorted(rows(first.text) + rows(second.text)) == sorted(ids)
+    assert get("/api/console", cursor="not-a-cursor!").status_code == 400
+    assert get("/api/console", status="Nonsense").status_code == 400
+
+
+def test_one_subscription_side_by_side_with_microsoft_and_its_history(site, standin):
+    ids, get = site
+    standin.set_subscription(ids[0], quantity=9)  # drift Microsoft has and we do not yet
+    page = get(f"/api/console/subscriptions/{ids[0]}")
+    assert page.status_code == 200
+    ours = re.search(r'data-testid="ours">(.*?)</dl>', page.text, re.S).group(1)
+    theirs = re.search(r'data-testid="microsoft">(.*?)</dl>', page.text, re.S).group(1)
+    assert "<dd>5</dd>" in ours and '<dd class="differs">9</dd>' in theirs
+    assert page.text.count('data-testid="history-entry"') >= 1
+    standin.fail_next(8, 503)
+    down = get(f"/api/console/subscriptions/{ids[0]}")
+    assert down.status_code == 200 and 'data-testid="microsoft-error"' in down.text  # the console works without Microsoft
+    assert get("/api/console/subscriptions/00000000-0000-4000-8000-00000000abcd").status_code == 404
+    assert get("/api/console/subscriptions/not-a-guid").status_code == 400
+
+
+def test_roles_decide_who_may_look(site):
+    ids, get = site
+    for path in ("/api/console", f"/api/console/subscriptions/{ids[0]}"):
+        nobody = get(path, roles=None)
+        assert nobody.status_code == 401 and ids[0] not in nobody.text
+        no_role = get(path, roles=())
+        assert no_role.status_code == 403 and ids[0] not in no_role.text and "Console.Reader" in no_role.text
+        other_app = get(path, roles=("Subscriptions.ReadWrite",))
+        assert other_app.status_code == 403
+        assert get(path, roles=("Console.Reader",)).status_code == 200
+        operator = get(path, roles=("Console.Operator",))
+        assert operator.status_code == 200 and "(read only)" not in operator.text
+    assert "(read only)" in get("/api/console").text
+
+
+def test_console_auth_none_is_refused_in_azure():
+    from shared.errors import ConfigurationError
+    from shared.settings import Settings
+
+    with pytest.raises(ConfigurationError) as raised:
+        Settings.from_env(
+            {
+                "CONSOLE_AUTH": "none",
+                "WEBSITE_INSTANCE_ID": "x",
+                "TABLES_CONNECTION_STRING": "UseDevelopmentStorage=true",
+                "MARKETPLACE_AUTH": "none",
+                "WEBHOOK_AUTH": "entra",
+                "PUBLISHER_API_AUTH": "entra",
+            },
+            require=(),
+        )
+    assert any("CONSOLE_AUTH=none" in problem for problem in raised.value.problems)
