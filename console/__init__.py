@@ -2,6 +2,8 @@
 
     GET /api/console                                  the subscriptions (filters, server-side paging)
     GET /api/console/subscriptions/{subscriptionId}   one subscription: ours vs Microsoft's, history, operations, usage
+    POST /api/console/subscriptions/{subscriptionId}/activate   activate (manual mode; operator, CSRF, confirmed)
+    GET/POST /api/console/reconcile                   recent runs; preview (dry run) or run now (operator, CSRF)
 
 Never in Easy Auth's excludedPaths: the platform signs the user in; the use case checks the app role.
 """
@@ -54,3 +56,32 @@ def console_subscription(req: func.HttpRequest) -> func.HttpResponse:
 
     subscription_id = req.route_params.get("subscriptionId", "")
     return _page(lambda services, who: console.subscription_page(services, who(req.headers), subscription_id))
+
+
+def _form(req: func.HttpRequest) -> dict[str, str]:
+    """The posted form's fields (urlencoded; anything else is an empty form, refused by the use case)."""
+    from urllib.parse import parse_qs
+
+    body = req.get_body()[:16_384].decode("utf-8", "replace")
+    return {name: values[0] for name, values in parse_qs(body).items()}
+
+
+@bp.function_name("console_activate")
+@bp.route(route="console/subscriptions/{subscriptionId}/activate", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
+def console_activate(req: func.HttpRequest) -> func.HttpResponse:
+    from shared import console
+
+    subscription_id = req.route_params.get("subscriptionId", "")
+    form = _form(req)
+    return _page(lambda services, who: console.activate_action(services, who(req.headers), subscription_id, form))
+
+
+@bp.function_name("console_reconcile")
+@bp.route(route="console/reconcile", methods=["GET", "POST"], auth_level=func.AuthLevel.ANONYMOUS)
+def console_reconcile(req: func.HttpRequest) -> func.HttpResponse:
+    from shared import console
+
+    if req.method == "POST":
+        form = _form(req)
+        return _page(lambda services, who: console.reconcile_action(services, who(req.headers), form))
+    return _page(lambda services, who: console.runs_page(services, who(req.headers)))

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from shared.domain import format_timestamp
 from shared.errors import AppError, BadRequestError, ForbiddenError, NotFoundError, UnauthorizedError
 from shared.ids import is_marketplace_id, require_marketplace_id
+from shared.settings import LANDING_PAGE
 from shared.state_machine import LocalStatus
 
 if TYPE_CHECKING:
@@ -42,8 +43,14 @@ MAX_FILTER_CHARS = 200
 
 @dataclass(frozen=True)
 class ConsoleUser:
+    id: str  # binds the forms' CSRF tokens
     label: str
     can_act: bool
+
+    @property
+    def actor(self) -> str:
+        """How history records this person's actions."""
+        return f"operator:{self.label}"
 
 
 @dataclass(frozen=True)
@@ -58,14 +65,14 @@ def authorize(services: Services, user: SignedInUser | None, *, act: bool = Fals
     if user is None:
         raise UnauthorizedError("sign in to use the operator console", code="sign_in_required")
     if services.settings.console_auth == "none":
-        return ConsoleUser(user.label, can_act=True)
+        return ConsoleUser(user.id, user.label, can_act=True)
     roles = set(user.roles)
     can_act = ROLE_OPERATOR in roles
     if not (can_act or ROLE_READER in roles) or (act and not can_act):
         needed = ROLE_OPERATOR if act else f"{ROLE_READER} or {ROLE_OPERATOR}"
         log.warning("console refused %s: no %s role", user.label, needed)
         raise ForbiddenError(f"the operator console needs the app role {needed}", code="missing_role")
-    return ConsoleUser(user.label, can_act=can_act)
+    return ConsoleUser(user.id, user.label, can_act=can_act)
 
 
 def _cursor_out(token: Any) -> str:
@@ -188,6 +195,7 @@ def subscription_page(services: Services, user: SignedInUser | None, subscriptio
         now = services.clock()
         usage = usage_view(services, subscription_id, now - timedelta(hours=24), now)
     events = services.repository.pending_events(subscription_id)
+    can_activate = console_user.can_act and record.status in ACTIVATABLE
     ours = _row(record) | {
         "marketplace_status": record.marketplace_status,
         "term": f"{format_timestamp(record.term_start)} - {format_timestamp(record.term_end)}",
@@ -208,5 +216,120 @@ def subscription_page(services: Services, user: SignedInUser | None, subscriptio
             "operations": [op.to_api() for op in operations],
             "usage": usage,
             "pending_events": [{"seq": e.seq, "event_id": e.event_id, "attempts": e.attempts} for e in events],
+            "activate_token": _form_token(services, console_user, ACTION_ACTIVATE, subscription_id) if can_activate else "",
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# actions: POST, operator role, CSRF token bound to (action, target, user), an explicit confirmation
+
+ACTION_ACTIVATE = "activate"
+ACTION_RECONCILE = "reconcile"
+ACTION_PREVIEW = "preview"
+ACTIVATABLE = frozenset({LocalStatus.PENDING_ACTIVATION, LocalStatus.ACTIVATION_FAILED, LocalStatus.PENDING_FULFILLMENT_START})
+
+
+def _form_token(services: Services, user: ConsoleUser, action: str, target: str) -> str:
+    from shared.form_tokens import CONSOLE_AUDIENCE, issue_form_token
+
+    services.settings.require(LANDING_PAGE)  # LANDING_FORM_SECRET signs the console's forms too
+    return issue_form_token(
+        services.settings.landing_form_secret, f"{action}:{target}", user.id, services.clock(), audience=CONSOLE_AUDIENCE
+    )
+
+
+def _check_form(services: Services, user: ConsoleUser, action: str, target: str, form: Mapping[str, str]) -> None:
+    from shared.form_tokens import CONSOLE_AUDIENCE, verify_form_token
+
+    services.settings.require(LANDING_PAGE)
+    verify_form_token(
+        services.settings.landing_form_secret,
+        form.get("form_token", ""),
+        f"{action}:{target}",
+        user.id,
+        services.clock(),
+        audience=CONSOLE_AUDIENCE,
+    )
+    if form.get("confirm") != "yes":
+        raise BadRequestError("tick the confirmation box to do this", code="not_confirmed")
+
+
+def activate_action(services: Services, user: SignedInUser | None, subscription_id: str, form: Mapping[str, str]) -> Page:
+    from shared.activation import ActivationResult, activate
+    from shared.state_machine import Source
+
+    console_user = authorize(services, user, act=True)
+    subscription_id = require_marketplace_id(subscription_id, "subscription id").lower()
+    _check_form(services, console_user, ACTION_ACTIVATE, subscription_id, form)
+    if services.repository.get(subscription_id) is None:
+        raise NotFoundError("this subscription is not recorded here", code="unknown_subscription")
+    result = activate(services, subscription_id, actor=console_user.actor, source=Source.OPERATOR)
+    messages = {
+        ActivationResult.ACTIVATED: "Activated: Microsoft shows it Subscribed.",
+        ActivationResult.ALREADY_ACTIVE: "Already active: nothing was sent.",
+        ActivationResult.REQUESTED: "Activation sent; Microsoft has not confirmed yet (the reconciler confirms it).",
+        ActivationResult.IN_PROGRESS: "Another activation is in flight; try again in two minutes.",
+        ActivationResult.CANCELLED: "The subscription is cancelled (Unsubscribed).",
+        ActivationResult.FAILED: "Activation failed.",
+    }
+    log.info("console: %s activated %s: %s", console_user.actor, subscription_id, result.result.value)
+    return Page(
+        "console_done.html",
+        {
+            "brand_name": services.settings.brand_name,
+            "user": console_user,
+            "title": "Activate",
+            "message": messages.get(result.result, result.result.value),
+            "detail": str(result.error) if result.error else "",
+            "back": f"/api/console/subscriptions/{subscription_id}",
+            "differences": [],
+        },
+    )
+
+
+def runs_page(services: Services, user: SignedInUser | None) -> Page:
+    console_user = authorize(services, user)
+    tokens = (
+        {name: _form_token(services, console_user, name, "*") for name in (ACTION_PREVIEW, ACTION_RECONCILE)}
+        if console_user.can_act
+        else {}
+    )
+    return Page(
+        "console_runs.html",
+        {
+            "brand_name": services.settings.brand_name,
+            "user": console_user,
+            "runs": services.repository.latest_runs(10),
+            "tokens": tokens,
+        },
+    )
+
+
+def reconcile_action(services: Services, user: SignedInUser | None, form: Mapping[str, str]) -> Page:
+    from shared.reconcile import run_reconciliation
+
+    console_user = authorize(services, user, act=True)
+    action = form.get("action", "")
+    if action not in (ACTION_PREVIEW, ACTION_RECONCILE):
+        raise BadRequestError("unknown action", code="unknown_action")
+    _check_form(services, console_user, action, "*", form)
+    summary = run_reconciliation(services, dry_run=action == ACTION_PREVIEW)
+    data = summary.to_json(with_differences=True)
+    log.info("console: %s ran reconciliation (%s)", console_user.actor, action)
+    return Page(
+        "console_done.html",
+        {
+            "brand_name": services.settings.brand_name,
+            "user": console_user,
+            "title": "Preview" if action == ACTION_PREVIEW else "Reconciliation",
+            "message": (
+                f"{len(data['differences'])} differences found; nothing was changed."
+                if action == ACTION_PREVIEW
+                else f"Done: {sum(data['repairs'].values())} repairs, {data['flagged_count']} flagged."
+            ),
+            "detail": "" if summary.completed else f"stopped: {summary.stopped_reason}",
+            "back": "/api/console/reconcile",
+            "differences": data["differences"],
         },
     )

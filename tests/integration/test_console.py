@@ -115,3 +115,81 @@ def test_console_auth_none_is_refused_in_azure():
             require=(),
         )
     assert any("CONSOLE_AUTH=none" in problem for problem in raised.value.problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# actions: POST, operator role, CSRF token, confirmation
+
+
+def form_token(html: str, testid: str) -> str:
+    form = re.search(rf'data-testid="{testid}">(.*?)</form>', html, re.S)
+    assert form, f"no {testid} on the page"
+    return re.search(r'name="form_token" value="([^"]+)"', form.group(1)).group(1)
+
+
+@pytest.fixture
+def pending(standin, services, devhost, http):
+    purchase = standin.create_purchase(plan_id="standard", quantity=3, name="Waiting Co")
+    assert run_reconciliation(services).completed
+    sid = purchase["subscriptionId"]
+
+    def call(method: str, path: str, roles=("Console.Operator",), user: str = ADA, **data):
+        devhost.signed_in_user = SignedInUser.parse(user, roles=roles)
+        return http.request(method, devhost.url + path, data=data or None, timeout=30)
+
+    return sid, call
+
+
+def test_activate_from_the_console_is_recorded_as_the_operator(pending, standin, services):
+    sid, call = pending
+    page = call("GET", f"/api/console/subscriptions/{sid}")
+    token = form_token(page.text, "activate-form")
+    done = call("POST", f"/api/console/subscriptions/{sid}/activate", form_token=token, confirm="yes")
+    assert done.status_code == 200, done.text
+    assert standin.calls["activate"] == 1
+    entries = services.repository.history(sid)
+    assert any(e["actor"] == "operator:Ada Operator <ada@contoso.example>" and e["source"] == "operator" for e in entries)
+    # The same form again: the activation is not sent twice.
+    again = call("POST", f"/api/console/subscriptions/{sid}/activate", form_token=token, confirm="yes")
+    assert again.status_code == 200 and standin.calls["activate"] == 1
+
+
+def test_actions_refuse_without_role_token_or_confirmation_and_send_nothing(pending, standin):
+    sid, call = pending
+    token = form_token(call("GET", f"/api/console/subscriptions/{sid}").text, "activate-form")
+    reader_page = call("GET", f"/api/console/subscriptions/{sid}", roles=("Console.Reader",))
+    assert 'data-testid="activate-form"' not in reader_page.text  # a reader sees no action
+    path = f"/api/console/subscriptions/{sid}/activate"
+    refusals = [
+        ("reader", call("POST", path, roles=("Console.Reader",), form_token=token, confirm="yes"), 403),
+        ("no token", call("POST", path, confirm="yes"), 403),
+        ("forged token", call("POST", path, form_token=token[:-4] + "AAAA", confirm="yes"), 403),
+        ("another user's token", call("POST", path, user="Bob <bob@contoso.example>", form_token=token, confirm="yes"), 403),
+        ("not confirmed", call("POST", path, form_token=token), 400),
+    ]
+    for name, response, status in refusals:
+        assert response.status_code == status, (name, response.text)
+    other = call("GET", "/api/console/reconcile")
+    reconcile_token = form_token(other.text, "reconcile-form")
+    wrong_form = call("POST", path, form_token=reconcile_token, confirm="yes")  # another action's token
+    assert wrong_form.status_code == 403
+    assert standin.calls["activate"] == 0
+
+
+def test_reconciliation_preview_changes_nothing_and_run_now_repairs(pending, standin, services):
+    _, call = pending
+    (drifted,) = standin.seed(1, plan_id="standard", quantity=5)  # a purchase we have not recorded
+    runs = call("GET", "/api/console/reconcile")
+    assert runs.status_code == 200 and runs.text.count('data-testid="run"') >= 1
+    preview = call(
+        "POST", "/api/console/reconcile", action="preview", form_token=form_token(runs.text, "preview-form"), confirm="yes"
+    )
+    assert preview.status_code == 200 and drifted in preview.text
+    assert services.repository.get(drifted) is None  # a preview changes nothing
+    run = call(
+        "POST", "/api/console/reconcile", action="reconcile", form_token=form_token(runs.text, "reconcile-form"), confirm="yes"
+    )
+    assert run.status_code == 200 and "repairs" in run.text
+    assert services.repository.get(drifted) is not None
+    reader = call("POST", "/api/console/reconcile", roles=("Console.Reader",), action="reconcile", confirm="yes")
+    assert reader.status_code == 403

@@ -46,6 +46,8 @@ def test_functions_are_registered_with_the_contracted_names_routes_and_triggers(
         "metering_timer",
         "console_list",
         "console_subscription",
+        "console_activate",
+        "console_reconcile",
     }
 
     def trigger(name):
