@@ -2,6 +2,7 @@
 
     GET /api/console                                  the subscriptions (filters, server-side paging)
     GET /api/console/subscriptions/{subscriptionId}   one subscription: ours vs Microsoft's, history, operations, usage
+    GET /api/console/attention                        everything flagged for a person, with what to do
     POST /api/console/subscriptions/{subscriptionId}/activate   activate (manual mode; operator, CSRF, confirmed)
     GET/POST /api/console/reconcile                   recent runs; preview (dry run) or run now (operator, CSRF)
 
@@ -85,3 +86,11 @@ def console_reconcile(req: func.HttpRequest) -> func.HttpResponse:
         form = _form(req)
         return _page(lambda services, who: console.reconcile_action(services, who(req.headers), form))
     return _page(lambda services, who: console.runs_page(services, who(req.headers)))
+
+
+@bp.function_name("console_attention")
+@bp.route(route="console/attention", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def console_attention(req: func.HttpRequest) -> func.HttpResponse:
+    from shared import console
+
+    return _page(lambda services, who: console.attention_page(services, who(req.headers)))

@@ -221,6 +221,31 @@ def subscription_page(services: Services, user: SignedInUser | None, subscriptio
     )
 
 
+def attention_page(services: Services, user: SignedInUser | None) -> Page:
+    """What needs a person: subscriptions waiting for manual activation, what the last reconciliation
+    flagged, events waiting too long, and metered usage Microsoft refused or that expired."""
+    console_user = authorize(services, user)
+    repository = services.repository
+    waiting, _ = repository.page_records(status=LocalStatus.PENDING_ACTIVATION.value, page_size=PAGE_SIZE)
+    failed, _ = repository.page_records(status=LocalStatus.ACTIVATION_FAILED.value, page_size=PAGE_SIZE)
+    runs = repository.latest_runs(1)
+    last_run = runs[0] if runs else {}
+    usage = services.usage_store.list_flagged() if services.usage_store is not None else []
+    return Page(
+        "console_attention.html",
+        {
+            "brand_name": services.settings.brand_name,
+            "user": console_user,
+            "activations": [_row(record) for record in [*waiting, *failed]],
+            "flagged": last_run.get("flagged") or [],
+            "flagged_count": last_run.get("flagged_count", 0),
+            "events_waiting": last_run.get("events_waiting_too_long", 0),
+            "run_at": last_run.get("started_at", ""),
+            "usage": usage,
+        },
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # actions: POST, operator role, CSRF token bound to (action, target, user), an explicit confirmation
 

@@ -193,3 +193,34 @@ def test_reconciliation_preview_changes_nothing_and_run_now_repairs(pending, sta
     assert services.repository.get(drifted) is not None
     reader = call("POST", "/api/console/reconcile", roles=("Console.Reader",), action="reconcile", confirm="yes")
     assert reader.status_code == 403
+
+
+def test_needs_attention_lists_waiting_activations_and_refused_usage(pending, services):
+    from datetime import timedelta
+
+    from shared.usage_store import Bucket, hour_of
+
+    from shared import state_machine as sm
+
+    sid, call = pending
+    # The buyer confirmed in manual mode: the subscription waits for an operator.
+    change = sm.Change(
+        kind=sm.Kind.REQUEST_ACTIVATION, source=sm.Source.LANDING_PAGE, occurred_at=services.clock(), actor="buyer"
+    )
+    services.repository.apply(sid, lambda record: sm.apply(record, change, now=services.clock()))
+    services.usage_store.flag(
+        Bucket(
+            sid,
+            hour_of(services.clock()) - timedelta(hours=2),
+            "api_calls",
+            status="Flagged",
+            marketplace_status="InvalidDimension",
+            message="no such dimension",
+        )
+    )
+    page = call("GET", "/api/console/attention", roles=("Console.Reader",))
+    assert page.status_code == 200
+    assert page.text.count('data-testid="attention-activation"') == 1 and sid in page.text
+    usage = re.search(r'data-testid="attention-usage">(.*?)</tr>', page.text, re.S).group(1)
+    assert "InvalidDimension" in usage and "no such dimension" in usage
+    assert call("GET", "/api/console/attention", roles=()).status_code == 403

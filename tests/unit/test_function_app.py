@@ -48,6 +48,7 @@ def test_functions_are_registered_with_the_contracted_names_routes_and_triggers(
         "console_subscription",
         "console_activate",
         "console_reconcile",
+        "console_attention",
     }
 
     def trigger(name):
