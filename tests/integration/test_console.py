@@ -198,9 +198,8 @@ def test_reconciliation_preview_changes_nothing_and_run_now_repairs(pending, sta
 def test_needs_attention_lists_waiting_activations_and_refused_usage(pending, services):
     from datetime import timedelta
 
-    from shared.usage_store import Bucket, hour_of
-
     from shared import state_machine as sm
+    from shared.usage_store import Bucket, hour_of
 
     sid, call = pending
     # The buyer confirmed in manual mode: the subscription waits for an operator.
