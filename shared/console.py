@@ -66,6 +66,12 @@ def authorize(services: Services, user: SignedInUser | None, *, act: bool = Fals
         raise UnauthorizedError("sign in to use the operator console", code="sign_in_required")
     if services.settings.console_auth == "none":
         return ConsoleUser(user.id, user.label, can_act=True)
+    # The sign-in app is multi-tenant (buyers of any tenant sign in), and any tenant's admin can assign
+    # its app roles in that tenant: only roles held in the publisher's own tenant count.
+    tenant = services.settings.console_tenant_id
+    if not tenant or user.tenant_id.lower() != tenant.lower():
+        log.warning("console refused %s: not a user of the publisher's tenant", user.label)
+        raise ForbiddenError("the operator console is for the publisher's own staff", code="wrong_tenant")
     roles = set(user.roles)
     can_act = ROLE_OPERATOR in roles
     if not (can_act or ROLE_READER in roles) or (act and not can_act):

@@ -207,6 +207,11 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "Operator console: `entra` (App Service Authentication, app roles Console.Reader / Console.Operator) or `none` "
         "(local only: every signed-in user is an operator; refused in Azure).",
     ),
+    SettingSpec(
+        "CONSOLE_TENANT_ID",
+        "",
+        "Tenant whose users may use the operator console (their app roles count); default MARKETPLACE_TENANT_ID.",
+    ),
     SettingSpec("EVENTS_QUEUE_NAME", "subscription-events", "Storage queue that receives lifecycle events."),
     SettingSpec(
         "EVENTS_QUEUE_ENDPOINT", "", "Queue service endpoint for identity-based access; default derived from TABLES_ENDPOINT."
@@ -370,6 +375,7 @@ class Settings:
     metering_expiry_warning_hours: int = 4
     metering_late_usage: str = "carry"
     console_auth: str = "entra"
+    console_tenant_id: str = ""
     events_queue_name: str = "subscription-events"
     events_queue_endpoint: str = ""
     events_webhook_url: str = ""
@@ -514,6 +520,7 @@ class Settings:
             metering_expiry_warning_hours=_int(env, "METERING_EXPIRY_WARNING_HOURS", problems, minimum=0),
             metering_late_usage=_choice(env, "METERING_LATE_USAGE", ("carry", "unbillable"), problems),
             console_auth=console_auth,
+            console_tenant_id=_text(env, "CONSOLE_TENANT_ID") or tenant_id,
             events_queue_name=_text(env, "EVENTS_QUEUE_NAME"),
             events_queue_endpoint=_text(env, "EVENTS_QUEUE_ENDPOINT"),
             events_webhook_url=events_webhook_url,

@@ -226,6 +226,8 @@ var appSettings = {
   METERING_EXPIRY_WARNING_HOURS: '4'
   METERING_LATE_USAGE: 'carry'
   CONSOLE_AUTH: 'entra'
+  // Empty: the marketplace app's tenant (the publisher's own) is the console's.
+  CONSOLE_TENANT_ID: ''
   EVENTS_QUEUE_NAME: eventsQueueName
   EVENTS_QUEUE_ENDPOINT: queueEndpoint
   EVENTS_WEBHOOK_URL: eventsWebhookUrl

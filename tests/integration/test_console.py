@@ -11,10 +11,12 @@ import pytest
 from devtools.devhost import SignedInUser
 from shared import console
 from shared.reconcile import run_reconciliation
+from tests.conftest import TENANT_ID
 
 pytestmark = pytest.mark.azurite
 
 ADA = "Ada Operator <ada@contoso.example>"
+STAFF_TENANT = TENANT_ID  # the publisher's tenant (MARKETPLACE_TENANT_ID in the tests' settings)
 
 
 @pytest.fixture
@@ -26,7 +28,7 @@ def site(standin, services, devhost, http):
     assert run_reconciliation(services).completed  # counts them (a run counts what its scan found)
 
     def get(path: str, roles: tuple[str, ...] | None = ("Console.Reader",), **params):
-        devhost.signed_in_user = None if roles is None else SignedInUser.parse(ADA, roles=roles)
+        devhost.signed_in_user = None if roles is None else SignedInUser.parse(ADA, STAFF_TENANT, roles=roles)
         return http.get(devhost.url + path, params=params, timeout=30)
 
     return ids, get
@@ -98,6 +100,22 @@ def test_roles_decide_who_may_look(site):
     assert "(read only)" in get("/api/console").text
 
 
+def test_roles_assigned_in_another_tenant_do_not_count(site, devhost, http):
+    ids, _ = site
+    # The sign-in app is multi-tenant: a buyer's admin can assign its roles in the buyer's tenant.
+    outsider = SignedInUser.parse(
+        "Eve <eve@fabrikam.example>", "0bad7e11-0000-4000-8000-0000000000dd", roles=("Console.Operator",)
+    )
+    devhost.signed_in_user = outsider
+    for path in ("/api/console", f"/api/console/subscriptions/{ids[0]}", "/api/console/attention", "/api/console/reconcile"):
+        response = http.get(devhost.url + path, timeout=30)
+        assert response.status_code == 403 and ids[0] not in response.text, path
+    assert (
+        http.post(devhost.url + "/api/console/reconcile", data={"action": "reconcile", "confirm": "yes"}, timeout=30).status_code
+        == 403
+    )
+
+
 def test_console_auth_none_is_refused_in_azure():
     from shared.errors import ConfigurationError
     from shared.settings import Settings
@@ -134,7 +152,7 @@ def pending(standin, services, devhost, http):
     sid = purchase["subscriptionId"]
 
     def call(method: str, path: str, roles=("Console.Operator",), user: str = ADA, **data):
-        devhost.signed_in_user = SignedInUser.parse(user, roles=roles)
+        devhost.signed_in_user = SignedInUser.parse(user, STAFF_TENANT, roles=roles)
         return http.request(method, devhost.url + path, data=data or None, timeout=30)
 
     return sid, call
