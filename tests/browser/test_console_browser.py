@@ -1,0 +1,105 @@
+"""The operator console in Debian's Chromium: list, filter, detail, activate end to end, the refusals.
+
+Screenshots of the three main pages go to ``docs/images/`` when UPDATE_DOC_IMAGES=1 (else under
+``test-artifacts/docs-images``); the tab fixture fails the test on any CSP refusal or script error.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from devtools.devhost import SignedInUser
+from shared import state_machine as sm
+from shared.reconcile import run_reconciliation
+from tests.conftest import TENANT_ID
+
+pytestmark = [pytest.mark.browser, pytest.mark.azurite]
+
+_ROOT = Path(__file__).resolve().parents[2]
+DOCS_IMAGES = (
+    _ROOT / "docs" / "images" if os.environ.get("UPDATE_DOC_IMAGES") == "1" else _ROOT / "test-artifacts" / "docs-images"
+)
+ADA = "Ada Operator <ada@contoso.example>"
+
+
+@pytest.fixture
+def console_site(standin, services, devhost):
+    ids = standin.seed(6, plan_id="standard", quantity=5)
+    standin.set_subscription(ids[1], status="Suspended")
+    for n, sid in enumerate(ids):
+        standin.set_subscription(sid, name=f"Contoso tenant {n + 1}")
+    purchase = standin.create_purchase(plan_id="standard", quantity=3, name="Fabrikam (waiting)")
+    assert run_reconciliation(services).completed
+    assert run_reconciliation(services).completed
+    waiting = purchase["subscriptionId"]
+    change = sm.Change(
+        kind=sm.Kind.REQUEST_ACTIVATION, source=sm.Source.LANDING_PAGE, occurred_at=services.clock(), actor="buyer"
+    )
+    services.repository.apply(waiting, lambda record: sm.apply(record, change, now=services.clock()))
+
+    def sign_in(roles=("Console.Operator",)) -> None:
+        devhost.signed_in_user = SignedInUser.parse(ADA, TENANT_ID, roles=roles)
+
+    sign_in()
+    return ids, waiting, sign_in
+
+
+def test_list_filter_and_detail(tab, devhost, console_site):
+    ids, _, _ = console_site
+    page = tab.page
+    response = page.goto(devhost.url + "/api/console")
+    assert response.status == 200
+    assert page.locator('[data-testid="subscription-row"]').count() == 7
+    DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(DOCS_IMAGES / "console-list.png"), full_page=True)
+    page.select_option('select[name="status"]', "Suspended")
+    page.get_by_role("button", name="Filter").click()
+    page.wait_for_url("**status=Suspended**")
+    assert page.locator('[data-testid="subscription-row"]').count() == 1
+    page.get_by_role("link", name="Contoso tenant 2").click()
+    assert page.locator("#page-title").inner_text().startswith("Contoso tenant 2")
+    assert ids[1] in page.content()
+    assert page.locator('[data-testid="history-entry"]').count() >= 1
+    page.screenshot(path=str(DOCS_IMAGES / "console-subscription.png"), full_page=True)
+    tab.shot("detail")
+
+
+def test_activate_end_to_end_and_attention(tab, devhost, console_site, standin, services):
+    _, waiting, _ = console_site
+    page = tab.page
+    page.goto(devhost.url + "/api/console/attention")
+    assert page.locator('[data-testid="attention-activation"]').count() == 1
+    page.screenshot(path=str(DOCS_IMAGES / "console-attention.png"), full_page=True)
+    page.get_by_role("link", name="Fabrikam (waiting)").click()
+    page.get_by_label("I confirm").check()
+    page.get_by_role("button", name="Activate").click()
+    assert page.locator('[data-testid="result"]').inner_text().startswith(("Activated", "Activation sent"))
+    assert standin.calls["activate"] == 1
+    actors = [entry["actor"] for entry in services.repository.history(waiting)]
+    assert f"operator:{ADA}" in actors
+    tab.shot("activated")
+
+
+def test_refusals_in_the_browser(tab, devhost, console_site, standin):
+    _, waiting, sign_in = console_site
+    page = tab.page
+    page.goto(f"{devhost.url}/api/console/subscriptions/{waiting}")
+    # A tampered CSRF token: refused, nothing sent.
+    page.locator('input[name="form_token"]').evaluate("element => { element.value = 'forged'; }")
+    page.get_by_label("I confirm").check()
+    with page.expect_response("**/activate") as answer:
+        page.get_by_role("button", name="Activate").click()
+    assert answer.value.status == 403
+    assert standin.calls["activate"] == 0
+    tab.shot("csrf-refused")
+    # A reader sees no action; a user without a console role sees nothing.
+    sign_in(roles=("Console.Reader",))
+    page.goto(f"{devhost.url}/api/console/subscriptions/{waiting}")
+    assert page.locator('[data-testid="activate-form"]').count() == 0
+    sign_in(roles=())
+    response = page.goto(devhost.url + "/api/console")
+    assert response.status == 403 and page.locator("h1").inner_text() == "Not allowed"
+    assert waiting not in page.content()
