@@ -4,6 +4,7 @@
     GET /api/console/subscriptions/{subscriptionId}   one subscription: ours vs Microsoft's, history, operations, usage
     GET /api/console/attention                        everything flagged for a person, with what to do
     POST /api/console/subscriptions/{subscriptionId}/activate   activate (manual mode; operator, CSRF, confirmed)
+    POST /api/console/subscriptions/{subscriptionId}/redeliver  deliver waiting lifecycle events now (operator, CSRF)
     GET/POST /api/console/reconcile                   recent runs; preview (dry run) or run now (operator, CSRF)
 
 Never in Easy Auth's excludedPaths: the platform signs the user in; the use case checks the app role.
@@ -94,3 +95,13 @@ def console_attention(req: func.HttpRequest) -> func.HttpResponse:
     from shared import console
 
     return _page(lambda services, who: console.attention_page(services, who(req.headers)))
+
+
+@bp.function_name("console_redeliver")
+@bp.route(route="console/subscriptions/{subscriptionId}/redeliver", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
+def console_redeliver(req: func.HttpRequest) -> func.HttpResponse:
+    from shared import console
+
+    subscription_id = req.route_params.get("subscriptionId", "")
+    form = _form(req)
+    return _page(lambda services, who: console.redeliver_action(services, who(req.headers), subscription_id, form))

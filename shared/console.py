@@ -201,6 +201,7 @@ def subscription_page(services: Services, user: SignedInUser | None, subscriptio
         now = services.clock()
         usage = usage_view(services, subscription_id, now - timedelta(hours=24), now)
     events = services.repository.pending_events(subscription_id)
+    markers = services.repository.list_markers(subscription_id)
     can_activate = console_user.can_act and record.status in ACTIVATABLE
     ours = _row(record) | {
         "marketplace_status": record.marketplace_status,
@@ -223,6 +224,19 @@ def subscription_page(services: Services, user: SignedInUser | None, subscriptio
             "usage": usage,
             "pending_events": [{"seq": e.seq, "event_id": e.event_id, "attempts": e.attempts} for e in events],
             "activate_token": _form_token(services, console_user, ACTION_ACTIVATE, subscription_id) if can_activate else "",
+            "redeliver_token": (
+                _form_token(services, console_user, ACTION_REDELIVER, subscription_id) if console_user.can_act and events else ""
+            ),
+            "webhook_operations": [
+                {
+                    "id": m.operation_id,
+                    "action": m.action,
+                    "status": m.status,
+                    "received": format_timestamp(m.received_at),
+                    "completed": format_timestamp(m.completed_at),
+                }
+                for m in reversed(markers)
+            ],
         },
     )
 
@@ -258,6 +272,7 @@ def attention_page(services: Services, user: SignedInUser | None) -> Page:
 ACTION_ACTIVATE = "activate"
 ACTION_RECONCILE = "reconcile"
 ACTION_PREVIEW = "preview"
+ACTION_REDELIVER = "redeliver"
 ACTIVATABLE = frozenset({LocalStatus.PENDING_ACTIVATION, LocalStatus.ACTIVATION_FAILED, LocalStatus.PENDING_FULFILLMENT_START})
 
 
@@ -313,6 +328,34 @@ def activate_action(services: Services, user: SignedInUser | None, subscription_
             "title": "Activate",
             "message": messages.get(result.result, result.result.value),
             "detail": str(result.error) if result.error else "",
+            "back": f"/api/console/subscriptions/{subscription_id}",
+            "differences": [],
+        },
+    )
+
+
+def redeliver_action(services: Services, user: SignedInUser | None, subscription_id: str, form: Mapping[str, str]) -> Page:
+    """Deliver the subscription's waiting lifecycle events now, ignoring their backoff."""
+    console_user = authorize(services, user, act=True)
+    subscription_id = require_marketplace_id(subscription_id, "subscription id").lower()
+    _check_form(services, console_user, ACTION_REDELIVER, subscription_id, form)
+    stats = services.events.relay_subscription(subscription_id, respect_backoff=False)
+    left = len(services.repository.pending_events(subscription_id))
+    log.info(
+        "console: %s redelivered events of %s: %s delivered, %s failed",
+        console_user.actor,
+        subscription_id,
+        stats.delivered,
+        stats.failed,
+    )
+    return Page(
+        "console_done.html",
+        {
+            "brand_name": services.settings.brand_name,
+            "user": console_user,
+            "title": "Redeliver events",
+            "message": f"{stats.delivered} delivered, {stats.failed} failed; {left} still waiting.",
+            "detail": "; ".join(stats.errors[:3]),
             "back": f"/api/console/subscriptions/{subscription_id}",
             "differences": [],
         },

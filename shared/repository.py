@@ -21,7 +21,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from azure.core import MatchConditions
@@ -406,6 +406,15 @@ class SubscriptionRepository:
             except ResourceNotFoundError:
                 return None
         return _marker_from_entity(entity)
+
+    def list_markers(self, subscription_id: str) -> list[OperationMarker]:
+        """The subscription's webhook operation markers (what Microsoft notified and how it ended)."""
+        query = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
+        params = {"pk": subscription_id, "lo": OPERATION_PREFIX, "hi": OPERATION_PREFIX[:-1] + chr(ord("|") + 1)}
+        with _storage_errors("read operation markers"):
+            rows = list(self._subscriptions.query_entities(query, parameters=params))
+            self.metrics.add(reads=1)
+        return sorted((_marker_from_entity(row) for row in rows), key=lambda m: m.received_at or datetime.min.replace(tzinfo=UTC))
 
     def history(self, subscription_id: str) -> list[dict[str, Any]]:
         query = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"

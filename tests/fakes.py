@@ -71,6 +71,10 @@ class FakeRepository:
                 continue
             yield record
 
+    def list_markers(self, subscription_id: str) -> list[OperationMarker]:
+        with self._lock:
+            return [marker for (sid, _), marker in self.markers.items() if sid == subscription_id]
+
     def pending_events(self, subscription_id: str) -> list[OutboxEvent]:
         return []  # the fake delivers nothing: it only keeps the documents (self.events)
 

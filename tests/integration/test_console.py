@@ -241,3 +241,27 @@ def test_needs_attention_lists_waiting_activations_and_refused_usage(pending, se
     usage = re.search(r'data-testid="attention-usage">(.*?)</tr>', page.text, re.S).group(1)
     assert "InvalidDimension" in usage and "no such dimension" in usage
     assert call("GET", "/api/console/attention", roles=()).status_code == 403
+
+
+def test_webhook_operations_and_redelivering_waiting_events(site, services, devhost, http):
+    from shared import state_machine as sm
+    from shared.events import build_event_document
+
+    ids, get = site
+    services.repository.record_operation(
+        ids[0], "0f0f0f0f-0000-4000-8000-00000000c0de", action="Suspend", payload="{}", correlation_id="c"
+    )
+    services.repository.on_event_written = None  # no inline delivery: the event waits in the outbox
+    change = sm.Change(kind=sm.Kind.FLAG, source=sm.Source.RECONCILE, occurred_at=services.clock(), flag="needs_a_look")
+    services.repository.apply(ids[0], lambda r: sm.apply(r, change, now=services.clock()), build_event=build_event_document)
+    page = get(f"/api/console/subscriptions/{ids[0]}", roles=("Console.Operator",))
+    operation = re.search(r'data-testid="webhook-operation">(.*?)</tr>', page.text, re.S).group(1)
+    assert "0f0f0f0f-0000-4000-8000-00000000c0de" in operation and "Suspend" in operation and "received" in operation
+    assert len(services.repository.pending_events(ids[0])) == 1
+    token = re.search(r'data-testid="redeliver-form">.*?name="form_token" value="([^"]+)"', page.text, re.S).group(1)
+    devhost.signed_in_user = SignedInUser.parse(ADA, STAFF_TENANT, roles=("Console.Operator",))
+    url = f"{devhost.url}/api/console/subscriptions/{ids[0]}/redeliver"
+    assert http.post(url, data={"form_token": token}, timeout=30).status_code == 400  # not confirmed
+    done = http.post(url, data={"form_token": token, "confirm": "yes"}, timeout=30)
+    assert done.status_code == 200 and "1 delivered, 0 failed; 0 still waiting" in done.text
+    assert services.repository.pending_events(ids[0]) == []

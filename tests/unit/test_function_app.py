@@ -49,6 +49,7 @@ def test_functions_are_registered_with_the_contracted_names_routes_and_triggers(
         "console_activate",
         "console_reconcile",
         "console_attention",
+        "console_redeliver",
     }
 
     def trigger(name):
