@@ -45,6 +45,9 @@ def test_the_list_shows_every_subscription_with_counts_and_the_pages_security_he
     assert sorted(rows(response.text)) == sorted(ids)
     counts = re.search(r'data-testid="counts">(.*?)</div>', response.text, re.S).group(1)
     assert "Subscribed</span> 2" in counts and "Suspended</span> 1" in counts
+    chart = re.search(r'data-testid="status-chart".*?</svg>', response.text, re.S).group(0)
+    bars = dict(re.findall(r'fill="#5c5c5c">(\w+)</text>\s*<rect x="170" y="2" height="16" width="([\d.]+)"', chart))
+    assert float(bars["Subscribed"]) == pytest.approx(240.0) and float(bars["Suspended"]) == pytest.approx(120.0)
     headers = response.headers
     nonce = re.search(r"'nonce-([^']+)'", headers["Content-Security-Policy"]).group(1)
     assert f'nonce="{nonce}"' in response.text and "frame-ancestors 'none'" in headers["Content-Security-Policy"]
