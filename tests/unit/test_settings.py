@@ -85,6 +85,9 @@ def test_defaults_match_the_settings_table():
         value = getattr(settings, attribute)
         if spec.name in ("WEBHOOK_AUDIENCE", "WEBHOOK_OPENID_CONFIG_URL"):
             continue  # derived defaults, checked above
+        if spec.name == "CONSOLE_TENANT_ID":
+            assert value == TENANT  # derived from MARKETPLACE_TENANT_ID
+            continue
         if spec.name in ("PUBLISHER_API_TENANT_ID", "PUBLISHER_API_OPENID_CONFIG_URL"):
             assert value == (TENANT if spec.name.endswith("TENANT_ID") else settings.publisher_api_openid_config_url)
             assert TENANT in settings.publisher_api_openid_config_url  # derived from MARKETPLACE_TENANT_ID
