@@ -37,6 +37,13 @@ class BadRequestError(AppError):
     code = "bad_request"
 
 
+class PayloadTooLargeError(BadRequestError):
+    """The request body is larger than this endpoint accepts (webhook, publisher API, usage API)."""
+
+    http_status = 413
+    code = "payload_too_large"
+
+
 class UnauthorizedError(AppError):
     """The caller did not prove who it is."""
 

@@ -48,7 +48,14 @@ from typing import TYPE_CHECKING, Any
 from shared.api_auth import ROLE_USAGE_WRITE
 from shared.deadline import deadline_scope
 from shared.domain import UsageEvent, UsageResult, UsageStatus, format_timestamp, parse_timestamp
-from shared.errors import AppError, BadRequestError, ConfigurationError, DeadlineExceededError, MarketplaceError
+from shared.errors import (
+    AppError,
+    BadRequestError,
+    ConfigurationError,
+    DeadlineExceededError,
+    MarketplaceError,
+    PayloadTooLargeError,
+)
 from shared.ids import MARKETPLACE_ID
 from shared.observability import current_correlation_id
 from shared.state_machine import Change, Kind, LocalStatus, Source
@@ -107,13 +114,6 @@ NOT_SUBSCRIBED = "not_subscribed"
 UNKNOWN_DIMENSION = "unknown_dimension"
 ID_REUSED = "id_reused"
 STORAGE_UNAVAILABLE = "storage_unavailable"
-
-
-class UsageBodyTooLargeError(BadRequestError):
-    """The usage report is larger than the API accepts."""
-
-    http_status = 413
-    code = "payload_too_large"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def _parse_event(index: int, raw: Any, now: datetime) -> ReportedUsage | _Outcom
 def parse_usage_body(body: bytes, now: datetime) -> list[ReportedUsage | _Outcome]:
     """The events of a report; the whole call is refused only when the body itself is wrong."""
     if len(body) > MAX_USAGE_BODY_BYTES:
-        raise UsageBodyTooLargeError(f"the body is larger than {MAX_USAGE_BODY_BYTES} bytes")
+        raise PayloadTooLargeError(f"the body is larger than {MAX_USAGE_BODY_BYTES} bytes")
     try:
         document = json.loads(body)
     except (ValueError, UnicodeDecodeError):

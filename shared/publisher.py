@@ -53,6 +53,7 @@ from shared.errors import (
     MarketplaceThrottledError,
     MarketplaceUnavailableError,
     NotFoundError,
+    PayloadTooLargeError,
     UnprocessableError,
 )
 from shared.events import build_event_document
@@ -88,13 +89,6 @@ PLANS_CACHE_SECONDS = 60.0
 POLL_MAX_SECONDS = 60.0
 FOLLOW_BUDGET_SECONDS = 15 * 60.0  # background following; the reconciler takes over after it
 _KEY_NAMESPACE = uuid.UUID("5b0f5a1e-8c4e-4d3b-9a55-0c1d2e3f4a5b")
-
-
-class PayloadTooLargeError(BadRequestError):
-    """The request body is larger than the publisher API accepts."""
-
-    http_status = 413
-    code = "payload_too_large"
 
 
 # ---------------------------------------------------------------------------------------------

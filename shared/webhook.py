@@ -32,6 +32,7 @@ from shared.errors import (
     MarketplaceBadRequestError,
     MarketplaceConflictError,
     MarketplaceNotFoundError,
+    PayloadTooLargeError,
     StorageRefusedError,
 )
 from shared.events import build_event_document
@@ -58,13 +59,6 @@ _KIND_FOR_ACTION = {
     Action.RENEW: Kind.RENEW,
     Action.SUBSCRIBE: Kind.SUBSCRIBE,
 }
-
-
-class PayloadTooLargeError(BadRequestError):
-    """The webhook body is larger than WEBHOOK_MAX_BODY_BYTES."""
-
-    http_status = 413
-    code = "payload_too_large"
 
 
 class VerificationFailedError(BadRequestError):
