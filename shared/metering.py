@@ -37,7 +37,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
@@ -232,28 +232,44 @@ def state_at(record: Any, history: Sequence[dict[str, Any]], at: datetime) -> tu
     return status, plan
 
 
-class _DimensionsCache:
-    """The metering dimensions of each (offer, plan), from List available plans; None when unknown."""
+class _Expiring:
+    """Values kept for a while (monotonic time), shared by threads; at most ``bound`` entries kept
+    before the expired ones are dropped."""
 
-    def __init__(self) -> None:
-        self._entries: dict[tuple[str, str], tuple[float, frozenset[str] | None]] = {}
+    def __init__(self, bound: int = RECORD_CACHE_SIZE) -> None:
+        self._entries: dict[Any, tuple[float, Any]] = {}
         self._lock = threading.Lock()
-        self._fetching = threading.Lock()  # one List available plans at a time: a burst asks once
+        self._bound = bound
 
-    def _cached(self, key: tuple[str, str]) -> tuple[bool, frozenset[str] | None]:
+    def get(self, key: Any) -> tuple[bool, Any]:
         with self._lock:
             entry = self._entries.get(key)
         if entry is not None and entry[0] > time.monotonic():
             return True, entry[1]
         return False, None
 
+    def put(self, key: Any, value: Any, seconds: float) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._entries) > self._bound:
+                self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
+            self._entries[key] = (now + seconds, value)
+
+
+class _DimensionsCache:
+    """The metering dimensions of each (offer, plan), from List available plans; None when unknown."""
+
+    def __init__(self) -> None:
+        self._entries = _Expiring()
+        self._fetching = threading.Lock()  # one List available plans at a time: a burst asks once
+
     def get(self, services: Services, subscription_id: str, offer_id: str, plan_id: str) -> frozenset[str] | None:
         key = (offer_id, plan_id)
-        found, value = self._cached(key)
+        found, value = self._entries.get(key)
         if found:
             return value
         with self._fetching:
-            found, value = self._cached(key)
+            found, value = self._entries.get(key)
             return value if found else self._fetch(services, subscription_id, key)
 
     def _fetch(self, services: Services, subscription_id: str, key: tuple[str, str]) -> frozenset[str] | None:
@@ -263,8 +279,7 @@ class _DimensionsCache:
         except (MarketplaceError, DeadlineExceededError) as error:
             # Microsoft will refuse an unknown dimension at emission (flagged); ingest never waits on it.
             log.warning("could not list plans of %s to check dimensions: %s", subscription_id, error.code)
-            with self._lock:
-                self._entries[key] = (time.monotonic() + DIMENSIONS_RETRY_SECONDS, None)
+            self._entries.put(key, None, DIMENSIONS_RETRY_SECONDS)
             return None
         found: dict[tuple[str, str], frozenset[str] | None] = {key: None}
         for plan in plans:
@@ -273,10 +288,8 @@ class _DimensionsCache:
             ids = frozenset(str(d.get("id")) for d in dimensions or [] if isinstance(d, dict) and d.get("id"))
             # An empty list is treated as "not provided": Microsoft decides at emission.
             found[(offer_id, plan.plan_id)] = ids or None
-        expires = time.monotonic() + DIMENSIONS_CACHE_SECONDS
-        with self._lock:
-            for each, value in found.items():
-                self._entries[each] = (expires, value)
+        for each, value in found.items():
+            self._entries.put(each, value, DIMENSIONS_CACHE_SECONDS)
         return found[key]
 
 
@@ -286,22 +299,15 @@ class _RecordCache:
     cancellation is still caught at emission (Microsoft answers ResourceNotActive: flagged)."""
 
     def __init__(self) -> None:
-        self._entries: dict[str, tuple[float, Any]] = {}
-        self._lock = threading.Lock()
+        self._entries = _Expiring()
 
     def get(self, services: Services, subscription_id: str) -> Any:
-        now = time.monotonic()
-        with self._lock:
-            entry = self._entries.get(subscription_id)
-        if entry is not None and entry[0] > now:
-            return entry[1]
+        found, stored = self._entries.get(subscription_id)
+        if found:
+            return stored
         stored = services.repository.get(subscription_id)
-        if stored is None:
-            return None  # not cached: a subscription recorded a moment later is found at once
-        with self._lock:
-            if len(self._entries) > RECORD_CACHE_SIZE:
-                self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
-            self._entries[subscription_id] = (now + RECORD_CACHE_SECONDS, stored)
+        if stored is not None:  # not cached: a subscription recorded a moment later is found at once
+            self._entries.put(subscription_id, stored, RECORD_CACHE_SECONDS)
         return stored
 
 
@@ -361,8 +367,9 @@ def _check_subscription(
     return checked
 
 
-def _failed(item: ReportedUsage) -> _Outcome:
-    return _Outcome(item.index, item.event_id, "failed", STORAGE_UNAVAILABLE, "not recorded; send it again")
+def _failed(index: int, event_id: str) -> _Outcome:
+    """Not stored (storage failed or the deadline passed): the caller sends it again, same id."""
+    return _Outcome(index, event_id, "failed", STORAGE_UNAVAILABLE, "not recorded; send it again")
 
 
 def _store(
@@ -408,7 +415,7 @@ def _store(
     members: dict[str, list[int]] = defaultdict(list)  # partition -> positions in results
     for sid, item, plan_id in accepted:
         if (sid, item.event_id) in claims and shard_of(sid) in failed_shards:
-            results.append(_failed(item))
+            results.append(_failed(item.index, item.event_id))
             continue
         hour = hour_of(item.at)
         event_id = item.event_id or f"auto-{uuid.uuid4().hex}"
@@ -452,9 +459,7 @@ def _store(
         for position in members[partition]:
             outcome = results[position]
             if existing is None:
-                results[position] = _Outcome(
-                    outcome.index, outcome.event_id, "failed", STORAGE_UNAVAILABLE, "not recorded; send it again"
-                )
+                results[position] = _failed(outcome.index, outcome.event_id)
                 continue
             stored = existing.get(event_key(outcome.subscription_id, outcome.event_id))
             if stored is None:
@@ -493,7 +498,7 @@ def report_usage(services: Services, body: bytes, *, caller: str) -> ApiResult:
             return _check_subscription(services, subscription_id, items)
         except AppError as error:
             log.warning("usage for %s not checked: %s", subscription_id, error.code)
-            return [_failed(item) for item in items]
+            return [_failed(item.index, item.event_id) for item in items]
 
     accepted: list[tuple[str, ReportedUsage, str]] = []
     for subscription_id, checked in zip(
@@ -511,12 +516,7 @@ def report_usage(services: Services, body: bytes, *, caller: str) -> ApiResult:
     except AppError as error:
         # The rows exist but the emitter would not look at them: the caller sends again (same ids: counted once).
         log.warning("usage work list not updated: %s", error.code)
-        outcomes = [
-            _Outcome(o.index, o.event_id, "failed", STORAGE_UNAVAILABLE, "not recorded; send it again")
-            if o.status == "accepted"
-            else o
-            for o in outcomes
-        ]
+        outcomes = [_failed(o.index, o.event_id) if o.status == "accepted" else o for o in outcomes]
     outcomes.sort(key=lambda o: o.index)
     accepted_count = sum(1 for o in outcomes if o.status == "accepted")
     refused = sum(1 for o in outcomes if o.status == "refused")
@@ -804,7 +804,7 @@ class Emitter:
             )
             self.store.flag(bucket)
 
-    def _late_usage(self, work: _HourWork, buckets: dict[str, Bucket]) -> None:
+    def _late_usage(self, work: _HourWork, buckets: Mapping[str, Bucket]) -> None:
         """Usage that reached a settled bucket after it was sent: carried forward or unbillable."""
         totals = _totals(work.partition)
         for dimension, bucket in sorted(buckets.items()):
@@ -841,9 +841,7 @@ class Emitter:
                     carried,
                     hour_key(into),
                 )
-            if (bucket.subscription_id, dimension) in self.store.write_buckets([updated]):
-                buckets[dimension] = updated
-            else:
+            if (bucket.subscription_id, dimension) not in self.store.write_buckets([updated]):
                 work.unsettled = True  # another run moved it: look again next run
 
     def _notify(self, subscription_id: str, hour: datetime, settled: list[Bucket]) -> None:
