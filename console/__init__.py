@@ -5,6 +5,8 @@
     GET /api/console/attention                        everything flagged for a person, with what to do
     POST /api/console/subscriptions/{subscriptionId}/activate   activate (manual mode; operator, CSRF, confirmed)
     POST /api/console/subscriptions/{subscriptionId}/redeliver  deliver waiting lifecycle events now (operator, CSRF)
+    POST /api/console/subscriptions/{subscriptionId}/replay     apply a recorded-but-unapplied webhook operation now
+    POST /api/console/subscriptions/{subscriptionId}/change     publisher change plan / seats / cancel (operator, CSRF)
     GET/POST /api/console/reconcile                   recent runs; preview (dry run) or run now (operator, CSRF)
 
 Never in Easy Auth's excludedPaths: the platform signs the user in; the use case checks the app role.
@@ -68,14 +70,19 @@ def _form(req: func.HttpRequest) -> dict[str, str]:
     return {name: values[0] for name, values in parse_qs(body).items()}
 
 
+def _subscription_action(req: func.HttpRequest, use_case) -> func.HttpResponse:
+    """A POSTed action on one subscription: use_case(services, user, subscription_id, form)."""
+    subscription_id = req.route_params.get("subscriptionId", "")
+    form = _form(req)
+    return _page(lambda services, who: use_case(services, who(req.headers), subscription_id, form))
+
+
 @bp.function_name("console_activate")
 @bp.route(route="console/subscriptions/{subscriptionId}/activate", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
 def console_activate(req: func.HttpRequest) -> func.HttpResponse:
     from shared import console
 
-    subscription_id = req.route_params.get("subscriptionId", "")
-    form = _form(req)
-    return _page(lambda services, who: console.activate_action(services, who(req.headers), subscription_id, form))
+    return _subscription_action(req, console.activate_action)
 
 
 @bp.function_name("console_reconcile")
@@ -102,6 +109,20 @@ def console_attention(req: func.HttpRequest) -> func.HttpResponse:
 def console_redeliver(req: func.HttpRequest) -> func.HttpResponse:
     from shared import console
 
-    subscription_id = req.route_params.get("subscriptionId", "")
-    form = _form(req)
-    return _page(lambda services, who: console.redeliver_action(services, who(req.headers), subscription_id, form))
+    return _subscription_action(req, console.redeliver_action)
+
+
+@bp.function_name("console_replay")
+@bp.route(route="console/subscriptions/{subscriptionId}/replay", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
+def console_replay(req: func.HttpRequest) -> func.HttpResponse:
+    from shared import console
+
+    return _subscription_action(req, console.replay_action)
+
+
+@bp.function_name("console_change")
+@bp.route(route="console/subscriptions/{subscriptionId}/change", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
+def console_change(req: func.HttpRequest) -> func.HttpResponse:
+    from shared import console
+
+    return _subscription_action(req, console.change_action)

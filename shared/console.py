@@ -17,6 +17,7 @@ import base64
 import binascii
 import json
 import logging
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -37,6 +38,19 @@ log = logging.getLogger(__name__)
 ROLE_READER = "Console.Reader"
 ROLE_OPERATOR = "Console.Operator"
 PAGE_SIZE = 50
+HISTORY_SHOWN = 100  # the latest entries; a metered subscription gains one an hour
+RUNS_SHOWN = 30
+CHART_HEIGHT = 120
+CHART_WIDTH = 560
+STATUS_COLORS = {
+    "Subscribed": "#107c10",
+    "Suspended": "#8a5300",
+    "Unsubscribed": "#b3261e",
+    "ActivationFailed": "#d13438",
+    "PendingActivation": "#0f6cbd",
+    "ActivationRequested": "#5b5fc7",
+    "PendingFulfillmentStart": "#8a8886",
+}
 SEARCH_SCAN_LIMIT = 5000
 MAX_FILTER_CHARS = 200
 
@@ -162,6 +176,7 @@ def list_page(services: Services, user: SignedInUser | None, params: Mapping[str
             "filters": {"status": status, "offer": offer, "plan": plan, "q": text},
             "statuses": [s.value for s in LocalStatus],
             "counts": last_run.get("by_status") or {},
+            "colors": STATUS_COLORS,
             "counts_at": last_run.get("started_at", ""),
             "next_cursor": next_cursor,
             "first_page": cursor is None,
@@ -192,7 +207,8 @@ def subscription_page(services: Services, user: SignedInUser | None, subscriptio
         microsoft_error = ""
     except AppError as error:  # shown, never fatal: the console must work when Microsoft does not
         microsoft, microsoft_error = None, error.code
-    history = list(reversed(services.repository.history(subscription_id)))
+    since = max(0, record.history_seq - HISTORY_SHOWN + 1)
+    history = list(reversed(services.repository.history(subscription_id, since_seq=since)))
     operations = services.publisher_store.list_for(subscription_id) if services.publisher_store is not None else []
     usage: list[dict[str, Any]] = []
     if services.usage_store is not None:
@@ -200,9 +216,16 @@ def subscription_page(services: Services, user: SignedInUser | None, subscriptio
 
         now = services.clock()
         usage = usage_view(services, subscription_id, now - timedelta(hours=24), now)
-    events = services.repository.pending_events(subscription_id)
+    waiting = services.repository.pending_events(subscription_id)
+    events = {e.seq: e for e in services.repository.list_events(subscription_id, since_seq=since)} | {e.seq: e for e in waiting}
     markers = services.repository.list_markers(subscription_id)
     can_activate = console_user.can_act and record.status in ACTIVATABLE
+    can_change = (
+        console_user.can_act
+        and services.publisher_store is not None
+        and record.status in CHANGEABLE
+        and not record.pending_operation_id
+    )
     ours = _row(record) | {
         "marketplace_status": record.marketplace_status,
         "term": f"{format_timestamp(record.term_start)} - {format_timestamp(record.term_end)}",
@@ -222,11 +245,26 @@ def subscription_page(services: Services, user: SignedInUser | None, subscriptio
             "history": history,
             "operations": [op.to_api() for op in operations],
             "usage": usage,
-            "pending_events": [{"seq": e.seq, "event_id": e.event_id, "attempts": e.attempts} for e in events],
+            "history_total": record.history_seq,
+            "events": [_event_row(e) for e in sorted(events.values(), key=lambda e: e.seq, reverse=True)],
+            "waiting_count": len(waiting),
             "activate_token": _form_token(services, console_user, ACTION_ACTIVATE, subscription_id) if can_activate else "",
             "redeliver_token": (
-                _form_token(services, console_user, ACTION_REDELIVER, subscription_id) if console_user.can_act and events else ""
+                _form_token(services, console_user, ACTION_REDELIVER, subscription_id) if console_user.can_act and waiting else ""
             ),
+            "change_forms": (
+                {
+                    action: {
+                        "token": _form_token(services, console_user, action, subscription_id),
+                        # one key per rendered form: a double submit or a browser retry sends the change once
+                        "key": uuid.uuid4().hex,
+                    }
+                    for action in CHANGE_ACTIONS
+                }
+                if can_change
+                else {}
+            ),
+            "pending_operation_id": record.pending_operation_id,
             "webhook_operations": [
                 {
                     "id": m.operation_id,
@@ -234,11 +272,31 @@ def subscription_page(services: Services, user: SignedInUser | None, subscriptio
                     "status": m.status,
                     "received": format_timestamp(m.received_at),
                     "completed": format_timestamp(m.completed_at),
+                    "replay_token": (
+                        _form_token(services, console_user, ACTION_REPLAY, f"{subscription_id}:{m.operation_id}")
+                        if console_user.can_act and m.pending
+                        else ""
+                    ),
                 }
                 for m in reversed(markers)
             ],
         },
     )
+
+
+def _event_row(event: Any) -> dict[str, Any]:
+    if event.pending:
+        state = f"waiting ({event.attempts} attempts)" + (f": {event.last_error[:200]}" if event.last_error else "")
+    else:
+        state = f"delivered {format_timestamp(event.delivered_at)}".strip()
+    return {
+        "seq": event.seq,
+        "event_id": event.event_id,
+        "type": event.event_type,
+        "created": format_timestamp(event.created_at),
+        "state": state,
+        "pending": event.pending,
+    }
 
 
 def attention_page(services: Services, user: SignedInUser | None) -> Page:
@@ -273,6 +331,12 @@ ACTION_ACTIVATE = "activate"
 ACTION_RECONCILE = "reconcile"
 ACTION_PREVIEW = "preview"
 ACTION_REDELIVER = "redeliver"
+ACTION_REPLAY = "replay"
+ACTION_CHANGE_PLAN = "change_plan"
+ACTION_CHANGE_QUANTITY = "change_quantity"
+ACTION_CANCEL = "cancel"
+CHANGE_ACTIONS = (ACTION_CHANGE_PLAN, ACTION_CHANGE_QUANTITY, ACTION_CANCEL)
+CHANGEABLE = frozenset({LocalStatus.SUBSCRIBED, LocalStatus.SUSPENDED})
 ACTIVATABLE = frozenset({LocalStatus.PENDING_ACTIVATION, LocalStatus.ACTIVATION_FAILED, LocalStatus.PENDING_FULFILLMENT_START})
 
 
@@ -301,15 +365,47 @@ def _check_form(services: Services, user: ConsoleUser, action: str, target: str,
         raise BadRequestError("tick the confirmation box to do this", code="not_confirmed")
 
 
+def _done(services: Services, user: ConsoleUser, title: str, message: str, *, back: str, detail: str = "", **extra: Any) -> Page:
+    context = {"brand_name": services.settings.brand_name, "user": user, "title": title, "message": message}
+    return Page("console_done.html", context | {"detail": detail, "back": back, "differences": []} | extra)
+
+
+def _subscription_url(subscription_id: str) -> str:
+    return f"/api/console/subscriptions/{subscription_id}"
+
+
+def _record_action(services: Services, user: ConsoleUser, subscription_id: str, detail: str) -> None:
+    """An action that moves no state still goes into the subscription's history, as ``operator:<user>``."""
+    from shared import state_machine as sm
+    from shared.observability import current_correlation_id
+
+    change = sm.Change(
+        kind=sm.Kind.OPERATOR_ACTION,
+        source=sm.Source.OPERATOR,
+        occurred_at=services.clock(),
+        correlation_id=current_correlation_id(),
+        actor=user.actor,
+        detail=detail,
+    )
+    services.repository.apply(subscription_id, lambda record: sm.apply(record, change, now=services.clock()) if record else None)
+
+
+def _known_subscription(services: Services, subscription_id: str) -> str:
+    subscription_id = require_marketplace_id(subscription_id, "subscription id").lower()
+    if services.repository.get(subscription_id) is None:
+        raise NotFoundError("this subscription is not recorded here", code="unknown_subscription")
+    return subscription_id
+
+
 def activate_action(services: Services, user: SignedInUser | None, subscription_id: str, form: Mapping[str, str]) -> Page:
+    """Activate (manual mode) or retry a failed activation; the activation itself records the operator."""
     from shared.activation import ActivationResult, activate
     from shared.state_machine import Source
 
     console_user = authorize(services, user, act=True)
     subscription_id = require_marketplace_id(subscription_id, "subscription id").lower()
     _check_form(services, console_user, ACTION_ACTIVATE, subscription_id, form)
-    if services.repository.get(subscription_id) is None:
-        raise NotFoundError("this subscription is not recorded here", code="unknown_subscription")
+    subscription_id = _known_subscription(services, subscription_id)
     result = activate(services, subscription_id, actor=console_user.actor, source=Source.OPERATOR)
     messages = {
         ActivationResult.ACTIVATED: "Activated: Microsoft shows it Subscribed.",
@@ -320,17 +416,13 @@ def activate_action(services: Services, user: SignedInUser | None, subscription_
         ActivationResult.FAILED: "Activation failed.",
     }
     log.info("console: %s activated %s: %s", console_user.actor, subscription_id, result.result.value)
-    return Page(
-        "console_done.html",
-        {
-            "brand_name": services.settings.brand_name,
-            "user": console_user,
-            "title": "Activate",
-            "message": messages.get(result.result, result.result.value),
-            "detail": str(result.error) if result.error else "",
-            "back": f"/api/console/subscriptions/{subscription_id}",
-            "differences": [],
-        },
+    return _done(
+        services,
+        console_user,
+        "Activate",
+        messages.get(result.result, result.result.value),
+        detail=str(result.error) if result.error else "",
+        back=_subscription_url(subscription_id),
     )
 
 
@@ -339,26 +431,86 @@ def redeliver_action(services: Services, user: SignedInUser | None, subscription
     console_user = authorize(services, user, act=True)
     subscription_id = require_marketplace_id(subscription_id, "subscription id").lower()
     _check_form(services, console_user, ACTION_REDELIVER, subscription_id, form)
+    subscription_id = _known_subscription(services, subscription_id)
     stats = services.events.relay_subscription(subscription_id, respect_backoff=False)
     left = len(services.repository.pending_events(subscription_id))
-    log.info(
-        "console: %s redelivered events of %s: %s delivered, %s failed",
-        console_user.actor,
-        subscription_id,
-        stats.delivered,
-        stats.failed,
+    message = f"{stats.delivered} delivered, {stats.failed} failed; {left} still waiting."
+    _record_action(services, console_user, subscription_id, f"redeliver events: {message}")
+    log.info("console: %s redelivered events of %s: %s", console_user.actor, subscription_id, message)
+    return _done(
+        services,
+        console_user,
+        "Redeliver events",
+        message,
+        detail="; ".join(stats.errors[:3]),
+        back=_subscription_url(subscription_id),
     )
-    return Page(
-        "console_done.html",
-        {
-            "brand_name": services.settings.brand_name,
-            "user": console_user,
-            "title": "Redeliver events",
-            "message": f"{stats.delivered} delivered, {stats.failed} failed; {left} still waiting.",
-            "detail": "; ".join(stats.errors[:3]),
-            "back": f"/api/console/subscriptions/{subscription_id}",
-            "differences": [],
-        },
+
+
+def replay_action(services: Services, user: SignedInUser | None, subscription_id: str, form: Mapping[str, str]) -> Page:
+    """Apply a webhook operation Microsoft sent that was recorded but never applied (the reconciler
+    does the same after RECONCILE_OPERATION_DEADLINE_SECONDS; this does it now, for one)."""
+    from shared.reconcile import REPLAY_APPLIED, REPLAY_DEFERRED, Reconciler
+
+    console_user = authorize(services, user, act=True)
+    subscription_id = require_marketplace_id(subscription_id, "subscription id").lower()
+    operation_id = form.get("operation_id", "").strip().lower()
+    require_marketplace_id(operation_id, "operation id")
+    _check_form(services, console_user, ACTION_REPLAY, f"{subscription_id}:{operation_id}", form)
+    marker = services.repository.get_marker(subscription_id, operation_id)
+    if marker is None:
+        raise NotFoundError("no webhook operation with this id is recorded for this subscription", code="unknown_operation")
+    back = _subscription_url(subscription_id)
+    if not marker.pending:
+        return _done(services, console_user, "Replay", f"Already applied ({marker.status}): nothing to do.", back=back)
+    outcome = Reconciler(services, actor=console_user.actor).replay_marker(marker)
+    messages = {
+        REPLAY_APPLIED: "Applied.",
+        REPLAY_DEFERRED: "The subscription kept changing; try again (the reconciler also retries it).",
+    }
+    message = messages.get(outcome, "Microsoft does not confirm this operation; it was settled as unverifiable.")
+    settled = services.repository.get_marker(subscription_id, operation_id)
+    result = f" Outcome: {settled.status}." if settled is not None and not settled.pending else ""
+    _record_action(services, console_user, subscription_id, f"replay webhook {marker.action} {operation_id}: {outcome}")
+    log.info("console: %s replayed operation %s of %s: %s", console_user.actor, operation_id, subscription_id, outcome)
+    return _done(services, console_user, "Replay", message + result, back=back)
+
+
+def change_action(services: Services, user: SignedInUser | None, subscription_id: str, form: Mapping[str, str]) -> Page:
+    """A publisher change (plan, seats) or cancellation, sent like the publisher API sends it: history
+    records it as ``operator:<user>`` when Microsoft's operation settles."""
+    from shared import publisher
+
+    console_user = authorize(services, user, act=True)
+    subscription_id = require_marketplace_id(subscription_id, "subscription id").lower()
+    action = form.get("action", "")
+    if action not in CHANGE_ACTIONS:
+        raise BadRequestError("unknown action", code="unknown_action")
+    _check_form(services, console_user, action, subscription_id, form)
+    if action == ACTION_CHANGE_PLAN:
+        request = publisher.parse_change_body(subscription_id, json.dumps({"planId": form.get("plan_id", "")}).encode())
+    elif action == ACTION_CHANGE_QUANTITY:
+        quantity = form.get("quantity", "").strip()
+        if not quantity.isdigit():
+            raise BadRequestError("seats must be a positive whole number", code="invalid_quantity")
+        request = publisher.parse_change_body(subscription_id, json.dumps({"quantity": int(quantity)}).encode())
+    else:
+        request = publisher.ChangeRequest(subscription_id, publisher.UNSUBSCRIBE)
+    result = publisher.request_change(services, request, caller=console_user.actor, idempotency_key=form.get("key", ""))
+    operation = result.body
+    log.info("console: %s asked %s of %s: operation %s", console_user.actor, request.action, subscription_id, operation["id"])
+    status = operation.get("status", "")
+    messages = {
+        "Succeeded": "Done: Microsoft confirmed it.",
+        "InProgress": "Sent to Microsoft; it is in progress (this page and the reconciler follow it to its end).",
+    }
+    return _done(
+        services,
+        console_user,
+        {ACTION_CHANGE_PLAN: "Change plan", ACTION_CHANGE_QUANTITY: "Change seats", ACTION_CANCEL: "Cancel"}[action],
+        messages.get(status, f"Microsoft answered {status}."),
+        detail=f"Operation {operation['id']}" + (f": {operation['errorMessage']}" if operation.get("errorMessage") else ""),
+        back=_subscription_url(subscription_id),
     )
 
 
@@ -369,15 +521,54 @@ def runs_page(services: Services, user: SignedInUser | None) -> Page:
         if console_user.can_act
         else {}
     )
+    runs = services.repository.latest_runs(RUNS_SHOWN)
     return Page(
         "console_runs.html",
         {
             "brand_name": services.settings.brand_name,
             "user": console_user,
-            "runs": services.repository.latest_runs(10),
+            "runs": runs,
             "tokens": tokens,
+            "chart": status_chart(runs),
         },
     )
+
+
+def status_chart(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Subscriptions by status over time: one stacked bar per reconciliation run (each run counts
+    what its scan found), oldest left. Plain numbers for an inline SVG: no script, no CDN."""
+    points = [run for run in reversed(runs) if not run.get("dry_run") and run.get("by_status")]
+    if len(points) < 2:
+        return {}
+    peak = max(sum(run["by_status"].values()) for run in points) or 1
+    step = CHART_WIDTH / len(points)
+    bars, present = [], set()
+    for index, run in enumerate(points):
+        top, segments = float(CHART_HEIGHT), []
+        for status in LocalStatus:
+            count = run["by_status"].get(status.value, 0)
+            if not count:
+                continue
+            present.add(status.value)
+            height = CHART_HEIGHT * count / peak
+            top -= height
+            segments.append({"status": status.value, "count": count, "y": round(top, 1), "height": round(height, 1)})
+        bars.append(
+            {
+                "x": round(40 + index * step, 1),
+                "width": round(max(1.0, step * 0.8), 1),
+                "at": run.get("started_at", ""),
+                "total": sum(run["by_status"].values()),
+                "segments": segments,
+            }
+        )
+    return {
+        "bars": bars,
+        "peak": peak,
+        "height": CHART_HEIGHT,
+        "legend": [(s.value, STATUS_COLORS.get(s.value, "#0f6cbd")) for s in LocalStatus if s.value in present],
+        "colors": STATUS_COLORS,
+    }
 
 
 def reconcile_action(services: Services, user: SignedInUser | None, form: Mapping[str, str]) -> Page:
@@ -388,22 +579,20 @@ def reconcile_action(services: Services, user: SignedInUser | None, form: Mappin
     if action not in (ACTION_PREVIEW, ACTION_RECONCILE):
         raise BadRequestError("unknown action", code="unknown_action")
     _check_form(services, console_user, action, "*", form)
-    summary = run_reconciliation(services, dry_run=action == ACTION_PREVIEW)
+    # A run started here records its repairs as operator:<user> and its summary says who started it.
+    summary = run_reconciliation(services, dry_run=action == ACTION_PREVIEW, actor=console_user.actor)
     data = summary.to_json(with_differences=True)
     log.info("console: %s ran reconciliation (%s)", console_user.actor, action)
-    return Page(
-        "console_done.html",
-        {
-            "brand_name": services.settings.brand_name,
-            "user": console_user,
-            "title": "Preview" if action == ACTION_PREVIEW else "Reconciliation",
-            "message": (
-                f"{len(data['differences'])} differences found; nothing was changed."
-                if action == ACTION_PREVIEW
-                else f"Done: {sum(data['repairs'].values())} repairs, {data['flagged_count']} flagged."
-            ),
-            "detail": "" if summary.completed else f"stopped: {summary.stopped_reason}",
-            "back": "/api/console/reconcile",
-            "differences": data["differences"],
-        },
+    return _done(
+        services,
+        console_user,
+        "Preview" if action == ACTION_PREVIEW else "Reconciliation",
+        (
+            f"{len(data['differences'])} differences found; nothing was changed."
+            if action == ACTION_PREVIEW
+            else f"Done: {sum(data['repairs'].values())} repairs, {data['flagged_count']} flagged."
+        ),
+        detail="" if summary.completed else f"stopped: {summary.stopped_reason}",
+        back="/api/console/reconcile",
+        differences=data["differences"],
     )

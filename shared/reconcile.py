@@ -100,6 +100,7 @@ class RunSummary:
     run_id: str
     dry_run: bool
     started_at: str
+    started_by: str = ""  # "operator:<user>" for a run started from the console; empty for the timer
     completed: bool = False
     stopped_reason: str = ""
     resumed_from_checkpoint: bool = False
@@ -139,13 +140,17 @@ class RunSummary:
         return data
 
 
+REPLAY_APPLIED, REPLAY_DEFERRED, REPLAY_UNVERIFIABLE = "applied", "deferred", "unverifiable"
+
+
 class _OutOfTime(Exception):
     pass
 
 
 class Reconciler:
-    def __init__(self, services: Services, *, dry_run: bool = False, time_budget_seconds: float | None = None):
+    def __init__(self, services: Services, *, dry_run: bool = False, time_budget_seconds: float | None = None, actor: str = ""):
         self.services = services
+        self.actor = actor  # who started the run: recorded on every history entry it writes
         self.settings = services.settings
         self.repository = services.repository
         self.marketplace = services.marketplace
@@ -153,7 +158,9 @@ class Reconciler:
         self.budget = time_budget_seconds if time_budget_seconds is not None else self.settings.reconcile_time_budget_seconds
         self._started = time.monotonic()
         now = services.clock()
-        self.summary = RunSummary(run_id=current_correlation_id() or now.isoformat(), dry_run=dry_run, started_at=now.isoformat())
+        self.summary = RunSummary(
+            run_id=current_correlation_id() or now.isoformat(), dry_run=dry_run, started_at=now.isoformat(), started_by=actor
+        )
         self.index: dict[str, IndexEntry] = {}
         self.pending_markers: list[OperationMarker] = []
         self.publisher_operations: list[PublisherOperation] = []
@@ -166,7 +173,12 @@ class Reconciler:
 
     def _change(self, kind: Kind, occurred_at: datetime, **extra) -> Change:
         return Change(
-            kind=kind, source=Source.RECONCILE, occurred_at=occurred_at, correlation_id=current_correlation_id(), **extra
+            kind=kind,
+            source=Source.RECONCILE,
+            occurred_at=occurred_at,
+            correlation_id=current_correlation_id(),
+            actor=self.actor,
+            **extra,
         )
 
     def _difference(self, subscription_id: str, kind: str, detail: Any) -> None:
@@ -358,7 +370,9 @@ class Reconciler:
         if self.dry_run:
             self.summary.count("activation_retried")
             return
-        result = activate(self.services, subscription_id, actor="reconciler", source=Source.RECONCILE, force_retry=True)
+        result = activate(
+            self.services, subscription_id, actor=self.actor or "reconciler", source=Source.RECONCILE, force_retry=True
+        )
         self.summary.count(
             "activation_confirmed"
             if result.result in (ActivationResult.ACTIVATED, ActivationResult.ALREADY_ACTIVE)
@@ -413,25 +427,11 @@ class Reconciler:
             if self.dry_run:
                 self.summary.count("operation_replayed")
                 continue
-            try:
-                payload = json.loads(marker.payload or "{}")
-            except ValueError:
-                payload = {}
-            try:
-                self._finish_operation(marker.subscription_id, marker.operation_id, payload if isinstance(payload, dict) else {})
-            except ConflictError:
-                log.warning(
-                    "operation %s of %s: the subscription kept changing; the next run replays it",
-                    marker.operation_id,
-                    marker.subscription_id,
-                )
+            outcome = self.replay_marker(marker)
+            if outcome == REPLAY_DEFERRED:
                 self.summary.deferred += 1
                 continue
-            except (MarketplaceNotFoundError, MarketplaceBadRequestError) as error:
-                # Microsoft does not confirm this operation (unverified webhook, purged operation):
-                # settle the marker so it stops blocking every run; the listing repairs any drift.
-                log.warning("operation %s of %s cannot be replayed: %s", marker.operation_id, marker.subscription_id, error)
-                self.repository.settle_marker(marker, "unverifiable")
+            if outcome == REPLAY_UNVERIFIABLE:
                 self._difference(marker.subscription_id, "unverifiable_operation", {"operationId": marker.operation_id})
                 self.summary.count("operation_unverifiable")
                 continue
@@ -441,6 +441,30 @@ class Reconciler:
                 self._index(stored.record)
             if self._out_of_time():
                 raise _OutOfTime()
+
+    def replay_marker(self, marker: OperationMarker) -> str:
+        """Apply one recorded-but-unapplied webhook operation: REPLAY_APPLIED, REPLAY_DEFERRED (the
+        subscription kept changing; the next run tries again) or REPLAY_UNVERIFIABLE (settled)."""
+        try:
+            payload = json.loads(marker.payload or "{}")
+        except ValueError:
+            payload = {}
+        try:
+            self._finish_operation(marker.subscription_id, marker.operation_id, payload if isinstance(payload, dict) else {})
+        except ConflictError:
+            log.warning(
+                "operation %s of %s: the subscription kept changing; the next run replays it",
+                marker.operation_id,
+                marker.subscription_id,
+            )
+            return REPLAY_DEFERRED
+        except (MarketplaceNotFoundError, MarketplaceBadRequestError) as error:
+            # Microsoft does not confirm this operation (unverified webhook, purged operation):
+            # settle the marker so it stops blocking every run; the listing repairs any drift.
+            log.warning("operation %s of %s cannot be replayed: %s", marker.operation_id, marker.subscription_id, error)
+            self.repository.settle_marker(marker, "unverifiable")
+            return REPLAY_UNVERIFIABLE
+        return REPLAY_APPLIED
 
     def follow_publisher_operations(self) -> None:
         """Publisher changes not settled yet: ask Microsoft once each and settle the final ones
@@ -555,5 +579,7 @@ class Reconciler:
         return self.summary
 
 
-def run_reconciliation(services: Services, *, dry_run: bool = False, time_budget_seconds: float | None = None) -> RunSummary:
-    return Reconciler(services, dry_run=dry_run, time_budget_seconds=time_budget_seconds).run()
+def run_reconciliation(
+    services: Services, *, dry_run: bool = False, time_budget_seconds: float | None = None, actor: str = ""
+) -> RunSummary:
+    return Reconciler(services, dry_run=dry_run, time_budget_seconds=time_budget_seconds, actor=actor).run()

@@ -116,6 +116,10 @@ class OutboxEvent:
     queue_done: bool = False
     hook_done: bool = False
     last_attempt_at: datetime | None = None
+    event_type: str = ""
+    pending: bool = True
+    delivered_at: datetime | None = None
+    last_error: str = ""
 
 
 @dataclass(frozen=True)
@@ -323,6 +327,10 @@ def _event_from_entity(entity: dict[str, Any]) -> OutboxEvent:
         queue_done=bool(entity.get("QueueDone", False)),
         hook_done=bool(entity.get("HookDone", False)),
         last_attempt_at=_dt(entity.get("LastAttemptAt")),
+        event_type=entity.get("EventType", ""),
+        pending=bool(entity.get("Pending", False)),
+        delivered_at=_dt(entity.get("DeliveredAt")),
+        last_error=entity.get("LastError", ""),
     )
 
 
@@ -416,9 +424,12 @@ class SubscriptionRepository:
             self.metrics.add(reads=1)
         return sorted((_marker_from_entity(row) for row in rows), key=lambda m: m.received_at or datetime.min.replace(tzinfo=UTC))
 
-    def history(self, subscription_id: str) -> list[dict[str, Any]]:
+    def history(self, subscription_id: str, *, since_seq: int = 0) -> list[dict[str, Any]]:
+        """The subscription's history, oldest first; ``since_seq`` keeps entries from that seq on
+        (a metered subscription gains an entry an hour: the console reads only the latest)."""
         query = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
-        params = {"pk": subscription_id, "lo": HISTORY_PREFIX, "hi": HISTORY_PREFIX[:-1] + chr(ord("|") + 1)}
+        lo = _seq_key(HISTORY_PREFIX, since_seq) if since_seq > 0 else HISTORY_PREFIX
+        params = {"pk": subscription_id, "lo": lo, "hi": HISTORY_PREFIX[:-1] + chr(ord("|") + 1)}
         with _storage_errors("read history"):
             rows = list(self._subscriptions.query_entities(query, parameters=params))
             self.metrics.add(reads=1)
@@ -475,6 +486,16 @@ class SubscriptionRepository:
                         from shared.publisher_store import operation_from_entity
 
                         yield ScanItem("pubop", publisher_operation=operation_from_entity(entity))
+
+    def list_events(self, subscription_id: str, *, since_seq: int = 0) -> list[OutboxEvent]:
+        """The subscription's lifecycle events (delivered or waiting), oldest first, from ``since_seq`` on."""
+        query = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
+        lo = _seq_key(EVENT_PREFIX, since_seq) if since_seq > 0 else EVENT_PREFIX
+        params = {"pk": subscription_id, "lo": lo, "hi": EVENT_PREFIX[:-1] + chr(ord("|") + 1)}
+        with _storage_errors("read events"):
+            rows = list(self._subscriptions.query_entities(query, parameters=params))
+            self.metrics.add(reads=1)
+        return sorted((_event_from_entity(row) for row in rows), key=lambda e: e.seq)
 
     def pending_events(self, subscription_id: str) -> list[OutboxEvent]:
         query = "PartitionKey eq @pk and Pending eq true"

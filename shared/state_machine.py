@@ -77,11 +77,21 @@ class Kind(str, Enum):
     CHANGE_FAILED = "change_failed"  # a publisher change Microsoft failed or never confirmed; state stays
     USAGE_ACCEPTED = "usage_accepted"  # Microsoft accepted an hour of metered usage; state stays
     USAGE_REJECTED = "usage_rejected"  # Microsoft refused an hour of usage, or it expired unsent; state stays
+    OPERATOR_ACTION = "operator_action"  # a person acted from the console (redeliver, replay, run); state stays
 
 
 # Kinds that record a fact without moving the subscription: never "stale".
 HISTORY_ONLY_KINDS = frozenset(
-    {Kind.FLAG, Kind.CLEAR_FLAG, Kind.UNKNOWN_ACTION, Kind.REFUSED, Kind.CHANGE_FAILED, Kind.USAGE_ACCEPTED, Kind.USAGE_REJECTED}
+    {
+        Kind.FLAG,
+        Kind.CLEAR_FLAG,
+        Kind.UNKNOWN_ACTION,
+        Kind.REFUSED,
+        Kind.CHANGE_FAILED,
+        Kind.USAGE_ACCEPTED,
+        Kind.USAGE_REJECTED,
+        Kind.OPERATOR_ACTION,
+    }
 )
 
 
@@ -423,7 +433,7 @@ def _decide(record: SubscriptionRecord, change: Change) -> _Decision:
         if change.flag not in record.flags:
             return _Decision(Result.NOOP)
         return _Decision(Result.RECORDED, {"flags": tuple(f for f in record.flags if f != change.flag)})
-    if kind in (Kind.UNKNOWN_ACTION, Kind.REFUSED):
+    if kind in (Kind.UNKNOWN_ACTION, Kind.REFUSED, Kind.OPERATOR_ACTION):
         return _Decision(Result.RECORDED)
     if kind is Kind.CHANGE_FAILED:
         return _Decision(Result.RECORDED, event=EVENT_CHANGE_FAILED)

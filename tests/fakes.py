@@ -57,8 +57,8 @@ class FakeRepository:
         self._check()
         return self.markers.get((subscription_id, operation_id))
 
-    def history(self, subscription_id: str) -> list[dict[str, Any]]:
-        return list(self.histories.get(subscription_id, []))
+    def history(self, subscription_id: str, *, since_seq: int = 0) -> list[dict[str, Any]]:
+        return [entry for entry in self.histories.get(subscription_id, []) if entry["seq"] >= since_seq]
 
     def list_records(self, *, status: str = "", offer_id: str = "", plan_id: str = "") -> Iterator[SubscriptionRecord]:
         self._check()
@@ -77,6 +77,9 @@ class FakeRepository:
 
     def pending_events(self, subscription_id: str) -> list[OutboxEvent]:
         return []  # the fake delivers nothing: it only keeps the documents (self.events)
+
+    def list_events(self, subscription_id: str, *, since_seq: int = 0) -> list[OutboxEvent]:
+        return []
 
     def page_records(
         self, *, status: str = "", offer_id: str = "", plan_id: str = "", page_size: int = 50, continuation: Any = None

@@ -268,3 +268,175 @@ def test_webhook_operations_and_redelivering_waiting_events(site, services, devh
     done = http.post(url, data={"form_token": token, "confirm": "yes"}, timeout=30)
     assert done.status_code == 200 and "1 delivered, 0 failed; 0 still waiting" in done.text
     assert services.repository.pending_events(ids[0]) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# every action lands in history as operator:<user>
+
+OPERATOR = "operator:Ada Operator <ada@contoso.example>"
+
+
+def operator_entries(services, sid: str, kind: str = "operator_action") -> list[dict]:
+    return [e for e in services.repository.history(sid) if e["kind"] == kind and e["actor"] == OPERATOR]
+
+
+def test_redelivery_is_recorded_in_history_and_the_page_shows_delivered_events(pending, services):
+    from shared import state_machine as sm
+    from shared.events import build_event_document
+
+    sid, call = pending
+    services.repository.on_event_written = None  # no inline delivery: the event waits in the outbox
+    change = sm.Change(kind=sm.Kind.FLAG, source=sm.Source.RECONCILE, occurred_at=services.clock(), flag="needs_a_look")
+    services.repository.apply(sid, lambda r: sm.apply(r, change, now=services.clock()), build_event=build_event_document)
+    page = call("GET", f"/api/console/subscriptions/{sid}")
+    waiting = re.findall(r'data-testid="lifecycle-event" class="differs">(.*?)</tr>', page.text, re.S)
+    assert len(waiting) == 1 and "subscription.flagged" in waiting[0] and "waiting (0 attempts)" in waiting[0]
+    assert operator_entries(services, sid) == []
+
+    done = call(
+        "POST", f"/api/console/subscriptions/{sid}/redeliver", form_token=form_token(page.text, "redeliver-form"), confirm="yes"
+    )
+    assert done.status_code == 200 and "1 delivered" in done.text
+    (entry,) = operator_entries(services, sid)
+    assert entry["source"] == "operator" and entry["result"] == "recorded" and "1 delivered, 0 failed" in entry["detail"]
+    assert entry["fromStatus"] == entry["toStatus"]  # history only: the state did not move
+
+    after = call("GET", f"/api/console/subscriptions/{sid}")
+    events = re.findall(r'data-testid="lifecycle-event"(.*?)</tr>', after.text, re.S)
+    flagged = [e for e in events if "subscription.flagged" in e]
+    assert len(flagged) == 1 and "delivered 20" in flagged[0] and 'class="differs"' not in flagged[0]
+    assert 'data-testid="redeliver-form"' not in after.text  # nothing left to redeliver
+    assert "redeliver events" in after.text and OPERATOR in unescape(after.text)  # the timeline shows who
+
+
+def test_a_run_started_from_the_console_records_its_repairs_as_the_operator(pending, standin, services):
+    sid, call = pending
+    assert run_reconciliation(services).completed  # a run that counts it (the fixture's found nothing to count)
+    standin.set_subscription(sid, status="Suspended")  # drift the run repairs
+    runs = call("GET", "/api/console/reconcile")
+    run = call(
+        "POST", "/api/console/reconcile", action="reconcile", form_token=form_token(runs.text, "reconcile-form"), confirm="yes"
+    )
+    assert run.status_code == 200
+    sync = [e for e in services.repository.history(sid) if e["kind"] == "sync" and e["toStatus"] == "Suspended"]
+    assert len(sync) == 1 and sync[0]["actor"] == OPERATOR and sync[0]["source"] == "reconcile"
+    latest = services.repository.latest_runs(1)[0]
+    assert latest["started_by"] == OPERATOR and not latest["dry_run"]
+    page = call("GET", "/api/console/reconcile")
+    newest = re.search(r'data-testid="run">(.*?)</tr>', page.text, re.S).group(1)
+    assert OPERATOR in unescape(newest)
+    # a run counts what its scan found: the next one counts the repaired status
+    assert run_reconciliation(services).completed
+    page = call("GET", "/api/console/reconcile")
+    chart = re.search(r'data-testid="status-history-chart"(.*?)</svg>', page.text, re.S).group(1)
+    bars = re.findall(r'data-testid="chart-bar">\s*<title>(.*?)</title>', chart, re.S)
+    assert len(bars) == 3 and "Suspended 1" in bars[-1] and "Suspended" not in bars[0]
+
+
+def test_replaying_an_unapplied_webhook_applies_it_once_and_records_the_operator(pending, standin, services):
+    import json
+
+    sid, call = pending
+    assert (
+        call(
+            "POST",
+            f"/api/console/subscriptions/{sid}/activate",
+            form_token=form_token(call("GET", f"/api/console/subscriptions/{sid}").text, "activate-form"),
+            confirm="yes",
+        ).status_code
+        == 200
+    )
+    suspend = standin.trigger(sid, "Suspend", deliver=False)  # Microsoft suspended it; our handler crashed after recording
+    payload = standin.webhook_payload(suspend["id"])
+    services.repository.record_operation(sid, suspend["id"], action="Suspend", payload=json.dumps(payload), correlation_id="t")
+    page = call("GET", f"/api/console/subscriptions/{sid}")
+    token = form_token(page.text, "replay-form")
+    reader = call("GET", f"/api/console/subscriptions/{sid}", roles=("Console.Reader",))
+    assert 'data-testid="replay-form"' not in reader.text
+
+    path = f"/api/console/subscriptions/{sid}/replay"
+    other = "0f0f0f0f-0000-4000-8000-00000000beef"
+    assert call("POST", path, operation_id=suspend["id"], form_token=token).status_code == 400  # not confirmed
+    assert call("POST", path, operation_id=other, form_token=token, confirm="yes").status_code == 403  # token is per operation
+    assert call("POST", path, operation_id="not-an-id", form_token=token, confirm="yes").status_code == 400
+    assert services.repository.get(sid).record.status.value == "Subscribed"  # nothing applied by the refusals
+
+    done = call("POST", path, operation_id=suspend["id"], form_token=token, confirm="yes")
+    assert done.status_code == 200 and "Applied" in done.text, done.text
+    assert services.repository.get(sid).record.status.value == "Suspended"
+    assert not services.repository.get_marker(sid, suspend["id"]).pending
+    (entry,) = operator_entries(services, sid)
+    assert suspend["id"] in entry["detail"] and "applied" in entry["detail"]
+    again = call("POST", path, operation_id=suspend["id"], form_token=token, confirm="yes")
+    assert again.status_code == 200 and "Already applied" in again.text
+    suspends = [e for e in services.repository.history(sid) if e["kind"] == "suspend" and e["result"] == "applied"]
+    assert len(suspends) == 1  # applied once
+
+
+def test_publisher_changes_and_cancel_from_the_console(pending, standin, services):
+    import time
+
+    from shared import publisher
+
+    sid, call = pending
+    assert 'data-testid="change-forms"' not in call("GET", f"/api/console/subscriptions/{sid}").text  # not active yet
+    call(
+        "POST",
+        f"/api/console/subscriptions/{sid}/activate",
+        form_token=form_token(call("GET", f"/api/console/subscriptions/{sid}").text, "activate-form"),
+        confirm="yes",
+    )
+    page = call("GET", f"/api/console/subscriptions/{sid}")
+    assert 'data-testid="change-forms"' not in call("GET", f"/api/console/subscriptions/{sid}", roles=("Console.Reader",)).text
+    form = re.search(r'data-testid="change-quantity-form">(.*?)</form>', page.text, re.S).group(1)
+    token = re.search(r'name="form_token" value="([^"]+)"', form).group(1)
+    key = re.search(r'name="key" value="([^"]+)"', form).group(1)
+    path = f"/api/console/subscriptions/{sid}/change"
+
+    refusals = [
+        (call("POST", path, action="change_quantity", quantity="7", key=key, form_token=token), 400),  # not confirmed
+        (call("POST", path, action="cancel", key=key, form_token=token, confirm="yes"), 403),  # the seats form's token
+        (call("POST", path, action="change_quantity", quantity="-1", key=key, form_token=token, confirm="yes"), 400),
+        (call("POST", path, action="change_quantity", quantity="3", key=key, form_token=token, confirm="yes"), 422),  # unchanged
+        (call("POST", path, action="transfer", key=key, form_token=token, confirm="yes"), 400),
+    ]
+    assert [r.status_code for r, _ in refusals] == [status for _, status in refusals], [r.text[-300:] for r, _ in refusals]
+    assert standin.get_subscription(sid)["quantity"] == 3 and not standin.operations_for(sid)  # nothing was sent
+
+    done = call("POST", path, action="change_quantity", quantity="7", key=key, form_token=token, confirm="yes")
+    assert done.status_code == 200, done.text
+    again = call("POST", path, action="change_quantity", quantity="7", key=key, form_token=token, confirm="yes")
+    assert again.status_code == 200  # the same form twice (double click, browser retry): one change at Microsoft
+    partner = [op for op in standin.operations_for(sid) if op["operationRequestSource"] == "Partner"]
+    assert len(partner) == 1 and partner[0]["quantity"] == 7
+    operation_id = re.search(r"Operation ([0-9a-f-]{36})", done.text).group(1)
+    ends = time.monotonic() + 20
+    while (op := publisher.follow_operation(services, sid, operation_id)) is not None and not op.settled:
+        assert time.monotonic() < ends, "the change never settled"
+        time.sleep(0.2)
+    assert services.repository.get(sid).record.quantity == 7
+    changes = [e for e in services.repository.history(sid) if e["kind"] == "change_quantity" and e["result"] == "applied"]
+    assert len(changes) == 1 and changes[0]["actor"] == OPERATOR
+
+    cancel_page = call("GET", f"/api/console/subscriptions/{sid}")
+    cancel = re.search(r'data-testid="cancel-form">(.*?)</form>', cancel_page.text, re.S).group(1)
+    done = call(
+        "POST",
+        path,
+        action="cancel",
+        key=re.search(r'name="key" value="([^"]+)"', cancel).group(1),
+        form_token=re.search(r'name="form_token" value="([^"]+)"', cancel).group(1),
+        confirm="yes",
+    )
+    assert done.status_code == 200, done.text
+    assert standin.get_subscription(sid)["saasSubscriptionStatus"] in ("Subscribed", "Unsubscribed")
+    operation_id = re.search(r"Operation ([0-9a-f-]{36})", done.text).group(1)
+    ends = time.monotonic() + 20
+    while (op := publisher.follow_operation(services, sid, operation_id)) is not None and not op.settled:
+        assert time.monotonic() < ends, "the cancellation never settled"
+        time.sleep(0.2)
+    record = services.repository.get(sid).record
+    assert record.status.value == "Unsubscribed"
+    unsubscribes = [e for e in services.repository.history(sid) if e["kind"] == "unsubscribe" and e["result"] == "applied"]
+    assert len(unsubscribes) == 1 and unsubscribes[0]["actor"] == OPERATOR
+    assert 'data-testid="change-forms"' not in call("GET", f"/api/console/subscriptions/{sid}").text  # nothing left to change

@@ -50,6 +50,8 @@ def test_functions_are_registered_with_the_contracted_names_routes_and_triggers(
         "console_reconcile",
         "console_attention",
         "console_redeliver",
+        "console_replay",
+        "console_change",
     }
 
     def trigger(name):

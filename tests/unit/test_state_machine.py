@@ -298,6 +298,11 @@ TRANSITIONS = {
         lambda: change(Kind.USAGE_REJECTED, detail='[{"dimension": "api_calls"}]', source=Source.METERING),
         {status: (Result.RECORDED, status) for status in ALL},
     ),
+    # a person's console action (redeliver, replay, a run) is history only, in every status
+    Kind.OPERATOR_ACTION: (
+        lambda: change(Kind.OPERATOR_ACTION, detail="redeliver events: 1 delivered", source=Source.OPERATOR),
+        {status: (Result.RECORDED, status) for status in ALL},
+    ),
 }
 
 # The same change again (value already in effect) is a no-op, except where Unsubscribed refuses it.
@@ -328,6 +333,7 @@ EXPECTED_EVENT = {
     Kind.CHANGE_FAILED: lambda old: sm.EVENT_CHANGE_FAILED,
     Kind.USAGE_ACCEPTED: lambda old: sm.EVENT_USAGE_ACCEPTED,
     Kind.USAGE_REJECTED: lambda old: sm.EVENT_USAGE_REJECTED,
+    Kind.OPERATOR_ACTION: lambda old: None,
 }
 
 CASES = [(kind, status) for kind in TRANSITIONS for status in ALL]
