@@ -295,7 +295,7 @@ def _print_summary(out: TextIO, summary: dict[str, Any], *, what: str) -> None:
 def cmd_reconcile(services: Services, args, out: TextIO) -> int:
     from shared.reconcile import run_reconciliation
 
-    summary = run_reconciliation(services, dry_run=args.dry_run, time_budget_seconds=args.time_budget)
+    summary = run_reconciliation(services, dry_run=args.dry_run, time_budget_seconds=args.time_budget, actor=_operator())
     data = summary.to_json(with_differences=True)
     if args.dry_run:
         _explain(services, data["differences"])

@@ -562,13 +562,24 @@ def status_chart(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "segments": segments,
             }
         )
+    legend = _legend([s.value for s in LocalStatus if s.value in present])
     return {
         "bars": bars,
         "peak": peak,
         "height": CHART_HEIGHT,
-        "legend": [(s.value, STATUS_COLORS.get(s.value, "#0f6cbd")) for s in LocalStatus if s.value in present],
+        "width": max(CHART_WIDTH + 80, legend[-1]["x"] + 24 + 7 * len(legend[-1]["name"])),
+        "legend": legend,
         "colors": STATUS_COLORS,
     }
+
+
+def _legend(names: list[str]) -> list[dict[str, Any]]:
+    """Legend entries laid out left to right, each as wide as its name (about 7 px a character at 11 px)."""
+    entries, x = [], 40
+    for name in names:
+        entries.append({"name": name, "color": STATUS_COLORS.get(name, "#0f6cbd"), "x": x})
+        x += 24 + 7 * len(name)
+    return entries
 
 
 def reconcile_action(services: Services, user: SignedInUser | None, form: Mapping[str, str]) -> Page:

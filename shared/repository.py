@@ -50,6 +50,7 @@ OPERATION_PREFIX = "op|"
 EVENT_PREFIX = "event|"
 LEASE_ROW = "relay-lease"
 MAX_PAYLOAD_CHARS = 30_000  # a Table string property holds 64 KiB of UTF-16
+MAX_PAGE_REQUESTS = 10  # a console page of a rare filter: at most this many short answers are joined
 MAX_TEXT_PARTS = 12  # a long text spans properties Name, Name1..Name11: 360,000 characters, ~720 KiB
 MAX_FIELD_CHARS = 4_000  # display copies of Marketplace fields in the state row (the entity is 1 MiB at most)
 
@@ -451,19 +452,30 @@ class SubscriptionRepository:
     def page_records(
         self, *, status: str = "", offer_id: str = "", plan_id: str = "", page_size: int = 50, continuation: Any = None
     ) -> tuple[list[SubscriptionRecord], Any]:
-        """One page of records (the server stops after ``page_size`` matches) and the token of the next."""
+        """One page of records and the token of the next (None at the end).
+
+        Table storage may answer a filtered query with fewer matches than asked, even none, plus a
+        continuation token (it stops at 1,000 entities scanned, 5 s, or a partition range boundary):
+        the page is filled with at most MAX_PAGE_REQUESTS requests, each asking only for what is missing.
+        """
         clauses, params = ["RowKey eq @state"], {"state": STATE_ROW}
         for column, value in (("Status", status), ("OfferId", offer_id), ("PlanId", plan_id)):
             if value:
                 clauses.append(f"{column} eq @{column.lower()}")
                 params[column.lower()] = value
+        entities: list[Any] = []
+        token = continuation
         with _storage_errors("page subscriptions"):
-            pages = self._subscriptions.query_entities(
-                " and ".join(clauses), parameters=params, results_per_page=page_size
-            ).by_page(continuation_token=continuation)
-            page = list(next(pages, []))
-            self.metrics.add(reads=1, pages=1)
-            return [record_from_entity(entity) for entity in page], pages.continuation_token
+            for _ in range(MAX_PAGE_REQUESTS):
+                pages = self._subscriptions.query_entities(
+                    " and ".join(clauses), parameters=params, results_per_page=page_size - len(entities)
+                ).by_page(continuation_token=token)
+                entities.extend(next(pages, []))
+                self.metrics.add(reads=1, pages=1)
+                token = pages.continuation_token
+                if not token or len(entities) >= page_size:
+                    break
+        return [record_from_entity(entity) for entity in entities], token
 
     def scan(self, *, page_size: int = 1000) -> Iterator[ScanItem]:
         """The reconciler's one scan: every state row, pending operation marker and outbox row."""

@@ -103,3 +103,80 @@ def test_refusals_in_the_browser(tab, devhost, console_site, standin):
     response = page.goto(devhost.url + "/api/console")
     assert response.status == 403 and page.locator("h1").inner_text() == "Not allowed"
     assert waiting not in page.content()
+
+
+def _settle(services, sid: str, text: str) -> None:
+    """Follow the publisher operation named on the result page until Microsoft's side settles it."""
+    import re
+    import time
+
+    from shared import publisher
+
+    operation_id = re.search(r"Operation ([0-9a-f-]{36})", text).group(1)
+    ends = time.monotonic() + 20
+    while (operation := publisher.follow_operation(services, sid, operation_id)) is not None and not operation.settled:
+        assert time.monotonic() < ends, "the operation never settled"
+        time.sleep(0.2)
+
+
+def test_change_seats_cancel_replay_and_reconcile_in_the_browser(tab, devhost, console_site, standin, services):
+    import json
+
+    ids, _, _ = console_site
+    page = tab.page
+    operator = f"operator:{ADA}"
+
+    # Change seats: the form's own confirmation, Microsoft's operation followed to its end.
+    page.goto(f"{devhost.url}/api/console/subscriptions/{ids[0]}")
+    seats = page.locator('[data-testid="change-quantity-form"]')
+    seats.locator('input[name="quantity"]').fill("9")
+    seats.get_by_label("I confirm").check()
+    seats.get_by_role("button", name="Change seats").click()
+    result = page.locator('[data-testid="result"]').inner_text()
+    assert result.startswith(("Sent to Microsoft", "Done")), result
+    _settle(services, ids[0], page.content())
+    assert services.repository.get(ids[0]).record.quantity == 9
+    tab.shot("seats-changed")
+
+    # Cancel another one: the red button, its confirmation, and the buyer's subscription ends.
+    page.goto(f"{devhost.url}/api/console/subscriptions/{ids[3]}")
+    cancel = page.locator('[data-testid="cancel-form"]')
+    cancel.get_by_label("I confirm").check()
+    cancel.get_by_role("button", name="Cancel subscription").click()
+    _settle(services, ids[3], page.content())
+    assert services.repository.get(ids[3]).record.status is sm.LocalStatus.UNSUBSCRIBED
+
+    # Replay a webhook Microsoft sent that was recorded but never applied.
+    suspend = standin.trigger(ids[2], "Suspend", deliver=False)
+    services.repository.record_operation(
+        ids[2], suspend["id"], action="Suspend", payload=json.dumps(standin.webhook_payload(suspend["id"])), correlation_id="t"
+    )
+    page.goto(f"{devhost.url}/api/console/subscriptions/{ids[2]}")
+    replay = page.locator('[data-testid="replay-form"]')
+    replay.get_by_label("I confirm").check()
+    replay.get_by_role("button", name="Apply now").click()
+    assert page.locator('[data-testid="result"]').inner_text().startswith("Applied")
+    assert services.repository.get(ids[2]).record.status is sm.LocalStatus.SUSPENDED
+
+    # Reconciliation: preview changes nothing, run now repairs, the runs table says who started it.
+    (unrecorded,) = standin.seed(1, plan_id="standard", quantity=1)
+    page.goto(devhost.url + "/api/console/reconcile")
+    preview = page.locator('[data-testid="preview-form"]')
+    preview.get_by_label("I confirm").check()
+    preview.get_by_role("button", name="Preview").click()
+    assert unrecorded in page.locator("table").inner_text()
+    assert services.repository.get(unrecorded) is None
+    page.get_by_role("link", name="Back").click()
+    run = page.locator('[data-testid="reconcile-form"]')
+    run.get_by_label("I confirm").check()
+    run.get_by_role("button", name="Run now").click()
+    assert page.locator('[data-testid="result"]').inner_text().startswith("Done")
+    assert services.repository.get(unrecorded) is not None
+    page.get_by_role("link", name="Back").click()
+    assert operator in page.locator('[data-testid="run"]').first.inner_text()
+    page.screenshot(path=str(DOCS_IMAGES / "console-reconcile.png"), full_page=True)
+
+    # Every one of those actions is in its subscription's history as the operator.
+    for sid, kind in ((ids[0], "change_quantity"), (ids[3], "unsubscribe"), (ids[2], "operator_action")):
+        entries = [e for e in services.repository.history(sid) if e["kind"] == kind and e["actor"] == operator]
+        assert entries, (sid, kind)

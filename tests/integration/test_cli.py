@@ -127,6 +127,9 @@ def test_reconcile_dry_run_prints_the_differences_and_writes_nothing_then_reconc
     assert services.repository.get(y).record.quantity == 9
     assert services.repository.get(new) is not None
     assert services.repository.latest_runs(1)[0]["run_id"] == real["run_id"]
+    # who ran it: the run summary and every repair it wrote name the operator
+    assert real["started_by"].startswith("operator:")
+    assert services.repository.history(y)[-1]["actor"] == real["started_by"]
 
     code, text = cli(services, "reconcile")
     assert code == 0 and "Differences (0)" in text and "Repairs: none" in text

@@ -176,6 +176,47 @@ def test_list_records_filters(repo):
     assert {r.id for r in repo.list_records(status="Subscribed", plan_id="premium")} == {third}
 
 
+class _ShortAnswers:
+    """The real table client, except that the service answers at most ``cap`` entities a request, as
+    Table storage does for a filtered query that crosses partition ranges or scans 1,000 entities."""
+
+    def __init__(self, client, cap: int):
+        self._client, self.cap, self.requests = client, cap, 0
+
+    def query_entities(self, query, *, results_per_page, **kwargs):
+        self.requests += 1
+        return self._client.query_entities(query, results_per_page=min(self.cap, results_per_page), **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
+def test_a_page_is_filled_across_short_answers_and_pages_chain(repo):
+    suspended = {new_id() for _ in range(7)}
+    for sid in suspended:
+        create(repo, sid, "Suspended")
+    for _ in range(3):
+        create(repo, new_id(), "Subscribed")
+    short = _ShortAnswers(repo._subscriptions_client, cap=2)
+    repo._subscriptions_client = short
+
+    first, token = repo.page_records(status="Suspended", page_size=5)
+    assert len(first) == 5 and {r.status for r in first} == {LocalStatus.SUSPENDED}
+    assert short.requests == 3  # 2 + 2 + 1: each request asks only for what is missing
+    rest, end = repo.page_records(status="Suspended", page_size=5, continuation=token)
+    assert {r.id for r in first} | {r.id for r in rest} == suspended and len(rest) == 2
+    assert end is None
+
+
+def test_history_can_start_at_a_sequence_number(repo):
+    sid = new_id()
+    create(repo, sid, "Subscribed")
+    for n in range(1, 12):
+        repo.apply(sid, deciding(change(Kind.CHANGE_QUANTITY, at=utc_now() + timedelta(seconds=n), quantity=n)))
+    assert [entry["seq"] for entry in repo.history(sid, since_seq=10)] == [10, 11, 12]
+    assert len(repo.history(sid)) == 12
+
+
 # --- history -------------------------------------------------------------------------------------
 
 
