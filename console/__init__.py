@@ -7,6 +7,7 @@
     POST /api/console/subscriptions/{subscriptionId}/redeliver  deliver waiting lifecycle events now (operator, CSRF)
     POST /api/console/subscriptions/{subscriptionId}/replay     apply a recorded-but-unapplied webhook operation now
     POST /api/console/subscriptions/{subscriptionId}/change     publisher change plan / seats / cancel (operator, CSRF)
+    POST /api/console/subscriptions/{subscriptionId}/acknowledge    clear a flag once its cause is handled (operator, CSRF)
     GET/POST /api/console/reconcile                   recent runs; preview (dry run) or run now (operator, CSRF)
 
 Never in Easy Auth's excludedPaths: the platform signs the user in; the use case checks the app role.
@@ -49,7 +50,7 @@ def _page(call) -> func.HttpResponse:
 def console_list(req: func.HttpRequest) -> func.HttpResponse:
     from shared import console
 
-    params = {name: req.params.get(name, "") for name in ("status", "offer", "plan", "q", "cursor")}
+    params = {name: req.params.get(name, "") for name in ("status", "offer", "plan", "flagged", "q", "cursor")}
     return _page(lambda services, who: console.list_page(services, who(req.headers), params))
 
 
@@ -126,3 +127,11 @@ def console_change(req: func.HttpRequest) -> func.HttpResponse:
     from shared import console
 
     return _subscription_action(req, console.change_action)
+
+
+@bp.function_name("console_acknowledge")
+@bp.route(route="console/subscriptions/{subscriptionId}/acknowledge", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
+def console_acknowledge(req: func.HttpRequest) -> func.HttpResponse:
+    from shared import console
+
+    return _subscription_action(req, console.acknowledge_action)

@@ -142,6 +142,7 @@ def _matches(record: Any, text: str) -> bool:
 def list_page(services: Services, user: SignedInUser | None, params: Mapping[str, str]) -> Page:
     console_user = authorize(services, user)
     status, offer, plan, text = (_filter(params, name) for name in ("status", "offer", "plan", "q"))
+    flagged = _filter(params, "flagged") in ("1", "true", "on")
     if status and status not in {s.value for s in LocalStatus}:
         raise BadRequestError("unknown status", code="bad_filter")
     cursor = _cursor_in(_filter(params, "cursor"))
@@ -152,7 +153,7 @@ def list_page(services: Services, user: SignedInUser | None, params: Mapping[str
         records = [stored.record] if stored is not None else []
     elif text:
         records, scanned = [], 0
-        for record in repository.list_records(status=status, offer_id=offer, plan_id=plan):
+        for record in repository.list_records(status=status, offer_id=offer, plan_id=plan, flagged=flagged):
             scanned += 1
             if _matches(record, text):
                 records.append(record)
@@ -162,7 +163,7 @@ def list_page(services: Services, user: SignedInUser | None, params: Mapping[str
             note = f"Searched the first {SEARCH_SCAN_LIMIT:,} records; narrow the filters or search by subscription id."
     else:
         records, token = repository.page_records(
-            status=status, offer_id=offer, plan_id=plan, page_size=PAGE_SIZE, continuation=cursor
+            status=status, offer_id=offer, plan_id=plan, flagged=flagged, page_size=PAGE_SIZE, continuation=cursor
         )
         next_cursor = _cursor_out(token)
     runs = repository.latest_runs(1)
@@ -173,7 +174,7 @@ def list_page(services: Services, user: SignedInUser | None, params: Mapping[str
             "brand_name": services.settings.brand_name,
             "user": console_user,
             "rows": [_row(record) for record in records],
-            "filters": {"status": status, "offer": offer, "plan": plan, "q": text},
+            "filters": {"status": status, "offer": offer, "plan": plan, "q": text, "flagged": "1" if flagged else ""},
             "statuses": [s.value for s in LocalStatus],
             "counts": last_run.get("by_status") or {},
             "colors": STATUS_COLORS,
@@ -265,6 +266,18 @@ def subscription_page(services: Services, user: SignedInUser | None, subscriptio
                 else {}
             ),
             "pending_operation_id": record.pending_operation_id,
+            "flag_forms": [
+                {
+                    "flag": flag,
+                    "advice": advice_for(flag),
+                    "token": (
+                        _form_token(services, console_user, ACTION_ACKNOWLEDGE, f"{subscription_id}:{flag}")
+                        if console_user.can_act
+                        else ""
+                    ),
+                }
+                for flag in record.flags
+            ],
             "webhook_operations": [
                 {
                     "id": m.operation_id,
@@ -299,6 +312,24 @@ def _event_row(event: Any) -> dict[str, Any]:
     }
 
 
+FLAG_ADVICE = {
+    "activation_awaiting_operator": "Manual activation: check the purchase, then Activate.",
+    "activation_stuck": "Activation retries are exhausted: read the error in the history, fix the cause, then Retry activation.",
+    "unknown_marketplace_status": "Microsoft reports a status this version does not know; it clears itself once both views agree.",
+    "marketplace_conflict": "Microsoft's record contradicts ours (e.g. active after Unsubscribed): open a Partner Center case; "
+    "it clears itself once both views agree.",
+    "change_failed": "A publisher change failed at Microsoft: read Microsoft's message under Publisher operations, "
+    "send it again if still wanted, then Acknowledge.",
+    "change_refused": "We refused a change Microsoft sent (the buyer's request failed): tell the buyer why, then Acknowledge.",
+    "storage_refused": "Storage refused this record: find the run's log line with this id.",
+    "invalid_subscription_id": "Microsoft listed an id that is not a GUID: open a Partner Center case.",
+}
+
+
+def advice_for(flag: str) -> str:
+    return FLAG_ADVICE.get(flag, "Read the history; Acknowledge once handled.")
+
+
 def attention_page(services: Services, user: SignedInUser | None) -> Page:
     """What needs a person: subscriptions waiting for manual activation, what the last reconciliation
     flagged, events waiting too long, and metered usage Microsoft refused or that expired."""
@@ -306,6 +337,7 @@ def attention_page(services: Services, user: SignedInUser | None) -> Page:
     repository = services.repository
     waiting, _ = repository.page_records(status=LocalStatus.PENDING_ACTIVATION.value, page_size=PAGE_SIZE)
     failed, _ = repository.page_records(status=LocalStatus.ACTIVATION_FAILED.value, page_size=PAGE_SIZE)
+    flagged_now, more = repository.page_records(flagged=True, page_size=PAGE_SIZE)
     runs = repository.latest_runs(1)
     last_run = runs[0] if runs else {}
     usage = services.usage_store.list_flagged() if services.usage_store is not None else []
@@ -315,7 +347,11 @@ def attention_page(services: Services, user: SignedInUser | None) -> Page:
             "brand_name": services.settings.brand_name,
             "user": console_user,
             "activations": [_row(record) for record in [*waiting, *failed]],
-            "flagged": last_run.get("flagged") or [],
+            "flagged_records": [
+                _row(record) | {"advice": [(flag, advice_for(flag)) for flag in record.flags]} for record in flagged_now
+            ],
+            "more_flagged": bool(more),
+            "flagged": [f | {"advice": advice_for(f.get("reason", ""))} for f in last_run.get("flagged") or []],
             "flagged_count": last_run.get("flagged_count", 0),
             "events_waiting": last_run.get("events_waiting_too_long", 0),
             "run_at": last_run.get("started_at", ""),
@@ -332,6 +368,7 @@ ACTION_RECONCILE = "reconcile"
 ACTION_PREVIEW = "preview"
 ACTION_REDELIVER = "redeliver"
 ACTION_REPLAY = "replay"
+ACTION_ACKNOWLEDGE = "acknowledge"
 ACTION_CHANGE_PLAN = "change_plan"
 ACTION_CHANGE_QUANTITY = "change_quantity"
 ACTION_CANCEL = "cancel"
@@ -374,20 +411,25 @@ def _subscription_url(subscription_id: str) -> str:
     return f"/api/console/subscriptions/{subscription_id}"
 
 
-def _record_action(services: Services, user: ConsoleUser, subscription_id: str, detail: str) -> None:
+def _record_action(
+    services: Services, user: ConsoleUser, subscription_id: str, detail: str, *, kind: str = "operator_action", flag: str = ""
+) -> Any:
     """An action that moves no state still goes into the subscription's history, as ``operator:<user>``."""
     from shared import state_machine as sm
     from shared.observability import current_correlation_id
 
     change = sm.Change(
-        kind=sm.Kind.OPERATOR_ACTION,
+        kind=sm.Kind(kind),
         source=sm.Source.OPERATOR,
         occurred_at=services.clock(),
         correlation_id=current_correlation_id(),
         actor=user.actor,
         detail=detail,
+        flag=flag,
     )
-    services.repository.apply(subscription_id, lambda record: sm.apply(record, change, now=services.clock()) if record else None)
+    return services.repository.apply(
+        subscription_id, lambda record: sm.apply(record, change, now=services.clock()) if record else None
+    )
 
 
 def _known_subscription(services: Services, subscription_id: str) -> str:
@@ -510,6 +552,27 @@ def change_action(services: Services, user: SignedInUser | None, subscription_id
         {ACTION_CHANGE_PLAN: "Change plan", ACTION_CHANGE_QUANTITY: "Change seats", ACTION_CANCEL: "Cancel"}[action],
         messages.get(status, f"Microsoft answered {status}."),
         detail=f"Operation {operation['id']}" + (f": {operation['errorMessage']}" if operation.get("errorMessage") else ""),
+        back=_subscription_url(subscription_id),
+    )
+
+
+def acknowledge_action(services: Services, user: SignedInUser | None, subscription_id: str, form: Mapping[str, str]) -> Page:
+    """Clear a flag once a person has dealt with its cause (history keeps who and when)."""
+    console_user = authorize(services, user, act=True)
+    subscription_id = require_marketplace_id(subscription_id, "subscription id").lower()
+    flag = form.get("flag", "").strip()
+    if not flag or len(flag) > MAX_FILTER_CHARS:
+        raise BadRequestError("which flag?", code="bad_flag")
+    _check_form(services, console_user, ACTION_ACKNOWLEDGE, f"{subscription_id}:{flag}", form)
+    subscription_id = _known_subscription(services, subscription_id)
+    outcome = _record_action(services, console_user, subscription_id, f"acknowledged {flag}", kind="clear_flag", flag=flag)
+    cleared = outcome is not None and outcome.result.value == "recorded"
+    log.info("console: %s acknowledged %s on %s (%s)", console_user.actor, flag, subscription_id, cleared)
+    return _done(
+        services,
+        console_user,
+        "Acknowledge",
+        f"Acknowledged: {flag} is cleared." if cleared else f"{flag} was already cleared: nothing to do.",
         back=_subscription_url(subscription_id),
     )
 

@@ -74,10 +74,19 @@ class SubscriptionStore(Protocol):
 
     def history(self, subscription_id: str, *, since_seq: int = 0) -> list[dict[str, Any]]: ...
 
-    def list_records(self, *, status: str = "", offer_id: str = "", plan_id: str = "") -> Iterator[SubscriptionRecord]: ...
+    def list_records(
+        self, *, status: str = "", offer_id: str = "", plan_id: str = "", flagged: bool = False
+    ) -> Iterator[SubscriptionRecord]: ...
 
     def page_records(
-        self, *, status: str = "", offer_id: str = "", plan_id: str = "", page_size: int = 50, continuation: Any = None
+        self,
+        *,
+        status: str = "",
+        offer_id: str = "",
+        plan_id: str = "",
+        flagged: bool = False,
+        page_size: int = 50,
+        continuation: Any = None,
     ) -> tuple[list[SubscriptionRecord], Any]: ...
 
     def pending_events(self, subscription_id: str) -> list[OutboxEvent]: ...

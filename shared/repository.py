@@ -335,6 +335,18 @@ def _event_from_entity(entity: dict[str, Any]) -> OutboxEvent:
     )
 
 
+def _records_query(status: str, offer_id: str, plan_id: str, flagged: bool) -> tuple[str, dict[str, Any]]:
+    """The state rows' filter: server-side, parameterised (never string-built from input)."""
+    clauses, params = ["RowKey eq @state"], {"state": STATE_ROW}
+    for column, value in (("Status", status), ("OfferId", offer_id), ("PlanId", plan_id)):
+        if value:
+            clauses.append(f"{column} eq @{column.lower()}")
+            params[column.lower()] = value
+    if flagged:
+        clauses.append("NeedsAttention eq true")
+    return " and ".join(clauses), params
+
+
 # Signature of the function that builds the outbox event for an outcome (see shared.events).
 EventBuilder = Callable[[Outcome, int], tuple[str, str]]
 
@@ -436,21 +448,26 @@ class SubscriptionRepository:
             self.metrics.add(reads=1)
         return [json.loads(row["Entry"]) for row in sorted(rows, key=lambda r: r["RowKey"])]
 
-    def list_records(self, *, status: str = "", offer_id: str = "", plan_id: str = "") -> Iterator[SubscriptionRecord]:
-        clauses, params = ["RowKey eq @state"], {"state": STATE_ROW}
-        for column, value in (("Status", status), ("OfferId", offer_id), ("PlanId", plan_id)):
-            if value:
-                clauses.append(f"{column} eq @{column.lower()}")
-                params[column.lower()] = value
+    def list_records(
+        self, *, status: str = "", offer_id: str = "", plan_id: str = "", flagged: bool = False
+    ) -> Iterator[SubscriptionRecord]:
+        query, params = _records_query(status, offer_id, plan_id, flagged)
         with _storage_errors("list subscriptions"):
-            pages = self._subscriptions.query_entities(" and ".join(clauses), parameters=params).by_page()
+            pages = self._subscriptions.query_entities(query, parameters=params).by_page()
             for page in pages:
                 self.metrics.add(reads=1, pages=1)
                 for entity in page:
                     yield record_from_entity(entity)
 
     def page_records(
-        self, *, status: str = "", offer_id: str = "", plan_id: str = "", page_size: int = 50, continuation: Any = None
+        self,
+        *,
+        status: str = "",
+        offer_id: str = "",
+        plan_id: str = "",
+        flagged: bool = False,
+        page_size: int = 50,
+        continuation: Any = None,
     ) -> tuple[list[SubscriptionRecord], Any]:
         """One page of records and the token of the next (None at the end).
 
@@ -458,17 +475,13 @@ class SubscriptionRepository:
         continuation token (it stops at 1,000 entities scanned, 5 s, or a partition range boundary):
         the page is filled with at most MAX_PAGE_REQUESTS requests, each asking only for what is missing.
         """
-        clauses, params = ["RowKey eq @state"], {"state": STATE_ROW}
-        for column, value in (("Status", status), ("OfferId", offer_id), ("PlanId", plan_id)):
-            if value:
-                clauses.append(f"{column} eq @{column.lower()}")
-                params[column.lower()] = value
+        query, params = _records_query(status, offer_id, plan_id, flagged)
         entities: list[Any] = []
         token = continuation
         with _storage_errors("page subscriptions"):
             for _ in range(MAX_PAGE_REQUESTS):
                 pages = self._subscriptions.query_entities(
-                    " and ".join(clauses), parameters=params, results_per_page=page_size - len(entities)
+                    query, parameters=params, results_per_page=page_size - len(entities)
                 ).by_page(continuation_token=token)
                 entities.extend(next(pages, []))
                 self.metrics.add(reads=1, pages=1)

@@ -80,6 +80,10 @@ class Kind(str, Enum):
     OPERATOR_ACTION = "operator_action"  # a person acted from the console (redeliver, replay, run); state stays
 
 
+# Flags for a person, kept until an operator acknowledges them (the console's Acknowledge).
+FLAG_CHANGE_FAILED = "change_failed"  # a publisher change failed at Microsoft or was never confirmed
+FLAG_CHANGE_REFUSED = "change_refused"  # our policy refused a change Microsoft sent (the buyer's request failed)
+
 # Kinds that record a fact without moving the subscription: never "stale".
 HISTORY_ONLY_KINDS = frozenset(
     {
@@ -420,6 +424,10 @@ def _move(
     return _Decision(Result.APPLIED, {"status": target, **extra}, _event_for_status_change(record.status, target))
 
 
+def _with_flag(record: SubscriptionRecord, flag: str) -> dict[str, Any]:
+    return {"flags": (*record.flags, flag)} if flag and flag not in record.flags else {}
+
+
 def _decide(record: SubscriptionRecord, change: Change) -> _Decision:
     kind = change.kind
     status = record.status
@@ -433,10 +441,12 @@ def _decide(record: SubscriptionRecord, change: Change) -> _Decision:
         if change.flag not in record.flags:
             return _Decision(Result.NOOP)
         return _Decision(Result.RECORDED, {"flags": tuple(f for f in record.flags if f != change.flag)})
-    if kind in (Kind.UNKNOWN_ACTION, Kind.REFUSED, Kind.OPERATOR_ACTION):
+    if kind in (Kind.UNKNOWN_ACTION, Kind.OPERATOR_ACTION):
         return _Decision(Result.RECORDED)
+    if kind is Kind.REFUSED:  # with ``change.flag`` when a person should look (our policy said no)
+        return _Decision(Result.RECORDED, _with_flag(record, change.flag))
     if kind is Kind.CHANGE_FAILED:
-        return _Decision(Result.RECORDED, event=EVENT_CHANGE_FAILED)
+        return _Decision(Result.RECORDED, _with_flag(record, change.flag or FLAG_CHANGE_FAILED), EVENT_CHANGE_FAILED)
     if kind is Kind.USAGE_ACCEPTED:
         return _Decision(Result.RECORDED, event=EVENT_USAGE_ACCEPTED)
     if kind is Kind.USAGE_REJECTED:

@@ -40,7 +40,7 @@ from shared.ids import require_marketplace_id
 from shared.observability import current_correlation_id
 from shared.policy import PolicyDecision, PolicyRequest
 from shared.repository import OperationMarker, StoredRecord
-from shared.state_machine import Change, Kind, Source
+from shared.state_machine import FLAG_CHANGE_REFUSED, Change, Kind, Source
 
 if TYPE_CHECKING:
     from shared.services import Services
@@ -283,7 +283,7 @@ def apply_operation(
         ours = matching_operation(services, stored.record, operation)
 
     kind = _KIND_FOR_ACTION.get(operation.action if operation.action is not Action.UNKNOWN else event.action)
-    detail = ""
+    detail, flag = "", ""
     occurred_at = None
     if kind is None:
         kind, detail = Kind.UNKNOWN_ACTION, f"unknown action {event.operation.action_name!r}, left to reconciliation"
@@ -292,7 +292,7 @@ def apply_operation(
         refusal = _state_machine_refusal(services, event, operation, kind, record)
         decision, operation = _answer(services, event, operation, record, refusal=refusal)
         if not decision.accepted:
-            kind, detail = Kind.REFUSED, f"refused {operation.action.value}: {decision.reason}"
+            kind, detail, flag = Kind.REFUSED, f"refused {operation.action.value}: {decision.reason}", FLAG_CHANGE_REFUSED
         else:
             # An InProgress change takes effect when it is accepted, not when Microsoft opened it:
             # a snapshot read in between (first sighting above, a reconciliation run) predates it
@@ -307,6 +307,8 @@ def apply_operation(
             kind, detail = Kind.CHANGE_FAILED, f"{ours.action} {status}: {reason}"
 
     change = _change_for(event, operation, services, kind, detail, occurred_at)
+    if flag:
+        change = replace(change, flag=flag)
     extra_rows: list[dict] = []
     if ours is not None:
         # The publisher's own operation: settled here, in the same transaction, exactly once

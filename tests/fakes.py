@@ -60,7 +60,9 @@ class FakeRepository:
     def history(self, subscription_id: str, *, since_seq: int = 0) -> list[dict[str, Any]]:
         return [entry for entry in self.histories.get(subscription_id, []) if entry["seq"] >= since_seq]
 
-    def list_records(self, *, status: str = "", offer_id: str = "", plan_id: str = "") -> Iterator[SubscriptionRecord]:
+    def list_records(
+        self, *, status: str = "", offer_id: str = "", plan_id: str = "", flagged: bool = False
+    ) -> Iterator[SubscriptionRecord]:
         self._check()
         with self._lock:
             records = [record for record, _ in self.records.values()]
@@ -68,6 +70,8 @@ class FakeRepository:
             if status and record.status.value != status:
                 continue
             if (offer_id and record.offer_id != offer_id) or (plan_id and record.plan_id != plan_id):
+                continue
+            if flagged and not record.needs_attention:
                 continue
             yield record
 
@@ -82,9 +86,18 @@ class FakeRepository:
         return []
 
     def page_records(
-        self, *, status: str = "", offer_id: str = "", plan_id: str = "", page_size: int = 50, continuation: Any = None
+        self,
+        *,
+        status: str = "",
+        offer_id: str = "",
+        plan_id: str = "",
+        flagged: bool = False,
+        page_size: int = 50,
+        continuation: Any = None,
     ) -> tuple[list[SubscriptionRecord], Any]:
-        records = sorted(self.list_records(status=status, offer_id=offer_id, plan_id=plan_id), key=lambda r: r.id)
+        records = sorted(
+            self.list_records(status=status, offer_id=offer_id, plan_id=plan_id, flagged=flagged), key=lambda r: r.id
+        )
         start = int(continuation["NextRowIndex"]) if continuation else 0
         following = {"NextRowIndex": str(start + page_size)} if start + page_size < len(records) else None
         return records[start : start + page_size], following

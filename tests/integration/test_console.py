@@ -440,3 +440,42 @@ def test_publisher_changes_and_cancel_from_the_console(pending, standin, service
     unsubscribes = [e for e in services.repository.history(sid) if e["kind"] == "unsubscribe" and e["result"] == "applied"]
     assert len(unsubscribes) == 1 and unsubscribes[0]["actor"] == OPERATOR
     assert 'data-testid="change-forms"' not in call("GET", f"/api/console/subscriptions/{sid}").text  # nothing left to change
+
+
+def test_flags_are_listed_with_what_to_do_and_an_operator_acknowledges_them(pending, standin, services):
+    from shared import state_machine as sm
+
+    sid, call = pending
+    failed = sm.Change(
+        kind=sm.Kind.CHANGE_FAILED, source=sm.Source.PUBLISHER, occurred_at=services.clock(), detail="ChangePlan Failed: no"
+    )
+    services.repository.apply(sid, lambda r: sm.apply(r, failed, now=services.clock()))
+    assert services.repository.get(sid).record.flags == ("change_failed",)
+
+    (unflagged,) = standin.seed(1, plan_id="standard", quantity=1)
+    assert run_reconciliation(services).completed
+    assert sorted(rows(call("GET", "/api/console").text)) == sorted([sid, unflagged])
+    listed = call("GET", "/api/console?flagged=1", roles=("Console.Reader",))
+    assert listed.status_code == 200 and rows(listed.text) == [sid]  # the flagged filter, server-side
+    attention = call("GET", "/api/console/attention", roles=("Console.Reader",))
+    (row,) = re.findall(r'data-testid="attention-flagged">(.*?)</tr>', attention.text, re.S)
+    assert sid in row and "change_failed" in row and "Publisher operations" in unescape(row)
+
+    page = call("GET", f"/api/console/subscriptions/{sid}")
+    token = form_token(page.text, "acknowledge-form")
+    assert (
+        'data-testid="acknowledge-form"' not in call("GET", f"/api/console/subscriptions/{sid}", roles=("Console.Reader",)).text
+    )
+    path = f"/api/console/subscriptions/{sid}/acknowledge"
+    assert call("POST", path, flag="change_failed", form_token=token).status_code == 400  # not confirmed
+    assert call("POST", path, flag="activation_stuck", form_token=token, confirm="yes").status_code == 403  # another flag
+    assert services.repository.get(sid).record.flags == ("change_failed",)
+
+    done = call("POST", path, flag="change_failed", form_token=token, confirm="yes")
+    assert done.status_code == 200 and "Acknowledged" in done.text
+    assert services.repository.get(sid).record.flags == ()
+    (entry,) = [e for e in services.repository.history(sid) if e["kind"] == "clear_flag"]
+    assert entry["actor"] == OPERATOR and entry["changes"]["flags"] == [["change_failed"], []]
+    again = call("POST", path, flag="change_failed", form_token=token, confirm="yes")
+    assert again.status_code == 200 and "already cleared" in again.text
+    assert rows(call("GET", "/api/console?flagged=1").text) == []

@@ -429,6 +429,7 @@ def test_failed_and_conflicting_operations_keep_the_subscription_and_release_the
     failed = [e for e in outbox_events(api.services, subscription_id) if e["eventType"] == "subscription.change_failed"]
     assert len(failed) == 1 and failed[0]["source"] == "publisher" and done["errorMessage"] in failed[0]["reason"]
     assert "change_failed" in history_kinds(api.services, subscription_id)
+    assert api.services.repository.get(subscription_id).record.flags == ("change_failed",)  # for a person to look at
     api.standin.partner_outcome = "succeed"
     assert api.patch(subscription_id, {"planId": "premium"}).status_code == 202
 

@@ -226,6 +226,7 @@ def test_operation_that_failed_at_microsoft_changes_nothing(wired, services):
     entry = assert_settled_once(services, subscription_id, operation["id"], "recorded")
     assert entry["kind"] == "refused"
     assert record(services, subscription_id).quantity == before.quantity == 5
+    assert record(services, subscription_id).flags == before.flags  # Microsoft's own failure: nothing for a person
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,6 +248,7 @@ def test_policy_refusal_patches_failure_and_the_state_stays(wired, make_services
     entry = assert_settled_once(services, subscription_id, refused["id"], "recorded")
     assert entry["kind"] == "refused" and "3 seats" in entry["detail"]
     assert record(services, subscription_id).quantity == 5
+    assert "change_refused" in record(services, subscription_id).flags  # on the console's Needs attention
     assert event_types(services, subscription_id) == events_before  # nothing to tell the SaaS app
     asked = policies.seen[-1]
     assert (asked.action, asked.subscription_id, asked.quantity, asked.operation_id) == (

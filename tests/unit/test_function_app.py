@@ -52,6 +52,7 @@ def test_functions_are_registered_with_the_contracted_names_routes_and_triggers(
         "console_redeliver",
         "console_replay",
         "console_change",
+        "console_acknowledge",
     }
 
     def trigger(name):
