@@ -1,8 +1,8 @@
-"""Benchmarks: webhook burst, reconciliation at scale and cold start (``make bench``).
+"""Benchmarks: webhooks, publisher changes, metering, reconciliation, cold start, console (``make bench``).
 
     python -m devtools.bench                       # full run; writes docs/benchmarks.md
     python -m devtools.bench --quick               # smoke sizes; prints only (unless --output)
-    python -m devtools.bench --only webhook|publisher|metering|reconcile|coldstart [--output PATH]
+    python -m devtools.bench --only webhook|publisher|metering|reconcile|coldstart|console [--output PATH]
 
 Everything runs on 127.0.0.1: an in-memory Azurite, the marketplace stand-in (in this process)
 and the app in a *separate* process (``AppProcess``: the dev host serving the real
@@ -69,6 +69,8 @@ class Sizes(TypedDict):
     usage_subscriptions: int
     reconcile: tuple[int, ...]
     coldstart_runs: int
+    console: int
+    console_loads: int
 
 
 FULL_SIZES: Sizes = {
@@ -80,6 +82,8 @@ FULL_SIZES: Sizes = {
     "usage_subscriptions": 1000,
     "reconcile": (1000, 10000),
     "coldstart_runs": 5,
+    "console": 10000,
+    "console_loads": 20,
 }
 QUICK_SIZES: Sizes = {
     "webhooks": 100,
@@ -90,6 +94,8 @@ QUICK_SIZES: Sizes = {
     "usage_subscriptions": 100,
     "reconcile": (500,),
     "coldstart_runs": 3,
+    "console": 500,
+    "console_loads": 5,
 }
 
 # The reconciler leaves a record alone when it changed less than SETTLE_WINDOW (2 min) before the
@@ -169,12 +175,22 @@ def classify_storage_request(method: str, url: str) -> str:
     return "other"
 
 
+def storage_target(url: str) -> str:
+    """The table (or queue) one storage HTTP request is addressed to, from its URL."""
+    parts = urlsplit(url).path.rstrip("/").split("/")
+    if parts[-1] == "messages" and len(parts) > 1:
+        return parts[-2]
+    return parts[-1].split("(", 1)[0]
+
+
 class _WireCounter:
-    """Storage HTTP requests by bucket (``app`` or ``relay`` thread) and kind."""
+    """Storage HTTP requests by bucket (``app`` or ``relay`` thread) and kind; and by "target kind"
+    (e.g. ``benchab12subscriptions query_page``) in ``by_target``."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.counts: dict[str, Counter] = {"app": Counter(), "relay": Counter()}
+        self.by_target: dict[str, Counter] = {"app": Counter(), "relay": Counter()}
         self.trace = bool(os.environ.get("BENCH_TRACE_STORAGE"))  # log every storage request (debugging)
 
     def add(self, method: str, url: str) -> None:
@@ -184,10 +200,15 @@ class _WireCounter:
             log.info("storage %s %s %s %s", bucket, kind, method, url)
         with self._lock:
             self.counts[bucket][kind] += 1
+            self.by_target[bucket][f"{storage_target(url)} {kind}"] += 1
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         with self._lock:
             return {bucket: dict(counter) for bucket, counter in self.counts.items()}
+
+    def snapshot_targets(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            return {bucket: dict(counter) for bucket, counter in self.by_target.items()}
 
 
 class _Timings:
@@ -318,6 +339,7 @@ class _Worker:
             "repo": services.repository.metrics.snapshot(),
             "relay_repo": services.events.repository.metrics.snapshot(),
             "wire": self.wire.snapshot(),
+            "wire_targets": self.wire.snapshot_targets(),
             "marketplace": dict(services.marketplace.counter.counts),
             "timings": self.timings.snapshot(),
             "cpu_seconds": usage.ru_utime + usage.ru_stime,
@@ -333,6 +355,27 @@ class _Worker:
         store = self.services.publisher_store
         assert store is not None
         return dict(Counter(op.status for sid in ids for op in store.list_for(sid)))
+
+    def cmd_sign_in(self, user: str, tenant_id: str, roles: list[str]) -> None:
+        """Sign a user in at the dev host (the headers App Service Authentication would add)."""
+        from devtools.devhost import SignedInUser
+
+        assert self.devhost is not None, "serve first"
+        self.devhost.signed_in_user = SignedInUser.parse(user, tenant_id, roles=tuple(roles))
+
+    def cmd_request_activation(self, ids: list[str]) -> dict[str, int]:
+        """Manual activation mode: the buyers confirmed, the purchases wait for an operator (result -> count)."""
+        from shared.activation import request_operator_activation
+        from shared.state_machine import Source
+
+        return dict(
+            Counter(
+                request_operator_activation(
+                    self.services, sid, "Bench Buyer <buyer@customer.example>", Source.LANDING_PAGE
+                ).result.value
+                for sid in ids
+            )
+        )
 
     def cmd_meter(self) -> dict[str, Any]:
         """One metering run (no time budget to speak of), with its Marketplace and storage counts."""
@@ -1423,6 +1466,321 @@ def bench_coldstart(runs: int = 5) -> dict[str, Any]:
 
 
 # =================================================================================================
+# 6. Operator console
+
+CONSOLE_USER = "Olivia Operator <olivia@contoso.example>"
+CONSOLE_ROLES = ("Console.Operator",)  # an operator: the pages issue their forms' CSRF tokens, as for real staff
+CONSOLE_RARE = 5  # purchases waiting for an operator: the rare-filter case
+CONSOLE_RARE_STATUS = "PendingActivation"
+CONSOLE_SECOND_OFFER = "contoso-analytics"
+CONSOLE_SEARCH_POSITION = 0.4  # the text search's target: this far into Table storage's order (PartitionKey)
+CONSOLE_ROW_MARKERS = {
+    "list": ('data-testid="subscription-row"',),
+    "subscription": ('data-testid="history-entry"',),
+    "attention": ('data-testid="attention-activation"', 'data-testid="attention-flagged"', 'data-testid="attention-flag"'),
+    "runs": ('data-testid="run"',),
+}
+_NEXT_PAGE = re.compile(r'data-testid="next-page" href="([^"]+)"')
+
+
+def console_mix(subscriptions: int, offer_id: str) -> list[tuple[str, int, str, str, str]]:
+    """(group, count, status at Microsoft, offer, plan): most Subscribed over three plans and a second
+    offer, 10 % Suspended, 5 % Unsubscribed, a few bought and not activated yet (of which
+    CONSOLE_RARE will wait for an operator)."""
+    waiting = CONSOLE_RARE + max(5, subscriptions // 500)
+    suspended, unsubscribed = subscriptions // 10, subscriptions // 20
+    subscribed = subscriptions - waiting - suspended - unsubscribed
+    premium = second_offer = subscribed // 10
+    standard = subscribed * 35 // 100
+    return [
+        ("Subscribed (basic)", subscribed - premium - second_offer - standard, "Subscribed", offer_id, "basic"),
+        ("Subscribed (standard)", standard, "Subscribed", offer_id, "standard"),
+        ("Subscribed (premium)", premium, "Subscribed", offer_id, "premium"),
+        (f"Subscribed ({CONSOLE_SECOND_OFFER})", second_offer, "Subscribed", CONSOLE_SECOND_OFFER, "standard"),
+        ("Suspended", suspended, "Suspended", offer_id, "standard"),
+        ("Unsubscribed", unsubscribed, "Unsubscribed", offer_id, "basic"),
+        ("PendingFulfillmentStart", waiting, "PendingFulfillmentStart", offer_id, "standard"),
+    ]
+
+
+def _rows_shown(marker_kind: str, html: str) -> int:
+    return sum(html.count(marker) for marker in CONSOLE_ROW_MARKERS[marker_kind])
+
+
+def _console_load(app: AppProcess, session, url: str, prefix: str = "") -> dict[str, Any]:
+    """One page view, alone: its status, wall time, page, and what the app sent to storage (by kind, and by
+    table without the tables' ``prefix``) and to Microsoft for it."""
+    before = app.call("snapshot")
+    started = time.perf_counter()
+    response = session.get(url, timeout=REQUEST_TIMEOUT)
+    elapsed = time.perf_counter() - started
+    after = app.call("snapshot")
+    return {
+        "status": response.status_code,
+        "seconds": elapsed,
+        "html": response.text,
+        "storage": _storage_counts(after, before),
+        "by_table": {
+            key.removeprefix(prefix): count
+            for key, count in _diff(after["wire_targets"]["app"], before["wire_targets"]["app"]).items()
+        },
+        "relay": _storage_counts(after, before, "relay"),
+        "marketplace": _diff(after["marketplace"], before["marketplace"]),
+    }
+
+
+def _per_load(counts: list[dict[str, int]]) -> tuple[dict[str, float], dict[str, list[int]]]:
+    """Mean per load by key, and the keys whose count varied between loads ([min, max])."""
+    keys = sorted(set().union(*counts)) if counts else []
+    means = {k: _per(sum(c.get(k, 0) for c in counts), len(counts)) for k in keys}
+    varied = {k: [min(c.get(k, 0) for c in counts), max(c.get(k, 0) for c in counts)] for k in keys}
+    return means, {k: v for k, v in varied.items() if v[0] != v[1]}
+
+
+def _table_rows(env: dict[str, str]) -> dict[str, int]:
+    """The subscriptions table's rows by kind (state, history, event, op...), read from this process
+    (outside the app's counts): what a query that filters on other columns than the keys runs over."""
+    from azure.data.tables import TableClient
+
+    with TableClient.from_connection_string(env["TABLES_CONNECTION_STRING"], env["TABLES_PREFIX"] + "subscriptions") as table:
+        return dict(Counter(row["RowKey"].split("|", 1)[0] for row in table.list_entities(select=["RowKey"])))
+
+
+def bench_console(bench: BenchEnvironment, subscriptions: int = 10_000, loads: int = 20) -> dict[str, Any]:
+    """``subscriptions`` recorded by a reconciliation run (a status mix, three plans, two offers), counted by a
+    second run; then each console page loaded ``loads`` times, one at a time, over HTTP by a signed-in operator."""
+    from html import unescape
+    from urllib.parse import urlencode
+
+    from devtools.marketplace_standin import DEFAULT_OFFER_ID
+
+    standin = bench.standin
+    bench.reset_standin()
+    groups: dict[str, list[str]] = {}
+    for group, count, status, offer, plan in console_mix(subscriptions, DEFAULT_OFFER_ID):
+        groups[group] = standin.seed(count, status=status, offer_id=offer, plan_id=plan, quantity=None if plan == "basic" else 5)
+    in_key_order = sorted(sid for ids in groups.values() for sid in ids)  # PartitionKey = the subscription id
+    search_target = in_key_order[int(len(in_key_order) * CONSOLE_SEARCH_POSITION)]
+    search_email = standin.get_subscription(search_target)["purchaser"]["emailId"]
+    detail_id = groups["Suspended"][0]
+    env = bench.app_env(ACTIVATION_MODE="manual")
+    prefix = env["TABLES_PREFIX"]
+    result: dict[str, Any] = {
+        "subscriptions": subscriptions,
+        "loads": loads,
+        "mix": {group: len(ids) for group, ids in groups.items()},
+        "search_position": CONSOLE_SEARCH_POSITION,
+    }
+    with bench.app(env, "console") as app:
+        url = app.call("serve")
+        started = time.perf_counter()
+        setup = app.call("reconcile")  # records every subscription (not measured)
+        result["setup_seconds"] = round(time.perf_counter() - started, 2)
+        result["setup_recorded"] = setup["summary"]["repairs"].get("recorded_new", 0)
+        # Manual activation mode: these buyers confirmed on the landing page; the purchases wait for an operator.
+        result["activation_requests"] = app.call("request_activation", ids=groups["PendingFulfillmentStart"][:CONSOLE_RARE])
+        counted = app.call("reconcile")  # a run counts what its scan found: the list page's counts
+        result["counts"] = counted["summary"]["by_status"]
+        result["counting_run_seconds"] = round(counted["wall_seconds"], 2)
+        result["counting_run_flagged"] = counted["summary"]["flagged_count"]
+        app.call("sign_in", user=CONSOLE_USER, tenant_id=standin.tenant_id, roles=list(CONSOLE_ROLES))
+
+        session = _new_session()
+        first = _console_load(app, session, url + "/api/console", prefix)  # the process's first page view (not in the figures)
+        result["first_view"] = {"status": first["status"], "ms": _ms(first["seconds"])}
+        cursor = _NEXT_PAGE.search(first["html"])
+        next_path = "/api/console" + unescape(cursor.group(1)) if cursor else ""
+        rare = CONSOLE_RARE_STATUS
+        kinds = [
+            ("list_first", "List, first page (no filter)", "/api/console", "list"),
+            ("list_next", "List, next page (the first page's cursor)", next_path, "list"),
+            ("status_common", "Status filter, common (Suspended)", "/api/console?status=Suspended", "list"),
+            ("status_rare", f"Status filter, rare ({rare})", f"/api/console?status={rare}", "list"),
+            ("plan", "Plan filter (premium)", "/api/console?plan=premium", "list"),
+            ("offer", f"Offer filter ({CONSOLE_SECOND_OFFER})", f"/api/console?offer={CONSOLE_SECOND_OFFER}", "list"),
+            ("search_id", "Search by subscription id", "/api/console?" + urlencode({"q": search_target}), "list"),
+            ("search_text", "Text search (a purchaser's e-mail)", "/api/console?" + urlencode({"q": search_email}), "list"),
+            ("subscription", "Subscription page (a Suspended one)", f"/api/console/subscriptions/{detail_id}", "subscription"),
+            ("attention", "Needs attention", "/api/console/attention", "attention"),
+            ("runs", "Reconciliation runs", "/api/console/reconcile", "runs"),
+        ]
+        pages = []
+        for key, label, path, marker_kind in kinds:
+            if not path:
+                pages.append({"key": key, "label": label, "missing": True})
+                continue
+            warm = _console_load(app, session, url + path, prefix)  # first use of the page: template compiled, imports
+            views = [_console_load(app, session, url + path, prefix) for _ in range(loads)]
+            seconds = [v["seconds"] for v in views]
+            rows = [_rows_shown(marker_kind, v["html"]) for v in views]
+            storage, storage_varied = _per_load([v["storage"] for v in views])
+            by_table, _ = _per_load([v["by_table"] for v in views])
+            relay, _ = _per_load([v["relay"] for v in views])
+            marketplace, _ = _per_load([v["marketplace"] for v in views])
+            pages.append(
+                {
+                    "key": key,
+                    "label": label,
+                    "statuses": dict(Counter(str(v["status"]) for v in views)),
+                    "rows": rows[-1],
+                    "rows_range": [min(rows), max(rows)],
+                    "first_use_ms": _ms(warm["seconds"]),
+                    "latency_ms": {
+                        "p50": _ms(percentile(seconds, 50)),
+                        "p95": _ms(percentile(seconds, 95)),
+                        "max": _ms(max(seconds)),
+                        "mean": _ms(statistics.fmean(seconds)),
+                    },
+                    "storage": storage,
+                    "storage_varied": storage_varied,
+                    "by_table": by_table,
+                    "storage_reads": round(sum(storage.get(k, 0) for k in STORAGE_READ_KINDS), 2),
+                    "storage_writes": round(sum(storage.get(k, 0) for k in STORAGE_WRITE_KINDS), 2),
+                    "relay": relay,
+                    "marketplace": marketplace,
+                    "marketplace_calls": round(sum(marketplace.values()), 2),
+                    "next_page": 'data-testid="next-page"' in views[-1]["html"],
+                    "scan_note": "Searched the first" in views[-1]["html"],
+                    "kib": round(len(views[-1]["html"].encode()) / 1024, 1),
+                }
+            )
+        session.close()
+        result["pages"] = pages
+        result["log"] = app.log_counts()
+    result["table_rows"] = _table_rows(env)
+    return result
+
+
+def _fmt_per_view(counts: dict[str, float]) -> str:
+    return ", ".join(f"{key} {value:g}" for key, value in sorted(counts.items())) or "none"
+
+
+def _console_pages(c: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {p["key"]: p for p in c["pages"] if not p.get("missing")}
+
+
+def _render_console(c: dict[str, Any]) -> list[str]:
+    from shared.console import SEARCH_SCAN_LIMIT
+    from shared.repository import MAX_PAGE_REQUESTS
+
+    pages = _console_pages(c)
+    n = c["subscriptions"]
+    total_rows = sum(c["table_rows"].values())
+    lines = [
+        "## 6. Operator console (page loads)",
+        "",
+        f"{n:,} subscriptions at Microsoft's stand-in ({', '.join(f'{g} {k:,}' for g, k in c['mix'].items())}),"
+        f" recorded by a reconciliation run (not measured, {c['setup_seconds']} s). {CONSOLE_RARE} of the purchases not"
+        f" activated yet then wait for an operator (`ACTIVATION_MODE=manual`: what the landing page records when the buyer"
+        " confirms), and a second run counts the records by status, as the list page shows them:"
+        f" {_fmt_counts(c['counts'])}. An operator (App Service Authentication's principal, publisher's tenant, app role"
+        f" `Console.Operator`) then loads each page {c['loads']} times, one view at a time, over HTTP through the dev host;"
+        " each view's storage requests (the app process's wire counter, by class and by table) and Marketplace calls are"
+        " counted alone. Each page had one view before the measured ones (its first use: template compiled, imports; the"
+        f" process's very first page view took {c['first_view']['ms']} ms). A fresh Azurite held only this section's tables;"
+        f" the subscriptions table had {total_rows:,} rows ({_fmt_counts(c['table_rows'])}).",
+        "",
+        "| Page | Answers | Rows shown | p50 ms | p95 ms | max ms | Storage requests per view | By table | Marketplace calls per view |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in c["pages"]:
+        if p.get("missing"):
+            lines.append(f"| {p['label']} | not measured: the first page had no next-page link | | | | | | | |")
+            continue
+        lat = p["latency_ms"]
+        rows = str(p["rows"]) if p["rows_range"][0] == p["rows_range"][1] else "{}-{}".format(*p["rows_range"])
+        varied = "".join(f" ({key} varied {low}-{high})" for key, (low, high) in p["storage_varied"].items())
+        lines.append(
+            f"| {p['label']} | {_fmt_counts(p['statuses'])} | {rows} | {lat['p50']} | {lat['p95']} | {lat['max']} |"
+            f" {_fmt_per_view(p['storage'])}{varied} | {_fmt_per_view(p['by_table'])} | {_fmt_per_view(p['marketplace'])} |"
+        )
+    writes = sum(p["storage_writes"] for p in pages.values())
+    lines += [
+        "",
+        "Rows shown: subscriptions (list pages), history entries (subscription page), waiting activations + flags"
+        " (Needs attention), runs (reconciliation page). Tables: `subscriptions` (state, history, markers, outbox; one"
+        " partition per subscription), `runs` (run summaries, newest first), `usage` (metered usage by hour).",
+        "",
+    ]
+    first, following = pages.get("list_first"), pages.get("list_next")
+    if first:
+        lines += [
+            f"**Why the first page is cheap.** One filtered query of the subscriptions table (`RowKey eq 'state'`, plus"
+            " `Status` / `OfferId` / `PlanId` when filtered; 50 rows asked, so the service stops after 50 matches) and one"
+            f" read of the last run summary: {_fmt_per_view(first['by_table'])} per view at {n:,} subscriptions, the same"
+            " at any size (the smoke test checks it at 200). The counts per status are not counted per view: they are the"
+            " `by_status` of the last reconciliation run, which reads every record anyway, shown with the run's time."
+            + (
+                f" The next page costs the same ({_fmt_per_view(following['by_table'])}, p50 {following['latency_ms']['p50']} ms):"
+                " its link carries Table storage's continuation token as the cursor, so the service resumes where the"
+                " first page stopped; nothing before it is read again, however deep the page."
+                if following
+                else ""
+            )
+            + " A filter is the same one query; a search by subscription id is one point read (+ the run summary)."
+            f" No page view wrote anything ({writes:g} storage writes in all).",
+            "",
+        ]
+    text, detail, rare = pages.get("search_text"), pages.get("subscription"), pages.get("status_rare")
+    costs = []
+    if text:
+        text_pages = text["by_table"].get("subscriptions query_page", 0)
+        costs.append(
+            "The text search (name, purchaser, beneficiary) has no index: it reads state rows in key order until 50 match"
+            f" or {SEARCH_SCAN_LIMIT:,} were read. Searching one purchaser's e-mail (a subscription"
+            f" {int(c['search_position'] * 100)} % into the key order) read {text_pages:g} query page(s) of up to 1,000 rows"
+            f" (p50 {text['latency_ms']['p50']} ms against {first['latency_ms']['p50'] if first else '?'} ms for the first"
+            f" page), {'found it' if text['rows'] else 'did not find it'}, and"
+            + (
+                f" said it searched only the first {SEARCH_SCAN_LIMIT:,} records."
+                if text["scan_note"]
+                else " read to the end of the table."
+            )
+            + f" A match beyond the first {SEARCH_SCAN_LIMIT:,} records (in id order) is not found by text; the id search is"
+            " exact and costs one point read."
+        )
+    if detail:
+        usage_queries = detail["by_table"].get("usage query_page", 0)
+        costs.append(
+            f"The subscription page makes {sum(detail['storage'].values()):g} storage requests and"
+            f" {detail['marketplace_calls']:g} Marketplace call ({_fmt_per_view(detail['marketplace'])}): {usage_queries:g}"
+            " queries for the usage of the last 24 hours (one per hour shard: the usage table is laid out by hour, not by"
+            f" subscription, and they run for a plan without metering dimensions too),"
+            f" {detail['by_table'].get('subscriptions query_page', 0):g} range queries in the subscription's own partition"
+            " (history, lifecycle events, waiting events, webhook operation markers, publisher operations) and the point"
+            f" read of its record; p50 {detail['latency_ms']['p50']} ms. The stand-in answers Get Subscription at once;"
+            " Microsoft's own latency adds to this page only."
+        )
+    attention = pages.get("attention")
+    if attention:
+        costs.append(
+            f"Needs attention: {_fmt_per_view(attention['by_table'])} (the two activation statuses and the Flagged filter,"
+            " one filtered page each; the last run summary; the usage table's flagged partition)."
+        )
+    if costs:
+        lines += ["**What costs more.** " + " ".join(costs), ""]
+    if rare and first:
+        lines += [
+            f"**A rare filter.** `Status eq '{CONSOLE_RARE_STATUS}'` matches {rare['rows']} of {n:,}:"
+            f" {_fmt_per_view(rare['by_table'])} per view, p50 {rare['latency_ms']['p50']} ms (first page"
+            f" {first['latency_ms']['p50']} ms). Azurite answers a filtered query in one response however many rows it read,"
+            f" so for this page it evaluated the filter over the whole table ({total_rows:,} rows) in that one request. Table"
+            " storage may answer such a query short (fewer matches and a continuation token: after 5 s of work or at a"
+            f" partition range boundary); `page_records` then joins at most {MAX_PAGE_REQUESTS} answers into one page. How many a page"
+            " needs depends on the storage account's partition ranges and cannot be measured on Azurite.",
+            "",
+        ]
+    log_note = ""
+    if c["log"].get("WARNING") and c.get("counting_run_flagged"):
+        log_note = (
+            f" (a run that flags something logs its summary as a warning: the counting run flagged the"
+            f" {c['counting_run_flagged']} purchases waiting for an operator)"
+        )
+    lines += [f"App log: {_fmt_counts(c['log'])}{log_note}.", ""]
+    return lines
+
+
+# =================================================================================================
 # Report
 
 
@@ -1518,6 +1876,21 @@ def print_summary(results: dict[str, Any]) -> None:
             f" {met['microsoft_events']} events at Microsoft; reported {met['reported_total']} accepted {met['accepted_total']}"
             f" exact={met['exact']}; second run {met['second_run_calls']} calls"
         )
+    con = results.get("console")
+    if con:
+        print(
+            f"console: {con['subscriptions']} subscriptions (setup {con['setup_seconds']} s), counts {_fmt_counts(con['counts'])};"
+            f" {con['loads']} loads per page"
+        )
+        for page in con["pages"]:
+            if page.get("missing"):
+                print(f"  {page['label']:<44} not measured (no next-page link)")
+                continue
+            lat = page["latency_ms"]
+            print(
+                f"  {page['label']:<44} {_fmt_counts(page['statuses'])}, rows {page['rows']}, p50 {lat['p50']} ms p95 {lat['p95']} ms,"
+                f" storage {_fmt_counts(page['storage'])}, marketplace {_fmt_counts(page['marketplace'])}"
+            )
     cold = results.get("coldstart")
     if cold:
         print(
@@ -1543,7 +1916,7 @@ def render_markdown(results: dict[str, Any], machine: dict[str, str], argv: list
         f"- Load average when the run finished: {machine['load_average']} (the machine was shared with other work;"
         " latencies and wall times carry that noise, call counts do not)",
         f"- Command: `{' '.join(['python -m devtools.bench', *_shown_args(argv)]).strip()}` (`make bench` = no arguments;"
-        " `--quick` = 100 webhooks and 500 subscriptions, printed only; `--only webhook|publisher|metering|reconcile|coldstart`)",
+        " `--quick` = 100 webhooks and 500 subscriptions, printed only; `--only webhook|publisher|metering|reconcile|coldstart|console`)",
         "",
     ]
     webhook = results.get("webhook")
@@ -1557,6 +1930,8 @@ def render_markdown(results: dict[str, Any], machine: dict[str, str], argv: list
         lines += _render_coldstart(results["coldstart"])
     if results.get("metering"):
         lines += _render_metering(results["metering"])
+    if results.get("console"):
+        lines += _render_console(results["console"])
     if results.get("interpretation"):
         lines += ["## Against the targets", ""] + [f"- {item}" for item in results["interpretation"]] + [""]
     if results.get("findings"):
@@ -1900,6 +2275,25 @@ def interpret(results: dict[str, Any]) -> list[str]:
                 f" process during the drift run: {_mib(biggest['drift_run']['peak_rss_kib'])} MiB"
                 f" (from {_mib(biggest['drift_run']['rss_kib_before'])} MiB before it)."
             )
+    console = results.get("console")
+    if console:
+        pages = _console_pages(console)
+        first, by_id, search = pages.get("list_first"), pages.get("search_id"), pages.get("search_text")
+        if first and by_id:
+            from shared.console import SEARCH_SCAN_LIMIT
+
+            first_queries = first["storage"].get("query_page", 0)
+            cheap = first_queries <= 2 and not first["storage_varied"]
+            point = by_id["storage"].get("point_read", 0) == 1 and by_id["by_table"].get("subscriptions query_page", 0) == 0
+            writes = sum(p["storage_writes"] for p in pages.values())
+            text_pages = search["by_table"].get("subscriptions query_page", 0) if search else 0
+            notes.append(
+                f"Operator console at {console['subscriptions']:,} subscriptions: the first list page made"
+                f" {_fmt_per_view(first['storage'])} ({_fmt_per_view(first['by_table'])}), p50 {first['latency_ms']['p50']} ms:"
+                f" no scan per page view ({'met' if cheap else 'NOT met'}); a search by id is one point read"
+                f" ({'met' if point else 'NOT met'}); page views wrote {writes:g} times. The text search read {text_pages:g}"
+                f" query page(s) (bounded by {SEARCH_SCAN_LIMIT:,} records, p50 {search['latency_ms']['p50'] if search else '?'} ms)."
+            )
     cold = results.get("coldstart")
     if cold:
         notes.append(
@@ -2008,6 +2402,28 @@ def findings(results: dict[str, Any]) -> list[str]:
                 " `hmac` from the standard library would do the same at no import cost. The import path of"
                 " `function_app` itself is clean (only `azure.functions` and a few small modules of ours)."
             )
+    console = results.get("console")
+    if console:
+        pages = _console_pages(console)
+        detail, first, search = pages.get("subscription"), pages.get("list_first"), pages.get("search_text")
+        usage_queries = detail["by_table"].get("usage query_page", 0) if detail else 0
+        if detail and usage_queries:
+            out.append(
+                f"Console subscription page: {usage_queries:g} of its {sum(detail['storage'].values()):g} storage requests are the"
+                " usage view's hourly queries (`shared/console.py` `subscription_page` -> `shared/metering.py` `usage_view`,"
+                " one query per hour shard of the last 24 hours), also for a subscription whose plan has no metering"
+                f" dimensions (the one measured); p50 {detail['latency_ms']['p50']} ms against"
+                f" {first['latency_ms']['p50'] if first else '?'} ms for a list page. Skipping the usage section for a plan"
+                " without metering dimensions, or querying the hours in parallel, would take most of it away."
+            )
+        if search and first and search["latency_ms"]["p50"] > 4 * first["latency_ms"]["p50"]:
+            text_pages = search["by_table"].get("subscriptions query_page", 0)
+            out.append(
+                f"Console text search: p50 {search['latency_ms']['p50']} ms ({text_pages:g} query page(s) of state rows, parsed"
+                f" record by record and matched in Python: `shared/console.py` `list_page` -> `repository.list_records`),"
+                f" {search['latency_ms']['p50'] / max(first['latency_ms']['p50'], 1e-9):.0f}x a list page. Bounded and said"
+                " so on the page; `$select` of the searched columns (id, name, e-mails) would cut the parsing."
+            )
     for run in results.get("reconcile", []):
         setup = run["setup"]
         out.append(
@@ -2073,6 +2489,11 @@ def run(
                             results["reconcile_note"] = note
                     print(f"reconciliation: {count} subscriptions ...", flush=True)
                     results["reconcile"].append(bench_reconcile(bench, count))
+    if only in (None, "console"):
+        # A fresh Azurite: the earlier sections' tables (100,000 usage rows, 11,000 subscriptions) do not weigh on it.
+        with BenchEnvironment() as bench:
+            print(f"operator console: {sizes['console']} subscriptions, {sizes['console_loads']} loads per page ...", flush=True)
+            results["console"] = bench_console(bench, sizes["console"], sizes["console_loads"])
     if only in (None, "coldstart"):
         print("cold start ...", flush=True)
         results["coldstart"] = bench_coldstart(sizes["coldstart_runs"])
@@ -2083,7 +2504,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m devtools.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (100 webhooks, 500 subscriptions); a smoke run")
-    parser.add_argument("--only", choices=("webhook", "publisher", "metering", "reconcile", "coldstart"))
+    parser.add_argument("--only", choices=("webhook", "publisher", "metering", "reconcile", "coldstart", "console"))
     parser.add_argument("--reconcile-sizes", help="comma-separated subscription counts (default 1000,10000)")
     parser.add_argument("--output", help="markdown report path (default docs/benchmarks.md for a full run, none otherwise)")
     parser.add_argument("--json", help="also write the raw results as JSON to this path")

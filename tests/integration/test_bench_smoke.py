@@ -4,7 +4,9 @@ The figures in docs/benchmarks.md come from `make bench`; here the same function
 session's Azurite and stand-in, with the app in its own process, and only the structural results
 are checked: no webhook errors, the design's per-event Marketplace calls, every InProgress
 operation answered, nothing left to repair afterwards; reconciliation writes exactly the drifted
-subscriptions plus the summary, and its reads are page scans, not one read per subscription.
+subscriptions plus the summary, and its reads are page scans, not one read per subscription; every
+console page answers, a page view writes nothing and reads a bounded number of pages (no scan
+proportional to the subscriptions), and a search by id is one point read.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ def test_classify_storage_request():
     assert bench.classify_storage_request("POST", f"{base}/$batch") == "transaction"
     assert bench.classify_storage_request("POST", f"{base}/Tables") == "table_admin"
     assert bench.classify_storage_request("POST", "http://127.0.0.1:10001/devstoreaccount1/events/messages") == "queue_send"
+    assert bench.storage_target(f"{base}/tsubscriptions(PartitionKey='a',RowKey='state')") == "tsubscriptions"
+    assert bench.storage_target(f"{base}/truns()?$filter=x") == "truns"
+    assert bench.storage_target("http://127.0.0.1:10001/devstoreaccount1/events/messages") == "events"
 
 
 def test_webhook_actions_follow_the_mix():
@@ -119,3 +124,33 @@ def test_metering_structure(environment):
     assert result["second_run_calls"] == 0 and result["second_run_pending"] == 0
     # Ingest writes rows in transactions per hour shard: fewer writes than events, never more than two each.
     assert 0 < result["storage_writes_per_event"] <= 2
+
+
+def test_console_page_views_are_bounded(environment):
+    result = bench.bench_console(environment, subscriptions=200, loads=2)
+    pages = {page["key"]: page for page in result["pages"]}
+
+    assert [page["key"] for page in result["pages"] if page.get("missing")] == []
+    assert result["setup_recorded"] == 200 and sum(result["counts"].values()) == 200
+    assert result["counts"][bench.CONSOLE_RARE_STATUS] == bench.CONSOLE_RARE  # counted by the run, shown by the list
+    for page in pages.values():
+        assert page["statuses"] == {"200": 2}, page["label"]
+        assert page["storage_writes"] == 0 and page["relay"] == {}, page["label"]  # a page view writes nothing
+    # The first page: one filtered query page of the subscriptions table and the last run summary, not a scan
+    # of the 200 subscriptions; the next page (the continuation token as cursor) costs the same.
+    for key in ("list_first", "list_next"):
+        assert set(pages[key]["storage"]) == {"query_page"} and pages[key]["storage"]["query_page"] <= 2, key
+        assert pages[key]["by_table"].get("subscriptions query_page") == 1, key
+        assert pages[key]["rows"] == 50, key
+    assert pages["list_first"]["next_page"]
+    assert pages["status_rare"]["rows"] == bench.CONSOLE_RARE
+    assert pages["status_rare"]["storage"].get("query_page", 0) <= 2
+    # A search by subscription id is one point read (and no query of the subscriptions table).
+    assert pages["search_id"]["rows"] == 1
+    assert pages["search_id"]["by_table"].get("subscriptions point_read") == 1
+    assert "subscriptions query_page" not in pages["search_id"]["by_table"]
+    assert pages["search_text"]["rows"] == 1
+    # Microsoft is asked only by the subscription page, once.
+    assert pages["subscription"]["marketplace"] == {"get_subscription": 1}
+    assert [key for key, page in pages.items() if page["marketplace"] and key != "subscription"] == []
+    assert result["table_rows"]["state"] == 200
