@@ -154,3 +154,4 @@ def test_console_page_views_are_bounded(environment):
     assert pages["subscription"]["marketplace"] == {"get_subscription": 1}
     assert [key for key, page in pages.items() if page["marketplace"] and key != "subscription"] == []
     assert result["table_rows"]["state"] == 200
+    assert result["scan_probe"]["rows"] == 200  # the SDK-alone read of the rows a text search reads
