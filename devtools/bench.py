@@ -1548,12 +1548,13 @@ def _table_rows(env: dict[str, str]) -> dict[str, int]:
 
 def _scan_probe(env: dict[str, str], limit: int, repeats: int = 3) -> dict[str, float]:
     """What reading ``limit`` state rows costs the storage SDK alone (in this process, best of ``repeats``):
-    every column, as the text search reads them, and only the four columns it searches (``$select``)."""
+    every column, and only the four columns the text search reads (``$select``)."""
     from itertools import islice
 
     from azure.data.tables import TableClient
 
-    searched = ["PartitionKey", "Name", "Purchaser", "Beneficiary"]
+    from shared.repository import SEARCHED_COLUMNS as searched
+
     out: dict[str, float] = {"rows": 0}
     with TableClient.from_connection_string(env["TABLES_CONNECTION_STRING"], env["TABLES_PREFIX"] + "subscriptions") as table:
         for label, select in (("all_columns_ms", None), ("select_searched_ms", searched)):
@@ -1749,8 +1750,9 @@ def _render_console(c: dict[str, Any]) -> list[str]:
     if text:
         text_pages = text["by_table"].get("subscriptions query_page", 0)
         costs.append(
-            "The text search (name, purchaser, beneficiary) has no index: it reads state rows in key order until 50 match"
-            f" or {SEARCH_SCAN_LIMIT:,} were read. Searching one purchaser's e-mail (a subscription"
+            "The text search (name, purchaser, beneficiary) has no index: it reads the four searched columns of state rows"
+            f" (`$select`) in key order until 50 match or {SEARCH_SCAN_LIMIT:,} were read, then each match whole (one point"
+            f" read a match): {_fmt_per_view(text['by_table'])}. Searching one purchaser's e-mail (a subscription"
             f" {int(c['search_position'] * 100)} % into the key order) read {text_pages:g} query page(s) of up to 1,000 rows"
             f" (p50 {text['latency_ms']['p50']} ms against {first['latency_ms']['p50'] if first else '?'} ms for the first"
             f" page), {'found it' if text['rows'] else 'did not find it'}, and"
@@ -1768,7 +1770,8 @@ def _render_console(c: dict[str, Any]) -> list[str]:
             f"The subscription page makes {sum(detail['storage'].values()):g} storage requests and"
             f" {detail['marketplace_calls']:g} Marketplace call ({_fmt_per_view(detail['marketplace'])}): {usage_queries:g}"
             " queries for the usage of the last 24 hours (one per hour shard: the usage table is laid out by hour, not by"
-            f" subscription, and they run for a plan without metering dimensions too),"
+            " subscription; they run concurrently, and for a plan without metering dimensions too, since its plan may"
+            " have changed within the 24 hours),"
             f" {detail['by_table'].get('subscriptions query_page', 0):g} range queries in the subscription's own partition"
             " (history, lifecycle events, waiting events, webhook operation markers, publisher operations) and the point"
             f" read of its record; p50 {detail['latency_ms']['p50']} ms. The stand-in answers Get Subscription at once;"
@@ -2434,10 +2437,10 @@ def findings(results: dict[str, Any]) -> list[str]:
             out.append(
                 f"Console subscription page: {usage_queries:g} of its {sum(detail['storage'].values()):g} storage requests are the"
                 " usage view's hourly queries (`shared/console.py` `subscription_page` -> `shared/metering.py` `usage_view`,"
-                " one query per hour shard of the last 24 hours), also for a subscription whose plan has no metering"
-                f" dimensions (the one measured); p50 {detail['latency_ms']['p50']} ms against"
-                f" {first['latency_ms']['p50'] if first else '?'} ms for a list page. Skipping the usage section for a plan"
-                " without metering dimensions would save those requests; querying the hours in parallel would shorten their wait."
+                " one query per hour shard of the last 24 hours, run concurrently), also for a subscription whose plan has"
+                f" no metering dimensions (the one measured); p50 {detail['latency_ms']['p50']} ms against"
+                f" {first['latency_ms']['p50'] if first else '?'} ms for a list page. A usage table keyed by subscription as"
+                " well as by hour would make them one query, at the price of a second write per reported event."
             )
         if search and first and search["latency_ms"]["p50"] > 4 * first["latency_ms"]["p50"]:
             text_pages = search["by_table"].get("subscriptions query_page", 0)
@@ -2445,15 +2448,14 @@ def findings(results: dict[str, Any]) -> list[str]:
             cause = ""
             if probe.get("all_columns_ms"):
                 cause = (
-                    f" Most of it is the storage SDK turning every column of every row into Python: reading the same"
-                    f" {probe['rows']:,} state rows with the SDK alone took {probe['all_columns_ms']} ms with all columns and"
-                    f" {probe['select_searched_ms']} ms with `$select` of the four searched ones (id, name, purchaser,"
-                    " beneficiary); a search that selects them and builds no full records would cost about that."
+                    f" Its floor is the storage SDK turning rows into Python: reading the same {probe['rows']:,} state rows"
+                    f" with the SDK alone took {probe['select_searched_ms']} ms with `$select` of the four searched columns"
+                    f" (what the search reads) and {probe['all_columns_ms']} ms with all of them."
                 )
             out.append(
-                f"Console text search: p50 {search['latency_ms']['p50']} ms ({text_pages:g} query page(s) of state rows read"
-                f" whole, each made a full record and matched in Python: `shared/console.py` `list_page` ->"
-                f" `repository.list_records`), {search['latency_ms']['p50'] / max(first['latency_ms']['p50'], 1e-9):.0f}x a"
+                f"Console text search: p50 {search['latency_ms']['p50']} ms ({text_pages:g} query page(s) of the searched"
+                f" columns, matched in Python: `shared/console.py` `list_page` -> `repository.search_records`),"
+                f" {search['latency_ms']['p50'] / max(first['latency_ms']['p50'], 1e-9):.0f}x a"
                 f" list page; bounded, and the page says so.{cause}"
             )
     for run in results.get("reconcile", []):

@@ -1,4 +1,4 @@
-"""Operator console (read side, first slice of issue 14): the subscriptions list and one subscription.
+"""Operator console: the pages (subscriptions, one subscription, needs attention, reconciliation) and actions.
 
 Who may look: App Service Authentication (Easy Auth) signs the user in; the principal's app roles
 decide (``Console.Reader`` to look, ``Console.Operator`` to act). ``CONSOLE_AUTH=none`` (local only,
@@ -133,12 +133,6 @@ def _row(record: Any) -> dict[str, Any]:
     }
 
 
-def _matches(record: Any, text: str) -> bool:
-    needle = text.lower()
-    haystack = (record.id, record.name, record.purchaser.email_id, record.beneficiary.email_id)
-    return any(needle in (value or "").lower() for value in haystack)
-
-
 def list_page(services: Services, user: SignedInUser | None, params: Mapping[str, str]) -> Page:
     console_user = authorize(services, user)
     status, offer, plan, text = (_filter(params, name) for name in ("status", "offer", "plan", "q"))
@@ -152,14 +146,16 @@ def list_page(services: Services, user: SignedInUser | None, params: Mapping[str
         stored = repository.get(text.lower())
         records = [stored.record] if stored is not None else []
     elif text:
-        records, scanned = [], 0
-        for record in repository.list_records(status=status, offer_id=offer, plan_id=plan, flagged=flagged):
-            scanned += 1
-            if _matches(record, text):
-                records.append(record)
-            if len(records) >= PAGE_SIZE or scanned >= SEARCH_SCAN_LIMIT:
-                break
-        if scanned >= SEARCH_SCAN_LIMIT:
+        records, cut_short = repository.search_records(
+            text,
+            status=status,
+            offer_id=offer,
+            plan_id=plan,
+            flagged=flagged,
+            limit=PAGE_SIZE,
+            scan_limit=SEARCH_SCAN_LIMIT,
+        )
+        if cut_short:
             note = f"Searched the first {SEARCH_SCAN_LIMIT:,} records; narrow the filters or search by subscription id."
     else:
         records, token = repository.page_records(

@@ -78,6 +78,18 @@ class SubscriptionStore(Protocol):
         self, *, status: str = "", offer_id: str = "", plan_id: str = "", flagged: bool = False
     ) -> Iterator[SubscriptionRecord]: ...
 
+    def search_records(
+        self,
+        text: str,
+        *,
+        status: str = "",
+        offer_id: str = "",
+        plan_id: str = "",
+        flagged: bool = False,
+        limit: int = 50,
+        scan_limit: int = 5000,
+    ) -> tuple[list[SubscriptionRecord], bool]: ...
+
     def page_records(
         self,
         *,

@@ -347,6 +347,16 @@ def _records_query(status: str, offer_id: str, plan_id: str, flagged: bool) -> t
     return " and ".join(clauses), params
 
 
+def matches_text(text: str, record_id: str, name: str, purchaser_email: str, beneficiary_email: str) -> bool:
+    """The console's text search: a case-insensitive substring of the id, name or either e-mail."""
+    needle = text.lower()
+    return any(needle in (value or "").lower() for value in (record_id, name, purchaser_email, beneficiary_email))
+
+
+# The columns the text search reads: the SDK's cost is per column, and a state row has about 30.
+SEARCHED_COLUMNS = ["PartitionKey", "Name", "Purchaser", "Beneficiary"]
+
+
 # Signature of the function that builds the outbox event for an outcome (see shared.events).
 EventBuilder = Callable[[Outcome, int], tuple[str, str]]
 
@@ -458,6 +468,41 @@ class SubscriptionRepository:
                 self.metrics.add(reads=1, pages=1)
                 for entity in page:
                     yield record_from_entity(entity)
+
+    def search_records(
+        self,
+        text: str,
+        *,
+        status: str = "",
+        offer_id: str = "",
+        plan_id: str = "",
+        flagged: bool = False,
+        limit: int = 50,
+        scan_limit: int = 5000,
+    ) -> tuple[list[SubscriptionRecord], bool]:
+        """Records matching ``text`` (see matches_text) in key order, and whether the scan was cut short.
+
+        No index serves a substring: this reads only the searched columns of at most ``scan_limit``
+        state rows, then each match whole (one point read each, at most ``limit``)."""
+        query, params = _records_query(status, offer_id, plan_id, flagged)
+        matched: list[str] = []
+        scanned = 0
+        with _storage_errors("search subscriptions"):
+            pages = self._subscriptions.query_entities(query, parameters=params, select=SEARCHED_COLUMNS).by_page()
+            for page in pages:
+                self.metrics.add(reads=1, pages=1)
+                for entity in page:
+                    scanned += 1
+                    purchaser = _identifier(entity.get("Purchaser", "")).email_id
+                    beneficiary = _identifier(entity.get("Beneficiary", "")).email_id
+                    if matches_text(text, entity["PartitionKey"], entity.get("Name", ""), purchaser, beneficiary):
+                        matched.append(entity["PartitionKey"])
+                    if len(matched) >= limit or scanned >= scan_limit:
+                        break
+                if len(matched) >= limit or scanned >= scan_limit:
+                    break
+        found = (self.get(subscription_id) for subscription_id in matched)
+        return [stored.record for stored in found if stored is not None], scanned >= scan_limit
 
     def page_records(
         self,

@@ -22,9 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
@@ -570,15 +570,6 @@ class UsageStore:
                     "PartitionKey eq @pk", parameters={"pk": FLAGGED_PARTITION}, select=["RowKey"]
                 )
             )
-
-    def list_buckets(self, subscription_id: str, start: datetime, end: datetime) -> Iterator[HourPartition]:
-        """Every stored hour of a subscription in [start, end), oldest first (one query per hour)."""
-        shard, hour = shard_of(subscription_id), hour_of(start)
-        while hour < end:
-            found = self.read_shard(hour, shard, subscription_id).get(subscription_id)
-            if found is not None:
-                yield found
-            hour += timedelta(hours=1)
 
     # -- the last run's summary (health reads one row, never the work list) --------------------------
 

@@ -17,7 +17,16 @@ from typing import Any
 from shared import errors
 from shared.domain import Operation, Plan, ResolvedPurchase, Subscription, UpdateStatus, UsageEvent, UsageResult, UsageStatus
 from shared.marketplace import CallCounter
-from shared.repository import OP_RECEIVED, EventBuilder, OperationMarker, OutboxEvent, ScanItem, StorageMetrics, StoredRecord
+from shared.repository import (
+    OP_RECEIVED,
+    EventBuilder,
+    OperationMarker,
+    OutboxEvent,
+    ScanItem,
+    StorageMetrics,
+    StoredRecord,
+    matches_text,
+)
 from shared.services import Services
 from shared.settings import Settings
 from shared.state_machine import Outcome, SubscriptionRecord
@@ -84,6 +93,23 @@ class FakeRepository:
 
     def list_events(self, subscription_id: str, *, since_seq: int = 0) -> list[OutboxEvent]:
         return []
+
+    def search_records(
+        self,
+        text: str,
+        *,
+        status: str = "",
+        offer_id: str = "",
+        plan_id: str = "",
+        flagged: bool = False,
+        limit: int = 50,
+        scan_limit: int = 5000,
+    ) -> tuple[list[SubscriptionRecord], bool]:
+        records = sorted(
+            self.list_records(status=status, offer_id=offer_id, plan_id=plan_id, flagged=flagged), key=lambda r: r.id
+        )[:scan_limit]
+        found = [r for r in records if matches_text(text, r.id, r.name, r.purchaser.email_id, r.beneficiary.email_id)][:limit]
+        return found, len(records) >= scan_limit
 
     def page_records(
         self,

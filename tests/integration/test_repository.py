@@ -208,6 +208,27 @@ def test_a_page_is_filled_across_short_answers_and_pages_chain(repo):
     assert end is None
 
 
+def test_search_reads_the_searched_columns_then_each_match_whole(repo):
+    by_name, by_purchaser, by_beneficiary, suspended_match, other = sorted(new_id() for _ in range(5))
+    create(repo, by_name, name="Fabrikam Analytics")
+    create(repo, by_purchaser, purchaser={"emailId": "Finance@FABRIKAM.example", "tenantId": "tenant-zq"})
+    create(repo, by_beneficiary, beneficiary={"emailId": "ops@fabrikam.example"})
+    create(repo, suspended_match, "Suspended", name="fabrikam (old)")
+    create(repo, other, name="Northwind", purchaser={"emailId": "it@northwind.example"})
+    reads_before = repo.metrics.snapshot()["reads"]
+
+    found, cut_short = repo.search_records("fabrikam")
+    assert [r.id for r in found] == [by_name, by_purchaser, by_beneficiary, suspended_match] and not cut_short
+    assert found[1] == repo.get(by_purchaser).record  # each match whole, not the few columns searched
+    assert repo.metrics.snapshot()["reads"] - reads_before == 1 + 4 + 1  # one query page, one point read a match
+    assert [r.id for r in repo.search_records("FABRIKAM", status="Suspended")[0]] == [suspended_match]
+    assert [r.id for r in repo.search_records(other[:8])[0]] == [other]  # part of an id
+    assert repo.search_records("tenant-zq") == ([], False)  # e-mails are searched, not the rest of an identity
+    assert [r.id for r in repo.search_records("fabrikam", limit=2)[0]] == [by_name, by_purchaser]
+    assert repo.search_records("northwind", scan_limit=3) == ([], True)  # said when the scan was cut short
+    assert repo.search_records("nobody@nowhere.example") == ([], False)
+
+
 def test_history_can_start_at_a_sequence_number(repo):
     sid = new_id()
     create(repo, sid, "Subscribed")
