@@ -20,10 +20,10 @@ import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, timedelta
 from typing import TYPE_CHECKING, Any
 
-from shared.domain import format_timestamp
+from shared.domain import format_timestamp, parse_timestamp
 from shared.errors import AppError, BadRequestError, ForbiddenError, NotFoundError, UnauthorizedError
 from shared.ids import is_marketplace_id, require_marketplace_id
 from shared.settings import LANDING_PAGE
@@ -589,8 +589,49 @@ def runs_page(services: Services, user: SignedInUser | None) -> Page:
             "runs": runs,
             "tokens": tokens,
             "chart": status_chart(runs),
+            "deliveries": delivery_chart(runs),
         },
     )
+
+
+def delivery_chart(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Lifecycle events delivered per hour over the DELIVERY_CHART_HOURS before the latest run that
+    counted them (its scan reads them: no query of the page's own). Plain numbers for an inline SVG."""
+    from shared.reconcile import DELIVERY_CHART_HOURS
+
+    run = next((r for r in runs if "delivered_by_hour" in r), None)
+    started = parse_timestamp(run.get("started_at", "")) if run else None
+    if run is None or started is None:
+        return {}
+    counts: dict[str, int] = run["delivered_by_hour"]
+    last = started.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    hours = [last - timedelta(hours=DELIVERY_CHART_HOURS - 1 - i) for i in range(DELIVERY_CHART_HOURS)]
+    values = [counts.get(hour.strftime("%Y-%m-%dT%H:00Z"), 0) for hour in hours]
+    peak = max(values) or 1
+    step = CHART_WIDTH / len(hours)
+    bars = []
+    for index, (hour, count) in enumerate(zip(hours, values, strict=True)):
+        height = round(CHART_HEIGHT * count / peak, 1)
+        bars.append(
+            {
+                "x": round(40 + index * step, 1),
+                "y": round(CHART_HEIGHT - height, 1),
+                "width": round(step * 0.8, 1),
+                "height": height,
+                "hour": hour.strftime("%Y-%m-%d %H:00"),
+                "count": count,
+            }
+        )
+    return {
+        "bars": bars,
+        "peak": max(values),
+        "total": sum(values),
+        "height": CHART_HEIGHT,
+        "width": CHART_WIDTH + 80,
+        "counted_at": started.astimezone(UTC).strftime("%Y-%m-%d %H:%M"),
+        "first": bars[0]["hour"],
+        "last": bars[-1]["hour"],
+    }
 
 
 def status_chart(runs: list[dict[str, Any]]) -> dict[str, Any]:

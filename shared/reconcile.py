@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from shared import state_machine as sm
@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 SETTLE_WINDOW = timedelta(minutes=2)
 EVENT_DELAY_WARNING = timedelta(minutes=15)
+DELIVERY_CHART_HOURS = 24  # the hours of lifecycle-event deliveries a run counts (this one included)
 FLAG_ACTIVATION_STUCK = "activation_stuck"
 # Flags that start with "activation" are cleared by the state machine once the subscription is active.
 FLAG_AWAITING_OPERATOR = "activation_awaiting_operator"
@@ -115,6 +116,9 @@ class RunSummary:
     events_pending: int = 0
     events_delivered: int = 0
     events_failed: int = 0
+    # Lifecycle events delivered in the DELIVERY_CHART_HOURS before the run, by UTC hour
+    # ("2026-12-03T16:00Z"): read by the same scan; the console charts them.
+    delivered_by_hour: dict[str, int] = field(default_factory=dict)
     publisher_operations_pending: int = 0  # publisher changes not settled when the run started
     publisher_operations_settled: int = 0
     by_status: dict[str, int] = field(default_factory=dict)  # our records by local status, as scanned
@@ -199,8 +203,13 @@ class Reconciler:
 
     def scan(self) -> None:
         now = self.services.clock()
-        for item in self.repository.scan():
-            if item.stored is not None:
+        since = (now - timedelta(hours=DELIVERY_CHART_HOURS - 1)).replace(minute=0, second=0, microsecond=0)
+        for item in self.repository.scan(delivered_since=since):
+            if item.kind == "delivered" and item.event is not None:
+                if item.event.delivered_at is not None:
+                    hour = item.event.delivered_at.astimezone(UTC).strftime("%Y-%m-%dT%H:00Z")
+                    self.summary.delivered_by_hour[hour] = self.summary.delivered_by_hour.get(hour, 0) + 1
+            elif item.stored is not None:
                 self._index(item.stored.record)
                 status = item.stored.record.status.value
                 self.summary.by_status[status] = self.summary.by_status.get(status, 0) + 1

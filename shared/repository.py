@@ -127,7 +127,7 @@ class OutboxEvent:
 class ScanItem:
     """One row of the reconciler's single scan."""
 
-    kind: str  # "state" | "op" | "event" | "pubop"
+    kind: str  # "state" | "op" | "event" (waiting) | "delivered" (see scan's delivered_since) | "pubop"
     stored: StoredRecord | None = None
     marker: OperationMarker | None = None
     event: OutboxEvent | None = None
@@ -450,13 +450,18 @@ class SubscriptionRepository:
     def history(self, subscription_id: str, *, since_seq: int = 0) -> list[dict[str, Any]]:
         """The subscription's history, oldest first; ``since_seq`` keeps entries from that seq on
         (a metered subscription gains an entry an hour: the console reads only the latest)."""
+        rows = self._sequence_rows(subscription_id, HISTORY_PREFIX, since_seq, "read history")
+        return [json.loads(row["Entry"]) for row in sorted(rows, key=lambda r: r["RowKey"])]
+
+    def _sequence_rows(self, subscription_id: str, prefix: str, since_seq: int, what: str) -> list[Any]:
+        """The rows ``<prefix><seq>`` of one subscription from ``since_seq`` on: one range query."""
         query = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
-        lo = _seq_key(HISTORY_PREFIX, since_seq) if since_seq > 0 else HISTORY_PREFIX
-        params = {"pk": subscription_id, "lo": lo, "hi": HISTORY_PREFIX[:-1] + chr(ord("|") + 1)}
-        with _storage_errors("read history"):
+        lo = _seq_key(prefix, since_seq) if since_seq > 0 else prefix
+        params = {"pk": subscription_id, "lo": lo, "hi": prefix[:-1] + chr(ord("|") + 1)}
+        with _storage_errors(what):
             rows = list(self._subscriptions.query_entities(query, parameters=params))
             self.metrics.add(reads=1)
-        return [json.loads(row["Entry"]) for row in sorted(rows, key=lambda r: r["RowKey"])]
+        return rows
 
     def list_records(
         self, *, status: str = "", offer_id: str = "", plan_id: str = "", flagged: bool = False
@@ -535,13 +540,16 @@ class SubscriptionRepository:
                     break
         return [record_from_entity(entity) for entity in entities], token
 
-    def scan(self, *, page_size: int = 1000) -> Iterator[ScanItem]:
-        """The reconciler's one scan: every state row, pending operation marker and outbox row."""
-        query = "RowKey eq @state or Pending eq true"
+    def scan(self, *, page_size: int = 1000, delivered_since: datetime | None = None) -> Iterator[ScanItem]:
+        """The reconciler's one scan: every state row, pending operation marker and outbox row, and
+        with ``delivered_since`` the lifecycle events delivered from then on (the console's chart of
+        deliveries per hour: the same filtered scan, so no request of its own)."""
+        query, params = "RowKey eq @state or Pending eq true", {"state": STATE_ROW}
+        if delivered_since is not None:
+            query += " or (Kind eq 'event' and DeliveredAt ge @since )"  # the SDK finds @names between spaces
+            params["since"] = format_timestamp(delivered_since)
         with _storage_errors("scan"):
-            pages = self._subscriptions.query_entities(
-                query, parameters={"state": STATE_ROW}, results_per_page=page_size
-            ).by_page()
+            pages = self._subscriptions.query_entities(query, parameters=params, results_per_page=page_size).by_page()
             for page in pages:
                 self.metrics.add(reads=1, pages=1)
                 for entity in page:
@@ -551,7 +559,7 @@ class SubscriptionRepository:
                     elif kind == "op":
                         yield ScanItem("op", marker=_marker_from_entity(entity))
                     elif kind == "event":
-                        yield ScanItem("event", event=_event_from_entity(entity))
+                        yield ScanItem("event" if entity.get("Pending") else "delivered", event=_event_from_entity(entity))
                     elif kind == "pubop":
                         from shared.publisher_store import operation_from_entity
 
@@ -559,12 +567,7 @@ class SubscriptionRepository:
 
     def list_events(self, subscription_id: str, *, since_seq: int = 0) -> list[OutboxEvent]:
         """The subscription's lifecycle events (delivered or waiting), oldest first, from ``since_seq`` on."""
-        query = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
-        lo = _seq_key(EVENT_PREFIX, since_seq) if since_seq > 0 else EVENT_PREFIX
-        params = {"pk": subscription_id, "lo": lo, "hi": EVENT_PREFIX[:-1] + chr(ord("|") + 1)}
-        with _storage_errors("read events"):
-            rows = list(self._subscriptions.query_entities(query, parameters=params))
-            self.metrics.add(reads=1)
+        rows = self._sequence_rows(subscription_id, EVENT_PREFIX, since_seq, "read events")
         return sorted((_event_from_entity(row) for row in rows), key=lambda e: e.seq)
 
     def pending_events(self, subscription_id: str) -> list[OutboxEvent]:

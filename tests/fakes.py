@@ -128,7 +128,7 @@ class FakeRepository:
         following = {"NextRowIndex": str(start + page_size)} if start + page_size < len(records) else None
         return records[start : start + page_size], following
 
-    def scan(self, *, page_size: int = 1000) -> Iterator[ScanItem]:
+    def scan(self, *, page_size: int = 1000, delivered_since: datetime | None = None) -> Iterator[ScanItem]:
         self._check()
         with self._lock:
             states = [StoredRecord(record, str(version)) for record, version in self.records.values()]

@@ -333,6 +333,23 @@ def test_a_run_started_from_the_console_records_its_repairs_as_the_operator(pend
     assert len(bars) == 3 and "Suspended 1" in bars[-1] and "Suspended" not in bars[0]
 
 
+def test_the_reconciliation_page_charts_lifecycle_events_delivered_per_hour(site, services):
+    ids, get = site
+    repository = services.repository
+    events = repository.list_events(ids[0])
+    assert events  # its Subscribe sync made one
+    for event in events:
+        repository.mark_event_delivered(event)  # (again) now
+    assert run_reconciliation(services).completed
+    counted = repository.latest_runs(1)[0]["delivered_by_hour"]
+    page = get("/api/console/reconcile")
+    chart = re.search(r'data-testid="delivery-chart"(.*?)</svg>', page.text, re.S).group(1)
+    bars = re.findall(r'data-testid="delivery-bar" data-count="(\d+)"><title>(.*?) UTC', chart)
+    assert len(bars) == 24 and sum(int(n) for n, _ in bars) == sum(counted.values()) >= len(events)
+    delivered_hour = repository.list_events(ids[0])[0].delivered_at.strftime("%Y-%m-%d %H:00")
+    assert int({hour: n for n, hour in bars}[delivered_hour]) >= len(events)
+
+
 def test_replaying_an_unapplied_webhook_applies_it_once_and_records_the_operator(pending, standin, services):
     import json
 

@@ -727,3 +727,29 @@ def test_the_timer_through_the_dev_host_runs_and_stores_a_summary(standin, servi
     assert runs[0]["completed"] and runs[0]["repairs"] == {"recorded_new": 3} and runs[0]["subscriptions_seen"] == 3
     assert runs[0]["marketplace_calls"] >= 1 and runs[0]["storage_writes"] == 3
     assert {r.id for r in services.repository.list_records()} == set(ids)
+
+
+def test_a_run_counts_the_lifecycle_events_delivered_in_the_last_24_hours_by_hour(standin, services):
+    clock = with_clock(services)
+    ids = standin.seed(3, plan_id="standard", quantity=5)
+    initial_sync(services, clock, minutes_ago=60 * 30)
+    repository = services.repository
+    events = [event for sid in ids for event in repository.list_events(sid)]
+    assert len(events) >= 3
+    now = utc_now()
+    hour = now.replace(minute=0, second=0, microsecond=0)
+    # When each was delivered (the relay stamps DeliveredAt with the services' clock): two in this
+    # hour, one 5 hours ago, the rest 25 hours ago (before the 24 hours a run counts).
+    delivered_at = [hour + timedelta(minutes=1), hour + timedelta(minutes=2), hour - timedelta(hours=5)]
+    for index, event in enumerate(events):
+        at = delivered_at[index] if index < len(delivered_at) else hour - timedelta(hours=25)
+        clock.offset = at - utc_now()
+        repository.mark_event_delivered(event)
+    clock.offset = (hour + timedelta(minutes=30)) - utc_now()
+
+    summary = run_reconciliation(services)
+    key = "%Y-%m-%dT%H:00Z"
+    assert summary.delivered_by_hour == {hour.strftime(key): 2, (hour - timedelta(hours=5)).strftime(key): 1}
+    assert summary.events_pending == 0  # delivered events are counted, never taken for waiting ones
+    stored = repository.latest_runs(1)[0]
+    assert stored["delivered_by_hour"] == summary.delivered_by_hour

@@ -551,6 +551,11 @@ def test_scan_returns_state_pending_markers_and_pending_events(repo):
     assert {item.kind for item in items} == {"state", "op", "event"}  # no history rows
     assert len(items) == 2 + 2 + 1
     assert repo.metrics.scanned_pages >= 3
+    # with delivered_since, the same scan also returns the events delivered from then on
+    recent = [item for item in repo.scan(delivered_since=utc_now() - timedelta(hours=1)) if item.kind == "delivered"]
+    assert [(item.event.subscription_id, item.event.seq) for item in recent] == [(b, delivered.seq)]
+    assert recent[0].event.delivered_at is not None and not recent[0].event.pending
+    assert not [item for item in repo.scan(delivered_since=utc_now() + timedelta(minutes=1)) if item.kind == "delivered"]
 
 
 def test_outbox_bookkeeping(repo):
