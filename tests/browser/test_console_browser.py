@@ -180,3 +180,64 @@ def test_change_seats_cancel_replay_and_reconcile_in_the_browser(tab, devhost, c
     for sid, kind in ((ids[0], "change_quantity"), (ids[3], "unsubscribe"), (ids[2], "operator_action")):
         entries = [e for e in services.repository.history(sid) if e["kind"] == kind and e["actor"] == operator]
         assert entries, (sid, kind)
+
+
+def test_retry_activation_change_plan_redeliver_and_acknowledge_in_the_browser(tab, devhost, console_site, standin, services):
+    from shared.events import build_event_document
+
+    ids, waiting, _ = console_site
+    page = tab.page
+    operator = f"operator:{ADA}"
+
+    # Microsoft refuses the operator's Activate once: the record says so and Needs attention offers the retry.
+    standin.fail_next(1, status=400, path_contains="/activate")
+    page.goto(f"{devhost.url}/api/console/subscriptions/{waiting}")
+    page.get_by_label("I confirm").check()
+    page.get_by_role("button", name="Activate").click()
+    assert page.locator('[data-testid="result"]').inner_text().startswith("Activation failed")
+    assert services.repository.get(waiting).record.status is sm.LocalStatus.ACTIVATION_FAILED
+    page.goto(devhost.url + "/api/console/attention")
+    row = page.locator('[data-testid="attention-activation"]')
+    assert row.count() == 1 and "ActivationFailed" in row.inner_text()
+    row.get_by_role("link").click()
+    page.locator('[data-testid="activate-form"]').get_by_label("I confirm").check()
+    page.get_by_role("button", name="Retry activation").click()
+    assert page.locator('[data-testid="result"]').inner_text().startswith("Activated")
+    assert services.repository.get(waiting).record.status is sm.LocalStatus.SUBSCRIBED
+    assert standin.get_subscription(waiting)["saasSubscriptionStatus"] == "Subscribed"
+    page.goto(devhost.url + "/api/console/attention")
+    assert page.locator('[data-testid="attention-activation"]').count() == 0
+
+    # Change plan: Microsoft's operation followed to its end, recorded as the operator.
+    page.goto(f"{devhost.url}/api/console/subscriptions/{ids[0]}")
+    plan = page.locator('[data-testid="change-plan-form"]')
+    plan.locator('input[name="plan_id"]').fill("premium")
+    plan.get_by_label("I confirm").check()
+    plan.get_by_role("button", name="Change plan").click()
+    _settle(services, ids[0], page.content())
+    assert services.repository.get(ids[0]).record.plan_id == "premium"
+    assert standin.get_subscription(ids[0])["planId"] == "premium"
+    changes = [e for e in services.repository.history(ids[0]) if e["kind"] == "change_plan" and e["result"] == "applied"]
+    assert [e["actor"] for e in changes] == [operator]
+
+    # A lifecycle event that could not be delivered, and a flag for a person: redeliver, then acknowledge.
+    services.repository.on_event_written = None  # no inline delivery: the event waits in the outbox
+    flag = sm.Change(kind=sm.Kind.FLAG, source=sm.Source.RECONCILE, occurred_at=services.clock(), flag="needs_a_look")
+    services.repository.apply(ids[4], lambda r: sm.apply(r, flag, now=services.clock()), build_event=build_event_document)
+    page.goto(f"{devhost.url}/api/console/subscriptions/{ids[4]}")
+    assert page.locator('[data-testid="lifecycle-event"].differs').count() == 1
+    redeliver = page.locator('[data-testid="redeliver-form"]')
+    redeliver.get_by_label("I confirm").check()
+    redeliver.get_by_role("button", name="Redeliver").click()
+    assert page.locator('[data-testid="result"]').inner_text().startswith("1 delivered, 0 failed; 0 still waiting")
+    assert services.repository.pending_events(ids[4]) == []
+    page.get_by_role("link", name="Back").click()
+    assert page.locator('[data-testid="lifecycle-event"].differs').count() == 0
+    acknowledge = page.locator('[data-testid="acknowledge-form"]')
+    acknowledge.get_by_label("I confirm").check()
+    acknowledge.get_by_role("button", name="Acknowledge").click()
+    assert "Acknowledged" in page.locator('[data-testid="result"]').inner_text()
+    assert services.repository.get(ids[4]).record.flags == ()
+    kinds = {e["kind"] for e in services.repository.history(ids[4]) if e["actor"] == operator}
+    assert kinds == {"operator_action", "clear_flag"}
+    tab.shot("redelivered-acknowledged")
