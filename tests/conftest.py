@@ -117,6 +117,17 @@ def sign_in(host, user: str | None) -> None:
     host.signed_in_user = SignedInUser.parse(user) if user else None
 
 
+def flag_with_waiting_event(services, sid: str) -> None:
+    """Flag ``sid`` for a person (``needs_a_look``) with inline delivery off, so its lifecycle event
+    waits in the outbox for a redelivery."""
+    from shared import state_machine as sm
+    from shared.events import build_event_document
+
+    services.repository.on_event_written = None
+    change = sm.Change(kind=sm.Kind.FLAG, source=sm.Source.RECONCILE, occurred_at=services.clock(), flag="needs_a_look")
+    services.repository.apply(sid, lambda r: sm.apply(r, change, now=services.clock()), build_event=build_event_document)
+
+
 @pytest.fixture
 def devhost(devhost_session, services):
     """The dev host serving function_app.app, wired to this test's services."""

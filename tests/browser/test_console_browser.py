@@ -14,7 +14,7 @@ import pytest
 from devtools.devhost import SignedInUser
 from shared import state_machine as sm
 from shared.reconcile import run_reconciliation
-from tests.conftest import TENANT_ID
+from tests.conftest import TENANT_ID, flag_with_waiting_event
 
 pytestmark = [pytest.mark.browser, pytest.mark.azurite]
 
@@ -183,8 +183,6 @@ def test_change_seats_cancel_replay_and_reconcile_in_the_browser(tab, devhost, c
 
 
 def test_retry_activation_change_plan_redeliver_and_acknowledge_in_the_browser(tab, devhost, console_site, standin, services):
-    from shared.events import build_event_document
-
     ids, waiting, _ = console_site
     page = tab.page
     operator = f"operator:{ADA}"
@@ -221,9 +219,7 @@ def test_retry_activation_change_plan_redeliver_and_acknowledge_in_the_browser(t
     assert [e["actor"] for e in changes] == [operator]
 
     # A lifecycle event that could not be delivered, and a flag for a person: redeliver, then acknowledge.
-    services.repository.on_event_written = None  # no inline delivery: the event waits in the outbox
-    flag = sm.Change(kind=sm.Kind.FLAG, source=sm.Source.RECONCILE, occurred_at=services.clock(), flag="needs_a_look")
-    services.repository.apply(ids[4], lambda r: sm.apply(r, flag, now=services.clock()), build_event=build_event_document)
+    flag_with_waiting_event(services, ids[4])
     page.goto(f"{devhost.url}/api/console/subscriptions/{ids[4]}")
     assert page.locator('[data-testid="lifecycle-event"].differs').count() == 1
     redeliver = page.locator('[data-testid="redeliver-form"]')

@@ -11,7 +11,7 @@ import pytest
 from devtools.devhost import SignedInUser
 from shared import console
 from shared.reconcile import run_reconciliation
-from tests.conftest import TENANT_ID
+from tests.conftest import TENANT_ID, flag_with_waiting_event
 
 pytestmark = pytest.mark.azurite
 
@@ -247,16 +247,11 @@ def test_needs_attention_lists_waiting_activations_and_refused_usage(pending, se
 
 
 def test_webhook_operations_and_redelivering_waiting_events(site, services, devhost, http):
-    from shared import state_machine as sm
-    from shared.events import build_event_document
-
     ids, get = site
     services.repository.record_operation(
         ids[0], "0f0f0f0f-0000-4000-8000-00000000c0de", action="Suspend", payload="{}", correlation_id="c"
     )
-    services.repository.on_event_written = None  # no inline delivery: the event waits in the outbox
-    change = sm.Change(kind=sm.Kind.FLAG, source=sm.Source.RECONCILE, occurred_at=services.clock(), flag="needs_a_look")
-    services.repository.apply(ids[0], lambda r: sm.apply(r, change, now=services.clock()), build_event=build_event_document)
+    flag_with_waiting_event(services, ids[0])
     page = get(f"/api/console/subscriptions/{ids[0]}", roles=("Console.Operator",))
     operation = re.search(r'data-testid="webhook-operation">(.*?)</tr>', page.text, re.S).group(1)
     assert "0f0f0f0f-0000-4000-8000-00000000c0de" in operation and "Suspend" in operation and "received" in operation
@@ -281,13 +276,8 @@ def operator_entries(services, sid: str, kind: str = "operator_action") -> list[
 
 
 def test_redelivery_is_recorded_in_history_and_the_page_shows_delivered_events(pending, services):
-    from shared import state_machine as sm
-    from shared.events import build_event_document
-
     sid, call = pending
-    services.repository.on_event_written = None  # no inline delivery: the event waits in the outbox
-    change = sm.Change(kind=sm.Kind.FLAG, source=sm.Source.RECONCILE, occurred_at=services.clock(), flag="needs_a_look")
-    services.repository.apply(sid, lambda r: sm.apply(r, change, now=services.clock()), build_event=build_event_document)
+    flag_with_waiting_event(services, sid)
     page = call("GET", f"/api/console/subscriptions/{sid}")
     waiting = re.findall(r'data-testid="lifecycle-event" class="differs">(.*?)</tr>', page.text, re.S)
     assert len(waiting) == 1 and "subscription.flagged" in waiting[0] and "waiting (0 attempts)" in waiting[0]
