@@ -79,6 +79,7 @@ import heapq
 import itertools
 import json
 import logging
+import random
 import re
 import secrets
 import threading
@@ -91,6 +92,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -100,6 +102,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+
+from shared.domain import dumps_exact
 
 logger = logging.getLogger(__name__)
 
@@ -349,6 +353,17 @@ class _Request:
         return value
 
 
+def _exact_json(request: _Request) -> dict[str, Any]:
+    """The body with its numbers as Decimal (the metering API bills them: never through a float)."""
+    try:
+        value = json.loads(request.body or b"{}", parse_float=Decimal, parse_int=Decimal)
+    except ValueError:
+        raise _bad_request("The request body is not valid JSON", "body") from None
+    if not isinstance(value, dict):
+        raise _bad_request("The request body must be a JSON object", "body")
+    return value
+
+
 @dataclass
 class _Response:
     status: int = 200
@@ -361,7 +376,7 @@ class _Response:
         if isinstance(self.body, bytes):
             return self.body
         self.headers.setdefault("Content-Type", "application/json; charset=utf-8")
-        return json.dumps(self.body).encode()
+        return dumps_exact(self.body).encode()  # Decimal quantities as exact JSON numbers
 
 
 @dataclass
@@ -618,6 +633,18 @@ class MarketplaceStandIn:
         # Metering: one accepted event per (resource, dimension, hour); the clock decides the 24 h window.
         self.usage_events: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.usage_clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+        self.usage_result_order = "request"  # "request" | "reversed" | "shuffled" (a seeded shuffle)
+        self.usage_error_rate = 0.0  # share of usage events answered with a per-item Error
+        self.usage_item_errors_answered = 0
+        self.metering_routes = True  # False: no metering API (as the SaaS API emulator)
+        # a test's hook that rewrites a batch's results before they are answered (a malformed answer)
+        self.usage_answer_rewrite: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None
+        # (resource, dimension, "yyyy-mm-dd") -> fields that override a daily aggregate (e.g. Mismatch)
+        self.usage_recon: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self._usage_item_errors = 0
+        self._usage_random = random.Random(20261206)
+        self._usage_offers: dict[tuple[str, str, str], str] = {}
+        self._usage_submissions: dict[tuple[str, str, str], int] = {}
 
     def _later(self, delay: float, function: Callable[..., None], *args: Any) -> None:
         if self._scheduler is None:
@@ -1352,6 +1379,8 @@ class MarketplaceStandIn:
             "status": None,
             "at": _timestamp(),
         }
+        if kind in ("usage_event", "batch_usage_event"):
+            entry["body"] = request.body.decode("utf-8", "replace")  # what was billed, as sent on the wire
         with self._lock:
             self.calls[kind] += 1
             self.last_requests.append(entry)
@@ -1420,9 +1449,14 @@ class MarketplaceStandIn:
     # ---- metering (usageEvent, batchUsageEvent, usageEvents) -------------------------------------
 
     def _usage_result(self, event: Any) -> tuple[str, dict[str, Any]]:
-        """(status, item) for one usage event, recording it when Accepted (lock held)."""
+        """(status, item) for one usage event, recording it when Accepted (lock held).
+
+        Shapes as Microsoft documents them: a success item is ``{usageEventId, status: Accepted,
+        messageTime, resourceId, quantity, dimension, effectiveStartTime, planId}``; an error item
+        is ``{status, messageTime, <key fields>, error: {message, code, additionalInfo}}`` with no
+        ``usageEventId``, and for a Duplicate what Microsoft kept is in
+        ``error.additionalInfo.acceptedMessage``."""
         item: dict[str, Any] = {
-            "usageEventId": None,
             "messageTime": _timestamp(self.usage_clock()),
             "resourceId": "",
             "quantity": None,
@@ -1431,7 +1465,11 @@ class MarketplaceStandIn:
             "planId": "",
         }
         if not isinstance(event, dict):
-            return "BadArgument", {**item, "error": {"code": "BadArgument", "message": "The event must be an object"}}
+            return "BadArgument", {
+                "status": "BadArgument",
+                **item,
+                "error": {"code": "BadArgument", "message": "The event must be an object", "additionalInfo": {}},
+            }
         resource_id = str(event.get("resourceId") or "")
         dimension = str(event.get("dimension") or "")
         plan_id = str(event.get("planId") or "")
@@ -1440,9 +1478,20 @@ class MarketplaceStandIn:
         item.update(resourceId=resource_id, quantity=quantity, dimension=dimension, planId=plan_id)
         item["effectiveStartTime"] = started_text
 
-        def refuse(status: str, message: str) -> tuple[str, dict[str, Any]]:
-            return status, {**item, "status": status, "error": {"code": status, "message": message}}
+        def refuse(
+            status: str, message: str, code: str = "", accepted: dict[str, Any] | None = None
+        ) -> tuple[str, dict[str, Any]]:
+            info = {"acceptedMessage": accepted} if accepted is not None else {}
+            return status, {
+                "status": status,
+                **item,
+                "error": {"code": code or status, "message": message, "additionalInfo": info},
+            }
 
+        if self._usage_item_errors > 0 or (self.usage_error_rate and self._usage_random.random() < self.usage_error_rate):
+            self._usage_item_errors = max(0, self._usage_item_errors - 1)
+            self.usage_item_errors_answered += 1
+            return refuse("Error", "An internal error occurred while processing the usage event", code="InternalServerError")
         try:
             started = datetime.fromisoformat(started_text.replace("Z", "+00:00"))
         except ValueError:
@@ -1451,7 +1500,12 @@ class MarketplaceStandIn:
             started = started.replace(tzinfo=UTC)
         if not resource_id or not dimension or not plan_id:
             return refuse("BadArgument", "resourceId, dimension and planId are required")
-        if isinstance(quantity, bool) or not isinstance(quantity, (int, float)) or not quantity > 0 or quantity != quantity:
+        if (
+            isinstance(quantity, bool)
+            or not isinstance(quantity, (int, float, Decimal))
+            or not quantity > 0
+            or quantity != quantity
+        ):
             return refuse("InvalidQuantity", "The quantity must be a number greater than 0")
         now = self.usage_clock()
         if started > now:
@@ -1473,60 +1527,132 @@ class MarketplaceStandIn:
         key = (resource_id.lower(), dimension, hour.isoformat())
         accepted = self.usage_events.get(key)
         if accepted is not None:
-            return "Duplicate", {**accepted, "status": "Duplicate"}
+            kept = {**accepted, "status": "Duplicate"}
+            return refuse("Duplicate", "This usage event already exist.", code="Conflict", accepted=kept)
         accepted = {
-            **item,
             "usageEventId": _new_id(),
             "status": "Accepted",
+            **item,
+            "quantity": quantity if isinstance(quantity, Decimal) else Decimal(str(quantity)),
             "effectiveStartTime": _timestamp(started),
-            "offerId": subscription["offerId"],
         }
         self.usage_events[key] = accepted
+        self._usage_offers[key] = subscription["offerId"]
+        self._usage_submissions[key] = self._usage_submissions.get(key, 0) + 1
         return "Accepted", accepted
 
-    def _api_usage_event(self, request: _Request) -> _Response:
+    def fail_usage_items(self, count: int) -> None:
+        """The next ``count`` usage events answer a per-item ``Error`` (nothing recorded)."""
         with self._lock:
-            status, item = self._usage_result(request.json())
+            self._usage_item_errors += count
+
+    def _ordered(self, items: list[Any]) -> list[Any]:
+        """Results in request order, or not: Microsoft's documentation does not promise the order."""
+        if self.usage_result_order == "reversed":
+            return list(reversed(items))
+        if self.usage_result_order == "shuffled":
+            shuffled = list(items)
+            self._usage_random.shuffle(shuffled)
+            return shuffled
+        return items
+
+    def _metering_route(self) -> None:
+        if not self.metering_routes:  # as Microsoft's SaaS API emulator: no metering API at all
+            raise ApiError(404, "NotFound", "Resource not found", "path")
+
+    def _api_usage_event(self, request: _Request) -> _Response:
+        self._metering_route()
+        with self._lock:
+            status, item = self._usage_result(_exact_json(request))
         if status == "Accepted":
             return _Response(200, item)
         if status == "Duplicate":
+            # The single event answers 409 with what Microsoft kept under additionalInfo.acceptedMessage.
             return _Response(
                 409,
-                {"additionalInfo": {"acceptedMessage": item}, "message": "This usage event already exist.", "code": "Conflict"},
+                {
+                    "additionalInfo": item["error"]["additionalInfo"],
+                    "message": "This usage event already exist.",
+                    "code": "Conflict",
+                },
             )
         error = item.get("error", {})
         raise _bad_request(error.get("message", status), "usageEvent", code=status)
 
     def _api_batch_usage_event(self, request: _Request) -> _Response:
-        events = request.json().get("request")
+        self._metering_route()
+        events = _exact_json(request).get("request")
         if not isinstance(events, list):
             raise _bad_request("request must be a list of usage events", "request")
         if len(events) > MAX_BATCH_EVENTS:
             raise _bad_request(f"A batch holds at most {MAX_BATCH_EVENTS} usage events", "request")
         with self._lock:
-            results = [self._usage_result(event)[1] for event in events]
-        for item in results:
-            item.setdefault("status", "Error")
+            results = self._ordered([self._usage_result(event)[1] for event in events])
+            if self.usage_answer_rewrite is not None:
+                results = self.usage_answer_rewrite(results)
         return _Response(200, {"count": len(results), "result": results})
 
     def _api_usage_events(self, request: _Request) -> _Response:
-        start_text = request.query.get("usageStartDate") or request.query.get("usagestartdate") or ""
-        try:
-            start = datetime.fromisoformat(start_text.replace("Z", "+00:00")) if start_text else None
-        except ValueError:
-            raise _bad_request("usageStartDate is not a date-time", "usageStartDate") from None
+        """Daily aggregates per (resource, dimension, plan, day), as Microsoft's read-back answers."""
+        self._metering_route()
+        query = {name.lower(): value for name, value in request.query.items()}
+
+        def day_of(name: str) -> date | None:
+            text = query.get(name.lower(), "")
+            if not text:
+                return None
+            try:
+                return datetime.fromisoformat(text.replace("Z", "+00:00")[:10]).date()
+            except ValueError:
+                raise _bad_request(f"{name} is not a date", name) from None
+
+        start, end = day_of("usageStartDate"), day_of("UsageEndDate")
         if start is None:
             raise _bad_request("usageStartDate is required", "usageStartDate")
-        if start.tzinfo is None:
-            start = start.replace(tzinfo=UTC)
         with self._lock:
-            items = [
-                {**event, "reconStatus": "Accepted"}
-                for (_, _, hour), event in sorted(self.usage_events.items())
-                if datetime.fromisoformat(hour) >= start
-                and request.query.get("dimension") in (None, "", event["dimension"])
-                and request.query.get("planId") in (None, "", event["planId"])
-            ]
+            days: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+            for key, event in self.usage_events.items():
+                resource, dimension, hour_text = key
+                day = datetime.fromisoformat(hour_text).date()
+                if day < start or (end is not None and day > end):
+                    continue
+                plan_id = event["planId"]
+                offer_id = self._usage_offers.get(key, "")
+                row = days.setdefault(
+                    (resource, dimension, plan_id, day.isoformat()),
+                    {
+                        "usageDate": f"{day.isoformat()}T00:00:00Z",
+                        "usageResourceId": resource,
+                        "dimension": dimension,
+                        "planId": plan_id,
+                        "planName": plan_id,
+                        "offerId": offer_id,
+                        "offerName": offer_id,
+                        "offerType": "SaaS",
+                        "azureSubscriptionId": "",
+                        "reconStatus": "Accepted",
+                        "submittedQuantity": Decimal(0),
+                        "processedQuantity": Decimal(0),
+                        "submittedCount": 0,
+                    },
+                )
+                row["submittedQuantity"] += event["quantity"]
+                row["processedQuantity"] += event["quantity"]
+                row["submittedCount"] += self._usage_submissions.get(key, 1)
+            items = []
+            for (resource, dimension, _, day_text), row in sorted(days.items()):
+                row.update(self.usage_recon.get((resource, dimension, day_text), {}))
+                if all(
+                    query.get(name) in (None, "", row[name_in_row])
+                    for name, name_in_row in (
+                        ("offerid", "offerId"),
+                        ("planid", "planId"),
+                        ("dimension", "dimension"),
+                        ("reconstatus", "reconStatus"),
+                    )
+                ):
+                    items.append(row)
+            items = self._ordered(items)
         return _Response(200, items)
 
     def accepted_usage(self, resource_id: str | None = None) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from enum import Enum
 from typing import Any
 
@@ -411,6 +412,60 @@ class UsageStatus(_LenientEnum):
     UNKNOWN = "Unknown"
 
 
+# Microsoft's metering API types quantities as JSON numbers of format ``double`` (its OpenAPI
+# document); any decimal of at most 15 significant digits survives a round trip through a double
+# (DBL_DIG), so that is the precision we can bill exactly.
+QUANTITY_SIGNIFICANT_DIGITS = 15
+
+
+def quantity_of(value: Any) -> Decimal | None:
+    """A JSON number as an exact Decimal (None for anything else, booleans included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
+        return None
+    try:
+        amount = value if isinstance(value, Decimal) else Decimal(str(value))
+    except (InvalidOperation, ValueError):
+        return None
+    return amount if amount.is_finite() else None
+
+
+def significant_digits(amount: Decimal) -> int:
+    """Digits a double must hold for ``amount`` (trailing zeros of an integer part do not count)."""
+    digits = amount.normalize().as_tuple().digits
+    return len(digits)
+
+
+def decimal_text(amount: Decimal) -> str:
+    """A Decimal as a plain JSON number: no exponent, no trailing fractional zeros."""
+    text = format(amount, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text or "0"
+
+
+_EXACT_MARK = re.compile(r'"\\u0000(\d+)\\u0000"')
+
+
+def dumps_exact(value: Any) -> str:
+    """``json.dumps`` that writes Decimal values as exact JSON numbers (never through a float)."""
+    import json
+
+    numbers: list[Decimal] = []
+
+    def swap(item: Any) -> Any:
+        if isinstance(item, Decimal):
+            numbers.append(item)
+            return f"\u0000{len(numbers) - 1}\u0000"
+        if isinstance(item, Mapping):
+            return {key: swap(each) for key, each in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [swap(each) for each in item]
+        return item
+
+    text = json.dumps(swap(value))
+    return _EXACT_MARK.sub(lambda m: decimal_text(numbers[int(m.group(1))]), text) if numbers else text
+
+
 @dataclass(frozen=True)
 class UsageEvent:
     """One hour of one dimension of one subscription, as sent to the metering API."""
@@ -418,7 +473,7 @@ class UsageEvent:
     resource_id: str
     plan_id: str
     dimension: str
-    quantity: float
+    quantity: Decimal
     effective_start_time: datetime
 
     def to_api(self) -> dict[str, Any]:
@@ -426,37 +481,96 @@ class UsageEvent:
             "resourceId": self.resource_id,
             "planId": self.plan_id,
             "dimension": self.dimension,
-            "quantity": self.quantity,
+            "quantity": self.quantity,  # a Decimal: the client writes it with dumps_exact
             "effectiveStartTime": format_timestamp(self.effective_start_time),
         }
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        """What Microsoft's answer repeats to say which event it is about."""
+        return usage_key(self.resource_id, self.dimension, self.effective_start_time, self.plan_id)
+
+
+def usage_key(resource_id: str, dimension: str, at: datetime | None, plan_id: str) -> tuple[str, str, str, str]:
+    hour = at.astimezone(UTC).replace(minute=0, second=0, microsecond=0) if at is not None else None
+    return (resource_id.strip().lower(), dimension.strip(), format_timestamp(hour), plan_id.strip())
 
 
 @dataclass(frozen=True)
 class UsageResult:
-    """Microsoft's answer for one usage event (an item of batchUsageEvent)."""
+    """Microsoft's answer for one usage event (an item of batchUsageEvent).
+
+    A success item carries ``usageEventId`` and the key fields; an error item carries ``status``,
+    the key fields and ``error: {code, message, additionalInfo: {acceptedMessage}}``. For a
+    ``Duplicate``, what Microsoft kept (its quantity and event id) is that ``acceptedMessage``."""
 
     status: UsageStatus
     resource_id: str = ""
     dimension: str = ""
-    quantity: float | None = None
+    quantity: Decimal | None = None
     effective_start_time: datetime | None = None
+    plan_id: str = ""
     usage_event_id: str = ""
     error_code: str = ""
     error_message: str = ""
+    kept_quantity: Decimal | None = None  # Duplicate: the quantity Microsoft holds for this hour
+    kept_usage_event_id: str = ""
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_api(cls, data: Mapping[str, Any]) -> UsageResult:
         error = field_of(data, "error")
-        quantity = field_of(data, "quantity")
+        error = error if isinstance(error, Mapping) else {}
+        info = field_of(error, "additionalInfo")
+        kept = field_of(info, "acceptedMessage") if isinstance(info, Mapping) else None
+        kept = kept if isinstance(kept, Mapping) else {}
         return cls(
             status=UsageStatus.parse(field_of(data, "status")),
             resource_id=_text(data, "resourceId"),
             dimension=_text(data, "dimension"),
-            quantity=float(quantity) if isinstance(quantity, (int, float)) and not isinstance(quantity, bool) else None,
+            quantity=quantity_of(field_of(data, "quantity")),
             effective_start_time=parse_timestamp(field_of(data, "effectiveStartTime")),
+            plan_id=_text(data, "planId"),
             usage_event_id=_text(data, "usageEventId"),
-            error_code=_text(error, "code") if isinstance(error, Mapping) else "",
-            error_message=_text(error, "message") if isinstance(error, Mapping) else "",
+            error_code=_text(error, "code"),
+            error_message=_text(error, "message"),
+            kept_quantity=quantity_of(field_of(kept, "quantity")),
+            kept_usage_event_id=_text(kept, "usageEventId"),
+            raw=dict(data),
+        )
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return usage_key(self.resource_id, self.dimension, self.effective_start_time, self.plan_id)
+
+
+@dataclass(frozen=True)
+class UsageAggregate:
+    """One row of ``GET /api/usageEvents``: Microsoft's daily aggregate of one resource and dimension."""
+
+    usage_date: datetime | None
+    resource_id: str
+    dimension: str
+    plan_id: str
+    offer_id: str
+    submitted_quantity: Decimal
+    processed_quantity: Decimal
+    submitted_count: int
+    recon_status: str
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_api(cls, data: Mapping[str, Any]) -> UsageAggregate:
+        count = field_of(data, "submittedCount")
+        return cls(
+            usage_date=parse_timestamp(field_of(data, "usageDate")),
+            resource_id=_text(data, "usageResourceId").lower(),
+            dimension=_text(data, "dimension"),
+            plan_id=_text(data, "planId"),
+            offer_id=_text(data, "offerId"),
+            submitted_quantity=quantity_of(field_of(data, "submittedQuantity")) or Decimal(0),
+            processed_quantity=quantity_of(field_of(data, "processedQuantity")) or Decimal(0),
+            submitted_count=int(count) if isinstance(count, (int, Decimal)) and not isinstance(count, bool) else 0,
+            recon_status=_text(data, "reconStatus"),
             raw=dict(data),
         )

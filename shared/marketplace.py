@@ -26,8 +26,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -35,7 +37,17 @@ from urllib3.exceptions import InvalidHeader
 from urllib3.util.retry import Retry
 
 from shared.deadline import current_deadline
-from shared.domain import Operation, Plan, ResolvedPurchase, Subscription, UpdateStatus, UsageEvent, UsageResult
+from shared.domain import (
+    Operation,
+    Plan,
+    ResolvedPurchase,
+    Subscription,
+    UpdateStatus,
+    UsageAggregate,
+    UsageEvent,
+    UsageResult,
+    dumps_exact,
+)
 from shared.errors import (
     DeadlineExceededError,
     MarketplaceBadRequestError,
@@ -266,7 +278,7 @@ class MarketplaceClient:
                 url,
                 params=params,
                 headers=all_headers,
-                data=None if json_body is None else json.dumps(json_body),
+                data=None if json_body is None else dumps_exact(json_body),
                 timeout=(connect_timeout, read_timeout),
             )
         except requests.RequestException as error:
@@ -305,10 +317,13 @@ class MarketplaceClient:
         )
 
     @staticmethod
-    def _json(response: requests.Response) -> Any:
+    def _json(response: requests.Response, *, exact: bool = False) -> Any:
+        """The body as JSON; ``exact`` reads numbers as Decimal (quantities are billed: never via a float)."""
         if not response.content or not response.content.strip():
             return None  # Microsoft answers some empty results with an empty body
         try:
+            if exact:
+                return json.loads(response.content, parse_float=Decimal, parse_int=Decimal)
             return response.json()
         except ValueError as error:
             raise MarketplaceUnavailableError("Marketplace answered with malformed JSON", status=response.status_code) from error
@@ -384,20 +399,51 @@ class MarketplaceClient:
     # -- metering --------------------------------------------------------------------------------
 
     def batch_usage_event(self, events: list[UsageEvent]) -> list[UsageResult]:
-        """Send up to MAX_USAGE_BATCH usage events; one result per event, in order.
+        """Send up to MAX_USAGE_BATCH usage events; one result per event, in the order of ``events``.
 
-        Repeatable: Microsoft keeps one event per resource, dimension and hour, so a retry after a
-        lost answer comes back ``Duplicate`` (with what it accepted), never as a second charge.
+        Microsoft does not promise its results in request order: each result is matched to its
+        event by the key fields it repeats (resourceId, dimension, effectiveStartTime's hour,
+        planId). An answer that does not match the request one to one is unknown (raised as
+        unavailable: the caller sends again, which Microsoft's one event per hour makes safe).
+        Quantities go out as exact JSON numbers and come back as Decimal.
         """
         if len(events) > MAX_USAGE_BATCH:
             raise ValueError(f"a batch holds at most {MAX_USAGE_BATCH} usage events")
+        keys = [event.key for event in events]
+        if len(set(keys)) != len(keys):
+            raise ValueError("a batch holds one event per resource, dimension, hour and plan")
         body = self._json(
-            self._request("batch_usage_event", "POST", "/batchUsageEvent", json_body={"request": [e.to_api() for e in events]})
+            self._request("batch_usage_event", "POST", "/batchUsageEvent", json_body={"request": [e.to_api() for e in events]}),
+            exact=True,
         )
         items = body.get("result") if isinstance(body, dict) else None
         if not isinstance(items, list) or len(items) != len(events):
             raise MarketplaceUnavailableError("batchUsageEvent answered without one result per event", status=200)
-        return [UsageResult.from_api(item if isinstance(item, dict) else {}) for item in items]
+        by_key: dict[tuple[str, str, str, str], UsageResult] = {}
+        for item in items:
+            result = UsageResult.from_api(item if isinstance(item, dict) else {})
+            if result.key in by_key:
+                raise MarketplaceUnavailableError("batchUsageEvent answered twice for one event", status=200)
+            by_key[result.key] = result
+        if set(by_key) != set(keys):
+            log.warning(
+                "batchUsageEvent results do not match the events sent (%s of %s match)", len(set(by_key) & set(keys)), len(keys)
+            )
+            raise MarketplaceUnavailableError("batchUsageEvent answered for other events than those sent", status=200)
+        return [by_key[key] for key in keys]
+
+    def list_usage_aggregates(self, start: datetime, end: datetime | None = None) -> list[UsageAggregate]:
+        """``GET /usageEvents``: Microsoft's daily aggregates (per resource, dimension, plan, day) from ``start``."""
+        query = {"usageStartDate": start.astimezone(UTC).strftime("%Y-%m-%d")}
+        if end is not None:
+            query["UsageEndDate"] = end.astimezone(UTC).strftime("%Y-%m-%d")
+        body = self._json(self._request("usage_events", "GET", "/usageEvents?" + urlencode(query)), exact=True)
+        items = body.get("value", body.get("result")) if isinstance(body, dict) else body
+        if body is None:
+            return []
+        if not isinstance(items, list):
+            raise MarketplaceUnavailableError("usageEvents answered without a list", status=200)
+        return [UsageAggregate.from_api(item) for item in items if isinstance(item, dict)]
 
     def list_outstanding_operations(self, subscription_id: str) -> list[Operation]:
         body = self._json(self._request("list_operations", "GET", f"/saas/subscriptions/{subscription_id}/operations"))

@@ -31,7 +31,6 @@ import contextvars
 import hashlib
 import json
 import logging
-import math
 import re
 import threading
 import time
@@ -41,13 +40,22 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from shared.api_auth import ROLE_USAGE_WRITE
 from shared.deadline import deadline_scope
-from shared.domain import UsageEvent, UsageResult, UsageStatus, format_timestamp, parse_timestamp
+from shared.domain import (
+    QUANTITY_SIGNIFICANT_DIGITS,
+    UsageEvent,
+    UsageResult,
+    UsageStatus,
+    decimal_text,
+    format_timestamp,
+    parse_timestamp,
+    quantity_of,
+)
 from shared.errors import (
     AppError,
     BadRequestError,
@@ -61,6 +69,7 @@ from shared.observability import current_correlation_id
 from shared.state_machine import Change, Kind, LocalStatus, Source
 from shared.usage_store import (
     ACCEPTED,
+    CARRIED,
     EXPIRED,
     FLAGGED,
     SENT_PENDING,
@@ -113,11 +122,29 @@ UNKNOWN_SUBSCRIPTION = "unknown_subscription"
 NOT_SUBSCRIBED = "not_subscribed"
 UNKNOWN_DIMENSION = "unknown_dimension"
 ID_REUSED = "id_reused"
+QUANTITY_PRECISION = "quantity_precision"
 STORAGE_UNAVAILABLE = "storage_unavailable"
 
 
 # ---------------------------------------------------------------------------------------------
 # ingest
+
+
+def exact_in_double(amount: Decimal) -> bool:
+    """True when a double (the type of Microsoft's ``quantity``) carries ``amount`` unchanged."""
+    try:
+        return Decimal(repr(float(amount))) == amount
+    except (OverflowError, ValueError):
+        return False
+
+
+def billable_part(total: Decimal) -> Decimal:
+    """The largest part of an hour's total that Microsoft can keep exactly: the total itself when a
+    double carries it, else the total cut to QUANTITY_SIGNIFICANT_DIGITS (the rest is carried on)."""
+    if exact_in_double(total):
+        return total
+    exponent = total.adjusted() - QUANTITY_SIGNIFICANT_DIGITS + 1
+    return total.quantize(Decimal(1).scaleb(exponent), rounding=ROUND_DOWN)
 
 
 @dataclass(frozen=True)
@@ -179,12 +206,19 @@ def _parse_event(index: int, raw: Any, now: datetime) -> ReportedUsage | _Outcom
     dimension = raw.get("dimension")
     if not (isinstance(dimension, str) and _DIMENSION.fullmatch(dimension)):
         return _refused(index, event_id, INVALID_DIMENSION, "dimension must be a dimension id (letters, digits, . _ -)")
-    quantity = raw.get("quantity")
-    if isinstance(quantity, bool) or not isinstance(quantity, (int, float)) or not math.isfinite(quantity) or quantity <= 0:
+    amount = quantity_of(raw.get("quantity"))  # the body was read with Decimal numbers: exact
+    if amount is None or amount <= 0:
         return _refused(index, event_id, INVALID_QUANTITY, "quantity must be a number greater than 0")
-    amount = Decimal(str(quantity))
     if amount > MAX_QUANTITY:
         return _refused(index, event_id, INVALID_QUANTITY, f"quantity must be at most {MAX_QUANTITY}")
+    if not exact_in_double(amount):
+        return _refused(
+            index,
+            event_id,
+            QUANTITY_PRECISION,
+            f"quantity {decimal_text(amount)[:40]} cannot be billed exactly: Microsoft's API keeps quantities as doubles "
+            f"(at most {QUANTITY_SIGNIFICANT_DIGITS} significant digits always survive); round it in the application",
+        )
     at = now
     if raw.get("effectiveStartTime") is not None:
         parsed = parse_timestamp(raw.get("effectiveStartTime")) if isinstance(raw.get("effectiveStartTime"), str) else None
@@ -204,7 +238,8 @@ def parse_usage_body(body: bytes, now: datetime) -> list[ReportedUsage | _Outcom
     if len(body) > MAX_USAGE_BODY_BYTES:
         raise PayloadTooLargeError(f"the body is larger than {MAX_USAGE_BODY_BYTES} bytes")
     try:
-        document = json.loads(body)
+        # Numbers as Decimal: usage is billed, so never through a float (and no int-size limits).
+        document = json.loads(body, parse_float=Decimal, parse_int=Decimal)
     except (ValueError, UnicodeDecodeError):
         raise BadRequestError("the body is not JSON", code="malformed_json") from None
     events = document.get("events") if isinstance(document, dict) else None
@@ -377,16 +412,18 @@ def _store(
 ) -> tuple[list[_Outcome], set[tuple[datetime, str]]]:
     """Write the accepted events ((subscription, item, plan)); their results and the (hour, shard)s written.
 
-    An event row's key holds the caller's id, so within its hour a repeat collides with the first
-    (compared: the same dimension and quantity is a duplicate, counted once; anything else is
-    ``id_reused``). An event without ``effectiveStartTime`` gets its hour from the time it arrives,
-    so a retry could fall into the next hour: its id is claimed first in the shard's id rows, and a
-    repeat goes to the hour where it was first counted. Rows go in transactions of up to 100."""
+    A caller's id counts once wherever it lands: every id is claimed first in the shard's id rows
+    (``i|<shard>``, kept for good, so far beyond Microsoft's 24-hour window), with the hour, dimension
+    and quantity it was counted with. A repeat (the same call retried, the same event again with
+    another ``effectiveStartTime``, or without one after an hour turned) goes to the hour where it
+    was first counted and is a duplicate, counted once; another dimension or quantity is
+    ``id_reused``. Events without an id get one of ours and are never deduplicated. Rows go in
+    transactions of up to 100."""
     store = usage_store(services)
-    # 1. ids of untimed events, distinct, claimed per shard
+    # 1. the caller's ids, distinct, claimed per shard (the first occurrence in this call decides)
     claims: dict[tuple[str, str], IdRecord] = {}
     for sid, item, plan_id in accepted:
-        if item.caller_id and not item.timed and (sid, item.event_id) not in claims:
+        if item.caller_id and (sid, item.event_id) not in claims:
             claims[(sid, item.event_id)] = IdRecord(
                 item.event_id, hour_of(item.at), item.dimension, item.quantity, plan_id, item.at
             )
@@ -408,8 +445,10 @@ def _store(
             failed_shards.add(shard)
         else:
             earlier.update(found)
+    # where each id counts: the earlier call's record, else this call's first occurrence
+    counted = {**claims, **earlier}
 
-    # 2. the rows, per partition; a repeat inside this call is compared with its first occurrence
+    # 2. the rows, per partition; a repeat is compared with where the id was counted
     results: list[_Outcome] = []
     rows: dict[str, dict[str, tuple[str, datetime, UsageRow]]] = defaultdict(dict)  # partition -> RowKey -> row
     members: dict[str, list[int]] = defaultdict(list)  # partition -> positions in results
@@ -423,8 +462,8 @@ def _store(
         outcome = _Outcome(
             item.index, event_id, "accepted", subscription_id=sid, dimension=item.dimension, hour=hour, plan_id=plan_id
         )
-        first = earlier.get((sid, event_id))
-        if first is not None:  # counted by an earlier call, in that hour
+        first = counted.get((sid, event_id)) if item.caller_id else None
+        if first is not None:
             if (first.dimension, first.quantity) != (item.dimension, item.quantity):
                 results.append(
                     _refused(item.index, event_id, ID_REUSED, "this id was reported before with another dimension or quantity")
@@ -436,11 +475,6 @@ def _store(
         partition, key = partition_of(sid, hour), event_key(sid, event_id)
         seen = rows[partition].get(key)
         if seen is not None:
-            if (seen[2].dimension, seen[2].quantity) != (item.dimension, item.quantity):
-                results.append(
-                    _refused(item.index, event_id, ID_REUSED, "this id was reported before with another dimension or quantity")
-                )
-                continue
             outcome = replace(outcome, duplicate=True)
         else:
             rows[partition][key] = (sid, hour, row)
@@ -554,9 +588,19 @@ class MeteringSummary:
     retry: int = 0
     calls: int = 0
     late_carried: int = 0
-    late_carried_quantity: float = 0.0
+    late_carried_quantity: Decimal = Decimal(0)
     late_unbillable: int = 0
-    late_unbillable_quantity: float = 0.0
+    late_unbillable_quantity: Decimal = Decimal(0)
+    # hours that could not be accepted in their own hour (Expired, persistent failures, the window
+    # closed while we were down), carried into the next open hour
+    carried_forward: int = 0
+    carried_forward_quantity: Decimal = Decimal(0)
+    # what a Duplicate's kept quantity or a double's precision left over, carried into the next open hour
+    shortfall_carried: int = 0
+    shortfall_carried_quantity: Decimal = Decimal(0)
+    item_errors: int = 0  # per-item Error answers (sent again)
+    unmatched_answers: int = 0  # batch answers whose results did not match the request (sent again)
+    emission: str = "on"  # on | off (METERING_EMISSION) | endpoint_missing (404 on the route itself)
     near_expiry: int = 0
     events_written: int = 0
     budget_exhausted: bool = False
@@ -568,7 +612,24 @@ class MeteringSummary:
     by_status: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: decimal_text(v) if isinstance(v, Decimal) else v for k, v in asdict(self).items()}
+
+
+# Microsoft's per-item answers that are definitive: sending the same event again cannot succeed.
+DEFINITIVE_REFUSALS = frozenset(
+    {
+        UsageStatus.RESOURCE_NOT_FOUND,
+        UsageStatus.RESOURCE_NOT_AUTHORIZED,
+        UsageStatus.RESOURCE_NOT_ACTIVE,
+        UsageStatus.INVALID_DIMENSION,
+        UsageStatus.INVALID_QUANTITY,
+        UsageStatus.BAD_ARGUMENT,
+    }
+)
+# After a failed attempt with less than this left of the hour's 24-hour window, the next hourly
+# run could come too late: the hour is carried into the current one instead.
+LAST_CHANCE = timedelta(minutes=65)
+_endpoint_missing_logged = False
 
 
 @dataclass
@@ -623,6 +684,12 @@ class Emitter:
 
     def run(self) -> MeteringSummary:
         started = time.monotonic()
+        if self.settings.metering_emission == "off":
+            # Usage is still taken in and kept; nothing is sent, nothing is carried or spent.
+            self.summary.emission = "off"
+            log.info("metering emission is off (METERING_EMISSION=off): usage stays pending")
+            self._finish(started)
+            return self.summary
         pending = self.store.list_pending(self.current_hour)
         self.summary.hours_listed = len(pending)
         # Items of many subscriptions and hours share a batch, and a partial batch waits for the next
@@ -630,6 +697,8 @@ class Emitter:
         # items are answered.
         queued: list[tuple[_ShardWork, _HourWork, str]] = []
         for start in range(0, len(pending), EMIT_CHUNK_SHARDS):
+            if self.summary.emission != "on":
+                break  # the metering route is not there: the rest waits, untouched
             if time.monotonic() - started > self.budget:
                 self.summary.budget_exhausted = True
                 log.warning("metering run stopped by its time budget; %s hour shards left for the next run", len(pending) - start)
@@ -676,10 +745,12 @@ class Emitter:
                 continue  # late usage of a settled bucket: _record handles it
             if total <= 0:
                 continue
-            bucket = replace(bucket, plan_id=plan, quantity=total, events=events, carried_in=carried_in)
+            billable = billable_part(total)
+            bucket = replace(
+                bucket, plan_id=plan, quantity=billable, shortfall=total - billable, events=events, carried_in=carried_in
+            )
             if self.now >= expires_at:
-                bucket = replace(bucket, status=EXPIRED, message="the 24-hour window closed before Microsoft accepted this hour")
-                work.changed[dimension] = bucket
+                work.changed[dimension] = self._carry_forward(bucket, "the 24-hour window closed before Microsoft accepted it")
                 continue
             if expires_at - self.now <= warning:
                 self.summary.near_expiry += 1
@@ -691,16 +762,53 @@ class Emitter:
                     total,
                     format_timestamp(expires_at),
                 )
-            work.to_send[dimension] = (UsageEvent(subscription_id, plan, dimension, float(total), hour), bucket)
+            work.to_send[dimension] = (UsageEvent(subscription_id, plan, dimension, billable, hour), bucket)
         return work
 
+    def _carry_forward(self, bucket: Bucket, why: str) -> Bucket:
+        """The whole hour goes into the current (open) hour: recorded here as Carried, there as carried in."""
+        total = bucket.quantity + bucket.shortfall
+        return replace(
+            bucket,
+            status=CARRIED,
+            quantity=Decimal(0),  # nothing billed in this hour
+            shortfall=total,
+            message=f"{why}; carried into {format_timestamp(self.current_hour)}",
+        )
+
+    def _last_chance(self, bucket: Bucket) -> bool:
+        return bucket.hour + USAGE_WINDOW - self.now < LAST_CHANCE
+
     def _send(self, items: list[tuple[_HourWork, str]]) -> None:
+        global _endpoint_missing_logged
         events = [work.to_send[dimension][0] for work, dimension in items]
+        if self.summary.emission != "on":
+            for work, _ in items:
+                work.unsettled = True  # kept pending, untouched: the window is not spent on a route that is not there
+            return
         self.summary.calls += 1
         try:
             with deadline_scope(SEND_DEADLINE_SECONDS):
                 results: list[UsageResult] | None = self.services.marketplace.batch_usage_event(events)
-        except (MarketplaceError, DeadlineExceededError) as error:
+        except MarketplaceError as error:
+            if error.status == 404:
+                # batchUsageEvent answers per-item ResourceNotFound inside a 200: a 404 is the route itself.
+                self.summary.emission = "endpoint_missing"
+                if not _endpoint_missing_logged:
+                    _endpoint_missing_logged = True
+                    log.error(
+                        "metering_endpoint_missing: %s answered 404 for batchUsageEvent (Microsoft's SaaS emulator has no "
+                        "metering API); usage stays pending. Set METERING_EMISSION=off to stop trying.",
+                        self.services.settings.marketplace_api_base_url,
+                    )
+                for work, _ in items:
+                    work.unsettled = True
+                return
+            if "did not match" in error.message or "other events than those sent" in error.message:
+                self.summary.unmatched_answers += 1
+            log.warning("batchUsageEvent failed (%s); %s buckets stay pending for the next run", error.code, len(events))
+            results = None
+        except DeadlineExceededError as error:
             log.warning("batchUsageEvent failed (%s); %s buckets stay pending for the next run", error.code, len(events))
             results = None
         for position, (work, dimension) in enumerate(items):
@@ -708,11 +816,14 @@ class Emitter:
             bucket = replace(bucket, attempts=bucket.attempts + 1, sent_at=self.now)
             self.summary.buckets_sent += 1
             if results is None:
-                work.changed[dimension] = replace(
-                    bucket, status=SENT_PENDING, message="no answer from Microsoft; sent again next run"
-                )
-                continue
-            work.changed[dimension] = self._settle(bucket, event, results[position])
+                bucket = replace(bucket, status=SENT_PENDING, message="no answer from Microsoft; sent again next run")
+            else:
+                bucket = self._settle(bucket, event, results[position])
+            if bucket.status == FLAGGED:  # a person decides on the hour's whole total
+                bucket = replace(bucket, quantity=bucket.quantity + bucket.shortfall, shortfall=Decimal(0))
+            if bucket.status == SENT_PENDING and self._last_chance(bucket):
+                bucket = self._carry_forward(bucket, f"not accepted before its window closes ({bucket.message})")
+            work.changed[dimension] = bucket
 
     def _settle(self, bucket: Bucket, event: UsageEvent, result: UsageResult) -> Bucket:
         status = result.status
@@ -721,32 +832,45 @@ class Emitter:
         if status is UsageStatus.ACCEPTED:
             return replace(bucket, status=ACCEPTED, usage_event_id=result.usage_event_id)
         if status is UsageStatus.DUPLICATE:
-            kept = Decimal(str(result.quantity)) if result.quantity is not None else None
-            if kept is not None and abs(kept - bucket.quantity) <= Decimal("1e-9") * max(Decimal(1), bucket.quantity):
-                self.summary.duplicates_matched += 1
-                return replace(
-                    bucket, status=ACCEPTED, usage_event_id=result.usage_event_id, message="Microsoft already had this hour"
-                )
-            if kept is not None and 0 < kept < bucket.quantity and bucket.attempts > 1:
-                # Our own earlier send, whose answer was lost, before more usage reached the hour:
-                # Microsoft bills what it kept; the rest is late usage (carried or unbillable).
-                self.summary.duplicates_matched += 1
-                return replace(
-                    bucket,
-                    status=ACCEPTED,
-                    quantity=kept,
-                    usage_event_id=result.usage_event_id,
-                    message=f"Microsoft kept {kept} from an earlier send; the {bucket.quantity - kept} reported since is late usage",
-                )
+            return self._duplicate(bucket, result)
+        if status is UsageStatus.EXPIRED:
+            return self._carry_forward(bucket, f"Microsoft answered Expired ({result.error_message or 'older than 24 hours'})")
+        if status is UsageStatus.ERROR:
+            self.summary.item_errors += 1
+            return replace(bucket, status=SENT_PENDING, message=f"Microsoft answered Error: {result.error_message}; sent again")
+        why = result.error_message or f"Microsoft answered {status.value}"
+        if status not in DEFINITIVE_REFUSALS:
+            why = f"Microsoft answered a status this app does not know ({result.raw.get('status')!r}): {why}"
+        return replace(bucket, status=FLAGGED, message=why)
+
+    def _duplicate(self, bucket: Bucket, result: UsageResult) -> Bucket:
+        """Microsoft already holds this hour: what it kept (``error.additionalInfo.acceptedMessage``),
+        compared exactly with what we sent."""
+        kept, ours = result.kept_quantity, bucket.quantity
+        kept_id = result.kept_usage_event_id
+        if kept is None:
+            return replace(bucket, status=FLAGGED, message="Microsoft answered Duplicate without the event it kept")
+        if kept == ours:
+            self.summary.duplicates_matched += 1
+            return replace(bucket, status=ACCEPTED, usage_event_id=kept_id, message="Microsoft already had this hour")
+        if 0 < kept < ours:
+            # An earlier send of ours (its answer lost) before more usage reached the hour: Microsoft
+            # bills what it kept; the rest is owed to the next open hour.
+            self.summary.duplicates_matched += 1
             return replace(
                 bucket,
-                status=FLAGGED,
-                usage_event_id=result.usage_event_id,
-                message=f"Microsoft already holds {kept} for this hour; our total is {bucket.quantity}",
+                status=ACCEPTED,
+                quantity=kept,
+                shortfall=bucket.shortfall + (ours - kept),
+                usage_event_id=kept_id,
+                message=f"Microsoft kept {decimal_text(kept)}; the {decimal_text(ours - kept)} more is carried into the next open hour",
             )
-        if status is UsageStatus.EXPIRED:
-            return replace(bucket, status=EXPIRED, message=result.error_message or "Microsoft: older than 24 hours")
-        return replace(bucket, status=FLAGGED, message=result.error_message or f"Microsoft answered {status.value}")
+        return replace(
+            bucket,
+            status=FLAGGED,
+            usage_event_id=kept_id,
+            message=f"Microsoft already holds {decimal_text(kept)} for this hour; our total is {decimal_text(ours)}",
+        )
 
     # -- recording ---------------------------------------------------------------------------------
 
@@ -788,6 +912,15 @@ class Emitter:
             self.summary.accepted += 1
         elif bucket.status == SENT_PENDING:
             self.summary.retry += 1
+        elif bucket.status == CARRIED:
+            log.warning(
+                "usage_carried_forward: subscription %s hour %s dimension %s quantity %s: %s",
+                bucket.subscription_id,
+                format_timestamp(bucket.hour),
+                bucket.dimension,
+                bucket.shortfall,
+                bucket.message,
+            )
         else:
             if bucket.status == EXPIRED:
                 self.summary.expired += 1
@@ -805,19 +938,25 @@ class Emitter:
             self.store.flag(bucket)
 
     def _late_usage(self, work: _HourWork, buckets: Mapping[str, Bucket]) -> None:
-        """Usage that reached a settled bucket after it was sent: carried forward or unbillable."""
+        """Usage of a settled bucket not held in it: what it owes (shortfall, Carried) always goes
+        into the current hour; usage that reached it after it was sent is carried or unbillable
+        (METERING_LATE_USAGE)."""
         totals = _totals(work.partition)
         for dimension, bucket in sorted(buckets.items()):
             if not bucket.settled:
                 continue
             total, _, _, plan = totals.get(dimension, (Decimal(0), Decimal(0), 0, bucket.plan_id))
-            late = total - bucket.quantity - bucket.carried_out - bucket.unbillable
-            if late <= 0:
+            loose = total - bucket.quantity - bucket.carried_out - bucket.unbillable
+            if loose <= 0:
                 continue
-            if self.settings.metering_late_usage == "unbillable":
-                updated = replace(bucket, unbillable=bucket.unbillable + late)
+            owed = min(loose, max(Decimal(0), bucket.shortfall - bucket.carried_out))
+            late = loose - owed
+            to_carry = owed + (late if self.settings.metering_late_usage == "carry" else Decimal(0))
+            updated = bucket
+            if late > 0 and self.settings.metering_late_usage == "unbillable":
+                updated = replace(updated, unbillable=updated.unbillable + late)
                 self.summary.late_unbillable += 1
-                self.summary.late_unbillable_quantity += float(late)
+                self.summary.late_unbillable_quantity += late
                 log.warning(
                     "late usage of %s %s %s recorded unbillable: %s",
                     bucket.subscription_id,
@@ -825,16 +964,24 @@ class Emitter:
                     dimension,
                     late,
                 )
-            else:
+            if to_carry > 0:
                 into = self.current_hour
-                carry = Carry(dimension, hour_key(bucket.hour), bucket.carry_count + 1, late, plan or bucket.plan_id)
+                carry = Carry(dimension, hour_key(bucket.hour), bucket.carry_count + 1, to_carry, plan or bucket.plan_id)
                 carried = self.store.insert_carry(bucket.subscription_id, into, carry)
                 self.store.mark_pending([(into, shard_of(bucket.subscription_id))])
-                updated = replace(bucket, carried_out=bucket.carried_out + carried, carry_count=carry.number)
-                self.summary.late_carried += 1
-                self.summary.late_carried_quantity += float(carried)
+                updated = replace(updated, carried_out=updated.carried_out + carried, carry_count=carry.number)
+                owed_part, late_part = min(owed, carried), max(Decimal(0), carried - owed)
+                if bucket.status == CARRIED and owed_part:
+                    self.summary.carried_forward += 1
+                    self.summary.carried_forward_quantity += owed_part
+                elif owed_part:
+                    self.summary.shortfall_carried += 1
+                    self.summary.shortfall_carried_quantity += owed_part
+                if late_part:
+                    self.summary.late_carried += 1
+                    self.summary.late_carried_quantity += late_part
                 log.info(
-                    "late usage of %s %s %s (%s) carried into %s",
+                    "usage of %s %s %s (%s) carried into %s",
                     bucket.subscription_id,
                     hour_key(bucket.hour),
                     dimension,
@@ -845,9 +992,10 @@ class Emitter:
                 work.unsettled = True  # another run moved it: look again next run
 
     def _notify(self, subscription_id: str, hour: datetime, settled: list[Bucket]) -> None:
-        """One lifecycle event per outcome for the buckets this run settled."""
+        """One lifecycle event per outcome for the buckets this run settled (a Carried hour has none
+        here: its usage is accepted or refused in the hour it went to)."""
         accepted = [b for b in settled if b.status == ACCEPTED]
-        rejected = [b for b in settled if b.status != ACCEPTED]
+        rejected = [b for b in settled if b.status not in (ACCEPTED, CARRIED)]
         for kind, group in ((Kind.USAGE_ACCEPTED, accepted), (Kind.USAGE_REJECTED, rejected)):
             if group and write_usage_event(self.services, subscription_id, hour, kind, group):
                 self.summary.events_written += 1
@@ -867,7 +1015,8 @@ class Emitter:
         s = self.summary
         log.info(
             "metering run: %s hour shards listed, %s settled; %s buckets sent in %s calls: %s accepted (%s duplicates matched), "
-            "%s flagged, %s expired, %s to retry; late usage %s carried, %s unbillable; %s near expiry; %s hour shards pending, %s flagged in all",
+            "%s flagged, %s carried forward, %s to retry (%s item errors); late usage %s carried, %s unbillable; %s near expiry; "
+            "%s hour shards pending, %s flagged in all; emission %s",
             s.hours_listed,
             s.hours_settled,
             s.buckets_sent,
@@ -875,13 +1024,15 @@ class Emitter:
             s.accepted,
             s.duplicates_matched,
             s.flagged,
-            s.expired,
+            s.carried_forward,
             s.retry,
+            s.item_errors,
             s.late_carried,
             s.late_unbillable,
             s.near_expiry,
             s.pending_hours,
             s.flagged_total,
+            s.emission,
         )
 
 

@@ -16,7 +16,16 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from shared.domain import Operation, Plan, ResolvedPurchase, Subscription, UpdateStatus, UsageEvent, UsageResult
+    from shared.domain import (
+        Operation,
+        Plan,
+        ResolvedPurchase,
+        Subscription,
+        UpdateStatus,
+        UsageAggregate,
+        UsageEvent,
+        UsageResult,
+    )
     from shared.marketplace import CallCounter
     from shared.repository import OperationMarker, OutboxEvent, ScanItem, StorageMetrics, StoredRecord
     from shared.state_machine import Outcome, SubscriptionRecord
@@ -49,6 +58,8 @@ class MarketplaceApi(Protocol):
     def delete_subscription(self, subscription_id: str) -> str: ...
 
     def batch_usage_event(self, events: list[UsageEvent]) -> list[UsageResult]: ...
+
+    def list_usage_aggregates(self, start: datetime, end: datetime | None = None) -> list[UsageAggregate]: ...
 
     def list_outstanding_operations(self, subscription_id: str) -> list[Operation]: ...
 

@@ -197,6 +197,22 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "An hour of usage still unsent this close to Microsoft's 24-hour limit is logged as `usage_near_expiry` (alerted).",
     ),
     SettingSpec(
+        "METERING_EMISSION",
+        "on",
+        "`on` sends usage to Microsoft; `off` keeps taking usage in and holds it pending (e.g. against Microsoft's SaaS "
+        "emulator, which has no metering API).",
+    ),
+    SettingSpec(
+        "USAGE_RECONCILE_SCHEDULE",
+        "0 30 2 * * *",
+        "NCRONTAB (6 fields, UTC) schedule of the daily read-back that compares Microsoft's usage aggregates with ours.",
+    ),
+    SettingSpec(
+        "USAGE_RECONCILE_DAYS",
+        "2",
+        "Closed UTC days the read-back compares (yesterday and the days before it).",
+    ),
+    SettingSpec(
         "METERING_LATE_USAGE",
         "carry",
         "Usage reported into an hour already sent: `carry` (into the current hour, billed) or `unbillable` (recorded only).",
@@ -374,6 +390,9 @@ class Settings:
     metering_time_budget_seconds: int = 240
     metering_expiry_warning_hours: int = 4
     metering_late_usage: str = "carry"
+    metering_emission: str = "on"
+    usage_reconcile_schedule: str = "0 30 2 * * *"
+    usage_reconcile_days: int = 2
     console_auth: str = "entra"
     console_tenant_id: str = ""
     events_queue_name: str = "subscription-events"
@@ -519,6 +538,9 @@ class Settings:
             metering_time_budget_seconds=_int(env, "METERING_TIME_BUDGET_SECONDS", problems),
             metering_expiry_warning_hours=_int(env, "METERING_EXPIRY_WARNING_HOURS", problems, minimum=0),
             metering_late_usage=_choice(env, "METERING_LATE_USAGE", ("carry", "unbillable"), problems),
+            metering_emission=_choice(env, "METERING_EMISSION", ("on", "off"), problems),
+            usage_reconcile_schedule=_text(env, "USAGE_RECONCILE_SCHEDULE"),
+            usage_reconcile_days=_int(env, "USAGE_RECONCILE_DAYS", problems, minimum=1),
             console_auth=console_auth,
             console_tenant_id=_text(env, "CONSOLE_TENANT_ID") or tenant_id,
             events_queue_name=_text(env, "EVENTS_QUEUE_NAME"),

@@ -56,8 +56,10 @@ TRANSACTION_MIN_ROWS = 6
 SENT_PENDING = "Pending"  # not sent yet, or sent without an answer (429, 5xx, timeout): sent again
 ACCEPTED = "Accepted"  # Microsoft has it (Accepted, or Duplicate with the same quantity)
 FLAGGED = "Flagged"  # Microsoft refused it, or kept another quantity: a person decides
-EXPIRED = "Expired"  # the 24-hour window closed before Microsoft accepted it
-SETTLED_STATUSES = frozenset({ACCEPTED, FLAGGED, EXPIRED})
+EXPIRED = "Expired"  # (before carrying existed) the 24-hour window closed before Microsoft accepted it
+CARRIED = "Carried"  # could not be accepted in its own hour: its usage went into a later open hour
+UNBILLABLE = "Unbillable"  # an operator wrote it off (recorded, never billed)
+SETTLED_STATUSES = frozenset({ACCEPTED, FLAGGED, EXPIRED, CARRIED, UNBILLABLE})
 
 
 def hour_of(moment: datetime) -> datetime:
@@ -136,11 +138,20 @@ class Bucket:
     carried_out: Decimal = Decimal(0)  # late usage moved to a later hour
     carry_count: int = 0
     unbillable: Decimal = Decimal(0)  # late usage recorded, never billed (METERING_LATE_USAGE=unbillable)
+    # Usage of this hour Microsoft did not take here and that is owed to a later hour whatever
+    # METERING_LATE_USAGE says: a Duplicate that kept less than ours, the digits a double cannot
+    # hold, or the whole hour when it could not be accepted in its own hour (Carried).
+    shortfall: Decimal = Decimal(0)
     etag: str = ""
 
     @property
     def settled(self) -> bool:
         return self.status in SETTLED_STATUSES
+
+    @property
+    def billed_here(self) -> Decimal:
+        """What Microsoft bills in this hour for this bucket."""
+        return self.quantity if self.status == ACCEPTED else Decimal(0)
 
     def to_api(self) -> dict[str, Any]:
         return {
@@ -154,6 +165,7 @@ class Bucket:
             "carriedIn": float(self.carried_in),
             "carriedOut": float(self.carried_out),
             "unbillable": float(self.unbillable),
+            "shortfall": float(self.shortfall),
             "marketplaceStatus": self.marketplace_status,
             "usageEventId": self.usage_event_id or None,
             "message": self.message,
@@ -212,6 +224,7 @@ def _bucket_from_entity(subscription_id: str, hour: datetime, dimension: str, en
         carried_out=decimal_of(entity.get("CarriedOut")),
         carry_count=int(entity.get("CarryCount", 0) or 0),
         unbillable=decimal_of(entity.get("Unbillable")),
+        shortfall=decimal_of(entity.get("Shortfall")),
         etag=entity.metadata["etag"] if hasattr(entity, "metadata") else "",
     )
 
@@ -235,6 +248,7 @@ def bucket_entity(bucket: Bucket) -> dict[str, Any]:
         "CarriedOut": str(bucket.carried_out),
         "CarryCount": bucket.carry_count,
         "Unbillable": str(bucket.unbillable),
+        "Shortfall": str(bucket.shortfall),
     }
 
 
@@ -487,6 +501,32 @@ class UsageStore:
                 written[(bucket.subscription_id, bucket.dimension)] = replace(bucket, etag=metadata["etag"])
         return written
 
+    def read_bucket(self, subscription_id: str, hour: datetime, dimension: str) -> Bucket | None:
+        with _storage_errors("read usage bucket"):
+            self.metrics.add(reads=1)
+            try:
+                entity = self._table.get_entity(
+                    partition_of(subscription_id, hour), f"{BUCKET_PREFIX}{subscription_id}|{dimension}"
+                )
+            except ResourceNotFoundError:
+                return None
+        return _bucket_from_entity(subscription_id, hour, dimension, entity)
+
+    def read_hour_buckets(self, hour: datetime, shard: str) -> list[Bucket]:
+        """The buckets (only) of one hour and shard: what the read-back compares with Microsoft."""
+        out: list[Bucket] = []
+        with _storage_errors("read usage buckets"):
+            pages = self._table.query_entities(
+                "PartitionKey eq @pk and Kind eq 'bucket'", parameters={"pk": hour_partition(hour, shard)}, results_per_page=1000
+            ).by_page()
+            for page in pages:
+                self.metrics.add(reads=1, pages=1)
+                for entity in page:
+                    _, _, rest = entity["RowKey"].partition("|")
+                    sid, _, dimension = rest.partition("|")
+                    out.append(_bucket_from_entity(sid, hour, dimension, entity))
+        return out
+
     def insert_carry(self, subscription_id: str, into: datetime, carry: Carry) -> Decimal:
         """Record late usage in the hour it is carried into; the quantity of that carry as stored (a
         run that stopped after this insert finds its own carry again, with the quantity it carried)."""
@@ -540,6 +580,14 @@ class UsageStore:
             self.metrics.add(writes=1)
             self._table.upsert_entity(entity, mode=UpdateMode.REPLACE)
 
+    def unflag(self, subscription_id: str, hour: datetime, dimension: str) -> None:
+        with _storage_errors("unflag usage"):
+            self.metrics.add(writes=1)
+            try:
+                self._table.delete_entity(FLAGGED_PARTITION, f"{hour_key(hour)}|{subscription_id}|{dimension}")
+            except ResourceNotFoundError:
+                pass
+
     def list_flagged(self) -> list[dict[str, Any]]:
         with _storage_errors("list flagged usage"):
             rows = list(self._table.query_entities("PartitionKey eq @pk", parameters={"pk": FLAGGED_PARTITION}))
@@ -573,18 +621,19 @@ class UsageStore:
 
     # -- the last run's summary (health reads one row, never the work list) --------------------------
 
-    def save_summary(self, summary: dict[str, Any]) -> None:
+    def save_summary(self, summary: dict[str, Any], name: str = "latest") -> None:
+        """The last run's summary (``latest``: the metering run; ``readback``: the daily read-back)."""
         with _storage_errors("write metering summary"):
             self.metrics.add(writes=1)
             self._table.upsert_entity(
-                {"PartitionKey": SUMMARY_PARTITION, "RowKey": "latest", "Summary": json.dumps(summary)}, mode=UpdateMode.REPLACE
+                {"PartitionKey": SUMMARY_PARTITION, "RowKey": name, "Summary": json.dumps(summary)}, mode=UpdateMode.REPLACE
             )
 
-    def latest_summary(self) -> dict[str, Any] | None:
+    def latest_summary(self, name: str = "latest") -> dict[str, Any] | None:
         with _storage_errors("read metering summary"):
             self.metrics.add(reads=1)
             try:
-                entity = self._table.get_entity(SUMMARY_PARTITION, "latest")
+                entity = self._table.get_entity(SUMMARY_PARTITION, name)
             except ResourceNotFoundError:
                 return None
         return json.loads(entity.get("Summary") or "{}")

@@ -12,10 +12,21 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from shared import errors
-from shared.domain import Operation, Plan, ResolvedPurchase, Subscription, UpdateStatus, UsageEvent, UsageResult, UsageStatus
+from shared.domain import (
+    Operation,
+    Plan,
+    ResolvedPurchase,
+    Subscription,
+    UpdateStatus,
+    UsageAggregate,
+    UsageEvent,
+    UsageResult,
+    UsageStatus,
+)
 from shared.marketplace import CallCounter
 from shared.repository import (
     OP_RECEIVED,
@@ -230,7 +241,7 @@ class FakeMarketplace:
         self.operations: dict[str, dict[str, Any]] = {}
         self.activations: list[str] = []
         self.updates: list[tuple[str, str, str]] = []
-        self.usage: dict[tuple[str, str, datetime], float] = {}  # accepted usage per (resource, dimension, hour)
+        self.usage: dict[tuple[str, str, datetime], Decimal] = {}  # accepted usage per (resource, dimension, hour)
         self.counter = CallCounter()
         self.fail_with: errors.MarketplaceError | None = None
         self.activation_completes = True
@@ -369,7 +380,9 @@ class FakeMarketplace:
         for event in events:
             key = (event.resource_id, event.dimension, event.effective_start_time.replace(minute=0, second=0, microsecond=0))
             if key in self.usage:
-                results.append(UsageResult(UsageStatus.DUPLICATE, event.resource_id, event.dimension, self.usage[key]))
+                results.append(
+                    UsageResult(UsageStatus.DUPLICATE, event.resource_id, event.dimension, kept_quantity=self.usage[key])
+                )
                 continue
             self.usage[key] = event.quantity
             results.append(
@@ -378,6 +391,21 @@ class FakeMarketplace:
                 )
             )
         return results
+
+    def list_usage_aggregates(self, start: datetime, end: datetime | None = None) -> list[UsageAggregate]:
+        """Daily aggregates of what this fake accepted (per resource, dimension, day)."""
+        self._maybe_fail("list_usage_aggregates")
+        days: dict[tuple[str, str, str], Decimal] = {}
+        for (resource, dimension, hour), quantity in self.usage.items():
+            if hour.date() >= start.date() and (end is None or hour.date() <= end.date()):
+                key = (resource, dimension, hour.date().isoformat())
+                days[key] = days.get(key, Decimal(0)) + quantity
+        return [
+            UsageAggregate(
+                datetime.fromisoformat(day).replace(tzinfo=UTC), resource, dimension, "", "", total, total, 1, "Accepted"
+            )
+            for (resource, dimension, day), total in sorted(days.items())
+        ]
 
     def update_operation(self, subscription_id: str, operation_id: str, status: UpdateStatus) -> None:
         self._maybe_fail("update_operation")

@@ -648,6 +648,7 @@ def test_connection_refused_is_unavailable(make_client):
 
 def test_batch_usage_event_returns_one_result_per_event_and_is_safe_to_retry(standin, client):
     from datetime import UTC, datetime, timedelta
+    from decimal import Decimal
 
     from devtools.marketplace_standin import make_plan
     from shared.domain import UsageEvent, UsageStatus
@@ -658,17 +659,64 @@ def test_batch_usage_event_returns_one_result_per_event_and_is_safe_to_retry(sta
     (active,) = standin.seed(1, plan_id="metered")
     hour = (now - timedelta(hours=1)).replace(minute=0, second=0, microsecond=0)
     events = [
-        UsageEvent(active, "metered", "api_calls", 1234.5, hour),
-        UsageEvent(active, "metered", "storage_gb", 3, hour),
-        UsageEvent(active, "metered", "api_calls", 7, now - timedelta(hours=30)),
+        UsageEvent(active, "metered", "api_calls", Decimal("1234.5"), hour),
+        UsageEvent(active, "metered", "storage_gb", Decimal(3), hour),
+        UsageEvent(active, "metered", "api_calls", Decimal(7), now - timedelta(hours=30)),
     ]
     # The first answer is lost after Microsoft recorded it (a 503): the retry finds it Duplicate.
     standin.fail_next(1, 503, path_contains="batchUsageEvent", process=True)
     results = client.batch_usage_event(events)
     assert [r.status for r in results] == [UsageStatus.DUPLICATE, UsageStatus.INVALID_DIMENSION, UsageStatus.EXPIRED]
-    assert results[0].quantity == 1234.5 and results[0].usage_event_id  # what Microsoft accepted
+    # What Microsoft kept is under error.additionalInfo.acceptedMessage; an error item has no usageEventId.
+    assert results[0].kept_quantity == Decimal("1234.5") and results[0].kept_usage_event_id
+    assert results[0].usage_event_id == ""
     assert results[1].error_message
     assert standin.calls["batch_usage_event"] == 2
-    assert [e["quantity"] for e in standin.accepted_usage(active)] == [1234.5]
+    assert [e["quantity"] for e in standin.accepted_usage(active)] == [Decimal("1234.5")]
     with pytest.raises(ValueError, match="at most 25"):
         client.batch_usage_event([events[0]] * 26)
+
+
+@pytest.mark.parametrize("order", ["reversed", "shuffled"])
+def test_batch_usage_results_are_matched_to_their_events_by_key_fields_in_any_order(standin, client, order):
+    from datetime import UTC, datetime, timedelta
+    from decimal import Decimal
+
+    from devtools.marketplace_standin import make_plan
+    from shared.domain import UsageEvent, UsageStatus
+
+    now = datetime.now(UTC)
+    standin.set_plans("contoso-offer", [make_plan("metered")])
+    subscriptions = standin.seed(12, plan_id="metered")
+    (suspended,) = standin.seed(1, plan_id="metered", status="Suspended")
+    hour = (now - timedelta(hours=2)).replace(minute=0, second=0, microsecond=0)
+    events = [UsageEvent(s, "metered", "api_calls", Decimal(n + 1), hour) for n, s in enumerate(subscriptions)]
+    events.append(UsageEvent(suspended, "metered", "api_calls", Decimal(99), hour))
+    standin.usage_result_order = order
+    results = client.batch_usage_event(events)
+    assert [(r.resource_id, r.quantity) for r in results] == [(e.resource_id, e.quantity) for e in events]
+    assert [r.status for r in results] == [UsageStatus.ACCEPTED] * 12 + [UsageStatus.RESOURCE_NOT_ACTIVE]
+
+
+def test_batch_usage_answer_that_does_not_match_the_request_is_unknown_and_the_quantity_is_sent_exactly(standin, client):
+    from datetime import UTC, datetime, timedelta
+    from decimal import Decimal
+
+    from devtools.marketplace_standin import make_plan
+    from shared.domain import UsageEvent
+
+    now = datetime.now(UTC)
+    standin.set_plans("contoso-offer", [make_plan("metered")])
+    (active,) = standin.seed(1, plan_id="metered")
+    hour = (now - timedelta(hours=1)).replace(minute=0, second=0, microsecond=0)
+    exact = Decimal("1000000000000.5")
+    huge = Decimal("9007199254740993")  # 2^53 + 1: a float would send ...992
+    client.batch_usage_event([UsageEvent(active, "metered", "api_calls", exact, hour)])
+    client.batch_usage_event([UsageEvent(active, "metered", "storage_gb", huge, hour)])
+    bodies = [e["body"] for e in standin.last_requests if e["kind"] == "batch_usage_event"]
+    assert '"quantity": 1000000000000.5' in bodies[0] and '"quantity": 9007199254740993' in bodies[1]
+    assert {e["quantity"] for e in standin.accepted_usage(active)} == {exact, huge}
+    # An answer about another event than the one sent is never guessed at.
+    standin.usage_answer_rewrite = lambda results: [{**r, "dimension": "other"} for r in results]
+    with pytest.raises(MarketplaceUnavailableError, match="other events"):
+        client.batch_usage_event([UsageEvent(active, "metered", "api_calls", Decimal(1), hour - timedelta(hours=1))])

@@ -140,7 +140,7 @@ def test_usage_is_bucketed_by_hour_and_dimension_and_sent_once_with_exact_sums(m
     summary = meter.emit()
     assert summary.accepted == 2 and summary.calls == 1 and summary.hours_settled == 1
     sent = {(e["dimension"], e["effectiveStartTime"]): e["quantity"] for e in meter.accepted(sid)}
-    assert sent[("api_calls", "2026-12-03T10:00:00Z")] == 4.05  # 1.5 + 2.25 + 0.1 + 0.2, exactly
+    assert sent[("api_calls", "2026-12-03T10:00:00Z")] == Decimal("4.05")  # 1.5 + 2.25 + 0.1 + 0.2, exactly
     assert sent[("storage_gb", "2026-12-03T10:00:00Z")] == 7
     # Nothing left: a second run sends nothing.
     again = meter.emit()
@@ -339,7 +339,7 @@ def test_every_per_item_status_is_recorded_and_refusals_are_flagged_never_resent
     meter.standin.usage_events[(dup, "api_calls", nine.isoformat())] = {
         "usageEventId": "kept-before",
         "status": "Accepted",
-        "quantity": 8,
+        "quantity": Decimal(10),  # more than ours (9): someone else sent this hour
         "resourceId": dup,
         "dimension": "api_calls",
         "effectiveStartTime": "2026-12-03T09:00:00Z",
@@ -358,7 +358,7 @@ def test_every_per_item_status_is_recorded_and_refusals_are_flagged_never_resent
     flagged = {(f["subscriptionId"], f["marketplaceStatus"]) for f in metering.usage_store(meter.services).list_flagged()}
     assert flagged == {(gone, "ResourceNotFound"), (inactive, "ResourceNotActive"), (dup, "Duplicate"), (sid, "InvalidDimension")}
     dup_view = usage_view(meter.services, dup, nine, nine)
-    assert "already holds 8" in dup_view[0]["message"] and dup_view[0]["status"] == "Flagged"
+    assert "already holds 10" in dup_view[0]["message"] and dup_view[0]["status"] == "Flagged"
     calls = meter.standin.calls["batch_usage_event"]
     again = meter.emit()
     assert again.buckets_sent == 0 and meter.standin.calls["batch_usage_event"] == calls  # never re-sent blindly
@@ -370,7 +370,7 @@ def test_every_per_item_status_is_recorded_and_refusals_are_flagged_never_resent
     assert rejected["source"] == "metering"
 
 
-def test_microsofts_expired_and_bad_argument_are_flagged_with_its_message(meter):
+def test_bad_argument_is_flagged_and_microsofts_expired_is_carried_into_the_next_open_hour(meter):
     moved = meter.subscription()
     late = meter.subscription()
     nine = START.replace(minute=0) - timedelta(hours=1)
@@ -383,21 +383,35 @@ def test_microsofts_expired_and_bad_argument_are_flagged_with_its_message(meter)
     # Microsoft's clock runs ahead of ours: for it the hour is past the 24-hour window.
     meter.standin.usage_clock = lambda: meter.clock.now + timedelta(hours=3)
     second = meter.emit()
-    assert second.by_status == {"Expired": 1} and second.expired == 1 and second.accepted == 0
+    assert second.by_status == {"Expired": 1} and second.carried_forward == 1 and second.accepted == 0
+    assert second.carried_forward_quantity == 3 and second.flagged == 0
     flagged = {f["subscriptionId"]: f for f in metering.usage_store(meter.services).list_flagged()}
+    assert set(flagged) == {moved}
     assert flagged[moved]["marketplaceStatus"] == "BadArgument" and "not the plan" in flagged[moved]["message"]
-    assert flagged[late]["status"] == "Expired" and "24 hours" in flagged[late]["message"]
-    assert meter.emit().buckets_sent == 0
+    (ten,) = usage_view(meter.services, late, START, START)
+    assert (ten["status"], ten["carriedOut"], ten["quantity"]) == ("Carried", 3.0, 0.0) and "Expired" in ten["message"]
+    # The carried units go out with the hour they were carried into, once it closes.
+    meter.standin.usage_clock = meter.clock
+    meter.clock.advance(hours=1)
+    third = meter.emit()
+    assert third.accepted == 1
+    assert [(e["effectiveStartTime"], e["quantity"]) for e in meter.accepted(late)] == [("2026-12-04T08:00:00Z", 3)]
+    (into,) = usage_view(meter.services, late, meter.clock.now - timedelta(hours=1), meter.clock.now - timedelta(hours=1))
+    assert (into["status"], into["carriedIn"], into["quantity"]) == ("Accepted", 3.0, 3.0)
 
 
 @pytest.mark.parametrize(
     ("status", "ours"),
     [
         ("InvalidQuantity", "Flagged"),
-        ("Error", "Flagged"),
+        ("InvalidDimension", "Flagged"),
+        ("ResourceNotFound", "Flagged"),
+        ("ResourceNotActive", "Flagged"),
+        ("BadArgument", "Flagged"),
+        ("Error", "Pending"),  # not definitive: sent again
         ("ResourceNotAuthorized", "Flagged"),
         ("SomethingNew", "Flagged"),
-        ("Expired", "Expired"),
+        ("Expired", "Carried"),
         ("Accepted", "Accepted"),
     ],
 )
@@ -410,7 +424,7 @@ def test_every_status_microsoft_may_answer_maps_to_a_bucket_state(meter, status,
     result = UsageResult.from_api(
         {"status": status, "quantity": 2, "usageEventId": "u", "error": {"code": status, "message": "why"}}
     )
-    settled = emitter._settle(bucket, UsageEvent("s", "metered", "api_calls", 2.0, START), result)
+    settled = emitter._settle(bucket, UsageEvent("s", "metered", "api_calls", Decimal(2), START), result)
     assert settled.status == ours
     assert settled.marketplace_status == ("Unknown" if status == "SomethingNew" else status)
     if ours != "Accepted":
@@ -439,7 +453,8 @@ def test_a_lost_answer_then_more_usage_bills_what_microsoft_kept_and_carries_the
     assert meter.emit().retry == 1
     meter.report(usage(sid, 4, at=nine + timedelta(minutes=40), id="more"))  # the hour grows before the resend
     summary = meter.emit()
-    assert summary.accepted == 1 and summary.flagged == 0 and summary.late_carried == 1 and summary.late_carried_quantity == 4
+    assert summary.accepted == 1 and summary.flagged == 0 and summary.shortfall_carried == 1
+    assert summary.shortfall_carried_quantity == 4 and summary.late_carried == 0
     (nine_view,) = usage_view(meter.services, sid, nine, nine)
     assert (nine_view["status"], nine_view["quantity"], nine_view["carriedOut"]) == ("Accepted", 6.0, 4.0)
     meter.clock.advance(hours=1)
@@ -468,7 +483,7 @@ def test_throttling_and_timeouts_retry_next_run_without_duplicates(meter, monkey
     assert sorted(e["resourceId"] for e in meter.accepted()) == sorted(subscriptions)  # each exactly once
 
 
-def test_an_outage_of_hours_is_caught_up_oldest_first_and_expired_hours_are_flagged(meter):
+def test_an_outage_of_hours_is_caught_up_oldest_first_and_an_hour_past_the_window_is_carried_not_dropped(meter):
     sid = meter.subscription()
     base = START.replace(minute=0)
     for hours_ago in range(5):
@@ -476,17 +491,24 @@ def test_an_outage_of_hours_is_caught_up_oldest_first_and_expired_hours_are_flag
     # The app is down for a day: the oldest hour (base - 4 h) is now 24 h old, the next close to it.
     meter.clock.advance(hours=20)
     summary = meter.emit()
-    assert summary.accepted == 4 and summary.expired == 1 and summary.near_expiry >= 1 and summary.pending_hours == 0
+    assert summary.accepted == 4 and summary.expired == 0 and summary.near_expiry >= 1
+    assert summary.carried_forward == 1 and summary.carried_forward_quantity == 5
     assert [e["effectiveStartTime"] for e in meter.accepted(sid)] == [
         "2026-12-03T07:00:00Z",
         "2026-12-03T08:00:00Z",
         "2026-12-03T09:00:00Z",
         "2026-12-03T10:00:00Z",
     ]
-    # The hour that left the window while we were down is recorded Expired and flagged, never sent.
-    (flag,) = metering.usage_store(meter.services).list_flagged()
-    assert (flag["status"], flag["hour"], flag["quantity"]) == ("Expired", "2026-12-03T06:00:00Z", 5.0)
+    # The hour that left the window while we were down is never sent for itself (Microsoft would
+    # answer Expired) and never dropped: it is carried into the open hour, recorded on both.
+    assert metering.usage_store(meter.services).list_flagged() == []
     assert meter.standin.calls["batch_usage_event"] == 1
+    (six,) = usage_view(meter.services, sid, base - timedelta(hours=4), base - timedelta(hours=4))
+    assert (six["status"], six["carriedOut"]) == ("Carried", 5.0)
+    meter.clock.advance(hours=1)
+    meter.emit()
+    assert sum(e["quantity"] for e in meter.accepted(sid)) == 1 + 2 + 3 + 4 + 5  # every unit billed once
+    assert meter.accepted(sid)[-1]["effectiveStartTime"] == "2026-12-04T06:00:00Z"
 
 
 def test_a_spent_time_budget_leaves_the_rest_for_the_next_run(meter):

@@ -117,4 +117,6 @@ def test_faults_and_read_back(meter):
         timeout=10,
     )
     assert listed.status_code == 200
-    assert [(e["resourceId"], e["quantity"], e["reconStatus"]) for e in listed.json()] == [(active, 12.5, "Accepted")]
+    assert [(e["usageResourceId"], e["submittedQuantity"], e["processedQuantity"], e["reconStatus"]) for e in listed.json()] == [
+        (active, 12.5, 12.5, "Accepted")
+    ]
