@@ -7,6 +7,7 @@ from landing_page import bp as landing_page_bp
 from metering_timer import bp as metering_timer_bp
 from publisher_api import bp as publisher_api_bp
 from reconcile_timer import bp as reconcile_timer_bp
+from usage_reconcile_timer import bp as usage_reconcile_timer_bp
 from webhook import bp as webhook_bp
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
@@ -16,3 +17,4 @@ app.register_functions(reconcile_timer_bp)
 app.register_functions(publisher_api_bp)
 app.register_functions(metering_timer_bp)
 app.register_functions(console_bp)
+app.register_functions(usage_reconcile_timer_bp)

@@ -9,6 +9,8 @@
     POST /api/console/subscriptions/{subscriptionId}/change     publisher change plan / seats / cancel (operator, CSRF)
     POST /api/console/subscriptions/{subscriptionId}/acknowledge    clear a flag once its cause is handled (operator, CSRF)
     GET/POST /api/console/reconcile                   recent runs; preview (dry run) or run now (operator, CSRF)
+    GET /api/console/billing                          usage read-back: ours beside Microsoft's, per day and dimension
+    POST /api/console/usage/resolve                   requeue / move / write off a flagged hour of usage (operator, CSRF)
 
 Never in Easy Auth's excludedPaths: the platform signs the user in; the use case checks the app role.
 """
@@ -135,3 +137,21 @@ def console_acknowledge(req: func.HttpRequest) -> func.HttpResponse:
     from shared import console
 
     return _subscription_action(req, console.acknowledge_action)
+
+
+@bp.function_name("console_billing")
+@bp.route(route="console/billing", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def console_billing(req: func.HttpRequest) -> func.HttpResponse:
+    from shared import console
+
+    params = {"days": req.params.get("days", "")}
+    return _page(lambda services, who: console.billing_page(services, who(req.headers), params))
+
+
+@bp.function_name("console_usage_resolve")
+@bp.route(route="console/usage/resolve", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
+def console_usage_resolve(req: func.HttpRequest) -> func.HttpResponse:
+    from shared import console
+
+    form = _form(req)
+    return _page(lambda services, who: console.usage_resolve_action(services, who(req.headers), form))

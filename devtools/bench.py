@@ -326,7 +326,11 @@ class _Worker:
             port=0,
             timers=False,
             signed_in_user="",
-            environ={"RECONCILE_SCHEDULE": "0 0 0 1 1 *", "METERING_SCHEDULE": "0 0 0 1 1 *"},
+            environ={
+                "RECONCILE_SCHEDULE": "0 0 0 1 1 *",
+                "METERING_SCHEDULE": "0 0 0 1 1 *",
+                "USAGE_RECONCILE_SCHEDULE": "0 0 0 1 1 *",
+            },
             host_json=ROOT / "host.json",
         )
         host.start()

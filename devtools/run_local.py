@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None, env: MutableMapping[str, str] | None = N
     decide("LANDING_FORM_SECRET", previous.get("LANDING_FORM_SECRET") or secrets.token_urlsafe(32))
     decide("RECONCILE_SCHEDULE", "0 */5 * * * *")
     decide("METERING_SCHEDULE", "0 5 * * * *")
+    decide("USAGE_RECONCILE_SCHEDULE", "0 30 2 * * *")
     decide("DEV_SIGNED_IN_USER", DEV_USER)
     decide("SAAS_APP_URL", "https://app.contoso.example/")
     decide("BRAND_NAME", "Contoso SaaS (local)")

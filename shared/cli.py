@@ -67,6 +67,13 @@ def _marketplace_id(what: str) -> Callable[[str], str]:
 
 
 _subscription_id = _marketplace_id("a subscription id")
+
+
+def _usage_target(text: str) -> str:
+    """``usage``'s first argument: a subscription id, or ``reconcile`` (the read-back)."""
+    return "reconcile" if text.strip().lower() == "reconcile" else _subscription_id(text)
+
+
 _operation_id = _marketplace_id("an operation id")
 
 
@@ -474,6 +481,11 @@ def cmd_usage(services: Services, args, out: TextIO) -> int:
     from shared.domain import parse_timestamp
     from shared.metering import usage_store, usage_view
 
+    if args.subscription_id == "reconcile":
+        return _usage_reconcile(services, args, out)
+    decisions = [name for name in ("requeue", "move", "unbillable") if getattr(args, name)]
+    if decisions:
+        return _usage_resolve(services, args, decisions, out)
     if args.flagged:
         if args.subscription_id:
             raise _UsageError("give SUBSCRIPTION_ID or --flagged, not both")
@@ -525,6 +537,66 @@ def _number(value: float) -> str:
     return f"{value:g}"
 
 
+def _usage_reconcile(services: Services, args, out: TextIO) -> int:
+    """``usage reconcile [--days N]``: read Microsoft's daily aggregates now and compare."""
+    from shared.usage_readback import run_usage_readback
+
+    summary = run_usage_readback(services, days=args.days)
+    if args.json:
+        _emit_json(out, summary.to_json())
+        return EXIT_OK if not summary.differences and not summary.error else EXIT_FAILED
+    data = summary.to_json()
+    if summary.error:
+        out.write(
+            f"Read-back of {', '.join(summary.days)}: Microsoft's usageEvents could not be read ({summary.error}); nothing compared\n"
+        )
+        return EXIT_FAILED
+    out.write(
+        "Read-back of {days}: {rows} rows, {matched} match, {differences} differ ({rejected} rejected), {processing} processing, "
+        "{test_rows} test; ours {revenue_ours}, Microsoft processed {revenue_microsoft}\n".format(
+            **{**data, "days": ", ".join(summary.days)}
+        )
+    )
+    if summary.found:
+        rows = [
+            [
+                f["day"],
+                f["subscriptionId"],
+                f["dimension"],
+                f["ours"],
+                f["submitted"],
+                f["processed"],
+                f["reconStatus"],
+                f["status"],
+            ]
+            for f in summary.found
+        ]
+        _table(out, ["DAY", "SUBSCRIPTION", "DIMENSION", "OURS", "SUBMITTED", "PROCESSED", "RECON", "STATUS"], rows)
+    return EXIT_OK if not summary.differences else EXIT_FAILED
+
+
+def _usage_resolve(services: Services, args, decisions: list[str], out: TextIO) -> int:
+    """``usage SUBSCRIPTION_ID --hour H --dimension D --requeue|--move|--unbillable``: decide on flagged usage."""
+    from shared.domain import parse_timestamp
+    from shared.metering import resolve_flagged_usage
+
+    if len(decisions) > 1:
+        raise _UsageError("give one of --requeue, --move, --unbillable")
+    if args.subscription_id is None or not args.hour or not args.dimension:
+        raise _UsageError("deciding on flagged usage needs SUBSCRIPTION_ID, --hour and --dimension")
+    hour = parse_timestamp(args.hour)
+    if hour is None:
+        raise _UsageError("--hour takes an ISO 8601 UTC date-time, e.g. 2026-12-03T09:00:00Z")
+    result = resolve_flagged_usage(services, args.subscription_id, hour, args.dimension, decisions[0], actor=_operator())
+    if args.json:
+        _emit_json(out, result)
+    else:
+        out.write(
+            f"{result['hour']} {result['dimension']} of {result['subscriptionId']}: {result['status']} ({result['message']})\n"
+        )
+    return EXIT_OK
+
+
 def cmd_meter_now(services: Services, args, out: TextIO) -> int:
     from shared.metering import run_metering
 
@@ -534,7 +606,7 @@ def cmd_meter_now(services: Services, args, out: TextIO) -> int:
     else:
         out.write(
             "Metering: {hours_listed} hour shards listed, {hours_settled} settled; {buckets_sent} buckets sent in {calls} calls: "
-            "{accepted} accepted, {flagged} flagged, {expired} expired, {retry} to retry; late usage {late_carried} carried, "
+            "{accepted} accepted, {flagged} flagged, {carried_forward} carried forward, {retry} to retry; late usage {late_carried} carried, "
             "{late_unbillable} unbillable; {near_expiry} near expiry; {pending_hours} hour shards pending, {flagged_total} flagged in all\n".format(
                 **summary
             )
@@ -642,11 +714,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("operation", parents=[common], help="one publisher operation")
     p.add_argument("operation_id", metavar="OPERATION_ID", type=_operation_id)
 
-    p = commands.add_parser("usage", parents=[common], help="metered usage of a subscription by hour, or --flagged")
-    p.add_argument("subscription_id", metavar="SUBSCRIPTION_ID", type=_subscription_id, nargs="?")
+    p = commands.add_parser(
+        "usage",
+        parents=[common],
+        help="metered usage of a subscription by hour, --flagged, a decision on flagged usage, or `usage reconcile`",
+    )
+    p.add_argument(
+        "subscription_id",
+        metavar="SUBSCRIPTION_ID|reconcile",
+        type=_usage_target,
+        nargs="?",
+        help="a subscription, or `reconcile`: compare Microsoft's daily usage aggregates with ours now",
+    )
     p.add_argument("--from", dest="from_", metavar="TIME", help="first hour (ISO 8601 UTC); default 24 hours ago")
     p.add_argument("--to", metavar="TIME", help="last hour (ISO 8601 UTC); default now")
     p.add_argument("--flagged", action="store_true", help="every hour of usage that needs a person")
+    p.add_argument("--days", type=int, default=None, metavar="N", help="reconcile: closed days to compare (USAGE_RECONCILE_DAYS)")
+    p.add_argument("--hour", metavar="TIME", help="the flagged hour to decide on (ISO 8601 UTC)")
+    p.add_argument("--dimension", metavar="DIMENSION", help="the flagged dimension to decide on")
+    p.add_argument("--requeue", action="store_true", help="flagged usage: send it again as it is")
+    p.add_argument("--move", action="store_true", help="flagged usage: carry it into the current hour")
+    p.add_argument("--unbillable", action="store_true", help="flagged usage: write it off (recorded, never billed)")
 
     p = commands.add_parser("meter-now", parents=[common], help="send every closed hour of usage not yet accepted")
     p.add_argument(

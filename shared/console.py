@@ -130,6 +130,7 @@ def _row(record: Any) -> dict[str, Any]:
         "beneficiary": record.beneficiary.email_id,
         "flags": list(record.flags),
         "updated_at": format_timestamp(record.updated_at),
+        "test": record.is_test_purchase,  # test or dry-run purchase: its usage is not revenue
     }
 
 
@@ -337,6 +338,9 @@ def attention_page(services: Services, user: SignedInUser | None) -> Page:
     runs = repository.latest_runs(1)
     last_run = runs[0] if runs else {}
     usage = services.usage_store.list_flagged() if services.usage_store is not None else []
+    for item in usage:
+        target = _usage_target(item["subscriptionId"], item["hour"], item["dimension"])
+        item["token"] = _form_token(services, console_user, ACTION_USAGE, target) if console_user.can_act else ""
     return Page(
         "console_attention.html",
         {
@@ -368,6 +372,7 @@ ACTION_ACKNOWLEDGE = "acknowledge"
 ACTION_CHANGE_PLAN = "change_plan"
 ACTION_CHANGE_QUANTITY = "change_quantity"
 ACTION_CANCEL = "cancel"
+ACTION_USAGE = "usage_resolve"
 CHANGE_ACTIONS = (ACTION_CHANGE_PLAN, ACTION_CHANGE_QUANTITY, ACTION_CANCEL)
 CHANGEABLE = frozenset({LocalStatus.SUBSCRIBED, LocalStatus.SUSPENDED})
 ACTIVATABLE = frozenset({LocalStatus.PENDING_ACTIVATION, LocalStatus.ACTIVATION_FAILED, LocalStatus.PENDING_FULFILLMENT_START})
@@ -706,4 +711,86 @@ def reconcile_action(services: Services, user: SignedInUser | None, form: Mappin
         detail="" if summary.completed else f"stopped: {summary.stopped_reason}",
         back="/api/console/reconcile",
         differences=data["differences"],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# billing: flagged usage decisions and Microsoft's read-back
+
+
+def _usage_target(subscription_id: str, hour: str, dimension: str) -> str:
+    return f"{subscription_id}:{hour}:{dimension}"
+
+
+def usage_resolve_action(services: Services, user: SignedInUser | None, form: Mapping[str, str]) -> Page:
+    """Requeue, move into the current hour, or write off one flagged bucket (operator, CSRF, confirmed)."""
+    from shared.domain import parse_timestamp
+    from shared.metering import FLAGGED_ACTIONS, resolve_flagged_usage
+
+    console_user = authorize(services, user, act=True)
+    subscription_id = require_marketplace_id(form.get("subscription_id", ""), "subscription id").lower()
+    hour_text, dimension, action = (form.get(name, "").strip() for name in ("hour", "dimension", "action"))
+    hour = parse_timestamp(hour_text)
+    if hour is None or not dimension or len(dimension) > MAX_FILTER_CHARS:
+        raise BadRequestError("which hour and dimension?", code="bad_usage")
+    if action not in FLAGGED_ACTIONS:
+        raise BadRequestError(f"action must be one of {', '.join(FLAGGED_ACTIONS)}", code="unknown_action")
+    _check_form(services, console_user, ACTION_USAGE, _usage_target(subscription_id, hour_text, dimension), form)
+    result = resolve_flagged_usage(services, subscription_id, hour, dimension, action, actor=console_user.actor)
+    log.info("console: %s decided %s on usage %s %s of %s", console_user.actor, action, hour_text, dimension, subscription_id)
+    return _done(
+        services,
+        console_user,
+        "Flagged usage",
+        f"{hour_text} {dimension}: {result['status']} ({result['message']}).",
+        back="/api/console/attention",
+    )
+
+
+def billing_page(services: Services, user: SignedInUser | None, params: Mapping[str, str]) -> Page:
+    """Per day and dimension: what we recorded accepted beside what Microsoft's read-back says."""
+    from decimal import Decimal
+
+    from shared.usage_readback import DIFFERENCES, TEST, read_back_view
+
+    console_user = authorize(services, user)
+    days_text = _filter(params, "days") or "7"
+    if not days_text.isdigit() or not 1 <= int(days_text) <= 35:
+        raise BadRequestError("days must be a whole number from 1 to 35", code="bad_filter")
+    view = read_back_view(services, int(days_text)) if services.usage_store is not None else {"summary": None, "rows": []}
+    grouped: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in view["rows"]:
+        key = (row.get("day", ""), row.get("dimension", ""))
+        group = grouped.setdefault(
+            key,
+            {
+                "day": key[0],
+                "dimension": key[1],
+                "ours": Decimal(0),
+                "microsoft": Decimal(0),
+                "rows": [],
+                "differences": 0,
+                "test": [],
+            },
+        )
+        if row.get("status") == TEST:
+            group["test"].append(row)
+            continue
+        group["ours"] += Decimal(row.get("ours") or 0)
+        group["microsoft"] += Decimal(row.get("processed") or 0)
+        group["differences"] += row.get("status") in DIFFERENCES
+        group["rows"].append(row | {"differs": row.get("status") in DIFFERENCES})
+    groups = sorted(grouped.values(), key=lambda g: (g["day"], g["dimension"]), reverse=True)
+    for group in groups:
+        group["ours"], group["microsoft"] = str(group["ours"]), str(group["microsoft"])
+        group["rows"].sort(key=lambda r: (not r["differs"], r.get("subscriptionId", "")))
+    return Page(
+        "console_billing.html",
+        {
+            "brand_name": services.settings.brand_name,
+            "user": console_user,
+            "summary": view["summary"],
+            "groups": groups,
+            "days": int(days_text),
+        },
     )

@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 from shared.domain import format_timestamp, utc_now
 from shared.errors import AppError
-from shared.state_machine import EVENT_CHANGE_FAILED, EVENT_UNSUBSCRIBED, EVENT_USAGE_ACCEPTED, EVENT_USAGE_REJECTED, Outcome
+from shared.state_machine import (
+    EVENT_CHANGE_FAILED,
+    EVENT_UNSUBSCRIBED,
+    EVENT_USAGE_ACCEPTED,
+    EVENT_USAGE_MISMATCH,
+    EVENT_USAGE_REJECTED,
+    Outcome,
+)
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +76,8 @@ def build_event_document(outcome: Outcome, seq: int) -> tuple[str, str]:
         document["reason"] = entry.detail  # which change failed and Microsoft's message
     if outcome.event_type in (EVENT_USAGE_ACCEPTED, EVENT_USAGE_REJECTED):
         document["usage"] = json.loads(entry.detail or "[]")  # the hour's buckets and Microsoft's answer
+    if outcome.event_type == EVENT_USAGE_MISMATCH:
+        document["readBack"] = json.loads(entry.detail or "[]")  # ours beside Microsoft's, per day and dimension
     return event_id, json.dumps(document, sort_keys=True)
 
 

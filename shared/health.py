@@ -58,16 +58,52 @@ def _metering(services: Services) -> dict[str, Any]:
         summary = services.usage_store.latest_summary()
     except AppError as error:
         return {"ok": True, "error": error.code}
+    read_back = _read_back(services)
     if summary is None:
-        return {"ok": True, "lastRunAt": None}
+        return {"ok": True, "lastRunAt": None, "emission": services.settings.metering_emission, "readBack": read_back}
     oldest = parse_timestamp(summary.get("oldest_pending_hour"))
     age = round((services.clock() - oldest).total_seconds() / 3600, 2) if oldest else None
+    emission = summary.get("emission", "on")
+    warnings = []
+    if emission == "endpoint_missing":
+        warnings.append(
+            "the metering API answered 404 on batchUsageEvent (Microsoft's SaaS emulator has no metering routes): "
+            "usage is kept pending; point MARKETPLACE_API_BASE_URL at Microsoft or set METERING_EMISSION=off"
+        )
+    elif emission == "off":
+        warnings.append("METERING_EMISSION=off: usage is taken in and kept pending, never sent")
+    if read_back.get("differences"):
+        warnings.append(
+            f"{read_back['differences']} usage differences with Microsoft's read-back: see the console's Billing page"
+        )
     return {
-        "ok": True,
+        "ok": True,  # usage waits, it is not lost: never a reason to restart the app
         "lastRunAt": summary.get("ranAt"),
+        "emission": emission,
         "pendingHours": summary.get("pending_hours", 0),
         "bucketsToRetry": summary.get("retry", 0),
         "oldestPendingHours": age,
         "flagged": summary.get("flagged_total", 0),
         "nearExpiry": summary.get("near_expiry", 0),
+        "carriedForward": summary.get("carried_forward", 0),
+        "readBack": read_back,
+        **({"warnings": warnings} if warnings else {}),
+    }
+
+
+def _read_back(services: Services) -> dict[str, Any]:
+    """The last daily read-back of Microsoft's usage aggregates (one row)."""
+    assert services.usage_store is not None
+    try:
+        summary = services.usage_store.latest_summary("readback")
+    except AppError as error:
+        return {"error": error.code}
+    if summary is None:
+        return {"lastRunAt": None}
+    return {
+        "lastRunAt": summary.get("ranAt"),
+        "days": summary.get("days", []),
+        "differences": summary.get("differences", 0),
+        "rejected": summary.get("rejected", 0),
+        "error": summary.get("error") or None,
     }

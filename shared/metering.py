@@ -73,6 +73,7 @@ from shared.usage_store import (
     EXPIRED,
     FLAGGED,
     SENT_PENDING,
+    UNBILLABLE,
     Bucket,
     Carry,
     HourPartition,
@@ -743,6 +744,7 @@ class Emitter:
             bucket = partition.buckets.get(dimension) or Bucket(subscription_id, hour, dimension)
             if bucket.settled:
                 continue  # late usage of a settled bucket: _record handles it
+            total -= bucket.carried_out + bucket.unbillable  # what earlier decisions moved out (a requeued bucket)
             if total <= 0:
                 continue
             billable = billable_part(total)
@@ -1106,3 +1108,76 @@ def usage_view(services: Services, subscription_id: str, start: datetime, end: d
             view.update(reported=float(total - carried_in), reportedEvents=events, status=view["status"] if bucket else "Unsent")
             out.append(view)
     return out
+
+
+FLAGGED_ACTIONS = {
+    "requeue": "send it again as it is (once the cause is fixed at Microsoft or in the plan)",
+    "move": "carry it into the current hour (sent when that hour closes)",
+    "unbillable": "write it off: recorded, never billed",
+}
+
+
+def resolve_flagged_usage(
+    services: Services, subscription_id: str, hour: datetime, dimension: str, action: str, *, actor: str
+) -> dict[str, Any]:
+    """An operator's decision on a flagged bucket (FLAGGED_ACTIONS); recorded in the subscription's
+    history as ``actor``. Only a flagged (or, from before carrying existed, expired) bucket moves."""
+    from shared import state_machine as sm
+    from shared.errors import ConflictError, NotFoundError
+    from shared.ids import require_marketplace_id
+
+    if action not in FLAGGED_ACTIONS:
+        raise BadRequestError(f"action must be one of {', '.join(FLAGGED_ACTIONS)}", code="unknown_action")
+    store = usage_store(services)
+    sid = require_marketplace_id(subscription_id, "subscription id").lower()
+    hour = hour_of(hour)
+    bucket = store.read_bucket(sid, hour, dimension)
+    if bucket is None:
+        raise NotFoundError("no usage of this subscription, hour and dimension is recorded", code="unknown_usage")
+    if bucket.status not in (FLAGGED, EXPIRED):
+        raise ConflictError(f"this usage is {bucket.status}, not flagged: nothing to decide", code="usage_not_flagged")
+    now = services.clock()
+    quantity = bucket.quantity
+    note = f"{action} by {actor}"
+    if action == "requeue":
+        updated = replace(bucket, status=SENT_PENDING, marketplace_status="", message=f"requeued by {actor}")
+    elif action == "move":
+        into = hour_of(now)
+        carry = Carry(dimension, hour_key(hour), bucket.carry_count + 1, quantity, bucket.plan_id)
+        carried = store.insert_carry(sid, into, carry)
+        store.mark_pending([(into, shard_of(sid))])
+        updated = replace(
+            bucket,
+            status=CARRIED,
+            quantity=Decimal(0),
+            shortfall=quantity,
+            carried_out=bucket.carried_out + carried,
+            carry_count=carry.number,
+            message=f"moved into {format_timestamp(into)} by {actor}",
+        )
+        note = f"moved into {format_timestamp(into)} by {actor}"
+    else:
+        updated = replace(
+            bucket,
+            status=UNBILLABLE,
+            quantity=Decimal(0),
+            unbillable=bucket.unbillable + quantity,
+            message=f"written off by {actor}",
+        )
+    if (sid, dimension) not in store.write_buckets([updated]):
+        raise ConflictError("this usage changed while you decided; look again", code="usage_changed")
+    if action == "requeue":
+        store.mark_pending([(hour, shard_of(sid))])
+    store.unflag(sid, hour, dimension)
+    detail = f"flagged usage {format_timestamp(hour)} {dimension} {decimal_text(quantity)} ({bucket.marketplace_status}): {note}"
+    change = Change(
+        kind=Kind.OPERATOR_ACTION,
+        source=Source.OPERATOR,
+        occurred_at=now,
+        correlation_id=current_correlation_id(),
+        actor=actor,
+        detail=detail,
+    )
+    services.repository.apply(sid, lambda record: sm.apply(record, change, now=now) if record else None)
+    log.info("usage: %s", detail)
+    return {"subscriptionId": sid, "hour": format_timestamp(hour), "dimension": dimension, "action": action, **updated.to_api()}

@@ -77,6 +77,7 @@ class Kind(str, Enum):
     CHANGE_FAILED = "change_failed"  # a publisher change Microsoft failed or never confirmed; state stays
     USAGE_ACCEPTED = "usage_accepted"  # Microsoft accepted an hour of metered usage; state stays
     USAGE_REJECTED = "usage_rejected"  # Microsoft refused an hour of usage, or it expired unsent; state stays
+    USAGE_MISMATCH = "usage_mismatch"  # Microsoft's daily read-back differs from what we recorded accepted; state stays
     OPERATOR_ACTION = "operator_action"  # a person acted from the console (redeliver, replay, run); state stays
 
 
@@ -94,6 +95,7 @@ HISTORY_ONLY_KINDS = frozenset(
         Kind.CHANGE_FAILED,
         Kind.USAGE_ACCEPTED,
         Kind.USAGE_REJECTED,
+        Kind.USAGE_MISMATCH,
         Kind.OPERATOR_ACTION,
     }
 )
@@ -121,6 +123,7 @@ EVENT_FLAGGED = "subscription.flagged"
 EVENT_CHANGE_FAILED = "subscription.change_failed"
 EVENT_USAGE_ACCEPTED = "usage.accepted"
 EVENT_USAGE_REJECTED = "usage.rejected"
+EVENT_USAGE_MISMATCH = "usage.mismatch"
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,11 @@ class SubscriptionRecord:
     is_free_trial: bool = False
     auto_renew: bool = False
     allowed_customer_operations: tuple[str, ...] = ()
+    # Microsoft's test markers: a preview/private-offer test purchase or a sandbox/dry-run session.
+    # Their usage is sent as usual but never counted as revenue.
+    is_test: bool = False
+    sandbox_type: str = ""
+    session_mode: str = ""
     last_event_at: datetime | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
@@ -160,6 +168,13 @@ class SubscriptionRecord:
     @property
     def needs_attention(self) -> bool:
         return bool(self.flags)
+
+    @property
+    def is_test_purchase(self) -> bool:
+        """Test or dry-run: ``isTest``, a sandbox other than ``None``, or ``sessionMode`` ``DryRun``."""
+        return (
+            self.is_test or self.sandbox_type.strip().lower() not in ("", "none") or self.session_mode.strip().lower() == "dryrun"
+        )
 
     def snapshot(self) -> dict[str, Any]:
         """The fields a lifecycle event consumer cares about, JSON-ready."""
@@ -180,6 +195,9 @@ class SubscriptionRecord:
             },
             "isFreeTrial": self.is_free_trial,
             "autoRenew": self.auto_renew,
+            "isTest": self.is_test,
+            "sandboxType": self.sandbox_type,
+            "sessionMode": self.session_mode,
             "activatedBy": self.activated_by,
             "retainDataUntil": format_timestamp(self.retain_data_until),
             "flags": list(self.flags),
@@ -280,6 +298,9 @@ SNAPSHOT_FIELDS = (
     "is_free_trial",
     "auto_renew",
     "allowed_customer_operations",
+    "is_test",
+    "sandbox_type",
+    "session_mode",
 )
 _TRACKED_FIELDS = ("status", *SNAPSHOT_FIELDS, "activated_by", "activation_attempts", "flags", "pending_operation_id")
 
@@ -300,6 +321,9 @@ def snapshot_values(subscription: Subscription) -> dict[str, Any]:
         "is_free_trial": subscription.is_free_trial,
         "auto_renew": subscription.auto_renew,
         "allowed_customer_operations": subscription.allowed_customer_operations,
+        "is_test": subscription.is_test,
+        "sandbox_type": subscription.sandbox_type,
+        "session_mode": subscription.session_mode,
     }
 
 
@@ -451,6 +475,8 @@ def _decide(record: SubscriptionRecord, change: Change) -> _Decision:
         return _Decision(Result.RECORDED, event=EVENT_USAGE_ACCEPTED)
     if kind is Kind.USAGE_REJECTED:
         return _Decision(Result.RECORDED, event=EVENT_USAGE_REJECTED)
+    if kind is Kind.USAGE_MISMATCH:
+        return _Decision(Result.RECORDED, event=EVENT_USAGE_MISMATCH)
     if kind is Kind.UNSUBSCRIBE:
         if status is LocalStatus.UNSUBSCRIBED:
             return _Decision(Result.NOOP)

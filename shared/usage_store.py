@@ -46,6 +46,7 @@ CARRY_PREFIX = "c|"
 PENDING_PARTITION = "pending"
 FLAGGED_PARTITION = "flagged"
 SUMMARY_PARTITION = "summary"
+RECON_PREFIX = "recon|"
 SHARDS = 16  # partitions per hour: Table storage serves ~2,000 entities/s per partition
 TRANSACTION_LIMIT = 100  # Table storage: operations per entity group transaction
 # Below this many rows, plain inserts cost less: the SDK spends ~7 ms of CPU building any multipart
@@ -618,6 +619,40 @@ class UsageStore:
                     "PartitionKey eq @pk", parameters={"pk": FLAGGED_PARTITION}, select=["RowKey"]
                 )
             )
+
+    # -- the read-back: Microsoft's daily aggregates beside ours, per day ------------------------------
+
+    def save_read_back(self, rows: Sequence[Any], days: Sequence[str]) -> None:
+        """Upsert the read-back rows (``ReadBackRow``), one partition per day: ``recon|<yyyymmdd>``."""
+        by_day: dict[str, list[dict[str, Any]]] = {day: [] for day in days}
+        for row in rows:
+            data = row.to_api()
+            by_day.setdefault(row.day, []).append(
+                {
+                    "PartitionKey": f"{RECON_PREFIX}{row.day.replace('-', '')}",
+                    "RowKey": f"{row.subscription_id}|{row.dimension}",
+                    "Kind": "recon",
+                    "Data": json.dumps(data),
+                    "Status": row.status,
+                }
+            )
+        for entities in by_day.values():
+            for start in range(0, len(entities), TRANSACTION_LIMIT):
+                chunk = entities[start : start + TRANSACTION_LIMIT]
+                with _storage_errors("record usage read-back"):
+                    self.metrics.add(writes=1)
+                    self._table.submit_transaction([("upsert", e, {"mode": UpdateMode.REPLACE}) for e in chunk])
+
+    def read_back_rows(self, days: Sequence[str]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        with _storage_errors("read usage read-back"):
+            for day in days:
+                for entity in self._table.query_entities(
+                    "PartitionKey eq @pk", parameters={"pk": f"{RECON_PREFIX}{day.replace('-', '')}"}
+                ):
+                    self.metrics.add(reads=1)
+                    out.append(json.loads(entity.get("Data") or "{}"))
+        return out
 
     # -- the last run's summary (health reads one row, never the work list) --------------------------
 

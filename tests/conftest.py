@@ -104,6 +104,7 @@ def devhost_session():
 
     os.environ.setdefault("RECONCILE_SCHEDULE", "0 0 0 1 1 *")
     os.environ.setdefault("METERING_SCHEDULE", "0 0 0 1 1 *")
+    os.environ.setdefault("USAGE_RECONCILE_SCHEDULE", "0 0 0 1 1 *")
     host = DevHost(app, host="127.0.0.1", port=0, signed_in_user=TEST_USER, timers=False)
     host.start()
     yield host

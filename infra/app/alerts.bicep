@@ -1,4 +1,4 @@
-// Alerts on the signals that matter for a marketplace integration. All three are log search alerts
+// Alerts on the signals that matter for a marketplace integration. All are log search alerts
 // on Application Insights telemetry (requests and traces tables):
 //   1. function failures       - any function execution that threw or answered 5xx (4xx answers are
 //                                callers' mistakes; the webhook's 401s have their own alert);
@@ -10,7 +10,12 @@
 //                                `reconcile summary {json}` (shared/reconcile.py) with `flagged_count`;
 //   4. metered usage at risk   - the metering timer logged `usage_flagged` (Microsoft refused an hour
 //                                of usage, or it expired unsent) or `usage_near_expiry` (an hour is
-//                                still unsent close to Microsoft's 24-hour limit): billing is at stake.
+//                                still unsent close to Microsoft's 24-hour limit), or
+//                                `metering_endpoint_missing` (the metering API answered 404): billing
+//                                is at stake;
+//   5. billing differences     - the daily read-back logged `usage_readback_difference`: Microsoft's
+//                                daily aggregate differs from what we recorded accepted, or says
+//                                Rejected / Mismatch.
 // With `alertEmail` set the alerts notify that address through an action group; without it they
 // still fire and show in the portal (Monitor > Alerts).
 
@@ -46,7 +51,9 @@ var queries = {
   webhook401: format('requests | where url contains "{0}" and resultCode == "401"', webhookPath)
   // The summary line is `[cid=...] reconcile summary {"flagged_count": 2, ...}`.
   // shared/metering.py logs `usage_flagged: ...` and `usage_near_expiry: ...` at ERROR level.
-  meteringAtRisk: 'traces | where message has "usage_flagged" or message has "usage_near_expiry"'
+  meteringAtRisk: 'traces | where message has "usage_flagged" or message has "usage_near_expiry" or message has "metering_endpoint_missing"'
+  // shared/usage_readback.py logs `usage_readback_difference: ...` at ERROR level, one line per difference.
+  billingDifference: 'traces | where message has "usage_readback_difference"'
   reconcileFlagged: 'traces | where message contains "reconcile summary" | extend summary = parse_json(substring(message, indexof(message, "{"))) | where toint(summary.flagged_count) > 0'
 }
 
@@ -201,6 +208,40 @@ resource meteringAtRiskAlert 'Microsoft.Insights/scheduledQueryRules@2021-08-01'
       allOf: [
         {
           query: queries.meteringAtRisk
+          timeAggregation: 'Count'
+          operator: 'GreaterThan'
+          threshold: 0
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    autoMitigate: false
+    actions: actions
+  }
+}
+
+resource billingDifferenceAlert 'Microsoft.Insights/scheduledQueryRules@2021-08-01' = {
+  name: '${namePrefix}billing-difference'
+  location: location
+  tags: tags
+  properties: {
+    displayName: 'SaaS fulfillment: Microsoft billed other usage than recorded'
+    description: 'The daily usage read-back found a day and dimension where Microsoft\'s aggregate (GET usageEvents) differs from what this app recorded as accepted, or Microsoft says Rejected / Mismatch. Open the console\'s Billing page or run `python -m shared.cli usage reconcile`; Rejected needs Microsoft support.'
+    severity: 1
+    enabled: true
+    scopes: [
+      applicationInsightsId
+    ]
+    // The read-back runs once a day: look every 6 hours over the last day.
+    evaluationFrequency: 'PT6H'
+    windowSize: 'P1D'
+    criteria: {
+      allOf: [
+        {
+          query: queries.billingDifference
           timeAggregation: 'Count'
           operator: 'GreaterThan'
           threshold: 0

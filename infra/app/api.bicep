@@ -225,6 +225,9 @@ var appSettings = {
   METERING_TIME_BUDGET_SECONDS: '240'
   METERING_EXPIRY_WARNING_HOURS: '4'
   METERING_LATE_USAGE: 'carry'
+  METERING_EMISSION: 'on'
+  USAGE_RECONCILE_SCHEDULE: '0 30 2 * * *'
+  USAGE_RECONCILE_DAYS: '2'
   CONSOLE_AUTH: 'entra'
   // Empty: the marketplace app's tenant (the publisher's own) is the console's.
   CONSOLE_TENANT_ID: ''

@@ -362,10 +362,12 @@ def test_urls_and_alerts_match_the_function_app() -> None:
             f"the reconciliation alert and shared/reconcile.py must both use {marker!r}"
         )
     metering = (ROOT / "shared" / "metering.py").read_text(encoding="utf-8")
-    for marker in ("usage_flagged", "usage_near_expiry"):
+    for marker in ("usage_flagged", "usage_near_expiry", "metering_endpoint_missing"):
         assert marker in alerts and f'"{marker}: ' in metering, (
             f"the metering alert and shared/metering.py must both use {marker!r}"
         )
+    read_back = (ROOT / "shared" / "usage_readback.py").read_text(encoding="utf-8")
+    assert "usage_readback_difference" in alerts and '"usage_readback_difference: ' in read_back
 
 
 # ---- 2. checkov ----------------------------------------------------------------------------------

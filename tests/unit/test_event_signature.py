@@ -300,6 +300,19 @@ def every_event_type() -> list[dict]:
     first.apply(Kind.USAGE_ACCEPTED, Source.METERING, detail=json.dumps(usage))
     rejected = [{**usage[0], "status": "Flagged", "marketplaceStatus": "InvalidDimension", "usageEventId": None, "message": "no"}]
     first.apply(Kind.USAGE_REJECTED, Source.METERING, detail=json.dumps(rejected))
+    read_back = [
+        {
+            "day": "2026-12-03",
+            "dimension": "api_calls",
+            "planId": "metered",
+            "ours": "12.5",
+            "submitted": "10",
+            "processed": "10",
+            "reconStatus": "Accepted",
+            "status": "Difference",
+        }
+    ]
+    first.apply(Kind.USAGE_MISMATCH, Source.METERING, detail=json.dumps(read_back))
     first.apply(Kind.SUSPEND)
     first.apply(Kind.REINSTATE)
     first.apply(Kind.RENEW, term=Term("P1M", datetime(2026, 12, 1, tzinfo=UTC), datetime(2026, 12, 31, tzinfo=UTC)))
@@ -315,7 +328,7 @@ ALL_EVENT_TYPES = {value for name, value in vars(sm).items() if name.startswith(
 def test_the_timeline_covers_every_event_type():
     documents = every_event_type()
     assert {d["eventType"] for d in documents} == ALL_EVENT_TYPES
-    assert len(ALL_EVENT_TYPES) == 13
+    assert len(ALL_EVENT_TYPES) == 14
 
 
 def test_real_event_documents_validate_against_the_published_schema():

@@ -53,6 +53,9 @@ def test_functions_are_registered_with_the_contracted_names_routes_and_triggers(
         "console_replay",
         "console_change",
         "console_acknowledge",
+        "console_billing",
+        "console_usage_resolve",
+        "usage_reconcile_timer",
     }
 
     def trigger(name):
@@ -89,6 +92,10 @@ def test_functions_are_registered_with_the_contracted_names_routes_and_triggers(
     assert metering["type"] == "timerTrigger"
     assert metering["schedule"] == "%METERING_SCHEDULE%"
     assert metering["runOnStartup"] is False
+    read_back = trigger("usage_reconcile_timer")
+    assert read_back["type"] == "timerTrigger"
+    assert read_back["schedule"] == "%USAGE_RECONCILE_SCHEDULE%"
+    assert read_back["runOnStartup"] is False
 
 
 def test_host_json_keeps_the_api_prefix_and_an_extension_bundle():

@@ -298,6 +298,10 @@ TRANSITIONS = {
         lambda: change(Kind.USAGE_REJECTED, detail='[{"dimension": "api_calls"}]', source=Source.METERING),
         {status: (Result.RECORDED, status) for status in ALL},
     ),
+    Kind.USAGE_MISMATCH: (
+        lambda: change(Kind.USAGE_MISMATCH, detail='[{"day": "2026-12-03", "dimension": "api_calls"}]', source=Source.METERING),
+        {status: (Result.RECORDED, status) for status in ALL},
+    ),
     # a person's console action (redeliver, replay, a run) is history only, in every status
     Kind.OPERATOR_ACTION: (
         lambda: change(Kind.OPERATOR_ACTION, detail="redeliver events: 1 delivered", source=Source.OPERATOR),
@@ -333,6 +337,7 @@ EXPECTED_EVENT = {
     Kind.CHANGE_FAILED: lambda old: sm.EVENT_CHANGE_FAILED,
     Kind.USAGE_ACCEPTED: lambda old: sm.EVENT_USAGE_ACCEPTED,
     Kind.USAGE_REJECTED: lambda old: sm.EVENT_USAGE_REJECTED,
+    Kind.USAGE_MISMATCH: lambda old: sm.EVENT_USAGE_MISMATCH,
     Kind.OPERATOR_ACTION: lambda old: None,
 }
 
