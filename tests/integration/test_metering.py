@@ -77,8 +77,11 @@ def usage(subscription_id: str, quantity=1, dimension="api_calls", at: datetime 
     return event
 
 
-@pytest.fixture
-def meter(standin, make_services):
+@pytest.fixture(params=["request", "shuffled"])
+def meter(request, standin, make_services):
+    """Every metering test runs twice: Microsoft's results in request order, and shuffled (the
+    documentation does not promise an order)."""
+    standin.usage_result_order = request.param
     standin.set_plans(
         "contoso-offer",
         [

@@ -118,6 +118,9 @@ def full_record(sid: str) -> SubscriptionRecord:
         flags=("activation_stuck", "unknown_status"),
         pending_operation_id="0f1e2d3c-4b5a-4968-8776-655443322110",
         history_seq=1,
+        is_test=True,
+        sandbox_type="Sandbox",
+        session_mode="DryRun",
     )
 
 
