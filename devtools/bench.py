@@ -396,6 +396,48 @@ class _Worker:
             "marketplace": _diff(dict(self.services.marketplace.counter.counts), calls_before),
         }
 
+    def cmd_set_clock_skew(self, seconds: float = 0.0) -> None:
+        """Run the app's clock ``seconds`` ahead (negative: behind), for the read-back's closed days."""
+        skew = timedelta(seconds=seconds)
+        self.services.clock = (lambda: datetime.now(UTC) + skew) if seconds else (lambda: datetime.now(UTC))
+
+    def cmd_meter_until_settled(self, runs: int = 6) -> dict[str, Any]:
+        """Metering runs until nothing is left to retry (at most ``runs``): calls and what each run left."""
+        per_run = []
+        for _ in range(runs):
+            result = self.cmd_meter()
+            per_run.append(
+                {
+                    "calls": result["marketplace"].get("batch_usage_event", 0),
+                    "retry": result["summary"]["retry"],
+                    "item_errors": result["summary"]["item_errors"],
+                    "unmatched_answers": result["summary"]["unmatched_answers"],
+                    "accepted": result["summary"]["accepted"],
+                    "pending_hours": result["summary"]["pending_hours"],
+                    "wall_seconds": result["wall_seconds"],
+                }
+            )
+            self.services.events.wait_idle(600.0)
+            if not result["summary"]["retry"] and not result["summary"]["pending_hours"]:
+                break
+        return {"runs": per_run}
+
+    def cmd_readback(self, days: int) -> dict[str, Any]:
+        """One usage read-back (as its timer runs it), with its Marketplace and storage counts."""
+        from shared.usage_readback import run_usage_readback
+
+        wire_before, calls_before = self.wire.snapshot()["app"], dict(self.services.marketplace.counter.counts)
+        cpu_before = time.process_time()
+        started = time.perf_counter()
+        summary = run_usage_readback(self.services, days=days)
+        return {
+            "summary": summary.to_json(),
+            "wall_seconds": round(time.perf_counter() - started, 3),
+            "cpu_seconds": round(time.process_time() - cpu_before, 3),
+            "wire": _diff(self.wire.snapshot()["app"], wire_before),
+            "marketplace": _diff(dict(self.services.marketplace.counter.counts), calls_before),
+        }
+
     def cmd_wait_relays(self, timeout: float = 120.0) -> int:
         """Wait for the background event relays; returns how many were still running."""
         return 0 if self.services.events.wait_idle(timeout) else len(_relay_threads())
@@ -1109,17 +1151,26 @@ def _usage_events(ids: list[str], count: int, hours: list[datetime]) -> tuple[li
 
 
 def bench_metering(
-    bench: BenchEnvironment, events: int = 100_000, subscriptions: int = 1000, reporters: int = 20
+    bench: BenchEnvironment,
+    events: int = 100_000,
+    subscriptions: int = 1000,
+    reporters: int = 20,
+    *,
+    order: str = "request",
+    error_rate: float = 0.0,
 ) -> dict[str, Any]:
     """``events`` usage events from ``reporters`` concurrent callers (``POST /api/usage``, 1,000 per call)
-    over ``subscriptions`` x 3 dimensions x 3 closed hours; then one metering run, and the check that
-    Microsoft's stand-in accepted exactly what was reported."""
+    over ``subscriptions`` x 3 dimensions x 3 closed hours; then metering runs until nothing is left
+    to retry, and the check that Microsoft's stand-in accepted exactly what was reported. ``order``
+    and ``error_rate``: the stand-in's result order and share of per-item ``Error`` answers."""
     from decimal import Decimal
 
     from devtools.marketplace_standin import DEFAULT_OFFER_ID, make_plan
 
     standin = bench.standin
     bench.reset_standin()
+    standin.usage_result_order = order
+    standin.usage_error_rate = error_rate
     dimensions = [{"id": d, "name": d, "unitOfMeasure": "unit", "pricePerUnit": 0.01} for d in METERING_DIMENSIONS]
     standin.set_plans(DEFAULT_OFFER_ID, [make_plan("metered", planComponents={"meteringDimensions": dimensions})])
     ids = standin.seed(subscriptions, plan_id="metered")
@@ -1174,7 +1225,8 @@ def bench_metering(
         after = app.call("snapshot")
         emission = app.call("meter")
         app.call("wait_relays", timeout=600.0)
-        again = app.call("meter")
+        retries = app.call("meter_until_settled", runs=6)["runs"]
+        again = retries[-1]
         result["log"] = app.log_counts()
 
     reads, writes = _reads_writes(_storage_counts(after, before))
@@ -1212,11 +1264,173 @@ def bench_metering(
             "reported_total": str(reported_total),
             "accepted_total": str(kept_total),
             "exact": reported_total == kept_total,
-            "second_run_calls": again["marketplace"].get("batch_usage_event", 0),
-            "second_run_pending": again["summary"]["pending_hours"],
+            "order": order,
+            "error_rate": error_rate,
+            "item_errors_answered": standin.usage_item_errors_answered,
+            "first_run_item_errors": summary["item_errors"],
+            "first_run_unmatched": summary["unmatched_answers"],
+            "retry_runs": retries,
+            "retry_calls": sum(r["calls"] for r in retries),
+            "ingest_cpu_seconds": round(after["cpu_seconds"] - before["cpu_seconds"], 3),
+            "cpu_ms_per_event": round((after["cpu_seconds"] - before["cpu_seconds"]) * 1000 / events, 4),
+            "second_run_calls": again["calls"],
+            "second_run_retry": again["retry"],
+            "second_run_pending": again["pending_hours"],
         }
     )
     return result
+
+
+def bench_readback(bench: BenchEnvironment, subscriptions: int = 1000, days: int = 2) -> dict[str, Any]:
+    """The daily read-back of ``subscriptions`` x 3 dimensions x ``days`` closed days: the usage is
+    reported and emitted through the real path on each of those days (the app's clock and the
+    stand-in's set back), then one read-back today compares Microsoft's daily aggregates with ours.
+    One difference, one Rejected and one Mismatch are planted to show they are found."""
+    from decimal import Decimal
+
+    from devtools.marketplace_standin import DEFAULT_OFFER_ID, make_plan
+
+    standin = bench.standin
+    bench.reset_standin()
+    dimensions = [{"id": d, "name": d, "unitOfMeasure": "unit", "pricePerUnit": 0.01} for d in METERING_DIMENSIONS]
+    standin.set_plans(DEFAULT_OFFER_ID, [make_plan("metered", planComponents={"meteringDimensions": dimensions})])
+    ids = standin.seed(subscriptions, plan_id="metered")
+    token = standin.sign_token(
+        {"aud": PUBLISHER_API_AUDIENCE, "azp": "0be1c4a2-0000-4000-8000-00000000be04", "roles": ["Usage.Write"]}
+    )
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    result: dict[str, Any] = {"subscriptions": subscriptions, "days": days, "dimensions": len(METERING_DIMENSIONS)}
+    session = _new_session()
+    reported = Decimal(0)
+    try:
+        with bench.app(bench.app_env(), "readback") as app:
+            url = app.call("serve") + "/api/usage"
+            app.call("reconcile", clock_skew_seconds=-(days + 2) * 86400)  # known long before the usage days
+            app.call("wait_relays")
+            for back in range(days, 0, -1):
+                day = today - timedelta(days=back)
+                noon = day + timedelta(hours=12)
+                skew = (noon + timedelta(hours=1, minutes=5) - datetime.now(UTC)).total_seconds()
+                app.call("set_clock_skew", seconds=skew)  # 13:05 of that day: noon's hour is closed
+                standin.usage_clock = lambda skew=skew: datetime.now(UTC) + timedelta(seconds=skew)
+                batch = [
+                    {
+                        "subscriptionId": sid,
+                        "dimension": dimension,
+                        "quantity": 1 + (index % 7) * 0.25,
+                        "effectiveStartTime": (noon + timedelta(minutes=index % 60)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                        "id": f"readback-{back}-{index}-{dimension}",
+                    }
+                    for index, sid in enumerate(ids)
+                    for dimension in METERING_DIMENSIONS
+                ]
+                for start in range(0, len(batch), 1000):
+                    answer = session.post(
+                        url, data=json.dumps({"events": batch[start : start + 1000]}), headers=headers, timeout=300
+                    )
+                    assert answer.status_code == 202, answer.text[:300]
+                    assert all(r["status"] == "accepted" for r in answer.json()["results"])
+                reported += sum((Decimal(str(e["quantity"])) for e in batch), Decimal(0))
+                app.call("meter_until_settled", runs=3)
+            app.call("set_clock_skew", seconds=0.0)
+            standin.usage_clock = lambda: datetime.now(UTC)
+            first_day = (today - timedelta(days=days)).date().isoformat()
+            standin.usage_recon[(ids[0], METERING_DIMENSIONS[0], first_day)] = {"processedQuantity": Decimal("0.5")}
+            standin.usage_recon[(ids[1], METERING_DIMENSIONS[0], first_day)] = {"reconStatus": "Rejected"}
+            standin.usage_recon[(ids[2], METERING_DIMENSIONS[1], first_day)] = {"reconStatus": "Mismatch"}
+            readback = app.call("readback", days=days)
+            again = app.call("readback", days=days)
+            result["log"] = app.log_counts()
+    finally:
+        standin.usage_clock = lambda: datetime.now(UTC)
+        session.close()
+    summary = readback["summary"]
+    reads, writes = _reads_writes(readback["wire"])
+    result.update(
+        {
+            "rows": summary["rows"],
+            "matched": summary["matched"],
+            "differences": summary["differences"],
+            "rejected": summary["rejected"],
+            "events_written": summary["events_written"],
+            "hour_queries": summary["hour_queries"],
+            "marketplace_calls": readback["marketplace"],
+            "wall_seconds": readback["wall_seconds"],
+            "cpu_seconds": readback["cpu_seconds"],
+            "storage_reads": reads,
+            "storage_writes": writes,
+            "wire": readback["wire"],
+            "reported_total": str(reported),
+            "ours_total": summary["revenue_ours"],
+            "microsoft_total": summary["revenue_microsoft"],
+            "second_run_events_written": again["summary"]["events_written"],
+            "second_run_seconds": again["wall_seconds"],
+        }
+    )
+    return result
+
+
+def _render_readback(r: dict[str, Any]) -> list[str]:
+    return [
+        "### 5b. Usage read-back (what Microsoft billed)",
+        "",
+        f"{r['subscriptions']:,} subscriptions x {r['dimensions']} dimensions x {r['days']} closed days: each day's usage"
+        " was reported through `POST /api/usage` and emitted by the metering timer's code with the app's clock (and"
+        " the stand-in's) set back to that day; then one read-back (`run_usage_readback`, as `usage_reconcile_timer`"
+        " runs it) compared Microsoft's daily aggregates (`GET /api/usageEvents`) with what the app recorded as"
+        " accepted. Three rows were planted at the stand-in: one processed quantity lower, one `Rejected`, one `Mismatch`.",
+        "",
+        "| Figure | Value |",
+        "|---|---|",
+        f"| Rows compared | {r['rows']:,} (subscription, dimension, day): {r['matched']:,} match, {r['differences']} differ"
+        f" (of which {r['rejected']} `Rejected`); {r['events_written']} `usage.mismatch` events |",
+        f"| Time | {r['wall_seconds']} s wall, {r['cpu_seconds']} s CPU of the app process |",
+        f"| Marketplace calls | {_fmt_counts(r['marketplace_calls'])} |",
+        f"| Storage | {r['hour_queries']:,} hour-shard queries; {r['storage_reads']:,} reads, {r['storage_writes']:,} writes"
+        f" ({_fmt_counts(r['wire'])}) |",
+        f"| Totals | reported {r['reported_total']}, ours accepted {r['ours_total']}, Microsoft processed {r['microsoft_total']}"
+        " (the planted lower row is the difference) |",
+        f"| Second read-back | {r['second_run_seconds']} s, {r['second_run_events_written']} new `usage.mismatch` events"
+        " (a difference is reported once) |",
+        "",
+    ]
+
+
+def _retry_runs(m: dict[str, Any]) -> str:
+    runs = m["retry_runs"]
+    text = "; ".join(
+        f"run {n}: {r['calls']} calls, {r['accepted']} accepted, {r['item_errors']} item errors, {r['retry']} left"
+        for n, r in enumerate(runs, 2)
+    )
+    return f"{text} ({m['retry_calls']} calls in all after the first run)"
+
+
+def _render_metering_variant(m: dict[str, Any]) -> list[str]:
+    summary = m["emission_summary"]
+    return [
+        f"### 5a. The same run, results in {m['order']} order and {m['error_rate']:.0%} per-item `Error`",
+        "",
+        "The stand-in answered each `batchUsageEvent` with its results in another order than the request (the"
+        " documentation does not promise one; the app matches them by resource, dimension, hour and plan) and a"
+        " per-item `Error` (nothing recorded at Microsoft) for a random share of the events.",
+        "",
+        "| Figure | Value |",
+        "|---|---|",
+        f"| Answers at ingest | {_fmt_counts(m['statuses'])}; events accepted {m['accepted_events']:,} of {m['events']:,};"
+        f" {m['events_per_second']:,} events/s |",
+        f"| First emission | {m['emission_seconds']} s; {summary['buckets_sent']:,} buckets sent, {summary['accepted']:,} accepted,"
+        f" {m['first_run_item_errors']} per-item `Error` answers (sent again), {m['first_run_unmatched']} answers not matching"
+        f" the request; {m['emission_calls']} calls (design minimum {m['emission_minimum_calls']}) |",
+        f"| Retry runs | {_retry_runs(m)} |",
+        f"| batchUsageEvent calls in all | {m['emission_calls'] + m['retry_calls']} = minimum {m['emission_minimum_calls']} +"
+        f" {m['emission_calls'] + m['retry_calls'] - m['emission_minimum_calls']} for the retries; the stand-in answered"
+        f" {m['item_errors_answered']} per-item errors |",
+        f"| Exactness | reported {m['reported_total']}, accepted {m['accepted_total']} in {m['microsoft_events']:,} events:"
+        f" {'equal to the unit' if m['exact'] else 'DIFFERENT'} |",
+        f"| Ingest CPU | {m['cpu_ms_per_event']} ms per ingested event |",
+        "",
+    ]
 
 
 def _render_metering(m: dict[str, Any]) -> list[str]:
@@ -1245,11 +1459,13 @@ def _render_metering(m: dict[str, Any]) -> list[str]:
         f" ({_fmt_counts(m['emission_wire'])}) |",
         f"| Exactness | reported {m['reported_total']}, accepted by Microsoft's stand-in {m['accepted_total']}"
         f" in {m['microsoft_events']:,} events: {'equal to the unit' if m['exact'] else 'DIFFERENT'} |",
-        f"| Second run | {m['second_run_calls']} calls, {m['second_run_pending']} hours pending |",
+        f"| Ingest CPU | {m['cpu_ms_per_event']} ms of app-process CPU per ingested event ({m['ingest_cpu_seconds']} s in all) |",
+        f"| Retry runs | {_retry_runs(m)} |",
+        f"| Last run | {m['second_run_calls']} calls, {m['second_run_pending']} hours pending |",
         "",
-        "Ingest: one row per event (the caller's id is in the row key; these events carry `effectiveStartTime`, so"
-        " no id rows are needed), written per hour shard in transactions from 6 rows on, which is why a write"
-        " carries several events; reads: each subscription's record, cached 30 s per process. The work list is"
+        "Ingest: one row per event plus one id row per event (every caller's id is claimed once in its shard's id"
+        " partition, so an id counts once wherever it lands), both written per partition in transactions from 6 rows"
+        " on, which is why a write carries several events; reads: each subscription's record, cached 30 s per process. The work list is"
         " one upsert per hour shard touched. Emission: one paged query per hour shard, the bucket writes in"
         " transactions, and per subscription-hour one lifecycle event (state read, marker read, one"
         " transaction): those events are most of the emission's storage work and time.",
@@ -1960,6 +2176,10 @@ def render_markdown(results: dict[str, Any], machine: dict[str, str], argv: list
         lines += _render_coldstart(results["coldstart"])
     if results.get("metering"):
         lines += _render_metering(results["metering"])
+    if results.get("metering_variant"):
+        lines += _render_metering_variant(results["metering_variant"])
+    if results.get("readback"):
+        lines += _render_readback(results["readback"])
     if results.get("console"):
         lines += _render_console(results["console"])
     if results.get("interpretation"):
@@ -2521,6 +2741,12 @@ def run(
             if only in (None, "metering"):
                 print(f"metering: {sizes['usage_events']} usage events, 20 reporters ...", flush=True)
                 results["metering"] = bench_metering(bench, sizes["usage_events"], sizes["usage_subscriptions"])
+                print("metering again: results shuffled, 1 % per-item Error ...", flush=True)
+                results["metering_variant"] = bench_metering(
+                    bench, sizes["usage_events"], sizes["usage_subscriptions"], order="shuffled", error_rate=0.01
+                )
+                print(f"usage read-back: {sizes['usage_subscriptions']} subscriptions x 3 dimensions x 2 days ...", flush=True)
+                results["readback"] = bench_readback(bench, sizes["usage_subscriptions"], days=2)
             if only in (None, "reconcile"):
                 results["reconcile"] = []
                 for count in reconcile_sizes or sizes["reconcile"]:

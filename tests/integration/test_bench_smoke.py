@@ -126,6 +126,25 @@ def test_metering_structure(environment):
     assert 0 < result["storage_writes_per_event"] <= 2
 
 
+def test_metering_variant_shuffled_with_item_errors_still_bills_every_unit(environment):
+    result = bench.bench_metering(environment, events=600, subscriptions=20, reporters=4, order="shuffled", error_rate=0.2)
+
+    assert result["item_errors_answered"] > 0 and result["first_run_item_errors"] > 0
+    assert result["first_run_unmatched"] == 0  # shuffled results are matched by their key fields
+    assert result["retry_calls"] > 0 and result["second_run_pending"] == 0
+    assert result["exact"] and result["microsoft_events"] == result["buckets"]
+
+
+def test_readback_structure(environment):
+    result = bench.bench_readback(environment, subscriptions=10, days=2)
+
+    assert result["rows"] == 10 * 3 * 2
+    assert (result["differences"], result["rejected"]) == (3, 1)  # the three planted rows, each found
+    assert result["matched"] == result["rows"] - 3
+    assert result["marketplace_calls"] == {"usage_events": 1}
+    assert result["second_run_events_written"] == 0  # a difference is reported once
+
+
 def test_console_page_views_are_bounded(environment):
     result = bench.bench_console(environment, subscriptions=200, loads=2)
     pages = {page["key"]: page for page in result["pages"]}
