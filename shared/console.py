@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from shared.domain import format_timestamp, parse_timestamp
 from shared.errors import AppError, BadRequestError, ForbiddenError, NotFoundError, UnauthorizedError
-from shared.ids import is_marketplace_id, require_marketplace_id
+from shared.ids import canonical_marketplace_id, is_marketplace_id, require_marketplace_id
 from shared.settings import LANDING_PAGE
 from shared.state_machine import LocalStatus
 
@@ -144,7 +144,7 @@ def list_page(services: Services, user: SignedInUser | None, params: Mapping[str
     repository = services.repository
     note, next_cursor = "", ""
     if text and is_marketplace_id(text):
-        stored = repository.get(text.lower())
+        stored = repository.get(canonical_marketplace_id(text))
         records = [stored.record] if stored is not None else []
     elif text:
         records, cut_short = repository.search_records(
@@ -185,7 +185,7 @@ def list_page(services: Services, user: SignedInUser | None, params: Mapping[str
 
 def subscription_page(services: Services, user: SignedInUser | None, subscription_id: str) -> Page:
     console_user = authorize(services, user)
-    subscription_id = require_marketplace_id(subscription_id, "subscription id").lower()
+    subscription_id = require_marketplace_id(subscription_id, "subscription id")
     stored = services.repository.get(subscription_id)
     if stored is None:
         raise NotFoundError("this subscription is not recorded here", code="unknown_subscription")
@@ -434,7 +434,7 @@ def _record_action(
 
 
 def _known_subscription(services: Services, subscription_id: str) -> str:
-    subscription_id = require_marketplace_id(subscription_id, "subscription id").lower()
+    subscription_id = require_marketplace_id(subscription_id, "subscription id")
     if services.repository.get(subscription_id) is None:
         raise NotFoundError("this subscription is not recorded here", code="unknown_subscription")
     return subscription_id
@@ -446,7 +446,7 @@ def activate_action(services: Services, user: SignedInUser | None, subscription_
     from shared.state_machine import Source
 
     console_user = authorize(services, user, act=True)
-    subscription_id = require_marketplace_id(subscription_id, "subscription id").lower()
+    subscription_id = require_marketplace_id(subscription_id, "subscription id")
     _check_form(services, console_user, ACTION_ACTIVATE, subscription_id, form)
     subscription_id = _known_subscription(services, subscription_id)
     result = activate(services, subscription_id, actor=console_user.actor, source=Source.OPERATOR)
@@ -472,7 +472,7 @@ def activate_action(services: Services, user: SignedInUser | None, subscription_
 def redeliver_action(services: Services, user: SignedInUser | None, subscription_id: str, form: Mapping[str, str]) -> Page:
     """Deliver the subscription's waiting lifecycle events now, ignoring their backoff."""
     console_user = authorize(services, user, act=True)
-    subscription_id = require_marketplace_id(subscription_id, "subscription id").lower()
+    subscription_id = require_marketplace_id(subscription_id, "subscription id")
     _check_form(services, console_user, ACTION_REDELIVER, subscription_id, form)
     subscription_id = _known_subscription(services, subscription_id)
     stats = services.events.relay_subscription(subscription_id, respect_backoff=False)
@@ -496,7 +496,7 @@ def replay_action(services: Services, user: SignedInUser | None, subscription_id
     from shared.reconcile import REPLAY_APPLIED, REPLAY_DEFERRED, Reconciler
 
     console_user = authorize(services, user, act=True)
-    subscription_id = require_marketplace_id(subscription_id, "subscription id").lower()
+    subscription_id = require_marketplace_id(subscription_id, "subscription id")
     operation_id = form.get("operation_id", "").strip().lower()
     require_marketplace_id(operation_id, "operation id")
     _check_form(services, console_user, ACTION_REPLAY, f"{subscription_id}:{operation_id}", form)
@@ -525,7 +525,7 @@ def change_action(services: Services, user: SignedInUser | None, subscription_id
     from shared import publisher
 
     console_user = authorize(services, user, act=True)
-    subscription_id = require_marketplace_id(subscription_id, "subscription id").lower()
+    subscription_id = require_marketplace_id(subscription_id, "subscription id")
     action = form.get("action", "")
     if action not in CHANGE_ACTIONS:
         raise BadRequestError("unknown action", code="unknown_action")
@@ -560,7 +560,7 @@ def change_action(services: Services, user: SignedInUser | None, subscription_id
 def acknowledge_action(services: Services, user: SignedInUser | None, subscription_id: str, form: Mapping[str, str]) -> Page:
     """Clear a flag once a person has dealt with its cause (history keeps who and when)."""
     console_user = authorize(services, user, act=True)
-    subscription_id = require_marketplace_id(subscription_id, "subscription id").lower()
+    subscription_id = require_marketplace_id(subscription_id, "subscription id")
     flag = form.get("flag", "").strip()
     if not flag or len(flag) > MAX_FILTER_CHARS:
         raise BadRequestError("which flag?", code="bad_flag")
@@ -728,7 +728,7 @@ def usage_resolve_action(services: Services, user: SignedInUser | None, form: Ma
     from shared.metering import FLAGGED_ACTIONS, resolve_flagged_usage
 
     console_user = authorize(services, user, act=True)
-    subscription_id = require_marketplace_id(form.get("subscription_id", ""), "subscription id").lower()
+    subscription_id = require_marketplace_id(form.get("subscription_id", ""), "subscription id")
     hour_text, dimension, action = (form.get(name, "").strip() for name in ("hour", "dimension", "action"))
     hour = parse_timestamp(hour_text)
     if hour is None or not dimension or len(dimension) > MAX_FILTER_CHARS:

@@ -1129,7 +1129,7 @@ def resolve_flagged_usage(
     if action not in FLAGGED_ACTIONS:
         raise BadRequestError(f"action must be one of {', '.join(FLAGGED_ACTIONS)}", code="unknown_action")
     store = usage_store(services)
-    sid = require_marketplace_id(subscription_id, "subscription id").lower()
+    sid = require_marketplace_id(subscription_id, "subscription id")
     hour = hour_of(hour)
     bucket = store.read_bucket(sid, hour, dimension)
     if bucket is None:

@@ -159,7 +159,7 @@ def _plans(services: Services, subscription_id: str) -> list[Plan]:
 
 def subscription_view(services: Services, subscription_id: str) -> dict[str, Any]:
     """Our record (the lifecycle events' snapshot) and the pending publisher operation, if any."""
-    require_marketplace_id(subscription_id, "subscriptionId")
+    subscription_id = require_marketplace_id(subscription_id, "subscriptionId")
     stored = services.repository.get(subscription_id)
     if stored is None:
         raise NotFoundError("no subscription with this id is recorded", code="subscription_not_found")
@@ -171,7 +171,7 @@ def subscription_view(services: Services, subscription_id: str) -> dict[str, Any
 
 
 def plans_view(services: Services, subscription_id: str) -> dict[str, Any]:
-    require_marketplace_id(subscription_id, "subscriptionId")
+    subscription_id = require_marketplace_id(subscription_id, "subscriptionId")
     stored = services.repository.get(subscription_id)
     if stored is None:
         raise NotFoundError("no subscription with this id is recorded", code="subscription_not_found")
@@ -200,7 +200,7 @@ def plans_view(services: Services, subscription_id: str) -> dict[str, Any]:
 
 
 def operation_view(services: Services, operation_id: str) -> PublisherOperation:
-    require_marketplace_id(operation_id, "operationId")
+    operation_id = require_marketplace_id(operation_id, "operationId")
     store = _store(services)
     index = store.get_index(operation_id)
     operation = store.get(index.subscription_id, operation_id) if index is not None else None
@@ -355,7 +355,7 @@ def request_change(services: Services, request: ChangeRequest, *, caller: str, i
 
 
 def _request_change(services: Services, request: ChangeRequest, *, caller: str, idempotency_key: str) -> ApiResult:
-    require_marketplace_id(request.subscription_id, "subscriptionId")
+    request = replace(request, subscription_id=require_marketplace_id(request.subscription_id, "subscriptionId"))
     store = _store(services)
     fingerprint = request.fingerprint()
     operation_id = _operation_id_for(caller, idempotency_key)
@@ -823,14 +823,14 @@ def api_change(
     services: Services, authorization: str | None, subscription_id: str, body: bytes, idempotency_key: str | None
 ) -> ApiResult:
     caller = _caller(services, authorization, ROLE_SUBSCRIPTIONS_READ_WRITE)
-    require_marketplace_id(subscription_id, "subscriptionId")
+    subscription_id = require_marketplace_id(subscription_id, "subscriptionId")
     request = parse_change_body(subscription_id, body)
     return request_change(services, request, caller=caller.id, idempotency_key=(idempotency_key or "").strip())
 
 
 def api_cancel(services: Services, authorization: str | None, subscription_id: str, idempotency_key: str | None) -> ApiResult:
     caller = _caller(services, authorization, ROLE_SUBSCRIPTIONS_READ_WRITE)
-    require_marketplace_id(subscription_id, "subscriptionId")
+    subscription_id = require_marketplace_id(subscription_id, "subscriptionId")
     request = ChangeRequest(subscription_id, UNSUBSCRIBE)
     return request_change(services, request, caller=caller.id, idempotency_key=(idempotency_key or "").strip())
 
