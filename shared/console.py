@@ -104,7 +104,7 @@ def _cursor_in(text: str) -> Any:
         return None
     try:
         token = json.loads(base64.urlsafe_b64decode(text.encode() + b"=" * (-len(text) % 4)))
-    except (ValueError, binascii.Error):
+    except (ValueError, binascii.Error, RecursionError):
         raise BadRequestError("the page cursor is not valid", code="bad_cursor") from None
     if not isinstance(token, dict) or not all(isinstance(v, str) for v in token.values()):
         raise BadRequestError("the page cursor is not valid", code="bad_cursor")

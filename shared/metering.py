@@ -241,7 +241,7 @@ def parse_usage_body(body: bytes, now: datetime) -> list[ReportedUsage | _Outcom
     try:
         # Numbers as Decimal: usage is billed, so never through a float (and no int-size limits).
         document = json.loads(body, parse_float=Decimal, parse_int=Decimal)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
         raise BadRequestError("the body is not JSON", code="malformed_json") from None
     events = document.get("events") if isinstance(document, dict) else None
     if not isinstance(events, list) or not events:

@@ -235,7 +235,7 @@ def parse_change_body(subscription_id: str, body: bytes) -> ChangeRequest:
         raise PayloadTooLargeError(f"body is larger than {MAX_BODY_BYTES} bytes")
     try:
         data = json.loads(body.decode("utf-8")) if body.strip() else None
-    except (UnicodeDecodeError, ValueError) as error:
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:  # RecursionError: nested too deep
         raise BadRequestError("body is not valid JSON", code="invalid_json") from error
     if not isinstance(data, dict):
         raise BadRequestError('body must be a JSON object: {"planId": "..."} or {"quantity": n}', code="invalid_body")
