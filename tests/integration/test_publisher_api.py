@@ -573,3 +573,17 @@ def test_upper_case_ids_reach_the_same_subscription_and_operation(api):
     # One record, under the canonical id: nothing was written under the upper-case spelling.
     assert api.services.repository.get(upper.lower()) is not None
     assert publisher_rows(api.services, upper) == []
+
+
+def test_the_openapi_document_is_served_and_every_answer_here_is_checked_against_it(api):
+    from shared.openapi import document_bytes
+    from tests import contract
+
+    served = api.http.get(f"{api.base}/openapi.json", timeout=30)
+    assert served.status_code == 200 and served.headers["Content-Type"].startswith("application/json")
+    assert served.content == document_bytes() and "Authorization" not in served.request.headers
+    before = contract.validated
+    api.get(f"subscriptions/{uuid.uuid4()}", roles=(READ,))
+    api.get("operations/not-a-guid", roles=(READ,))
+    api.patch(str(uuid.uuid4()), {"planId": "premium"}, token=None)
+    assert contract.validated == before + 3  # the http fixture validated each answer
