@@ -183,6 +183,40 @@ def list_page(services: Services, user: SignedInUser | None, params: Mapping[str
     )
 
 
+def _change_choices(services: Services, record: Any) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """(why each change action is not offered, the plans the plan form offers): the same rules the
+    publisher API applies (status, pending operation, allowedCustomerOperations, List available plans)."""
+    from shared import publisher
+
+    by_action = {
+        ACTION_CHANGE_PLAN: publisher.CHANGE_PLAN,
+        ACTION_CHANGE_QUANTITY: publisher.CHANGE_QUANTITY,
+        ACTION_CANCEL: publisher.UNSUBSCRIBE,
+    }
+    refusals = publisher.change_refusals(record)
+    blocked = {action: refusals[name] for action, name in by_action.items() if name in refusals}
+    choices: list[dict[str, Any]] = []
+    if ACTION_CHANGE_PLAN in blocked and ACTION_CHANGE_QUANTITY in blocked:
+        return blocked, choices
+    try:
+        plans = publisher.available_plans(services, record.id)
+    except AppError as error:
+        reason = f"Microsoft's list of available plans could not be read ({error.code}); try again shortly"
+        blocked.setdefault(ACTION_CHANGE_PLAN, reason)
+        return blocked, choices
+    choices = [
+        {"plan_id": plan.plan_id, "label": f"{plan.display_name or plan.plan_id} ({plan.plan_id})"}
+        for plan in plans
+        if plan.plan_id != record.plan_id
+    ]
+    if not choices:
+        blocked.setdefault(ACTION_CHANGE_PLAN, "List available plans offers no other plan for this subscription")
+    current = next((plan for plan in plans if plan.plan_id == record.plan_id), None)
+    if current is not None and not current.is_price_per_seat:
+        blocked.setdefault(ACTION_CHANGE_QUANTITY, f"plan {record.plan_id} is not priced per seat")
+    return blocked, choices
+
+
 def subscription_page(services: Services, user: SignedInUser | None, subscription_id: str) -> Page:
     console_user = authorize(services, user)
     subscription_id = require_marketplace_id(subscription_id, "subscription id")
@@ -218,12 +252,8 @@ def subscription_page(services: Services, user: SignedInUser | None, subscriptio
     events = {e.seq: e for e in services.repository.list_events(subscription_id, since_seq=since)} | {e.seq: e for e in waiting}
     markers = services.repository.list_markers(subscription_id)
     can_activate = console_user.can_act and record.status in ACTIVATABLE
-    can_change = (
-        console_user.can_act
-        and services.publisher_store is not None
-        and record.status in CHANGEABLE
-        and not record.pending_operation_id
-    )
+    can_change = console_user.can_act and services.publisher_store is not None and record.status in CHANGEABLE
+    change_blocked, plan_choices = _change_choices(services, record) if can_change else ({}, [])
     ours = _row(record) | {
         "marketplace_status": record.marketplace_status,
         "term": f"{format_timestamp(record.term_start)} - {format_timestamp(record.term_end)}",
@@ -258,10 +288,13 @@ def subscription_page(services: Services, user: SignedInUser | None, subscriptio
                         "key": uuid.uuid4().hex,
                     }
                     for action in CHANGE_ACTIONS
+                    if action not in change_blocked
                 }
                 if can_change
                 else {}
             ),
+            "change_blocked": change_blocked,
+            "plan_choices": plan_choices,
             "pending_operation_id": record.pending_operation_id,
             "flag_forms": [
                 {

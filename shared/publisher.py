@@ -153,6 +153,35 @@ def _plans(services: Services, subscription_id: str) -> list[Plan]:
     return services.once("plans_cache", _PlansCache).get(services, subscription_id)
 
 
+def available_plans(services: Services, subscription_id: str) -> list[Plan]:
+    """List available plans for the subscription, through the same short cache as the API."""
+    return _plans(services, require_marketplace_id(subscription_id, "subscriptionId"))
+
+
+def change_refusals(record: sm.SubscriptionRecord) -> dict[str, str]:
+    """Why each change (CHANGE_PLAN/CHANGE_QUANTITY, UNSUBSCRIBE) would be refused now, by status,
+    pending operation and allowedCustomerOperations (the checks of _validate that need no Microsoft
+    call); an action missing from the answer is allowed."""
+    reasons: dict[str, str] = {}
+    allowed = record.allowed_customer_operations
+    if record.pending_operation_id:
+        pending = f"publisher operation {record.pending_operation_id} is still pending"
+        return {CHANGE_PLAN: pending, CHANGE_QUANTITY: pending, UNSUBSCRIBE: pending}
+    if record.status is not LocalStatus.SUBSCRIBED:
+        reasons[CHANGE_PLAN] = reasons[CHANGE_QUANTITY] = (
+            f"only Subscribed subscriptions can change (this one is {record.status.value})"
+        )
+    elif allowed and "Update" not in allowed:
+        reasons[CHANGE_PLAN] = reasons[CHANGE_QUANTITY] = (
+            "Microsoft does not allow updating this subscription (allowedCustomerOperations)"
+        )
+    if record.status not in (LocalStatus.SUBSCRIBED, LocalStatus.SUSPENDED):
+        reasons[UNSUBSCRIBE] = f"only Subscribed or Suspended subscriptions can be cancelled (this one is {record.status.value})"
+    elif allowed and "Delete" not in allowed:
+        reasons[UNSUBSCRIBE] = "Microsoft does not allow cancelling this subscription (allowedCustomerOperations)"
+    return reasons
+
+
 # ---------------------------------------------------------------------------------------------
 # reads
 

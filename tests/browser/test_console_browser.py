@@ -209,7 +209,7 @@ def test_retry_activation_change_plan_redeliver_and_acknowledge_in_the_browser(t
     # Change plan: Microsoft's operation followed to its end, recorded as the operator.
     page.goto(f"{devhost.url}/api/console/subscriptions/{ids[0]}")
     plan = page.locator('[data-testid="change-plan-form"]')
-    plan.locator('input[name="plan_id"]').fill("premium")
+    plan.locator('select[name="plan_id"]').select_option("premium")
     plan.get_by_label("I confirm").check()
     plan.get_by_role("button", name="Change plan").click()
     _settle(services, ids[0], page.content())
