@@ -36,7 +36,7 @@ def site(standin, services, devhost, http):
 
 
 def rows(html: str) -> list[str]:
-    return re.findall(r'data-testid="subscription-row">\s*<td><a href="/api/console/subscriptions/([0-9a-f-]+)"', html)
+    return re.findall(r'data-testid="subscription-row">\s*<td[^>]*><a href="/api/console/subscriptions/([0-9a-f-]+)"', html)
 
 
 def test_the_list_shows_every_subscription_with_counts_and_the_pages_security_headers(site):
