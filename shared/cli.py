@@ -34,7 +34,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-from shared.ids import is_marketplace_id
+from shared.ids import canonical_marketplace_id, is_marketplace_id
 
 if TYPE_CHECKING:
     from shared.services import Services
@@ -61,7 +61,7 @@ def _marketplace_id(what: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if not is_marketplace_id(text):
             raise argparse.ArgumentTypeError(f"{what} is a GUID")
-        return text
+        return canonical_marketplace_id(text)
 
     return parse
 

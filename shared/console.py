@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from shared.domain import format_timestamp, parse_timestamp
 from shared.errors import AppError, BadRequestError, ForbiddenError, NotFoundError, UnauthorizedError
-from shared.ids import is_marketplace_id, require_marketplace_id
+from shared.ids import canonical_marketplace_id, is_marketplace_id, require_marketplace_id
 from shared.settings import LANDING_PAGE
 from shared.state_machine import LocalStatus
 
@@ -104,7 +104,7 @@ def _cursor_in(text: str) -> Any:
         return None
     try:
         token = json.loads(base64.urlsafe_b64decode(text.encode() + b"=" * (-len(text) % 4)))
-    except (ValueError, binascii.Error):
+    except (ValueError, binascii.Error, RecursionError):
         raise BadRequestError("the page cursor is not valid", code="bad_cursor") from None
     if not isinstance(token, dict) or not all(isinstance(v, str) for v in token.values()):
         raise BadRequestError("the page cursor is not valid", code="bad_cursor")
@@ -144,7 +144,7 @@ def list_page(services: Services, user: SignedInUser | None, params: Mapping[str
     repository = services.repository
     note, next_cursor = "", ""
     if text and is_marketplace_id(text):
-        stored = repository.get(text.lower())
+        stored = repository.get(canonical_marketplace_id(text))
         records = [stored.record] if stored is not None else []
     elif text:
         records, cut_short = repository.search_records(
@@ -183,9 +183,43 @@ def list_page(services: Services, user: SignedInUser | None, params: Mapping[str
     )
 
 
+def _change_choices(services: Services, record: Any) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """(why each change action is not offered, the plans the plan form offers): the same rules the
+    publisher API applies (status, pending operation, allowedCustomerOperations, List available plans)."""
+    from shared import publisher
+
+    by_action = {
+        ACTION_CHANGE_PLAN: publisher.CHANGE_PLAN,
+        ACTION_CHANGE_QUANTITY: publisher.CHANGE_QUANTITY,
+        ACTION_CANCEL: publisher.UNSUBSCRIBE,
+    }
+    refusals = publisher.change_refusals(record)
+    blocked = {action: refusals[name] for action, name in by_action.items() if name in refusals}
+    choices: list[dict[str, Any]] = []
+    if ACTION_CHANGE_PLAN in blocked and ACTION_CHANGE_QUANTITY in blocked:
+        return blocked, choices
+    try:
+        plans = publisher.available_plans(services, record.id)
+    except AppError as error:
+        reason = f"Microsoft's list of available plans could not be read ({error.code}); try again shortly"
+        blocked.setdefault(ACTION_CHANGE_PLAN, reason)
+        return blocked, choices
+    choices = [
+        {"plan_id": plan.plan_id, "label": f"{plan.display_name or plan.plan_id} ({plan.plan_id})"}
+        for plan in plans
+        if plan.plan_id != record.plan_id
+    ]
+    if not choices:
+        blocked.setdefault(ACTION_CHANGE_PLAN, "List available plans offers no other plan for this subscription")
+    current = next((plan for plan in plans if plan.plan_id == record.plan_id), None)
+    if current is not None and not current.is_price_per_seat:
+        blocked.setdefault(ACTION_CHANGE_QUANTITY, f"plan {record.plan_id} is not priced per seat")
+    return blocked, choices
+
+
 def subscription_page(services: Services, user: SignedInUser | None, subscription_id: str) -> Page:
     console_user = authorize(services, user)
-    subscription_id = require_marketplace_id(subscription_id, "subscription id").lower()
+    subscription_id = require_marketplace_id(subscription_id, "subscription id")
     stored = services.repository.get(subscription_id)
     if stored is None:
         raise NotFoundError("this subscription is not recorded here", code="unknown_subscription")
@@ -218,12 +252,8 @@ def subscription_page(services: Services, user: SignedInUser | None, subscriptio
     events = {e.seq: e for e in services.repository.list_events(subscription_id, since_seq=since)} | {e.seq: e for e in waiting}
     markers = services.repository.list_markers(subscription_id)
     can_activate = console_user.can_act and record.status in ACTIVATABLE
-    can_change = (
-        console_user.can_act
-        and services.publisher_store is not None
-        and record.status in CHANGEABLE
-        and not record.pending_operation_id
-    )
+    can_change = console_user.can_act and services.publisher_store is not None and record.status in CHANGEABLE
+    change_blocked, plan_choices = _change_choices(services, record) if can_change else ({}, [])
     ours = _row(record) | {
         "marketplace_status": record.marketplace_status,
         "term": f"{format_timestamp(record.term_start)} - {format_timestamp(record.term_end)}",
@@ -258,10 +288,13 @@ def subscription_page(services: Services, user: SignedInUser | None, subscriptio
                         "key": uuid.uuid4().hex,
                     }
                     for action in CHANGE_ACTIONS
+                    if action not in change_blocked
                 }
                 if can_change
                 else {}
             ),
+            "change_blocked": change_blocked,
+            "plan_choices": plan_choices,
             "pending_operation_id": record.pending_operation_id,
             "flag_forms": [
                 {
@@ -434,7 +467,7 @@ def _record_action(
 
 
 def _known_subscription(services: Services, subscription_id: str) -> str:
-    subscription_id = require_marketplace_id(subscription_id, "subscription id").lower()
+    subscription_id = require_marketplace_id(subscription_id, "subscription id")
     if services.repository.get(subscription_id) is None:
         raise NotFoundError("this subscription is not recorded here", code="unknown_subscription")
     return subscription_id
@@ -446,7 +479,7 @@ def activate_action(services: Services, user: SignedInUser | None, subscription_
     from shared.state_machine import Source
 
     console_user = authorize(services, user, act=True)
-    subscription_id = require_marketplace_id(subscription_id, "subscription id").lower()
+    subscription_id = require_marketplace_id(subscription_id, "subscription id")
     _check_form(services, console_user, ACTION_ACTIVATE, subscription_id, form)
     subscription_id = _known_subscription(services, subscription_id)
     result = activate(services, subscription_id, actor=console_user.actor, source=Source.OPERATOR)
@@ -472,7 +505,7 @@ def activate_action(services: Services, user: SignedInUser | None, subscription_
 def redeliver_action(services: Services, user: SignedInUser | None, subscription_id: str, form: Mapping[str, str]) -> Page:
     """Deliver the subscription's waiting lifecycle events now, ignoring their backoff."""
     console_user = authorize(services, user, act=True)
-    subscription_id = require_marketplace_id(subscription_id, "subscription id").lower()
+    subscription_id = require_marketplace_id(subscription_id, "subscription id")
     _check_form(services, console_user, ACTION_REDELIVER, subscription_id, form)
     subscription_id = _known_subscription(services, subscription_id)
     stats = services.events.relay_subscription(subscription_id, respect_backoff=False)
@@ -496,7 +529,7 @@ def replay_action(services: Services, user: SignedInUser | None, subscription_id
     from shared.reconcile import REPLAY_APPLIED, REPLAY_DEFERRED, Reconciler
 
     console_user = authorize(services, user, act=True)
-    subscription_id = require_marketplace_id(subscription_id, "subscription id").lower()
+    subscription_id = require_marketplace_id(subscription_id, "subscription id")
     operation_id = form.get("operation_id", "").strip().lower()
     require_marketplace_id(operation_id, "operation id")
     _check_form(services, console_user, ACTION_REPLAY, f"{subscription_id}:{operation_id}", form)
@@ -525,7 +558,7 @@ def change_action(services: Services, user: SignedInUser | None, subscription_id
     from shared import publisher
 
     console_user = authorize(services, user, act=True)
-    subscription_id = require_marketplace_id(subscription_id, "subscription id").lower()
+    subscription_id = require_marketplace_id(subscription_id, "subscription id")
     action = form.get("action", "")
     if action not in CHANGE_ACTIONS:
         raise BadRequestError("unknown action", code="unknown_action")
@@ -560,7 +593,7 @@ def change_action(services: Services, user: SignedInUser | None, subscription_id
 def acknowledge_action(services: Services, user: SignedInUser | None, subscription_id: str, form: Mapping[str, str]) -> Page:
     """Clear a flag once a person has dealt with its cause (history keeps who and when)."""
     console_user = authorize(services, user, act=True)
-    subscription_id = require_marketplace_id(subscription_id, "subscription id").lower()
+    subscription_id = require_marketplace_id(subscription_id, "subscription id")
     flag = form.get("flag", "").strip()
     if not flag or len(flag) > MAX_FILTER_CHARS:
         raise BadRequestError("which flag?", code="bad_flag")
@@ -728,7 +761,7 @@ def usage_resolve_action(services: Services, user: SignedInUser | None, form: Ma
     from shared.metering import FLAGGED_ACTIONS, resolve_flagged_usage
 
     console_user = authorize(services, user, act=True)
-    subscription_id = require_marketplace_id(form.get("subscription_id", ""), "subscription id").lower()
+    subscription_id = require_marketplace_id(form.get("subscription_id", ""), "subscription id")
     hour_text, dimension, action = (form.get(name, "").strip() for name in ("hour", "dimension", "action"))
     hour = parse_timestamp(hour_text)
     if hour is None or not dimension or len(dimension) > MAX_FILTER_CHARS:

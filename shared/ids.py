@@ -18,10 +18,17 @@ def is_marketplace_id(value: object) -> bool:
     return isinstance(value, str) and _GUID.fullmatch(value) is not None
 
 
+def canonical_marketplace_id(value: str) -> str:
+    """The one spelling of a GUID this app stores and looks up: lower case. Microsoft sends ids in
+    lower case, but a caller may quote one in upper case (GUIDs are case-insensitive); every door
+    (publisher API, usage API, console, CLI) goes through here so ``ABC...`` finds ``abc...``."""
+    return value.lower()
+
+
 def require_marketplace_id(value: object, what: str = "subscription id") -> str:
-    """``value`` as given when it is a GUID; BadRequestError naming ``what`` otherwise (the value is
-    not echoed: it is attacker-controlled and may be huge)."""
+    """``value`` in its canonical (lower-case) form when it is a GUID; BadRequestError naming
+    ``what`` otherwise (the value is not echoed: it is attacker-controlled and may be huge)."""
     if not is_marketplace_id(value):
         raise BadRequestError(f"{what} must be a GUID", field=what)
     assert isinstance(value, str)
-    return value
+    return canonical_marketplace_id(value)

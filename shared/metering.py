@@ -241,7 +241,7 @@ def parse_usage_body(body: bytes, now: datetime) -> list[ReportedUsage | _Outcom
     try:
         # Numbers as Decimal: usage is billed, so never through a float (and no int-size limits).
         document = json.loads(body, parse_float=Decimal, parse_int=Decimal)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
         raise BadRequestError("the body is not JSON", code="malformed_json") from None
     events = document.get("events") if isinstance(document, dict) else None
     if not isinstance(events, list) or not events:
@@ -1129,7 +1129,7 @@ def resolve_flagged_usage(
     if action not in FLAGGED_ACTIONS:
         raise BadRequestError(f"action must be one of {', '.join(FLAGGED_ACTIONS)}", code="unknown_action")
     store = usage_store(services)
-    sid = require_marketplace_id(subscription_id, "subscription id").lower()
+    sid = require_marketplace_id(subscription_id, "subscription id")
     hour = hour_of(hour)
     bucket = store.read_bucket(sid, hour, dimension)
     if bucket is None:

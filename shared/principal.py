@@ -11,6 +11,7 @@ import binascii
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from shared.domain import clean_text
 
@@ -57,28 +58,62 @@ def _first(claims: dict[str, str], field: str) -> str:
     return ""
 
 
-def signed_in_user(headers: Mapping[str, str]) -> SignedInUser | None:
-    """Read the principal from the X-MS-CLIENT-PRINCIPAL* headers; None when nobody is signed in."""
-    lowered = {k.lower(): v for k, v in headers.items()}
-    encoded = lowered.get("x-ms-client-principal", "")
+#: an encoded principal larger than this is not Easy Auth's (the platform's headers are a few KB)
+MAX_PRINCIPAL_CHARS = 64 * 1024
+
+
+def _principal_data(encoded: str) -> dict[str, Any]:
+    """The decoded X-MS-CLIENT-PRINCIPAL document, or {} for anything that is not a JSON object
+    (bad base64, bad UTF-8, bad or too deeply nested JSON, oversized): nobody signed in by it."""
+    if not isinstance(encoded, str) or not encoded or len(encoded) > MAX_PRINCIPAL_CHARS:
+        return {}
+    try:
+        padded = encoded + "=" * (-len(encoded) % 4)
+        data = json.loads(base64.b64decode(padded))
+    except (ValueError, binascii.Error, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _claim_text(value: object) -> str:
+    """A claim's type or value as text: strings and numbers only (objects, lists, null are skipped)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return ""
+    return clean_text(str(value)).strip()
+
+
+def parse_principal(encoded: str) -> tuple[dict[str, str], list[str], str]:
+    """(claims by type, roles, identity provider) from an encoded principal. Any shape is accepted
+    without raising: ``claims`` that is not a list, claims that are not objects, values that are
+    not text are ignored (so a hostile header yields no identity, hence 401/403, never a 500)."""
+    data = _principal_data(encoded)
     claims: dict[str, str] = {}
     roles: list[str] = []
-    provider = lowered.get("x-ms-client-principal-idp", "")
-    if encoded:
-        try:
-            padded = encoded + "=" * (-len(encoded) % 4)
-            data = json.loads(base64.b64decode(padded))
-        except (ValueError, binascii.Error):
-            data = {}
-        for claim in data.get("claims", []) if isinstance(data, dict) else []:
-            if isinstance(claim, dict) and claim.get("typ") and claim.get("val"):
-                claim_type, value = clean_text(str(claim["typ"])), clean_text(str(claim["val"]))
-                claims.setdefault(claim_type, value)
-                if claim_type in _ROLE_CLAIMS and value not in roles:  # one claim per role
-                    roles.append(value)
-        provider = provider or str(data.get("auth_typ", "")) if isinstance(data, dict) else provider
-    principal_name = clean_text(lowered.get("x-ms-client-principal-name", ""))
-    principal_id = clean_text(lowered.get("x-ms-client-principal-id", ""))
+    raw_claims = data.get("claims")
+    for claim in raw_claims if isinstance(raw_claims, list) else []:
+        if not isinstance(claim, dict):
+            continue
+        claim_type, value = _claim_text(claim.get("typ")), _claim_text(claim.get("val"))
+        if not claim_type or not value:
+            continue
+        claims.setdefault(claim_type, value)
+        if claim_type in _ROLE_CLAIMS and value not in roles:  # one claim per role
+            roles.append(value)
+    return claims, roles, _claim_text(data.get("auth_typ"))
+
+
+def _header(lowered: Mapping[str, object], name: str) -> str:
+    value = lowered.get(name, "")
+    return clean_text(value).strip() if isinstance(value, str) else ""
+
+
+def signed_in_user(headers: Mapping[str, str]) -> SignedInUser | None:
+    """Read the principal from the X-MS-CLIENT-PRINCIPAL* headers; None when nobody is signed in."""
+    lowered = {str(k).lower(): v for k, v in headers.items()}
+    claims, roles, auth_type = parse_principal(_header(lowered, "x-ms-client-principal"))
+    provider = _header(lowered, "x-ms-client-principal-idp") or auth_type
+    principal_name = _header(lowered, "x-ms-client-principal-name")
+    principal_id = _header(lowered, "x-ms-client-principal-id")
     email = _first(claims, "email") or (principal_name if "@" in principal_name else "")
     name = _first(claims, "name") or principal_name
     object_id = _first(claims, "object_id") or principal_id

@@ -153,13 +153,42 @@ def _plans(services: Services, subscription_id: str) -> list[Plan]:
     return services.once("plans_cache", _PlansCache).get(services, subscription_id)
 
 
+def available_plans(services: Services, subscription_id: str) -> list[Plan]:
+    """List available plans for the subscription, through the same short cache as the API."""
+    return _plans(services, require_marketplace_id(subscription_id, "subscriptionId"))
+
+
+def change_refusals(record: sm.SubscriptionRecord) -> dict[str, str]:
+    """Why each change (CHANGE_PLAN/CHANGE_QUANTITY, UNSUBSCRIBE) would be refused now, by status,
+    pending operation and allowedCustomerOperations (the checks of _validate that need no Microsoft
+    call); an action missing from the answer is allowed."""
+    reasons: dict[str, str] = {}
+    allowed = record.allowed_customer_operations
+    if record.pending_operation_id:
+        pending = f"publisher operation {record.pending_operation_id} is still pending"
+        return {CHANGE_PLAN: pending, CHANGE_QUANTITY: pending, UNSUBSCRIBE: pending}
+    if record.status is not LocalStatus.SUBSCRIBED:
+        reasons[CHANGE_PLAN] = reasons[CHANGE_QUANTITY] = (
+            f"only Subscribed subscriptions can change (this one is {record.status.value})"
+        )
+    elif allowed and "Update" not in allowed:
+        reasons[CHANGE_PLAN] = reasons[CHANGE_QUANTITY] = (
+            "Microsoft does not allow updating this subscription (allowedCustomerOperations)"
+        )
+    if record.status not in (LocalStatus.SUBSCRIBED, LocalStatus.SUSPENDED):
+        reasons[UNSUBSCRIBE] = f"only Subscribed or Suspended subscriptions can be cancelled (this one is {record.status.value})"
+    elif allowed and "Delete" not in allowed:
+        reasons[UNSUBSCRIBE] = "Microsoft does not allow cancelling this subscription (allowedCustomerOperations)"
+    return reasons
+
+
 # ---------------------------------------------------------------------------------------------
 # reads
 
 
 def subscription_view(services: Services, subscription_id: str) -> dict[str, Any]:
     """Our record (the lifecycle events' snapshot) and the pending publisher operation, if any."""
-    require_marketplace_id(subscription_id, "subscriptionId")
+    subscription_id = require_marketplace_id(subscription_id, "subscriptionId")
     stored = services.repository.get(subscription_id)
     if stored is None:
         raise NotFoundError("no subscription with this id is recorded", code="subscription_not_found")
@@ -171,7 +200,7 @@ def subscription_view(services: Services, subscription_id: str) -> dict[str, Any
 
 
 def plans_view(services: Services, subscription_id: str) -> dict[str, Any]:
-    require_marketplace_id(subscription_id, "subscriptionId")
+    subscription_id = require_marketplace_id(subscription_id, "subscriptionId")
     stored = services.repository.get(subscription_id)
     if stored is None:
         raise NotFoundError("no subscription with this id is recorded", code="subscription_not_found")
@@ -200,7 +229,7 @@ def plans_view(services: Services, subscription_id: str) -> dict[str, Any]:
 
 
 def operation_view(services: Services, operation_id: str) -> PublisherOperation:
-    require_marketplace_id(operation_id, "operationId")
+    operation_id = require_marketplace_id(operation_id, "operationId")
     store = _store(services)
     index = store.get_index(operation_id)
     operation = store.get(index.subscription_id, operation_id) if index is not None else None
@@ -235,7 +264,7 @@ def parse_change_body(subscription_id: str, body: bytes) -> ChangeRequest:
         raise PayloadTooLargeError(f"body is larger than {MAX_BODY_BYTES} bytes")
     try:
         data = json.loads(body.decode("utf-8")) if body.strip() else None
-    except (UnicodeDecodeError, ValueError) as error:
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:  # RecursionError: nested too deep
         raise BadRequestError("body is not valid JSON", code="invalid_json") from error
     if not isinstance(data, dict):
         raise BadRequestError('body must be a JSON object: {"planId": "..."} or {"quantity": n}', code="invalid_body")
@@ -355,7 +384,7 @@ def request_change(services: Services, request: ChangeRequest, *, caller: str, i
 
 
 def _request_change(services: Services, request: ChangeRequest, *, caller: str, idempotency_key: str) -> ApiResult:
-    require_marketplace_id(request.subscription_id, "subscriptionId")
+    request = replace(request, subscription_id=require_marketplace_id(request.subscription_id, "subscriptionId"))
     store = _store(services)
     fingerprint = request.fingerprint()
     operation_id = _operation_id_for(caller, idempotency_key)
@@ -823,14 +852,14 @@ def api_change(
     services: Services, authorization: str | None, subscription_id: str, body: bytes, idempotency_key: str | None
 ) -> ApiResult:
     caller = _caller(services, authorization, ROLE_SUBSCRIPTIONS_READ_WRITE)
-    require_marketplace_id(subscription_id, "subscriptionId")
+    subscription_id = require_marketplace_id(subscription_id, "subscriptionId")
     request = parse_change_body(subscription_id, body)
     return request_change(services, request, caller=caller.id, idempotency_key=(idempotency_key or "").strip())
 
 
 def api_cancel(services: Services, authorization: str | None, subscription_id: str, idempotency_key: str | None) -> ApiResult:
     caller = _caller(services, authorization, ROLE_SUBSCRIPTIONS_READ_WRITE)
-    require_marketplace_id(subscription_id, "subscriptionId")
+    subscription_id = require_marketplace_id(subscription_id, "subscriptionId")
     request = ChangeRequest(subscription_id, UNSUBSCRIBE)
     return request_change(services, request, caller=caller.id, idempotency_key=(idempotency_key or "").strip())
 

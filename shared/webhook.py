@@ -83,7 +83,7 @@ def parse_event(body: bytes, max_bytes: int) -> WebhookEvent:
         raise PayloadTooLargeError(f"body is larger than {max_bytes} bytes")
     try:
         data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:  # RecursionError: nested too deep
         raise BadRequestError("body is not valid JSON") from error
     try:
         event = WebhookEvent.from_api(data)

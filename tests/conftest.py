@@ -139,11 +139,15 @@ def devhost(devhost_session, services):
 
 @pytest.fixture
 def http():
-    """A requests session for loopback calls (never through a proxy from the environment)."""
+    """A requests session for loopback calls (never through a proxy from the environment). Every
+    answer of a route the OpenAPI document describes is validated against it (tests/contract.py)."""
     import requests
+
+    from tests.contract import contract_hook
 
     session = requests.Session()
     session.trust_env = False
+    session.hooks["response"].append(contract_hook)
     yield session
     session.close()
 

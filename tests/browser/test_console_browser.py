@@ -55,6 +55,18 @@ def test_list_filter_and_detail(tab, devhost, console_site):
     assert page.locator('[data-testid="subscription-row"]').count() == 7
     DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(DOCS_IMAGES / "console-list.png"), full_page=True)
+    # Readable at 1024 px: ids shortened (the full id on hover and in the link), no row wrapping into many lines.
+    page.set_viewport_size({"width": 1024, "height": 768})
+    short = page.locator('[data-testid="short-id"]').first
+    assert short.get_attribute("title") in ids or short.get_attribute("title") == short.get_attribute("data-full-id")
+    assert len(short.inner_text()) <= 9
+    heights = page.locator('[data-testid="subscription-row"]').evaluate_all(
+        "rows => rows.map(r => r.getBoundingClientRect().height)"
+    )
+    line = page.evaluate("parseFloat(getComputedStyle(document.body).lineHeight) || 20")
+    assert max(heights) <= 3.2 * line, (heights, line)  # two lines (name, short id) plus padding
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1024 + 1  # no horizontal scrolling
+    page.screenshot(path=str(DOCS_IMAGES / "console-list-1024.png"), full_page=True)
     page.select_option('select[name="status"]', "Suspended")
     page.get_by_role("button", name="Filter").click()
     page.wait_for_url("**status=Suspended**")
@@ -209,7 +221,7 @@ def test_retry_activation_change_plan_redeliver_and_acknowledge_in_the_browser(t
     # Change plan: Microsoft's operation followed to its end, recorded as the operator.
     page.goto(f"{devhost.url}/api/console/subscriptions/{ids[0]}")
     plan = page.locator('[data-testid="change-plan-form"]')
-    plan.locator('input[name="plan_id"]').fill("premium")
+    plan.locator('select[name="plan_id"]').select_option("premium")
     plan.get_by_label("I confirm").check()
     plan.get_by_role("button", name="Change plan").click()
     _settle(services, ids[0], page.content())

@@ -81,6 +81,8 @@ def test_list_and_show(standin, services):
 
     code, text = cli(services, "show", premium)
     assert code == 0 and premium in text and "Subscribed" in text and "History (1)" in text and "reconcile" in text
+    # GUIDs are case-insensitive: the upper-case spelling finds the same record (issue 25, defect 1).
+    assert cli_json(services, "show", premium.upper())["id"] == premium
 
     assert cli(services, "show", "00000000-0000-0000-0000-000000000000")[0] == 1
     assert cli(services, "list", "--status", "Bogus")[0] == 2

@@ -4,6 +4,7 @@ principal with app roles, Azurite and the marketplace stand-in."""
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from html import unescape
 
 import pytest
@@ -35,7 +36,7 @@ def site(standin, services, devhost, http):
 
 
 def rows(html: str) -> list[str]:
-    return re.findall(r'data-testid="subscription-row">\s*<td><a href="/api/console/subscriptions/([0-9a-f-]+)"', html)
+    return re.findall(r'data-testid="subscription-row">\s*<td[^>]*><a href="/api/console/subscriptions/([0-9a-f-]+)"', html)
 
 
 def test_the_list_shows_every_subscription_with_counts_and_the_pages_security_headers(site):
@@ -217,7 +218,6 @@ def test_reconciliation_preview_changes_nothing_and_run_now_repairs(pending, sta
 
 
 def test_needs_attention_lists_waiting_activations_and_refused_usage(pending, services):
-    from datetime import timedelta
 
     from shared import state_machine as sm
     from shared.usage_store import Bucket, hour_of
@@ -486,3 +486,40 @@ def test_flags_are_listed_with_what_to_do_and_an_operator_acknowledges_them(pend
     again = call("POST", path, flag="change_failed", form_token=token, confirm="yes")
     assert again.status_code == 200 and "already cleared" in again.text
     assert rows(call("GET", "/api/console?flagged=1").text) == []
+
+
+def test_change_forms_offer_list_available_plans_and_only_the_changes_microsoft_allows(site, standin, services):
+    ids, get = site
+    operator = ("Console.Operator",)
+    page = get(f"/api/console/subscriptions/{ids[0]}", roles=operator).text
+    form = re.search(r'data-testid="change-plan-form">(.*?)</form>', page, re.S).group(1)
+    offered = re.findall(r'<option value="([^"]+)"', form)
+    plans = {plan.plan_id for plan in standin_plans(services, ids[0])}
+    assert set(offered) == plans - {"standard"} and offered  # the current plan is not offered
+    assert 'name="plan_id"' in form and "<select" in form and '<input name="plan_id"' not in form
+    assert 'data-testid="change-quantity-form"' in page and 'data-testid="cancel-form"' in page
+    assert 'data-testid="change-blocked"' not in page
+
+    # Suspended: only cancel, with the reason for the others.
+    suspended = get(f"/api/console/subscriptions/{ids[1]}", roles=operator).text
+    assert 'data-testid="cancel-form"' in suspended
+    assert 'data-testid="change-plan-form"' not in suspended and 'data-testid="change-quantity-form"' not in suspended
+    blocked = re.search(r'data-testid="change-blocked">(.*?)</ul>', suspended, re.S).group(1)
+    assert "Change plan is not available: only Subscribed subscriptions can change (this one is Suspended)" in blocked
+
+    # allowedCustomerOperations without Update or Delete (e.g. a CSP purchase): no change form at all.
+    (csp,) = standin.seed(1, plan_id="standard", quantity=5)
+    standin.set_subscription(csp, allowedCustomerOperations=["Read"])
+    assert run_reconciliation(services).completed
+    assert services.repository.get(csp).record.allowed_customer_operations == ("Read",)
+    locked = get(f"/api/console/subscriptions/{csp}", roles=operator).text
+    for testid in ("change-plan-form", "change-quantity-form", "cancel-form"):
+        assert f'data-testid="{testid}"' not in locked
+    reasons = re.search(r'data-testid="change-blocked">(.*?)</ul>', locked, re.S).group(1)
+    assert reasons.count("allowedCustomerOperations") == 3
+
+
+def standin_plans(services, subscription_id: str):
+    from shared import publisher
+
+    return publisher.available_plans(services, subscription_id)

@@ -539,3 +539,51 @@ def test_plans_with_limits_come_from_list_available_plans(api):
     assert api.patch(subscription_id, {"quantity": 21}).json()["error"] == "quantity_out_of_range"
     assert api.patch(subscription_id, {"planId": "premium"}).json()["error"] == "plan_not_available"
     assert changes_sent(api.standin) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# ids are case-insensitive at every door (issue 25, defect 1)
+
+
+def test_upper_case_ids_reach_the_same_subscription_and_operation(api):
+    subscription_id = subscribed(api)
+    upper = subscription_id.upper()
+    assert upper != subscription_id
+    view = api.get(f"subscriptions/{upper}", roles=(READ,))
+    assert view.status_code == 200, view.text
+    assert view.json()["id"] == subscription_id
+    plans = api.get(f"subscriptions/{upper}/plans", roles=(READ,))
+    assert plans.status_code == 200 and plans.json()["subscriptionId"] == subscription_id
+
+    changed = api.patch(upper, {"planId": "premium"})
+    assert changed.status_code == 202, changed.text
+    operation_id = changed.json()["id"]
+    assert changed.json()["subscriptionId"] == subscription_id
+    read = api.get(f"operations/{operation_id.upper()}", roles=(READ,))
+    assert read.status_code == 200 and read.json()["id"] == operation_id
+    assert api.wait_for(operation_id)["status"] == "Succeeded"
+    api.services.follower.wait_idle(10)
+    assert api.services.repository.get(subscription_id).record.plan_id == "premium"
+
+    cancelled = api.delete(upper)
+    assert cancelled.status_code == 202, cancelled.text
+    assert api.wait_for(cancelled.json()["id"])["status"] == "Succeeded"
+    api.services.follower.wait_idle(10)
+    assert api.services.repository.get(subscription_id).record.status is LocalStatus.UNSUBSCRIBED
+    # One record, under the canonical id: nothing was written under the upper-case spelling.
+    assert api.services.repository.get(upper.lower()) is not None
+    assert publisher_rows(api.services, upper) == []
+
+
+def test_the_openapi_document_is_served_and_every_answer_here_is_checked_against_it(api):
+    from shared.openapi import document_bytes
+    from tests import contract
+
+    served = api.http.get(f"{api.base}/openapi.json", timeout=30)
+    assert served.status_code == 200 and served.headers["Content-Type"].startswith("application/json")
+    assert served.content == document_bytes() and "Authorization" not in served.request.headers
+    before = contract.validated
+    api.get(f"subscriptions/{uuid.uuid4()}", roles=(READ,))
+    api.get("operations/not-a-guid", roles=(READ,))
+    api.patch(str(uuid.uuid4()), {"planId": "premium"}, token=None)
+    assert contract.validated == before + 3  # the http fixture validated each answer

@@ -56,6 +56,7 @@ def test_functions_are_registered_with_the_contracted_names_routes_and_triggers(
         "console_billing",
         "console_usage_resolve",
         "usage_reconcile_timer",
+        "openapi_document",
     }
 
     def trigger(name):
@@ -71,6 +72,7 @@ def test_functions_are_registered_with_the_contracted_names_routes_and_triggers(
     assert trigger("publisher_operation")["route"] == "operations/{operationId}"
     assert trigger("publisher_operation")["methods"] == ["GET"]
     assert trigger("publisher_usage")["route"] == "usage" and trigger("publisher_usage")["methods"] == ["POST"]
+    assert trigger("openapi_document")["route"] == "openapi.json" and trigger("openapi_document")["methods"] == ["GET"]
     assert trigger("console_list")["route"] == "console" and trigger("console_list")["methods"] == ["GET"]
     assert trigger("console_subscription")["route"] == "console/subscriptions/{subscriptionId}"
     for name in (
@@ -81,6 +83,7 @@ def test_functions_are_registered_with_the_contracted_names_routes_and_triggers(
         "publisher_plans",
         "publisher_operation",
         "publisher_usage",
+        "openapi_document",
     ):
         # No function keys: Microsoft sends none and keys in URLs fail certification.
         assert trigger(name)["authLevel"] == "anonymous"
@@ -118,3 +121,10 @@ def test_funcignore_keeps_development_files_out_of_the_package():
     ignored = (ROOT / ".funcignore").read_text().split()
     for entry in ("tests/", ".venv/", "devtools/", "infra/", "local.settings.json"):
         assert entry in ignored
+    # The OpenAPI document is served by the app (GET /api/openapi.json): it must ship with it.
+    import fnmatch
+
+    for entry in ignored:
+        assert not any(fnmatch.fnmatch(name, entry.rstrip("/")) for name in ("shared", "openapi.json", "shared/openapi.json")), (
+            entry
+        )

@@ -11,9 +11,9 @@ GOOD = "37f9dea2-4345-438f-b0bd-03d40d28c7e0"
 
 
 @pytest.mark.parametrize("value", [GOOD, GOOD.upper(), "00000000-0000-0000-0000-000000000000"])
-def test_guids_are_accepted_as_given(value):
+def test_guids_are_accepted_in_their_canonical_lower_case_form(value):
     assert is_marketplace_id(value)
-    assert require_marketplace_id(value) == value
+    assert require_marketplace_id(value) == value.lower()
 
 
 @pytest.mark.parametrize(
