@@ -1150,6 +1150,34 @@ def _usage_events(ids: list[str], count: int, hours: list[datetime]) -> tuple[li
     return events, min(buckets, count)
 
 
+def _report_usage(
+    session, url: str, headers: dict[str, str], batch: list[dict[str, Any]]
+) -> tuple[list[int | None], list[float], int, Counter, int]:
+    """POST a batch of usage events, then again whatever was answered `failed` (same ids: counted once).
+    Statuses and latencies per attempt, events accepted, refusal reasons, events still not stored."""
+    statuses: list[int | None] = []
+    latencies: list[float] = []
+    accepted = 0
+    refused: Counter = Counter()
+    for _attempt in range(USAGE_ATTEMPTS):
+        started = time.perf_counter()
+        try:
+            answer = session.post(url, data=json.dumps({"events": batch}), headers=headers, timeout=120)
+            status: int | None = answer.status_code
+            results = answer.json().get("results", []) if status in (202, 503) else []
+        except Exception:  # noqa: BLE001 - counted as an error, sent again
+            status, results = None, []
+        latencies.append(time.perf_counter() - started)
+        statuses.append(status)
+        accepted += sum(1 for r in results if r["status"] == "accepted")
+        refused.update(r.get("reason") for r in results if r["status"] == "refused")
+        again = {r["index"] for r in results if r["status"] == "failed"} if results else set(range(len(batch)))
+        batch = [event for index, event in enumerate(batch) if index in again]
+        if not batch:
+            break
+    return statuses, latencies, accepted, refused, len(batch)
+
+
 def bench_metering(
     bench: BenchEnvironment,
     events: int = 100_000,
@@ -1194,27 +1222,9 @@ def bench_metering(
         local = threading.local()
 
         def report(batch: list[dict[str, Any]]) -> tuple[list[int | None], list[float], int]:
-            """Send a batch, then again whatever was answered `failed` (same ids: counted once)."""
             session = getattr(local, "session", None) or _new_session()
             local.session = session
-            statuses: list[int | None] = []
-            latencies: list[float] = []
-            accepted = 0
-            for _attempt in range(USAGE_ATTEMPTS):
-                started = time.perf_counter()
-                try:
-                    answer = session.post(url, data=json.dumps({"events": batch}), headers=headers, timeout=120)
-                    status: int | None = answer.status_code
-                    results = answer.json().get("results", []) if status in (202, 503) else []
-                except Exception:  # noqa: BLE001 - counted as an error, sent again
-                    status, results = None, []
-                latencies.append(time.perf_counter() - started)
-                statuses.append(status)
-                accepted += sum(1 for r in results if r["status"] == "accepted")
-                again = {r["index"] for r in results if r["status"] == "failed"} if results else set(range(len(batch)))
-                batch = [event for index, event in enumerate(batch) if index in again]
-                if not batch:
-                    break
+            statuses, latencies, accepted, _, _ = _report_usage(session, url, headers, batch)
             return statuses, latencies, accepted
 
         before = app.call("snapshot")
@@ -1326,17 +1336,9 @@ def bench_readback(bench: BenchEnvironment, subscriptions: int = 1000, days: int
                     for dimension in METERING_DIMENSIONS
                 ]
                 for start in range(0, len(batch), USAGE_PER_CALL):
-                    events = batch[start : start + USAGE_PER_CALL]
-                    for _attempt in range(USAGE_ATTEMPTS):  # events answered `failed` are sent again, same ids
-                        answer = session.post(url, data=json.dumps({"events": events}), headers=headers, timeout=300)
-                        results = answer.json().get("results", []) if answer.status_code in (202, 503) else []
-                        refused = Counter(r.get("reason") for r in results if r["status"] == "refused")
-                        assert answer.status_code in (202, 503) and not refused, (answer.status_code, refused, answer.text[:300])
-                        again = {r["index"] for r in results if r["status"] == "failed"}
-                        events = [event for index, event in enumerate(events) if index in again]
-                        if not events:
-                            break
-                    assert not events, f"{len(events)} usage events still failed after {USAGE_ATTEMPTS} attempts"
+                    statuses, _, _, refused, left = _report_usage(session, url, headers, batch[start : start + USAGE_PER_CALL])
+                    assert set(statuses) <= {202, 503} and not refused, (statuses, refused)
+                    assert not left, f"{left} usage events still failed after {USAGE_ATTEMPTS} attempts"
                 reported += sum((Decimal(str(e["quantity"])) for e in batch), Decimal(0))
                 app.call("meter_until_settled", runs=3)
             app.call("set_clock_skew", seconds=0.0)
