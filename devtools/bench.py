@@ -399,7 +399,7 @@ class _Worker:
     def cmd_set_clock_skew(self, seconds: float = 0.0) -> None:
         """Run the app's clock ``seconds`` ahead (negative: behind), for the read-back's closed days."""
         skew = timedelta(seconds=seconds)
-        self.services.clock = (lambda: datetime.now(UTC) + skew) if seconds else (lambda: datetime.now(UTC))
+        self.services.clock = lambda: datetime.now(UTC) + skew
 
     def cmd_meter_until_settled(self, runs: int = 6) -> dict[str, Any]:
         """Metering runs until nothing is left to retry (at most ``runs``): calls and what each run left."""
@@ -1150,6 +1150,20 @@ def _usage_events(ids: list[str], count: int, hours: list[datetime]) -> tuple[li
     return events, min(buckets, count)
 
 
+def _metered_subscriptions(standin, subscriptions: int) -> tuple[list[str], dict[str, str]]:
+    """``subscriptions`` on a plan with the bench's meter dimensions, and the headers of a reporter
+    (an Entra token with ``Usage.Write``)."""
+    from devtools.marketplace_standin import DEFAULT_OFFER_ID, make_plan
+
+    dimensions = [{"id": d, "name": d, "unitOfMeasure": "unit", "pricePerUnit": 0.01} for d in METERING_DIMENSIONS]
+    standin.set_plans(DEFAULT_OFFER_ID, [make_plan("metered", planComponents={"meteringDimensions": dimensions})])
+    ids = standin.seed(subscriptions, plan_id="metered")
+    token = standin.sign_token(
+        {"aud": PUBLISHER_API_AUDIENCE, "azp": "0be1c4a2-0000-4000-8000-00000000be04", "roles": ["Usage.Write"]}
+    )
+    return ids, {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+
 def _report_usage(
     session, url: str, headers: dict[str, str], batch: list[dict[str, Any]]
 ) -> tuple[list[int | None], list[float], int, Counter, int]:
@@ -1193,24 +1207,16 @@ def bench_metering(
     and ``error_rate``: the stand-in's result order and share of per-item ``Error`` answers."""
     from decimal import Decimal
 
-    from devtools.marketplace_standin import DEFAULT_OFFER_ID, make_plan
-
     standin = bench.standin
     bench.reset_standin()
     standin.usage_result_order = order
     standin.usage_error_rate = error_rate
-    dimensions = [{"id": d, "name": d, "unitOfMeasure": "unit", "pricePerUnit": 0.01} for d in METERING_DIMENSIONS]
-    standin.set_plans(DEFAULT_OFFER_ID, [make_plan("metered", planComponents={"meteringDimensions": dimensions})])
-    ids = standin.seed(subscriptions, plan_id="metered")
+    ids, headers = _metered_subscriptions(standin, subscriptions)
     now = datetime.now(UTC)
     current = now.replace(minute=0, second=0, microsecond=0)
     hours = [current - timedelta(hours=n) for n in range(METERING_HOURS, 0, -1)]
     usage, buckets = _usage_events(ids, events, hours)
     calls = [usage[start : start + USAGE_PER_CALL] for start in range(0, len(usage), USAGE_PER_CALL)]
-    token = standin.sign_token(
-        {"aud": PUBLISHER_API_AUDIENCE, "azp": "0be1c4a2-0000-4000-8000-00000000be04", "roles": ["Usage.Write"]}
-    )
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     result: dict[str, Any] = {"events": events, "reporters": reporters, "subscriptions": subscriptions, "buckets": buckets}
     with bench.app(bench.app_env(), "metering") as app:
         url = app.call("serve") + "/api/usage"
@@ -1298,17 +1304,9 @@ def bench_readback(bench: BenchEnvironment, subscriptions: int = 1000, days: int
     One difference, one Rejected and one Mismatch are planted to show they are found."""
     from decimal import Decimal
 
-    from devtools.marketplace_standin import DEFAULT_OFFER_ID, make_plan
-
     standin = bench.standin
     bench.reset_standin()
-    dimensions = [{"id": d, "name": d, "unitOfMeasure": "unit", "pricePerUnit": 0.01} for d in METERING_DIMENSIONS]
-    standin.set_plans(DEFAULT_OFFER_ID, [make_plan("metered", planComponents={"meteringDimensions": dimensions})])
-    ids = standin.seed(subscriptions, plan_id="metered")
-    token = standin.sign_token(
-        {"aud": PUBLISHER_API_AUDIENCE, "azp": "0be1c4a2-0000-4000-8000-00000000be04", "roles": ["Usage.Write"]}
-    )
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    ids, headers = _metered_subscriptions(standin, subscriptions)
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     result: dict[str, Any] = {"subscriptions": subscriptions, "days": days, "dimensions": len(METERING_DIMENSIONS)}
     session = _new_session()
