@@ -24,7 +24,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, seed, settings
 
 from shared.openapi import document
-from tests.integration.test_publisher_api import API_AUDIENCE, SAAS_APP_ID, publisher_rows, subscribed
+from tests.integration.test_publisher_api import API_AUDIENCE, SAAS_APP_ID, entra_api_services, publisher_rows, subscribed
 
 pytestmark = pytest.mark.azurite
 
@@ -73,12 +73,8 @@ class Fuzz:
 
 @pytest.fixture
 def fuzz(standin, make_services, devhost, http):
-    services = make_services(
-        PUBLISHER_API_AUTH="entra",
-        PUBLISHER_API_AUDIENCE=API_AUDIENCE,
-        PUBLISHER_API_OPENID_CONFIG_URL=standin.openid_config_url,
-        PUBLISHER_OPERATION_POLL_SECONDS="3600",  # nothing settles behind the test's back
-    )
+    # nothing settles behind the test's back
+    services = entra_api_services(make_services, standin, PUBLISHER_OPERATION_POLL_SECONDS="3600")
     standin.webhook_url = None
     yield Fuzz(services, standin, devhost, http)
     services.follower.close()

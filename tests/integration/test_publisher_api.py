@@ -68,14 +68,19 @@ class PublisherApi:
             time.sleep(0.2)
 
 
-@pytest.fixture
-def api(standin, make_services, devhost, http):
-    services = make_services(
+def entra_api_services(make_services, standin, **overrides):
+    """A services bundle whose publisher API checks the stand-in's Entra tokens for API_AUDIENCE."""
+    return make_services(
         PUBLISHER_API_AUTH="entra",
         PUBLISHER_API_AUDIENCE=API_AUDIENCE,
         PUBLISHER_API_OPENID_CONFIG_URL=standin.openid_config_url,
-        PUBLISHER_OPERATION_POLL_SECONDS="1",
+        **overrides,
     )
+
+
+@pytest.fixture
+def api(standin, make_services, devhost, http):
+    services = entra_api_services(make_services, standin, PUBLISHER_OPERATION_POLL_SECONDS="1")
     standin.webhook_url = devhost.url + "/api/webhook"
     yield PublisherApi(services, standin, devhost, http)
     services.follower.wait_idle(30)
