@@ -167,6 +167,10 @@ class MarketplaceUnavailableError(MarketplaceError):
     http_status = 503
 
 
+class UsageResultsUnmatchedError(MarketplaceUnavailableError):
+    """batchUsageEvent answered for other events than those sent: an unknown answer, sent again."""
+
+
 def http_status_for(error: BaseException) -> int:
     """The HTTP status a handler answers with for an error escaping a use case."""
     if isinstance(error, AppError):

@@ -57,6 +57,7 @@ from shared.errors import (
     MarketplaceThrottledError,
     MarketplaceUnauthorizedError,
     MarketplaceUnavailableError,
+    UsageResultsUnmatchedError,
 )
 from shared.observability import current_correlation_id, new_correlation_id
 
@@ -429,7 +430,7 @@ class MarketplaceClient:
             log.warning(
                 "batchUsageEvent results do not match the events sent (%s of %s match)", len(set(by_key) & set(keys)), len(keys)
             )
-            raise MarketplaceUnavailableError("batchUsageEvent answered for other events than those sent", status=200)
+            raise UsageResultsUnmatchedError("batchUsageEvent answered for other events than those sent", status=200)
         return [by_key[key] for key in keys]
 
     def list_usage_aggregates(self, start: datetime, end: datetime | None = None) -> list[UsageAggregate]:

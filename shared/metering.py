@@ -63,6 +63,7 @@ from shared.errors import (
     DeadlineExceededError,
     MarketplaceError,
     PayloadTooLargeError,
+    UsageResultsUnmatchedError,
 )
 from shared.ids import MARKETPLACE_ID
 from shared.observability import current_correlation_id
@@ -806,7 +807,7 @@ class Emitter:
                 for work, _ in items:
                     work.unsettled = True
                 return
-            if "did not match" in error.message or "other events than those sent" in error.message:
+            if isinstance(error, UsageResultsUnmatchedError):
                 self.summary.unmatched_answers += 1
             log.warning("batchUsageEvent failed (%s); %s buckets stay pending for the next run", error.code, len(events))
             results = None

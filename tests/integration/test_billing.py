@@ -167,6 +167,16 @@ def test_an_hour_total_a_double_cannot_hold_is_billed_to_15_digits_and_the_rest_
 # 4. never drop billable usage
 
 
+def test_an_answer_for_other_events_than_those_sent_is_counted_and_sent_again(meter):
+    sid = meter.subscription()
+    meter.report(usage(sid, 3, at=NINE, id="u"))
+    meter.standin.usage_answer_rewrite = lambda results: [{**r, "dimension": "other"} for r in results]
+    summary = meter.emit()
+    assert (summary.unmatched_answers, summary.retry, summary.accepted) == (1, 1, 0)
+    meter.standin.usage_answer_rewrite = None
+    assert meter.emit().accepted == 1 and total_billed(meter, sid) == 3
+
+
 def test_a_per_item_error_is_sent_again_not_flagged(meter):
     sid = meter.subscription()
     meter.report(usage(sid, 4, at=NINE, id="e"))
