@@ -3,6 +3,7 @@
 import azure.functions as func
 
 from console import bp as console_bp
+from event_delivery import bp as event_delivery_bp
 from landing_page import bp as landing_page_bp
 from metering_timer import bp as metering_timer_bp
 from publisher_api import bp as publisher_api_bp
@@ -18,3 +19,4 @@ app.register_functions(publisher_api_bp)
 app.register_functions(metering_timer_bp)
 app.register_functions(console_bp)
 app.register_functions(usage_reconcile_timer_bp)
+app.register_functions(event_delivery_bp)

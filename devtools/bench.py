@@ -47,7 +47,8 @@ from typing import TYPE_CHECKING, Any, TypedDict
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
-from shared.events import BACKGROUND_WORKERS, RELAY_THREAD_PREFIX  # noqa: E402
+BACKGROUND_WORKERS = 0  # the relay has no thread pool any more: delivery jobs go on the work queue
+RELAY_THREAD_PREFIX = "event-relay"
 
 if TYPE_CHECKING:
     from devtools.devhost import DevHost
