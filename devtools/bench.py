@@ -326,6 +326,7 @@ class _Worker:
             host="127.0.0.1",
             port=0,
             timers=False,
+            queues=False,  # the bench drains the delivery jobs itself (services.events.wait_idle)
             signed_in_user="",
             environ={
                 "RECONCILE_SCHEDULE": "0 0 0 1 1 *",
