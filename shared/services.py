@@ -78,7 +78,7 @@ class Services:
 
     @property
     def follower(self) -> OperationFollower:
-        """Follows publisher operations to their end in background threads."""
+        """Follows publisher operations to their end through the operations work queue."""
         from shared.publisher import OperationFollower
 
         return self.once("follower", lambda: OperationFollower(self))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,9 +29,16 @@ class Job:
     kind: str
     subscription_id: str
     attempt: int = 0
+    #: poll jobs: the publisher operation, the current wait (s) and the end of the budget (epoch s)
+    operation_id: str = ""
+    wait: float = 0.0
+    ends: float = 0.0
 
     def to_message(self) -> str:
-        return json.dumps({"kind": self.kind, "subscriptionId": self.subscription_id, "attempt": self.attempt}, sort_keys=True)
+        data: dict[str, object] = {"kind": self.kind, "subscriptionId": self.subscription_id, "attempt": self.attempt}
+        if self.operation_id:
+            data.update(operationId=self.operation_id, wait=self.wait, ends=self.ends)
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_message(cls, text: str) -> Job:
@@ -38,11 +46,15 @@ class Job:
         try:
             data = json.loads(text)
             kind, subscription_id, attempt = data["kind"], data["subscriptionId"], int(data.get("attempt", 0))
+            operation_id = str(data.get("operationId") or "")
+            wait, ends = float(data.get("wait") or 0.0), float(data.get("ends") or 0.0)
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"not a job message: {type(error).__name__}") from None
         if not (isinstance(kind, str) and isinstance(subscription_id, str) and subscription_id):
             raise ValueError("not a job message: kind and subscriptionId must be text")
-        return cls(kind=kind, subscription_id=subscription_id, attempt=max(0, attempt))
+        return cls(
+            kind=kind, subscription_id=subscription_id, attempt=max(0, attempt), operation_id=operation_id, wait=wait, ends=ends
+        )
 
 
 def queue_client(settings: Settings, queue_name: str) -> Any:
@@ -96,3 +108,30 @@ class WorkQueue:
         self._ensure()
         visibility = max(0, min(round(delay_seconds), MAX_VISIBILITY_SECONDS))
         self.client.send_message(job.to_message(), visibility_timeout=visibility or None)
+
+    def drain(self, run: Callable[[str], object], *, max_messages: int = 1000, lock_seconds: int = 60) -> int:
+        """Run the visible jobs here, as the queue trigger would (tools, tests); returns jobs run."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        done = 0
+        while done < max_messages:
+            try:
+                batch = list(self.client.receive_messages(messages_per_page=16, visibility_timeout=lock_seconds, max_messages=16))
+            except ResourceNotFoundError:
+                return done
+            if not batch:
+                return done
+            for message in batch:
+                run(message.content)
+                self.client.delete_message(message)
+                done += 1
+        return done
+
+    def waiting(self) -> int:
+        """Messages on the queue, visible or not (approximate, as Storage counts them)."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            return int(self.client.get_queue_properties().approximate_message_count or 0)
+        except ResourceNotFoundError:
+            return 0

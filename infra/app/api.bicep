@@ -233,6 +233,7 @@ var appSettings = {
   CONSOLE_TENANT_ID: ''
   EVENTS_QUEUE_NAME: eventsQueueName
   EVENTS_WORK_QUEUE: '${eventsQueueName}-jobs'
+  OPERATIONS_WORK_QUEUE: '${eventsQueueName}-operations'
   EVENTS_QUEUE_ENDPOINT: queueEndpoint
   EVENTS_WEBHOOK_URL: eventsWebhookUrl
   EVENTS_WEBHOOK_SECRET: empty(eventsWebhookUrl) ? '' : '${kvReferencePrefix}${secretNames.eventsWebhookSecret})'

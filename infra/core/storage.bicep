@@ -112,6 +112,15 @@ resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
     resource eventsWorkPoisonQueue 'queues' = {
       name: '${eventsQueueName}-jobs-poison'
     }
+
+    // OPERATIONS_WORK_QUEUE: "poll operation Y" jobs for the operation_followup queue trigger.
+    resource operationsWorkQueue 'queues' = {
+      name: '${eventsQueueName}-operations'
+    }
+
+    resource operationsWorkPoisonQueue 'queues' = {
+      name: '${eventsQueueName}-operations-poison'
+    }
   }
 
   // Tables are created by the app itself at start-up (TABLES_PREFIX + name); the table service

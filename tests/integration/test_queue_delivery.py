@@ -121,6 +121,7 @@ def test_the_dev_host_serves_the_queue_trigger_end_to_end_in_order(make_services
         services = make_services(EVENTS_QUEUE_NAME=name, EVENTS_WEBHOOK_URL=hook.url, EVENTS_WEBHOOK_SECRET=HOOK_SECRET)
         environ = {
             "EVENTS_WORK_QUEUE": name + "-jobs",
+            "OPERATIONS_WORK_QUEUE": name + "-operations",
             "AzureWebJobsStorage": azurite.connection_string,
             "RECONCILE_SCHEDULE": "0 0 0 1 1 *",
             "METERING_SCHEDULE": "0 0 0 1 1 *",
