@@ -68,7 +68,7 @@ def make_env(azurite, standin, **overrides) -> dict[str, str]:
     return env
 
 
-APP_THREAD_PREFIXES = ("event-relay",)  # the relay's pool and lease timers are gone; publisher-follow is next
+APP_THREAD_PREFIXES = ("event-relay", "publisher-follow")  # pools and timers the relay and follower used to start
 
 
 @pytest.fixture
