@@ -192,3 +192,31 @@ def work_messages_raw(azurite, name: str) -> list[str]:
         return [m.content for m in client.peek_messages(max_messages=32)]
     except Exception:  # noqa: BLE001 - a queue not created yet holds nothing
         return []
+
+
+def test_instance_gone_right_after_the_202_a_second_process_settles_the_operation(make_services, standin, azurite):
+    """The first bundle answers the publisher change with 202 and is dropped; a second bundle (same
+    Azurite) serves the "poll operation" job and settles the operation without any timer."""
+    from shared import publisher
+
+    name = queue_name()
+    first = make_services(EVENTS_QUEUE_NAME=name, PUBLISHER_OPERATION_POLL_SECONDS="1")
+    subscription_id = activated(first, standin)
+    standin.partner_webhook = False  # only our poll can settle it
+    try:
+        result = publisher.request_change(
+            first, publisher.ChangeRequest(subscription_id, publisher.CHANGE_QUANTITY, quantity=9), caller="test"
+        )
+        assert result.status == 202
+        operation_id = result.body["id"]
+        first._lazy.pop("follower", None)  # gone: nothing of it keeps polling
+        first.close()
+        second = make_services(
+            EVENTS_QUEUE_NAME=name, PUBLISHER_OPERATION_POLL_SECONDS="1", TABLES_PREFIX=first.settings.tables_prefix
+        )
+        assert second.follower.wait_idle(20)
+        assert second.publisher_store is not None
+        assert second.publisher_store.get(subscription_id, operation_id).settled
+        assert second.repository.get(subscription_id).record.quantity == 9
+    finally:
+        standin.partner_webhook = True
