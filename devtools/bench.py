@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
-from shared.events import BACKGROUND_WORKERS, RELAY_THREAD_PREFIX  # noqa: E402
+RELAY_THREAD_PREFIX = "event-relay"
 
 if TYPE_CHECKING:
     from devtools.devhost import DevHost
@@ -325,6 +325,7 @@ class _Worker:
             host="127.0.0.1",
             port=0,
             timers=False,
+            queues=False,  # the bench drains the delivery jobs itself (services.events.wait_idle)
             signed_in_user="",
             environ={
                 "RECONCILE_SCHEDULE": "0 0 0 1 1 *",
@@ -2609,9 +2610,10 @@ def findings(results: dict[str, Any]) -> list[str]:
             sample = plain["relay_storage"] if plain else {}
             request_path = webhook["storage_reads_per_event"] + webhook["storage_writes_per_event"]
             out.append(
-                f"Event relay (background, off the request path): `shared/events.py` `EventRelay.relay_in_background`"
-                f" hands each changed subscription to a fixed pool of {BACKGROUND_WORKERS} workers (a subscription already"
-                f" queued or being delivered is not given a second job) and makes {relay} storage requests per event"
+                "Event relay (off the request path, on the work queue): each change puts a `deliver` job on"
+                " `EVENTS_WORK_QUEUE` before the answer (one queue put on the request path) and `shared/events.py`"
+                " `EventRelay.run_job` (the event_delivery queue trigger; here drained in-process) makes"
+                f" {relay} storage requests per event besides the job's receive and delete"
                 f" ({_fmt_counts(webhook['relay_storage_wire'])} over the burst; one event alone: {_fmt_counts(sample)}):"
                 " with the queue as the only sink there is no lease (queues keep no order; consumers order by"
                 " `sequence`), so an event costs the outbox query, the queue send and the delivery mark:"

@@ -7,7 +7,7 @@ registered on a ``func.FunctionApp`` by reading the app's own registrations
 Command line (from the project root)::
 
     python -m devtools.devhost [--app function_app:app] [--host 127.0.0.1] [--port 7071]
-                               [--settings local.settings.json] [--no-timers]
+                               [--settings local.settings.json] [--no-timers] [--no-queues]
 
 In-process (tests)::
 
@@ -26,6 +26,11 @@ What it emulates:
   Function keys / ``auth_level`` are not enforced, as with Core Tools.
 * **Timer triggers** - ``%SETTING%`` schedules, six-field NCRONTAB or TimeSpan (see
   :mod:`devtools.ncrontab`), ``run_on_startup``, ``past_due``; a function never overlaps itself.
+* **Queue triggers** - ``%SETTING%`` queue names on the connection string in the binding's
+  ``connection`` setting (Azurite); host.json ``extensions.queues`` ``batchSize``,
+  ``maxPollingInterval`` (empty polls back off to it), ``visibilityTimeout`` (a failed message
+  comes back after it), ``maxDequeueCount`` (then ``<queue>-poison``, logged with the
+  ``queue_message_poisoned`` marker). ``queues=False`` / ``--no-queues`` turns polling off.
 * **Admin API** - ``POST /admin/functions/<name>`` (body ``{"input": ...}``) runs a non-HTTP
   function in the background and answers 202; ``?wait=true`` (dev-host extension) waits and
   answers 200/500. ``GET /admin/host/status``; ``GET /`` lists the functions.
@@ -34,7 +39,7 @@ What it emulates:
   ``signed_in_user`` argument) the headers App Service Authentication would add are injected.
 * ``AzureWebJobs.<FunctionName>.Disabled=true`` disables routing/scheduling of a function.
 
-Not emulated: bindings other than the HTTP/timer triggers and the HTTP output (inputs receive
+Not emulated: bindings other than the HTTP/timer/queue triggers and the HTTP output (inputs receive
 ``None``, ``func.Out`` outputs are logged and discarded), CORS, keys, ``functionTimeout``.
 """
 
@@ -461,6 +466,124 @@ class _TimerRunner:
 
 
 # --------------------------------------------------------------------------------------------
+# Queue triggers (against Azurite's queue service, as the Functions host serves them)
+# --------------------------------------------------------------------------------------------
+
+POISON_MARKER = "queue_message_poisoned"
+
+
+@dataclass(frozen=True)
+class QueueOptions:
+    """host.json ``extensions.queues`` (the Functions host's defaults where absent)."""
+
+    batch_size: int = 16
+    max_polling_interval: float = 60.0
+    visibility_timeout: float = 0.0
+    max_dequeue_count: int = 5
+
+    @classmethod
+    def read(cls, host_json: Path | str | None) -> QueueOptions:
+        if host_json is None or not Path(host_json).is_file():
+            return cls()
+        document = json.loads(Path(host_json).read_text(encoding="utf-8-sig"))
+        queues = (document.get("extensions") or {}).get("queues") or {}
+        return cls(
+            batch_size=int(queues.get("batchSize", 16)),
+            max_polling_interval=_timespan_seconds(queues.get("maxPollingInterval"), 60.0),
+            visibility_timeout=_timespan_seconds(queues.get("visibilityTimeout"), 0.0),
+            max_dequeue_count=int(queues.get("maxDequeueCount", 5)),
+        )
+
+
+def _timespan_seconds(value: Any, default: float) -> float:
+    if value is None:
+        return default
+    hours, minutes, seconds = str(value).split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
+class _QueueRunner:
+    """Polls one queue for one queue-triggered function: messages in batches, invisible while a
+    run holds them (``LOCK_SECONDS``), deleted on success; on failure put back after the
+    ``visibilityTimeout``; after ``maxDequeueCount`` failures moved to ``<queue>-poison`` and logged
+    with the ``queue_message_poisoned`` marker. Empty polls back off up to ``maxPollingInterval``."""
+
+    LOCK_SECONDS = 600  # the host renews its hold while a function runs; our functions finish far sooner
+
+    def __init__(self, host: DevHost, fn: _FunctionInfo, queue_name: str, connection_string: str, options: QueueOptions):
+        self.host = host
+        self.fn = fn
+        self.queue_name = queue_name
+        self.connection_string = connection_string
+        self.options = options
+        self.thread: threading.Thread | None = None
+
+    def _client(self, name: str) -> Any:
+        from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
+
+        return QueueClient.from_connection_string(
+            self.connection_string,
+            name,
+            message_encode_policy=TextBase64EncodePolicy(),
+            message_decode_policy=TextBase64DecodePolicy(),
+        )
+
+    def poll_once(self) -> int:
+        """One batch: returns the number of messages run (0: the queue is empty or missing)."""
+        from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+
+        client = self._client(self.queue_name)
+        try:
+            messages = list(
+                client.receive_messages(
+                    messages_per_page=self.options.batch_size,
+                    max_messages=self.options.batch_size,
+                    visibility_timeout=self.LOCK_SECONDS,
+                )
+            )
+        except ResourceNotFoundError:
+            return 0
+        for message in messages:
+            body = message.content
+            request = func.QueueMessage(id=message.id, body=body, pop_receipt=message.pop_receipt)
+            with self.host._run_lock(self.fn.name):
+                result = self.host._invoke(self.fn, request, reason=f"New queue message detected on '{self.queue_name}'")
+            if result.error is None:
+                client.delete_message(message)
+            elif (message.dequeue_count or 0) >= self.options.max_dequeue_count:
+                poison = self._client(self.queue_name + "-poison")
+                try:
+                    poison.create_queue()
+                except ResourceExistsError:
+                    pass
+                poison.send_message(body)
+                client.delete_message(message)
+                logger.error(
+                    "%s queue=%s function=%s dequeueCount=%s: moved to %s-poison",
+                    POISON_MARKER,
+                    self.queue_name,
+                    self.fn.name,
+                    message.dequeue_count,
+                    self.queue_name,
+                )
+            else:
+                client.update_message(message, visibility_timeout=int(self.options.visibility_timeout))
+        return len(messages)
+
+    def loop(self, stop: threading.Event) -> None:
+        interval = 0.1
+        while not stop.is_set():
+            try:
+                ran = self.poll_once()
+            except Exception:
+                logger.warning("Queue %s: poll failed", self.queue_name, exc_info=True)
+                ran = 0
+            interval = 0.1 if ran else min(interval * 2, self.options.max_polling_interval)
+            if stop.wait(0 if ran else interval):
+                break
+
+
+# --------------------------------------------------------------------------------------------
 # HTTP server (werkzeug's threaded WSGI server; the host's routing and Easy Auth are ours)
 # --------------------------------------------------------------------------------------------
 
@@ -543,6 +666,7 @@ class DevHost:
         port: int = DEFAULT_PORT,
         *,
         timers: bool = True,
+        queues: bool = True,
         signed_in_user: str | None = None,
         route_prefix: str | None = None,
         host_json: str | Path | None = None,
@@ -555,6 +679,7 @@ class DevHost:
         self.host = host
         self.port = port
         self.timers_enabled = timers
+        self.queues_enabled = queues
         self._environ = os.environ if environ is None else environ
         if signed_in_user is None:
             signed_in_user = self._environ.get(SIGNED_IN_USER_ENV, "")
@@ -563,8 +688,9 @@ class DevHost:
             if signed_in_user.strip()
             else None
         )
+        host_json_path = Path("host.json") if host_json is None else host_json
         if route_prefix is None:
-            route_prefix = read_route_prefix(Path("host.json") if host_json is None else host_json)
+            route_prefix = read_route_prefix(host_json_path)
         self.route_prefix = route_prefix.strip("/")
         self.functions: dict[str, _FunctionInfo] = {}
         for function in index_app(app):
@@ -579,6 +705,19 @@ class DevHost:
         self._timers = {
             name: _TimerRunner(self, info) for name, info in self.functions.items() if info.trigger_type == "timerTrigger"
         }
+        self._queues: dict[str, _QueueRunner] = {}
+        if queues:
+            options = QueueOptions.read(host_json_path)
+            for name, info in self.functions.items():
+                if info.trigger_type != "queueTrigger":
+                    continue
+                what = f"function {info.name!r} queue name"
+                queue_name = resolve_setting_references(str(info.trigger.get("queueName", "")), self._environ, what=what)
+                setting = str(info.trigger.get("connection") or "AzureWebJobsStorage")
+                connection = self._environ.get(setting) or self._environ.get("TABLES_CONNECTION_STRING", "")
+                if not connection or ("AccountName" not in connection and "UseDevelopmentStorage" not in connection):
+                    raise DevHostError(f"{what}: the dev host needs a connection string in {setting} (Azurite)")
+                self._queues[name] = _QueueRunner(self, info, queue_name, connection, options)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._loop_guard = threading.Lock()
@@ -683,6 +822,12 @@ class DevHost:
                         target=runner.loop, args=(self._stop,), name=f"devhost-timer-{runner.fn.name}", daemon=True
                     )
                     runner.thread.start()
+        for queue_runner in self._queues.values():
+            if not queue_runner.fn.disabled:
+                queue_runner.thread = threading.Thread(
+                    target=queue_runner.loop, args=(self._stop,), name=f"devhost-queue-{queue_runner.fn.name}", daemon=True
+                )
+                queue_runner.thread.start()
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -698,6 +843,10 @@ class DevHost:
                 if runner.thread.is_alive():
                     logger.warning("Timer %s still running at shutdown", runner.fn.name)
                 runner.thread = None
+        for queue_runner in self._queues.values():
+            if queue_runner.thread is not None:
+                queue_runner.thread.join(timeout)
+                queue_runner.thread = None
         with self._loop_guard:
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(self._loop.stop)
@@ -1075,6 +1224,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-timers", action="store_true", help="do not run timer schedules (POST /admin/functions/<name> still works)"
     )
+    parser.add_argument("--no-queues", action="store_true", help="do not poll the queue triggers' queues")
     parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
     return parser.parse_args(argv)
 
@@ -1087,7 +1237,7 @@ def main(argv: list[str] | None = None) -> int:
         port = args.port
         if port is None:
             port = int((settings.get("Host") or {}).get("LocalHttpPort") or DEFAULT_PORT)
-        host = DevHost.from_module(args.app, host=args.host, port=port, timers=not args.no_timers)
+        host = DevHost.from_module(args.app, host=args.host, port=port, timers=not args.no_timers, queues=not args.no_queues)
         host.start()
     except DevHostError as exc:
         logger.error("Cannot start: %s", exc)

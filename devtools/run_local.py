@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None, env: MutableMapping[str, str] | None = N
     decide("SAAS_APP_URL", "https://app.contoso.example/")
     decide("BRAND_NAME", "Contoso SaaS (local)")
     decide("SUPPORT_EMAIL", "support@contoso.example")
+    decide("EVENTS_WORK_QUEUE", "subscription-events-jobs")
+    decide("OPERATIONS_WORK_QUEUE", "subscription-events-operations")
 
     from devtools.devhost import DevHost
 

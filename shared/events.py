@@ -10,7 +10,6 @@ import hashlib
 import hmac
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -28,10 +27,9 @@ from shared.state_machine import (
     EVENT_USAGE_REJECTED,
     Outcome,
 )
+from shared.work_queue import POISON_MARKER, Job, WorkQueue
 
 if TYPE_CHECKING:
-    from concurrent.futures import ThreadPoolExecutor
-
     from shared.ports import OutboxStore
     from shared.settings import Settings
 
@@ -90,8 +88,6 @@ HOOK_TIMEOUT_SECONDS = 5.0
 QUEUE_MESSAGE_MAX_BYTES = 48_000  # 64 KiB per Storage queue message once base64-encoded
 MAX_BACKOFF = timedelta(hours=1)
 LEASE_SECONDS = 60
-BACKGROUND_WORKERS = 4
-RELAY_THREAD_PREFIX = "event-relay"
 MAX_PASSES = 20  # lease takes per relay_subscription call (events keep arriving: the timer finishes)
 
 
@@ -135,6 +131,9 @@ class RelayStats:
     skipped: int = 0
     subscriptions: int = 0
     errors: list[str] = field(default_factory=list)
+    lease_held: bool = False
+    #: seconds until a held lease expires (a job waiting on it goes back with this delay)
+    retry_after_seconds: float | None = None
 
 
 class EventRelay:
@@ -151,6 +150,8 @@ class EventRelay:
         repository: OutboxStore,
         *,
         queue_client: Any = None,
+        work_queue: WorkQueue | None = None,
+        poison_queue: WorkQueue | None = None,
         hook_url: str = "",
         hook_secret: str = "",
         http_session: Any = None,
@@ -158,41 +159,42 @@ class EventRelay:
     ):
         self.repository = repository
         self.queue_client = queue_client
+        self.work_queue = work_queue
+        self.poison_queue = poison_queue
         self.hook_url = hook_url
         self.hook_secret = hook_secret
         self.clock = clock
         self._session = http_session
         self._queue_ready = False
-        self._executor: ThreadPoolExecutor | None = None
-        self._queued: set[str] = set()
-        self._running: set[str] = set()
-        self._again: set[str] = set()
-        self._inflight = 0
-        self._background_lock = threading.Condition()
-        self._retry_timers: dict[str, threading.Timer] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings, repository: OutboxStore, *, clock: Callable[[], datetime] = utc_now) -> EventRelay:
-        from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
+        from shared.work_queue import WorkQueue, queue_client
 
-        # Base64 text messages: what a queue-triggered Azure Function expects by default.
-        options: dict[str, Any] = {
-            "message_encode_policy": TextBase64EncodePolicy(),
-            "message_decode_policy": TextBase64DecodePolicy(),
-            "retry_total": 2,
-            "connection_timeout": 5,
-            "read_timeout": 10,
-        }
+        events_client: Any
         if settings.tables_connection_string:
-            queue = QueueClient.from_connection_string(settings.tables_connection_string, settings.events_queue_name, **options)
+            events_client = queue_client(settings, settings.events_queue_name)
         else:
+            from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
+
             from shared.credentials import storage_credential
 
             endpoint = settings.events_queue_endpoint or settings.tables_endpoint.replace(".table.", ".queue.")
-            queue = QueueClient(endpoint, settings.events_queue_name, credential=storage_credential(settings), **options)
+            events_client = QueueClient(
+                endpoint,
+                settings.events_queue_name,
+                credential=storage_credential(settings),
+                message_encode_policy=TextBase64EncodePolicy(),
+                message_decode_policy=TextBase64DecodePolicy(),
+                retry_total=2,
+                connection_timeout=5,
+                read_timeout=10,
+            )
         return cls(
             repository,
-            queue_client=queue,
+            queue_client=events_client,
+            work_queue=WorkQueue(queue_client(settings, settings.events_work_queue)),
+            poison_queue=WorkQueue(queue_client(settings, settings.events_work_queue + "-poison")),
             hook_url=settings.events_webhook_url,
             hook_secret=settings.events_webhook_secret,
             clock=clock,
@@ -251,7 +253,8 @@ class EventRelay:
             lease = self.repository.try_lease(subscription_id, LEASE_SECONDS)
             if lease is None:
                 stats.skipped += 1  # another deliverer holds this subscription; it delivers in order
-                self._retry_when_lease_expires(subscription_id)
+                stats.lease_held = True
+                stats.retry_after_seconds = self._lease_wait_seconds(subscription_id)
                 return stats
             if not counted:
                 stats.subscriptions += 1
@@ -264,35 +267,17 @@ class EventRelay:
                 return stats
         return stats
 
-    def _retry_when_lease_expires(self, subscription_id: str) -> None:
+    def _lease_wait_seconds(self, subscription_id: str) -> float | None:
         """The lease is held: by a live deliverer, which looks again after releasing it, or by one
-        that crashed. Either way, look again when the lease expires, so an orphaned lease delays
-        delivery by at most LEASE_SECONDS instead of until the next reconciliation run."""
+        that crashed. Either way, look again when the lease expires (the job goes back on the work
+        queue with that delay), so an orphaned lease delays delivery by at most LEASE_SECONDS."""
         try:
             expiry = self.repository.lease_expiry(subscription_id)
         except AppError:
-            return  # storage trouble: the reconciler's pass is the safety net
+            return None  # storage trouble: the job's backoff and the reconciler's pass are the safety net
         if expiry is None:
-            return
-        delay = max(0.0, (expiry - self.clock()).total_seconds()) + 1.0
-        with self._background_lock:
-            if subscription_id in self._retry_timers:
-                return
-            timer = threading.Timer(delay, self._retry_after_lease, args=(subscription_id,))
-            timer.daemon = True
-            timer.name = f"{RELAY_THREAD_PREFIX}-lease-retry"
-            self._retry_timers[subscription_id] = timer
-        timer.start()
-
-    def _retry_after_lease(self, subscription_id: str) -> None:
-        with self._background_lock:
-            self._retry_timers.pop(subscription_id, None)
-        self.relay_in_background(subscription_id)
-
-    def pending_lease_retries(self) -> dict[str, float]:
-        """Subscription -> seconds until its delivery is retried, for those waiting on a held lease."""
-        with self._background_lock:
-            return {sid: timer.interval for sid, timer in self._retry_timers.items()}
+            return None
+        return max(0.0, (expiry - self.clock()).total_seconds()) + 1.0
 
     def _deliver_pending(
         self, subscription_id: str, stats: RelayStats, respect_backoff: bool, started: datetime, *, ordered: bool
@@ -347,58 +332,98 @@ class EventRelay:
                 break
         return stats
 
-    def relay_in_background(self, subscription_id: str) -> None:
-        """Deliver right after a change without delaying the caller's answer; the timer is the safety net.
+    # -- the work queue (event_delivery function) ---------------------------------------------
 
-        A small fixed pool does the work. A subscription already waiting for the pool is not queued
-        twice, and one that is being delivered gets one more pass by the same job instead of a
-        second, concurrent job (which could send the same event twice), so a burst costs bounded
-        threads and, within a process, no duplicate messages.
+    def enqueue_delivery(self, subscription_id: str) -> None:
+        """Put a "deliver subscription X" job on the work queue (called before the handler answers).
+
+        A failure to enqueue loses nothing: the outbox row stays pending and the reconciler's
+        sweep delivers it; the change itself is already committed.
         """
-        with self._background_lock:
-            if subscription_id in self._running:
-                self._again.add(subscription_id)
-                return
-            if subscription_id in self._queued:
-                return
-            self._queued.add(subscription_id)
-            self._inflight += 1
-            if self._executor is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                self._executor = ThreadPoolExecutor(max_workers=BACKGROUND_WORKERS, thread_name_prefix=RELAY_THREAD_PREFIX)
-            executor = self._executor
-        executor.submit(self._relay_quietly, subscription_id)
-
-    def _relay_quietly(self, subscription_id: str) -> None:
-        with self._background_lock:
-            self._queued.discard(subscription_id)
-            self._running.add(subscription_id)
+        if self.work_queue is None:
+            return
         try:
-            while True:
-                try:
-                    self.relay_subscription(subscription_id)
-                except Exception:  # noqa: BLE001 - never let a background delivery crash the worker
-                    log.warning("background relay for %s failed; the timer will retry", subscription_id)
-                with self._background_lock:
-                    if subscription_id not in self._again:
-                        self._running.discard(subscription_id)
-                        break
-                    self._again.discard(subscription_id)  # changed while we delivered: one more pass
-        finally:
-            with self._background_lock:
-                self._running.discard(subscription_id)
-                self._inflight -= 1
-                self._background_lock.notify_all()
+            self.work_queue.put(Job(kind=JOB_DELIVER, subscription_id=subscription_id))
+        except Exception as error:  # noqa: BLE001 - the outbox row is the truth; the sweep delivers
+            log.warning(
+                "delivery job for %s not enqueued (%s); the reconciler's pass delivers it", subscription_id, type(error).__name__
+            )
+
+    def run_job(self, message: str) -> JobResult:
+        """One delivery job (the event_delivery function's use case): deliver the subscription's
+        pending events in order; when a lease is held or a sink fails, put the job back with a
+        visibility delay (the lease's remaining time, or exponential backoff); after
+        MAX_JOB_ATTEMPTS the job goes to the poison queue (the outbox row stays pending)."""
+        job = Job.from_message(message)
+        if job.kind != JOB_DELIVER:
+            raise ValueError(f"unknown job kind {job.kind!r}")
+        stats = self.relay_subscription(job.subscription_id)
+        still_pending = bool(stats.failed or stats.lease_held or stats.skipped)
+        if not still_pending:
+            return JobResult(job=job, stats=stats)
+        if job.attempt + 1 >= MAX_JOB_ATTEMPTS:
+            self._poison(job, stats)
+            return JobResult(job=job, stats=stats, poisoned=True)
+        if stats.lease_held and stats.retry_after_seconds is not None:
+            delay = stats.retry_after_seconds
+        else:
+            delay = backoff_for(job.attempt).total_seconds()
+        retry = Job(kind=job.kind, subscription_id=job.subscription_id, attempt=job.attempt + 1)
+        if self.work_queue is not None:
+            self.work_queue.put(retry, delay_seconds=delay)
+        return JobResult(job=job, stats=stats, retry_in_seconds=delay)
+
+    def _poison(self, job: Job, stats: RelayStats) -> None:
+        log.error(
+            "%s queue=%s subscription=%s attempts=%s errors=%s: the outbox row stays pending; "
+            "the reconciler's sweep or the console's Redeliver delivers it",
+            POISON_MARKER,
+            self.work_queue.name if self.work_queue else "",
+            job.subscription_id,
+            job.attempt + 1,
+            ",".join(stats.errors[-3:]),
+        )
+        if self.poison_queue is not None:
+            self.poison_queue.put(job)
+
+    def drain(self, *, max_messages: int = 1000) -> int:
+        """Serve the work queue's visible jobs here (tools, tests, the bench), through ``run_job``
+        as the event_delivery function does; delayed retries stay invisible. Returns jobs run."""
+        if self.work_queue is None:
+            return 0
+        from azure.core.exceptions import ResourceNotFoundError
+
+        done = 0
+        client = self.work_queue.client
+        while done < max_messages:
+            try:
+                batch = list(client.receive_messages(messages_per_page=16, visibility_timeout=LEASE_SECONDS, max_messages=16))
+            except ResourceNotFoundError:
+                return done
+            if not batch:
+                return done
+            for message in batch:
+                self.run_job(message.content)
+                client.delete_message(message)
+                done += 1
+        return done
 
     def close(self) -> None:
-        """Cancel lease retries (tools, tests); pending events stay for the reconciler's pass."""
-        with self._background_lock:
-            timers, self._retry_timers = list(self._retry_timers.values()), {}
-        for timer in timers:
-            timer.cancel()
+        """Nothing runs in the background any more; kept for callers that close the relay."""
 
     def wait_idle(self, timeout: float) -> bool:
-        """Wait until no background delivery is queued or running (tools, tests). False on timeout."""
-        with self._background_lock:
-            return self._background_lock.wait_for(lambda: self._inflight == 0, timeout)
+        """Drain the visible delivery jobs in this thread (tools, tests). Always True."""
+        self.drain()
+        return True
+
+
+JOB_DELIVER = "deliver"
+MAX_JOB_ATTEMPTS = 5  # = host.json extensions.queues.maxDequeueCount: a job failing this often is poison
+
+
+@dataclass(frozen=True)
+class JobResult:
+    job: Job
+    stats: RelayStats
+    retry_in_seconds: float | None = None
+    poisoned: bool = False

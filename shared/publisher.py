@@ -718,110 +718,76 @@ def settled_row(operation: PublisherOperation, found: Operation, now: datetime) 
 # the background follower
 
 
-class OperationFollower:
-    """Follows operations in the background: Get Operation after PUBLISHER_OPERATION_POLL_SECONDS,
-    doubling up to a minute, for up to FOLLOW_BUDGET_SECONDS; the reconciler finishes the rest.
+JOB_POLL = "poll"
 
-    Waiting costs no thread: one scheduler thread keeps the due times in a heap and hands each due
-    poll to a small pool, so a burst of changes is polled on time however many are waiting.
+
+class OperationFollower:
+    """Follows operations through the operations work queue (OPERATIONS_WORK_QUEUE), never a thread:
+    after the 202 a "poll operation Y" job goes on the queue invisible for
+    PUBLISHER_OPERATION_POLL_SECONDS; the operation_followup queue trigger polls Get Operation once
+    (``run_job``) and puts the job back with the wait doubled (up to POLL_MAX_SECONDS) until the
+    operation settles or FOLLOW_BUDGET_SECONDS are spent; the reconciler finishes the rest.
     """
 
-    def __init__(self, services: Services, *, workers: int = 4):
-        from concurrent.futures import ThreadPoolExecutor
+    def __init__(self, services: Services):
+        from shared.work_queue import WorkQueue, queue_client
 
         self._services = services
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="publisher-follow")
-        self._due: list[tuple[float, int, str, str, float, float]] = []  # (due, seq, sid, oid, wait, ends)
-        self._seq = 0
-        self._changed = threading.Condition()
-        self._stopped = False
-        self._active = 0  # operations being followed (waiting or polling)
-        self._scheduler: threading.Thread | None = None
+        self.queue = WorkQueue(queue_client(services.settings, services.settings.operations_work_queue))
         self.first_wait = float(services.settings.publisher_operation_poll_seconds)
 
     def follow(self, subscription_id: str, operation_id: str) -> None:
-        now = time.monotonic()
-        with self._changed:
-            if self._stopped:
-                return
-            self._active += 1
-            self._push(now + self.first_wait, subscription_id, operation_id, self.first_wait, now + FOLLOW_BUDGET_SECONDS)
-            if self._scheduler is None:
-                self._scheduler = threading.Thread(target=self._schedule, name="publisher-follow-scheduler", daemon=True)
-                self._scheduler.start()
+        from shared.work_queue import Job
 
-    def _push(self, due: float, subscription_id: str, operation_id: str, wait: float, ends: float) -> None:
-        import heapq
-
-        self._seq += 1
-        heapq.heappush(self._due, (due, self._seq, subscription_id, operation_id, wait, ends))
-        self._changed.notify_all()
-
-    def _schedule(self) -> None:
-        import heapq
-
-        with self._changed:
-            while not self._stopped:
-                if not self._due:
-                    self._changed.wait()
-                    continue
-                due = self._due[0][0]
-                left = due - time.monotonic()
-                if left > 0:
-                    self._changed.wait(left)
-                    continue
-                _, _, subscription_id, operation_id, wait, ends = heapq.heappop(self._due)
-                try:
-                    self._pool.submit(self._poll, subscription_id, operation_id, wait, ends)
-                except RuntimeError:  # shut down
-                    self._finished()
-
-    def _poll(self, subscription_id: str, operation_id: str, wait: float, ends: float) -> None:
+        job = Job(
+            kind=JOB_POLL,
+            subscription_id=subscription_id,
+            operation_id=operation_id,
+            wait=self.first_wait,
+            ends=time.time() + FOLLOW_BUDGET_SECONDS,
+        )
         try:
-            operation = follow_operation(self._services, subscription_id, operation_id)
+            self.queue.put(job, delay_seconds=self.first_wait)
+        except Exception as error:  # noqa: BLE001 - the operation row is the truth; the reconciler follows it
+            log.warning(
+                "follow-up of operation %s not enqueued (%s); the reconciler follows it", operation_id, type(error).__name__
+            )
+
+    def run_job(self, message: str) -> bool:
+        """Poll once (the operation_followup function's use case). True: finished (settled,
+        released or out of budget); False: put back with the doubled wait."""
+        from shared.work_queue import Job
+
+        job = Job.from_message(message)
+        if job.kind != JOB_POLL or not job.operation_id:
+            raise ValueError(f"not a poll job: {job.kind!r}")
+        try:
+            operation = follow_operation(self._services, job.subscription_id, job.operation_id)
             done = operation is None or operation.settled  # None: released (nothing to follow)
         except AppError as error:
-            log.warning("following operation %s: %s (retrying)", operation_id, error.code)
+            log.warning("following operation %s: %s (retrying)", job.operation_id, error.code)
             done = False
-        except Exception:  # a background thread must not die silently
-            log.exception("following operation %s failed", operation_id)
-            done = True
-        wait = min(wait * 2, POLL_MAX_SECONDS)
-        due = time.monotonic() + wait
-        if not done and due > ends:
-            log.info("operation %s is still open; the reconciler follows it from here", operation_id)
-            done = True
-        with self._changed:
-            if done or self._stopped:
-                self._finished()
-            else:
-                self._push(due, subscription_id, operation_id, wait, ends)
-
-    def _finish(self) -> None:
-        with self._changed:
-            self._finished()
-
-    def _finished(self) -> None:  # with self._changed held
-        self._active -= 1
-        self._changed.notify_all()
+        if done:
+            return True
+        wait = min(max(job.wait, 1.0) * 2, POLL_MAX_SECONDS)
+        if time.time() + wait > job.ends:
+            log.info("operation %s is still open; the reconciler follows it from here", job.operation_id)
+            return True
+        self.queue.put(replace(job, attempt=job.attempt + 1, wait=wait), delay_seconds=wait)
+        return False
 
     def wait_idle(self, timeout: float) -> bool:
+        """Serve the operations queue here until it is empty (tools, tests). False on timeout."""
         ends = time.monotonic() + timeout
-        with self._changed:
-            while self._active:
-                left = ends - time.monotonic()
-                if left <= 0:
-                    return False
-                self._changed.wait(left)
-        return True
+        while time.monotonic() < ends:
+            self.queue.drain(self.run_job)
+            if not self.queue.waiting():
+                return True
+            time.sleep(0.1)
+        return False
 
     def close(self) -> None:
-        with self._changed:
-            self._stopped = True
-            self._active -= len(self._due)
-            self._due.clear()
-            self._changed.notify_all()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Nothing runs in the background; waiting jobs stay on the queue."""
 
 
 # ---------------------------------------------------------------------------------------------

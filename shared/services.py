@@ -78,7 +78,7 @@ class Services:
 
     @property
     def follower(self) -> OperationFollower:
-        """Follows publisher operations to their end in background threads."""
+        """Follows publisher operations to their end through the operations work queue."""
         from shared.publisher import OperationFollower
 
         return self.once("follower", lambda: OperationFollower(self))
@@ -113,8 +113,9 @@ def build_services(settings: Settings | None = None) -> Services:
     # One clock: the repository reads the bundle's, so a clock swapped in (tests, tools) applies to
     # what it writes as well as to what the use cases decide.
     repository.clock = lambda: services.clock()
-    # Lifecycle events leave right after the change that wrote them, without delaying the answer.
-    repository.on_event_written = lambda subscription_id: services.events.relay_in_background(subscription_id)
+    # Right after the change that wrote an event, a "deliver subscription X" job goes on the work
+    # queue, before the handler answers; the event_delivery queue trigger delivers it.
+    repository.on_event_written = lambda subscription_id: services.events.enqueue_delivery(subscription_id)
     return services
 
 

@@ -232,6 +232,16 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec(
         "EVENTS_QUEUE_ENDPOINT", "", "Queue service endpoint for identity-based access; default derived from TABLES_ENDPOINT."
     ),
+    SettingSpec(
+        "EVENTS_WORK_QUEUE",
+        "",
+        "Storage queue of event-delivery jobs the event_delivery function serves; default EVENTS_QUEUE_NAME + '-jobs'.",
+    ),
+    SettingSpec(
+        "OPERATIONS_WORK_QUEUE",
+        "",
+        "Storage queue of publisher-operation poll jobs the operation_followup function serves; default EVENTS_QUEUE_NAME + '-operations'.",
+    ),
     SettingSpec("EVENTS_WEBHOOK_URL", "", "Optional HTTPS URL that receives lifecycle events, HMAC-signed."),
     SettingSpec("EVENTS_WEBHOOK_SECRET", "", "HMAC secret for EVENTS_WEBHOOK_URL (Key Vault reference).", secret=True),
     SettingSpec("DEV_SIGNED_IN_USER", "", "Local dev host only: `Name <email>` of the user it signs in.", scope="local"),
@@ -397,6 +407,9 @@ class Settings:
     console_tenant_id: str = ""
     events_queue_name: str = "subscription-events"
     events_queue_endpoint: str = ""
+    events_work_queue: str = "subscription-events-jobs"
+    operations_work_queue: str = "subscription-events-operations"
+    queue_service_uri: str = ""
     events_webhook_url: str = ""
     events_webhook_secret: str = field(default="", repr=False)
     running_in_azure: bool = False
@@ -545,6 +558,10 @@ class Settings:
             console_tenant_id=_text(env, "CONSOLE_TENANT_ID") or tenant_id,
             events_queue_name=_text(env, "EVENTS_QUEUE_NAME"),
             events_queue_endpoint=_text(env, "EVENTS_QUEUE_ENDPOINT"),
+            events_work_queue=_text(env, "EVENTS_WORK_QUEUE") or _text(env, "EVENTS_QUEUE_NAME") + "-jobs",
+            # platform setting of the identity-based AzureWebJobsStorage connection (the queue triggers' too)
+            operations_work_queue=_text(env, "OPERATIONS_WORK_QUEUE") or _text(env, "EVENTS_QUEUE_NAME") + "-operations",
+            queue_service_uri=(env.get("AzureWebJobsStorage__queueServiceUri") or "").strip(),
             events_webhook_url=events_webhook_url,
             events_webhook_secret=events_webhook_secret,
             running_in_azure=running_in_azure,

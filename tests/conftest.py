@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
 
 import pytest
@@ -67,6 +68,9 @@ def make_env(azurite, standin, **overrides) -> dict[str, str]:
     return env
 
 
+APP_THREAD_PREFIXES = ("event-relay", "publisher-follow")  # pools and timers the relay and follower used to start
+
+
 @pytest.fixture
 def make_services(azurite, standin):
     """Build a services bundle against Azurite and the stand-in, and install it as the app's factory."""
@@ -88,8 +92,11 @@ def make_services(azurite, standin):
     for services in built:
         relay = services._lazy.get("events")
         if relay is not None:
-            relay.wait_idle(30)  # background deliveries finish inside the test that caused them
+            relay.wait_idle(30)  # delivery jobs are drained inside the test that caused them
         services.close()
+    # No work outlives its invocation: no thread of the app's relay or follower is left running.
+    leftover = [t.name for t in threading.enumerate() if t.is_alive() and t.name.startswith(APP_THREAD_PREFIXES)]
+    assert not leftover, f"threads started by the app still alive after the test: {leftover}"
 
 
 @pytest.fixture
@@ -105,7 +112,7 @@ def devhost_session():
     os.environ.setdefault("RECONCILE_SCHEDULE", "0 0 0 1 1 *")
     os.environ.setdefault("METERING_SCHEDULE", "0 0 0 1 1 *")
     os.environ.setdefault("USAGE_RECONCILE_SCHEDULE", "0 0 0 1 1 *")
-    host = DevHost(app, host="127.0.0.1", port=0, signed_in_user=TEST_USER, timers=False)
+    host = DevHost(app, host="127.0.0.1", port=0, signed_in_user=TEST_USER, timers=False, queues=False)
     host.start()
     yield host
     host.stop()

@@ -54,6 +54,8 @@ var queries = {
   meteringAtRisk: 'traces | where message has "usage_flagged" or message has "usage_near_expiry" or message has "metering_endpoint_missing"'
   // shared/usage_readback.py logs `usage_readback_difference: ...` at ERROR level, one line per difference.
   billingDifference: 'traces | where message has "usage_readback_difference"'
+  // shared/work_queue.py POISON_MARKER: a delivery job failed MAX_JOB_ATTEMPTS times (or the host moved a message to <queue>-poison).
+  queuePoisoned: 'traces | where message has "queue_message_poisoned"'
   reconcileFlagged: 'traces | where message contains "reconcile summary" | extend summary = parse_json(substring(message, indexof(message, "{"))) | where toint(summary.flagged_count) > 0'
 }
 
@@ -242,6 +244,39 @@ resource billingDifferenceAlert 'Microsoft.Insights/scheduledQueryRules@2021-08-
       allOf: [
         {
           query: queries.billingDifference
+          timeAggregation: 'Count'
+          operator: 'GreaterThan'
+          threshold: 0
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    autoMitigate: false
+    actions: actions
+  }
+}
+
+resource queuePoisonedAlert 'Microsoft.Insights/scheduledQueryRules@2021-08-01' = {
+  name: '${namePrefix}queue-poisoned'
+  location: location
+  tags: tags
+  properties: {
+    displayName: 'SaaS fulfillment: a work-queue message went to the poison queue'
+    description: 'An event-delivery job kept failing (the event hook or the events queue is down) and was moved to <EVENTS_WORK_QUEUE>-poison. Nothing is lost: the outbox row stays pending and the reconciliation sweep delivers it; use the console\'s Redeliver once the hook works again.'
+    severity: 2
+    enabled: true
+    scopes: [
+      applicationInsightsId
+    ]
+    evaluationFrequency: 'PT15M'
+    windowSize: 'PT1H'
+    criteria: {
+      allOf: [
+        {
+          query: queries.queuePoisoned
           timeAggregation: 'Count'
           operator: 'GreaterThan'
           threshold: 0

@@ -232,6 +232,8 @@ var appSettings = {
   // Empty: the marketplace app's tenant (the publisher's own) is the console's.
   CONSOLE_TENANT_ID: ''
   EVENTS_QUEUE_NAME: eventsQueueName
+  EVENTS_WORK_QUEUE: '${eventsQueueName}-jobs'
+  OPERATIONS_WORK_QUEUE: '${eventsQueueName}-operations'
   EVENTS_QUEUE_ENDPOINT: queueEndpoint
   EVENTS_WEBHOOK_URL: eventsWebhookUrl
   EVENTS_WEBHOOK_SECRET: empty(eventsWebhookUrl) ? '' : '${kvReferencePrefix}${secretNames.eventsWebhookSecret})'

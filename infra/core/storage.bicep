@@ -42,7 +42,7 @@ var roles = {
   blobDataOwner: 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'
   // Our own tables (the app creates them at start-up, which Contributor allows).
   tableDataContributor: '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3'
-  // The lifecycle events queue, and host queues.
+  // The lifecycle events queue, the work queues (send, receive, delete, update: the queue triggers) and host queues.
   queueDataContributor: '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
 }
 
@@ -101,6 +101,25 @@ resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
 
     resource eventsQueue 'queues' = {
       name: eventsQueueName
+    }
+
+    // EVENTS_WORK_QUEUE: "deliver subscription X" jobs for the event_delivery queue trigger, and
+    // the poison queue the host (and the use case, after MAX_JOB_ATTEMPTS) moves failing jobs to.
+    resource eventsWorkQueue 'queues' = {
+      name: '${eventsQueueName}-jobs'
+    }
+
+    resource eventsWorkPoisonQueue 'queues' = {
+      name: '${eventsQueueName}-jobs-poison'
+    }
+
+    // OPERATIONS_WORK_QUEUE: "poll operation Y" jobs for the operation_followup queue trigger.
+    resource operationsWorkQueue 'queues' = {
+      name: '${eventsQueueName}-operations'
+    }
+
+    resource operationsWorkPoisonQueue 'queues' = {
+      name: '${eventsQueueName}-operations-poison'
     }
   }
 

@@ -368,6 +368,15 @@ def test_urls_and_alerts_match_the_function_app() -> None:
         )
     read_back = (ROOT / "shared" / "usage_readback.py").read_text(encoding="utf-8")
     assert "usage_readback_difference" in alerts and '"usage_readback_difference: ' in read_back
+    work_queue = (ROOT / "shared" / "work_queue.py").read_text(encoding="utf-8")
+    devhost = (ROOT / "devtools" / "devhost.py").read_text(encoding="utf-8")
+    marker = "queue_message_poisoned"
+    assert marker in alerts and f'POISON_MARKER = "{marker}"' in work_queue and f'POISON_MARKER = "{marker}"' in devhost
+    storage = (INFRA / "core" / "storage.bicep").read_text(encoding="utf-8")
+    api = (INFRA / "app" / "api.bicep").read_text(encoding="utf-8")
+    # the work queue the app setting names exists, with its poison queue
+    assert "EVENTS_WORK_QUEUE: '${eventsQueueName}-jobs'" in api
+    assert "name: '${eventsQueueName}-jobs'" in storage and "name: '${eventsQueueName}-jobs-poison'" in storage
 
 
 # ---- 2. checkov ----------------------------------------------------------------------------------

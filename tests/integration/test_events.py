@@ -27,6 +27,7 @@ from shared.domain import format_timestamp, parse_timestamp, utc_now
 from shared.errors import StorageUnavailableError
 from shared.events import (
     EVENT_ID_HEADER,
+    JOB_DELIVER,
     SIGNATURE_HEADER,
     EventRelay,
     backoff_for,
@@ -40,6 +41,7 @@ from shared.principal import SignedInUser
 from shared.reconcile import FLAG_AWAITING_OPERATOR, run_reconciliation
 from shared.repository import EVENT_PREFIX
 from shared.state_machine import Change, Kind, Source
+from shared.work_queue import Job
 
 pytestmark = pytest.mark.azurite
 
@@ -59,12 +61,23 @@ def queue_name() -> str:
 def eventually(predicate, timeout: float = WAIT, interval: float = 0.05, message: str = "condition"):
     deadline = time.monotonic() + timeout
     while True:
+        serve_delivery_jobs()  # what the Functions host's queue trigger does meanwhile
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {message() if callable(message) else message}")
         time.sleep(interval)
+
+
+def serve_delivery_jobs() -> None:
+    """Run the visible delivery jobs of the installed services as the event_delivery function does
+    (no thread of the app delivers in the background any more)."""
+    from shared.services import get_services
+
+    relay = get_services()._lazy.get("events")
+    if relay is not None:
+        relay.drain()
 
 
 class EventQueue:
@@ -77,6 +90,7 @@ class EventQueue:
         self.received: list[dict] = []
 
     def drain(self) -> list[dict]:
+        serve_delivery_jobs()
         try:
             messages = list(self.client.receive_messages(messages_per_page=32, visibility_timeout=300))
         except ResourceNotFoundError:
@@ -105,7 +119,10 @@ def outbox(services, subscription_id: str) -> list[dict]:
 
 
 def wait_until_delivered(services, subscription_id: str, timeout: float = WAIT) -> None:
-    pending = lambda: [(e.seq, e.attempts, e.queue_done) for e in services.repository.pending_events(subscription_id)]  # noqa: E731
+    def pending():
+        serve_delivery_jobs()
+        return [(e.seq, e.attempts, e.queue_done) for e in services.repository.pending_events(subscription_id)]
+
     eventually(lambda: not pending(), timeout, message=lambda: f"the outbox of {subscription_id} to empty; pending {pending()}")
 
 
@@ -619,17 +636,18 @@ def test_slow_hook_does_not_delay_the_webhook_answer(make_services, standin, dev
         hook.started.clear()
         hook.finished.clear()
         hook.delay = 3.0  # from now on the hook takes 3 s to answer
-        services.repository.on_event_written = lambda sid: services.events.relay_in_background(sid)
+        services.repository.on_event_written = lambda sid: services.events.enqueue_delivery(sid)
 
         standin.webhook_url = devhost.url + "/api/webhook"
         operation = standin.trigger(subscription_id, "Suspend", deliver=False)
         sent = time.monotonic()
         assert standin.deliver(operation["id"]) == [200]
         answered = time.monotonic()
-        # the Marketplace got its answer while the hook was still busy with the event of that change
-        assert not hook.finished.is_set()
+        # the Marketplace got its answer before the hook was even called: the job is on the queue
+        assert not hook.started.is_set()
         assert services.repository.get(subscription_id).record.status is sm.LocalStatus.SUSPENDED
 
+        assert services.events.drain() == 1  # the event_delivery function's work
         assert hook.finished.wait(WAIT)
         hook_request = hook.requests[-1]
         assert json.loads(hook_request["body"])["eventType"] == sm.EVENT_SUSPENDED
@@ -741,20 +759,21 @@ def test_an_orphaned_lease_delays_delivery_until_it_expires_not_until_the_next_r
             mode=UpdateMode.REPLACE,
         )
         relay = services.events
-        change_quantity(services, subscription_id, 9)  # its inline relay finds the lease held
-        relay.wait_idle(30)
-        assert len(hook.requests) == delivered_before  # not delivered yet ...
-        retries = relay.pending_lease_retries()
-        assert set(retries) == {subscription_id}  # ... but scheduled for when the lease expires
-        assert 45 <= retries[subscription_id] <= 47  # the lease's remaining time (+1 s), not 30 min
+        change_quantity(services, subscription_id, 9)  # its delivery job finds the lease held
+        assert relay.drain() == 1  # the job ran (as the event_delivery function runs it) ...
+        assert len(hook.requests) == delivered_before  # ... not delivered yet ...
+        # ... but back on the work queue, invisible until the lease expires (45 s + 1), not 30 min
+        client = relay.work_queue.client
+        assert list(client.peek_messages(max_messages=32)) == []
+        props = client.get_queue_properties()
+        assert props.approximate_message_count == 1
 
-        # The lease expires (the clock moves, nothing sleeps 45 s); the scheduled retry fires.
+        # The lease expires (the clock moves, nothing sleeps 45 s); the job runs again.
         services.clock = lambda: utc_now() + timedelta(seconds=60)
-        timer = relay._retry_timers[subscription_id]
-        timer.cancel()
-        relay._retry_after_lease(subscription_id)  # what the timer runs when it fires
-        relay.wait_idle(30)
-        eventually(lambda: len(hook.requests) == delivered_before + 1, message="the delayed delivery")
+        retry = next(iter(client.receive_messages(visibility_timeout=1, max_messages=1)), None)
+        assert retry is None  # Azurite keeps it invisible for the lease's remaining time
+        result = relay.run_job(Job(kind=JOB_DELIVER, subscription_id=subscription_id, attempt=1).to_message())
+        assert (result.stats.delivered, result.retry_in_seconds, result.poisoned) == (1, None, False)
+        assert len(hook.requests) == delivered_before + 1
         assert json.loads(hook.requests[-1]["body"])["subscription"]["quantity"] == 9
         assert services.repository.pending_events(subscription_id) == []
-        relay.close()

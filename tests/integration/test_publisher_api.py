@@ -61,7 +61,9 @@ class PublisherApi:
     def wait_for(self, operation_id: str, timeout: float = 20.0) -> dict:
         """Poll GET /api/operations/{id} until it leaves InProgress."""
         ends = time.monotonic() + timeout
+        follower = self.services.follower
         while True:
+            follower.queue.drain(follower.run_job)  # the operation_followup queue trigger's work
             body = self.get(f"operations/{operation_id}", roles=(READ,)).json()
             if body["status"] != "InProgress" or time.monotonic() > ends:
                 return body

@@ -57,6 +57,8 @@ def test_functions_are_registered_with_the_contracted_names_routes_and_triggers(
         "console_usage_resolve",
         "usage_reconcile_timer",
         "openapi_document",
+        "event_delivery",
+        "operation_followup",
     }
 
     def trigger(name):
@@ -99,6 +101,11 @@ def test_functions_are_registered_with_the_contracted_names_routes_and_triggers(
     assert read_back["type"] == "timerTrigger"
     assert read_back["schedule"] == "%USAGE_RECONCILE_SCHEDULE%"
     assert read_back["runOnStartup"] is False
+    # Work for later runs on queue triggers, on the identity-based AzureWebJobsStorage connection.
+    for name, setting in (("event_delivery", "%EVENTS_WORK_QUEUE%"), ("operation_followup", "%OPERATIONS_WORK_QUEUE%")):
+        queue = trigger(name)
+        assert queue["type"] == "queueTrigger"
+        assert queue["queueName"] == setting and queue["connection"] == "AzureWebJobsStorage"
 
 
 def test_host_json_keeps_the_api_prefix_and_an_extension_bundle():
@@ -106,6 +113,11 @@ def test_host_json_keeps_the_api_prefix_and_an_extension_bundle():
     assert host["version"] == "2.0"
     assert host["extensions"]["http"]["routePrefix"] == "api"
     assert host["extensionBundle"]["id"] == "Microsoft.Azure.Functions.ExtensionBundle"
+    from shared.events import MAX_JOB_ATTEMPTS
+
+    queues = host["extensions"]["queues"]
+    assert queues["maxDequeueCount"] == MAX_JOB_ATTEMPTS  # the use case poisons a job at the same count
+    assert queues["messageEncoding"] == "base64"  # the app sends base64 text
 
 
 def test_requirements_are_pinned_and_only_what_the_app_imports():

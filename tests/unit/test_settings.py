@@ -88,6 +88,10 @@ def test_defaults_match_the_settings_table():
         if spec.name == "CONSOLE_TENANT_ID":
             assert value == TENANT  # derived from MARKETPLACE_TENANT_ID
             continue
+        if spec.name in ("EVENTS_WORK_QUEUE", "OPERATIONS_WORK_QUEUE"):  # derived from EVENTS_QUEUE_NAME
+            suffix = "-jobs" if spec.name == "EVENTS_WORK_QUEUE" else "-operations"
+            assert value == settings.events_queue_name + suffix
+            continue
         if spec.name in ("PUBLISHER_API_TENANT_ID", "PUBLISHER_API_OPENID_CONFIG_URL"):
             assert value == (TENANT if spec.name.endswith("TENANT_ID") else settings.publisher_api_openid_config_url)
             assert TENANT in settings.publisher_api_openid_config_url  # derived from MARKETPLACE_TENANT_ID
