@@ -193,8 +193,8 @@ class EventRelay:
         return cls(
             repository,
             queue_client=events_client,
-            work_queue=WorkQueue(queue_client(settings, settings.events_work_queue)),
-            poison_queue=WorkQueue(queue_client(settings, settings.events_work_queue + "-poison")),
+            work_queue=WorkQueue(queue_client(settings, settings.events_work_queue), clock=clock),
+            poison_queue=WorkQueue(queue_client(settings, settings.events_work_queue + "-poison"), clock=clock),
             hook_url=settings.events_webhook_url,
             hook_secret=settings.events_webhook_secret,
             clock=clock,

@@ -13,7 +13,10 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
+
+from shared.domain import utc_now
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -81,12 +84,21 @@ def queue_client(settings: Settings, queue_name: str) -> Any:
 
 
 class WorkQueue:
-    """Puts job messages on one Storage queue (created on first use)."""
+    """Puts job messages on one Storage queue (created on first use).
 
-    def __init__(self, client: Any):
+    A delayed job is a message sent with a visibility timeout: the queue is the timer. Tools and
+    tests that drive time themselves call ``track_delays()``: the queue then remembers the receipt
+    and due time (by ``clock``) of each delayed message it sent, and ``release_delayed(now)`` makes
+    those due by ``now`` visible at once, through Storage's own Update Message, so nothing waits
+    in real time for a visibility timeout to pass.
+    """
+
+    def __init__(self, client: Any, *, clock: Callable[[], datetime] | None = None):
         self.client = client
+        self.clock = clock or utc_now
         self._ready = False
         self._lock = threading.Lock()
+        self._delayed: dict[str, tuple[str, datetime]] | None = None  # message id -> (pop receipt, due)
 
     @property
     def name(self) -> str:
@@ -107,7 +119,40 @@ class WorkQueue:
     def put(self, job: Job, *, delay_seconds: float = 0) -> None:
         self._ensure()
         visibility = max(0, min(round(delay_seconds), MAX_VISIBILITY_SECONDS))
-        self.client.send_message(job.to_message(), visibility_timeout=visibility or None)
+        sent = self.client.send_message(job.to_message(), visibility_timeout=visibility or None)
+        if visibility and self._delayed is not None:
+            with self._lock:
+                self._delayed[sent.id] = (sent.pop_receipt, self.clock() + timedelta(seconds=visibility))
+
+    def track_delays(self) -> WorkQueue:
+        """Remember the delayed messages this queue sends, for ``release_delayed`` (tools, tests)."""
+        with self._lock:
+            if self._delayed is None:
+                self._delayed = {}
+        return self
+
+    def delayed(self) -> list[datetime]:
+        """Due times of the tracked delayed messages not yet released, earliest first."""
+        with self._lock:
+            return sorted(due for _, due in (self._delayed or {}).values())
+
+    def release_delayed(self, now: datetime | None = None) -> int:
+        """Make the tracked delayed messages due by ``now`` (all when None) visible now; returns how
+        many. A message already received or deleted meanwhile is skipped."""
+        from azure.core.exceptions import HttpResponseError
+
+        with self._lock:
+            due = [(mid, receipt) for mid, (receipt, at) in (self._delayed or {}).items() if now is None or at <= now]
+            for mid, _ in due:
+                del self._delayed[mid]  # type: ignore[union-attr]
+        released = 0
+        for mid, receipt in due:
+            try:
+                self.client.update_message(mid, receipt, visibility_timeout=0)
+                released += 1
+            except HttpResponseError:  # received by someone (receipt changed) or gone
+                pass
+        return released
 
     def drain(self, run: Callable[[str], object], *, max_messages: int = 1000, lock_seconds: int = 60) -> int:
         """Run the visible jobs here, as the queue trigger would (tools, tests); returns jobs run."""

@@ -47,13 +47,17 @@ def standin(standin_session):
 
 
 def make_env(azurite, standin, **overrides) -> dict[str, str]:
+    prefix = "t" + uuid.uuid4().hex[:12]
     env = {
         "MARKETPLACE_API_BASE_URL": standin.api_base_url,
         "MARKETPLACE_AUTH": "none",
         "MARKETPLACE_TENANT_ID": TENANT_ID,
         "MARKETPLACE_CLIENT_ID": APP_CLIENT_ID,
         "TABLES_CONNECTION_STRING": azurite.connection_string,
-        "TABLES_PREFIX": "t" + uuid.uuid4().hex[:12],
+        "TABLES_PREFIX": prefix,
+        # Work queues of the test's own: a job left waiting never reaches another test's bundle.
+        "EVENTS_WORK_QUEUE": prefix + "-jobs",
+        "OPERATIONS_WORK_QUEUE": prefix + "-operations",
         "LANDING_FORM_SECRET": FORM_SECRET,
         "WEBHOOK_AUTH": "entra",
         "WEBHOOK_OPENID_CONFIG_URL": standin.openid_config_url,
@@ -83,6 +87,9 @@ def make_services(azurite, standin):
         settings = Settings.from_env(make_env(azurite, standin, **overrides))
         services = build_services(settings)
         services.repository.ensure_tables()
+        # Delayed jobs (poll waits, delivery backoff) are released by the tests, never waited for.
+        services.events.work_queue.track_delays()
+        services.follower.queue.track_delays()
         set_services_factory(lambda: services)
         built.append(services)
         return services

@@ -63,6 +63,7 @@ class PublisherApi:
         ends = time.monotonic() + timeout
         follower = self.services.follower
         while True:
+            follower.queue.release_delayed()  # the poll wait has passed
             follower.queue.drain(follower.run_job)  # the operation_followup queue trigger's work
             body = self.get(f"operations/{operation_id}", roles=(READ,)).json()
             if body["status"] != "InProgress" or time.monotonic() > ends:
@@ -85,7 +86,6 @@ def api(standin, make_services, devhost, http):
     services = entra_api_services(make_services, standin, PUBLISHER_OPERATION_POLL_SECONDS="1")
     standin.webhook_url = devhost.url + "/api/webhook"
     yield PublisherApi(services, standin, devhost, http)
-    services.follower.wait_idle(30)
 
 
 def record_locally(services, minutes: float = 10) -> None:
