@@ -388,11 +388,13 @@ class EventRelay:
 
     def drain(self, *, max_messages: int = 1000) -> int:
         """Serve the work queue's visible jobs here (tools, tests, the bench), through ``run_job``
-        as the event_delivery function does; delayed retries stay invisible. Returns jobs run."""
+        as the event_delivery function does; delayed retries stay invisible until due (by this
+        relay's clock when the queue tracks its delays). Returns jobs run."""
         if self.work_queue is None:
             return 0
         from azure.core.exceptions import ResourceNotFoundError
 
+        self.work_queue.release_delayed(self.clock())  # tracked retries already due by our clock (tests, tools)
         done = 0
         client = self.work_queue.client
         while done < max_messages:

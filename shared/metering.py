@@ -27,7 +27,6 @@ both buckets; ``METERING_LATE_USAGE=unbillable`` records it on the old bucket as
 
 from __future__ import annotations
 
-import contextvars
 import hashlib
 import json
 import logging
@@ -37,7 +36,6 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import ROUND_DOWN, Decimal
@@ -67,6 +65,7 @@ from shared.errors import (
 )
 from shared.ids import MARKETPLACE_ID
 from shared.observability import current_correlation_id
+from shared.parallel import run_parallel
 from shared.state_machine import Change, Kind, LocalStatus, Source
 from shared.usage_store import (
     ACCEPTED,
@@ -355,18 +354,9 @@ def usage_store(services: Services) -> UsageStore:
     return store
 
 
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _parallel(calls: Iterable[Callable[[], Any]]) -> list[Any]:
-    """Run storage calls concurrently, each in a copy of the caller's context (its deadline)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(STORAGE_WORKERS, thread_name_prefix="usage-storage")
-    futures = [_pool.submit(contextvars.copy_context().run, call) for call in calls]
-    return [future.result() for future in futures]
+def parallel_storage(calls: Iterable[Callable[[], Any]]) -> list[Any]:
+    """Storage calls run concurrently on STORAGE_WORKERS threads, joined before this returns."""
+    return run_parallel(calls, workers=STORAGE_WORKERS)
 
 
 def _check_subscription(
@@ -442,7 +432,7 @@ def _store(
 
     earlier: dict[tuple[str, str], IdRecord] = {}
     failed_shards: set[str] = set()
-    for shard, found in _parallel([partial(claim, shard) for shard in by_shard]):
+    for shard, found in parallel_storage([partial(claim, shard) for shard in by_shard]):
         if found is None:
             failed_shards.add(shard)
         else:
@@ -491,7 +481,7 @@ def _store(
             return partition, None
 
     written: set[tuple[datetime, str]] = set()
-    for partition, existing in _parallel([partial(insert, partition) for partition in rows]):
+    for partition, existing in parallel_storage([partial(insert, partition) for partition in rows]):
         for position in members[partition]:
             outcome = results[position]
             if existing is None:
@@ -538,7 +528,7 @@ def report_usage(services: Services, body: bytes, *, caller: str) -> ApiResult:
 
     accepted: list[tuple[str, ReportedUsage, str]] = []
     for subscription_id, checked in zip(
-        by_subscription, _parallel([partial(check, s, i) for s, i in by_subscription.items()]), strict=True
+        by_subscription, parallel_storage([partial(check, s, i) for s, i in by_subscription.items()]), strict=True
     ):
         for entry in checked:
             if isinstance(entry, _Outcome):
@@ -705,7 +695,7 @@ class Emitter:
                 self.summary.budget_exhausted = True
                 log.warning("metering run stopped by its time budget; %s hour shards left for the next run", len(pending) - start)
                 break
-            shards = _parallel([partial(self._plan, p) for p in pending[start : start + EMIT_CHUNK_SHARDS]])
+            shards = parallel_storage([partial(self._plan, p) for p in pending[start : start + EMIT_CHUNK_SHARDS]])
             ready = []
             for shard in shards:
                 items = [(shard, work, dimension) for work in shard.hours for dimension in sorted(work.to_send)]
@@ -715,8 +705,8 @@ class Emitter:
                     ready.append(shard)
             last = start + EMIT_CHUNK_SHARDS >= len(pending)
             ready += self._send_batches(queued, everything=last)
-            _parallel([partial(self._record, shard) for shard in ready])
-        _parallel([partial(self._record, shard) for shard in self._send_batches(queued, everything=True)])
+            parallel_storage([partial(self._record, shard) for shard in ready])
+        parallel_storage([partial(self._record, shard) for shard in self._send_batches(queued, everything=True)])
         self._finish(started)
         return self.summary
 
@@ -1101,7 +1091,7 @@ def usage_view(services: Services, subscription_id: str, start: datetime, end: d
     while hour <= last:
         hours.append(hour)
         hour += timedelta(hours=1)
-    read = _parallel(partial(store.read_shard, h, shard, subscription_id) for h in hours)
+    read = parallel_storage(partial(store.read_shard, h, shard, subscription_id) for h in hours)
     for partition in (found[subscription_id] for found in read if subscription_id in found):
         for dimension, (total, carried_in, events, plan) in sorted(_totals(partition).items()):
             bucket = partition.buckets.get(dimension)

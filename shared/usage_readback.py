@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from shared.domain import decimal_text, format_timestamp
 from shared.errors import AppError, DeadlineExceededError, MarketplaceError
-from shared.metering import _parallel, usage_store
+from shared.metering import parallel_storage, usage_store
 from shared.observability import current_correlation_id
 from shared.state_machine import Change, Kind, Source
 from shared.usage_store import ACCEPTED, SHARDS
@@ -131,7 +131,7 @@ def _ours(services: Services, days: list[date]) -> tuple[dict[tuple[str, str, st
         for shard in range(SHARDS)
     ]
     rows: dict[tuple[str, str, str], ReadBackRow] = {}
-    for buckets in _parallel([partial(store.read_hour_buckets, hour, shard) for hour, shard in hours]):
+    for buckets in parallel_storage([partial(store.read_hour_buckets, hour, shard) for hour, shard in hours]):
         for bucket in buckets:
             if bucket.status != ACCEPTED or bucket.quantity <= 0:
                 continue
@@ -171,7 +171,7 @@ def _test_purchases(services: Services, subscription_ids: set[str]) -> set[str]:
         stored = services.repository.get(subscription_id)
         return subscription_id if stored is not None and stored.record.is_test_purchase else None
 
-    return {found for found in _parallel([partial(test, s) for s in sorted(subscription_ids)]) if found}
+    return {found for found in parallel_storage([partial(test, s) for s in sorted(subscription_ids)]) if found}
 
 
 def run_usage_readback(services: Services, *, days: int | None = None) -> ReadBackSummary:

@@ -47,7 +47,7 @@ def standin(standin_session):
 
 
 def make_env(azurite, standin, **overrides) -> dict[str, str]:
-    prefix = "t" + uuid.uuid4().hex[:12]
+    prefix = overrides.get("TABLES_PREFIX") or "t" + uuid.uuid4().hex[:12]
     env = {
         "MARKETPLACE_API_BASE_URL": standin.api_base_url,
         "MARKETPLACE_AUTH": "none",
@@ -55,9 +55,6 @@ def make_env(azurite, standin, **overrides) -> dict[str, str]:
         "MARKETPLACE_CLIENT_ID": APP_CLIENT_ID,
         "TABLES_CONNECTION_STRING": azurite.connection_string,
         "TABLES_PREFIX": prefix,
-        # Work queues of the test's own: a job left waiting never reaches another test's bundle.
-        "EVENTS_WORK_QUEUE": prefix + "-jobs",
-        "OPERATIONS_WORK_QUEUE": prefix + "-operations",
         "LANDING_FORM_SECRET": FORM_SECRET,
         "WEBHOOK_AUTH": "entra",
         "WEBHOOK_OPENID_CONFIG_URL": standin.openid_config_url,
@@ -68,11 +65,16 @@ def make_env(azurite, standin, **overrides) -> dict[str, str]:
         "SUPPORT_EMAIL": "support@contoso.example",
         "BRAND_NAME": "Contoso Analytics",
     }
+    if "EVENTS_QUEUE_NAME" not in overrides:  # else the work queues derive from the test's queue name
+        # Work queues of the test's own (shared by bundles on the same storage): a job left waiting
+        # never reaches another test's bundle.
+        env.update(EVENTS_WORK_QUEUE=prefix + "-jobs", OPERATIONS_WORK_QUEUE=prefix + "-operations")
     env.update(overrides)
     return env
 
 
-APP_THREAD_PREFIXES = ("event-relay", "publisher-follow")  # pools and timers the relay and follower used to start
+# Threads the app may start (shared/parallel.py), and the names the relay and follower pools had.
+APP_THREAD_PREFIXES = ("app-parallel", "usage-storage", "event-relay", "publisher-follow")
 
 
 @pytest.fixture
