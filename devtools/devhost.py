@@ -30,7 +30,8 @@ What it emulates:
   ``connection`` setting (Azurite); host.json ``extensions.queues`` ``batchSize``,
   ``maxPollingInterval`` (empty polls back off to it), ``visibilityTimeout`` (a failed message
   comes back after it), ``maxDequeueCount`` (then ``<queue>-poison``, logged with the
-  ``queue_message_poisoned`` marker). ``queues=False`` / ``--no-queues`` turns polling off.
+  ``queue_message_poisoned`` marker); the messages of a batch run concurrently, as the host runs
+  them. ``queues=False`` / ``--no-queues`` turns polling off.
 * **Admin API** - ``POST /admin/functions/<name>`` (body ``{"input": ...}``) runs a non-HTTP
   function in the background and answers 202; ``?wait=true`` (dev-host extension) waits and
   answers 200/500. ``GET /admin/host/status``; ``GET /`` lists the functions.
@@ -530,7 +531,7 @@ class _QueueRunner:
 
     def poll_once(self) -> int:
         """One batch: returns the number of messages run (0: the queue is empty or missing)."""
-        from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+        from azure.core.exceptions import ResourceNotFoundError
 
         client = self._client(self.queue_name)
         try:
@@ -543,32 +544,45 @@ class _QueueRunner:
             )
         except ResourceNotFoundError:
             return 0
-        for message in messages:
-            body = message.content
-            request = func.QueueMessage(id=message.id, body=body, pop_receipt=message.pop_receipt)
-            with self.host._run_lock(self.fn.name):
-                result = self.host._invoke(self.fn, request, reason=f"New queue message detected on '{self.queue_name}'")
-            if result.error is None:
-                client.delete_message(message)
-            elif (message.dequeue_count or 0) >= self.options.max_dequeue_count:
-                poison = self._client(self.queue_name + "-poison")
-                try:
-                    poison.create_queue()
-                except ResourceExistsError:
-                    pass
-                poison.send_message(body)
-                client.delete_message(message)
-                logger.error(
-                    "%s queue=%s function=%s dequeueCount=%s: moved to %s-poison",
-                    POISON_MARKER,
-                    self.queue_name,
-                    self.fn.name,
-                    message.dequeue_count,
-                    self.queue_name,
-                )
-            else:
-                client.update_message(message, visibility_timeout=int(self.options.visibility_timeout))
+        if len(messages) <= 1:
+            for message in messages:
+                self._run(client, message)
+        else:
+            # The Functions host runs the messages of a batch concurrently; so does this, joined
+            # before the next poll (the host's newBatchThreshold refill is not emulated).
+            from concurrent.futures import ThreadPoolExecutor
+
+            prefix = f"devhost-queue-{self.fn.name}"
+            with ThreadPoolExecutor(len(messages), thread_name_prefix=prefix) as pool:
+                list(pool.map(lambda message: self._run(client, message), messages))
         return len(messages)
+
+    def _run(self, client: Any, message: Any) -> None:
+        from azure.core.exceptions import ResourceExistsError
+
+        body = message.content
+        request = func.QueueMessage(id=message.id, body=body, pop_receipt=message.pop_receipt)
+        result = self.host._invoke(self.fn, request, reason=f"New queue message detected on '{self.queue_name}'")
+        if result.error is None:
+            client.delete_message(message)
+        elif (message.dequeue_count or 0) >= self.options.max_dequeue_count:
+            poison = self._client(self.queue_name + "-poison")
+            try:
+                poison.create_queue()
+            except ResourceExistsError:
+                pass
+            poison.send_message(body)
+            client.delete_message(message)
+            logger.error(
+                "%s queue=%s function=%s dequeueCount=%s: moved to %s-poison",
+                POISON_MARKER,
+                self.queue_name,
+                self.fn.name,
+                message.dequeue_count,
+                self.queue_name,
+            )
+        else:
+            client.update_message(message, visibility_timeout=int(self.options.visibility_timeout))
 
     def loop(self, stop: threading.Event) -> None:
         interval = 0.1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from datetime import timedelta
 
@@ -220,3 +221,34 @@ def test_instance_gone_right_after_the_202_a_second_process_settles_the_operatio
         assert second.repository.get(subscription_id).record.quantity == 9
     finally:
         standin.partner_webhook = True
+
+
+batch_app = func.FunctionApp()
+BATCH_BARRIER = threading.Barrier(4, timeout=10)
+BATCH_SEEN: list[str] = []
+
+
+@batch_app.function_name("waits_for_its_batch")
+@batch_app.queue_trigger(arg_name="msg", queue_name="%BATCH_QUEUE%", connection="AzureWebJobsStorage")
+def waits_for_its_batch(msg: func.QueueMessage) -> None:
+    BATCH_BARRIER.wait()  # passes only when the four messages run at the same time
+    BATCH_SEEN.append(msg.get_body().decode())
+
+
+def test_the_dev_host_runs_the_messages_of_a_batch_concurrently_as_the_functions_host_does(azurite):
+    from azure.storage.queue import TextBase64EncodePolicy
+
+    name = queue_name()
+    client = QueueClient.from_connection_string(azurite.connection_string, name, message_encode_policy=TextBase64EncodePolicy())
+    client.create_queue()
+    for index in range(4):
+        client.send_message(f"job-{index}")
+    BATCH_SEEN.clear()
+    environ = {"BATCH_QUEUE": name, "AzureWebJobsStorage": azurite.connection_string}
+    with DevHost(batch_app, port=0, timers=False, signed_in_user="", environ=environ):
+        deadline = time.monotonic() + 20
+        while len(BATCH_SEEN) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert sorted(BATCH_SEEN) == [f"job-{index}" for index in range(4)]
+    assert not BATCH_BARRIER.broken
+    assert work_messages_raw(azurite, name) == [] and work_messages_raw(azurite, name + "-poison") == []
