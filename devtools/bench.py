@@ -2,7 +2,7 @@
 
     python -m devtools.bench                       # full run; writes docs/benchmarks.md
     python -m devtools.bench --quick               # smoke sizes; prints only (unless --output)
-    python -m devtools.bench --only webhook|publisher|metering|reconcile|coldstart|console [--output PATH]
+    python -m devtools.bench --only webhook|publisher|queues|metering|readback|reconcile|coldstart|console [--output PATH]
 
 Everything runs on 127.0.0.1: an in-memory Azurite, the marketplace stand-in (in this process)
 and the app in a *separate* process (``AppProcess``: the dev host serving the real
@@ -48,6 +48,8 @@ from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 RELAY_THREAD_PREFIX = "event-relay"
+# Storage requests counted as the relay's: its old pool, and the dev host serving event_delivery.
+RELAY_THREAD_NAMES = (RELAY_THREAD_PREFIX, "devhost-queue-event_delivery")
 
 if TYPE_CHECKING:
     from devtools.devhost import DevHost
@@ -71,6 +73,8 @@ class Sizes(TypedDict):
     coldstart_runs: int
     console: int
     console_loads: int
+    queue_events: int
+    queue_changes: int
 
 
 FULL_SIZES: Sizes = {
@@ -84,6 +88,8 @@ FULL_SIZES: Sizes = {
     "coldstart_runs": 5,
     "console": 10000,
     "console_loads": 20,
+    "queue_events": 300,
+    "queue_changes": 200,
 }
 QUICK_SIZES: Sizes = {
     "webhooks": 100,
@@ -96,6 +102,8 @@ QUICK_SIZES: Sizes = {
     "coldstart_runs": 3,
     "console": 500,
     "console_loads": 5,
+    "queue_events": 30,
+    "queue_changes": 20,
 }
 
 # The reconciler leaves a record alone when it changed less than SETTLE_WINDOW (2 min) before the
@@ -159,7 +167,9 @@ def classify_storage_request(method: str, url: str) -> str:
     path = urlsplit(url).path
     last = path.rstrip("/").rsplit("/", 1)[-1]
     if "/messages" in path:
-        return "queue_send" if method == "POST" else "queue_other"
+        return {"POST": "queue_send", "GET": "queue_receive", "DELETE": "queue_delete", "PUT": "queue_update"}.get(
+            method, "queue_other"
+        )
     if last == "$batch":
         return "transaction"
     if last.lower().startswith("tables"):
@@ -194,7 +204,7 @@ class _WireCounter:
         self.trace = bool(os.environ.get("BENCH_TRACE_STORAGE"))  # log every storage request (debugging)
 
     def add(self, method: str, url: str) -> None:
-        bucket = "relay" if threading.current_thread().name.startswith(RELAY_THREAD_PREFIX) else "app"
+        bucket = "relay" if threading.current_thread().name.startswith(RELAY_THREAD_NAMES) else "app"
         kind = classify_storage_request(method, url)
         if self.trace:
             log.info("storage %s %s %s %s", bucket, kind, method, url)
@@ -315,22 +325,28 @@ class _Worker:
 
     # -- commands --------------------------------------------------------------------------------
 
-    def cmd_serve(self) -> str:
+    def cmd_serve(self, queues: bool = False) -> str:
+        """Serve the app; ``queues``: the dev host also serves the queue triggers as the Functions
+        host does (else the bench drains the delivery jobs itself, services.events.wait_idle)."""
         from devtools.devhost import DevHost
         from function_app import app
 
         self._instrument_webhook()
+        settings = self.services.settings
         host = self.devhost = DevHost(
             app,
             host="127.0.0.1",
             port=0,
             timers=False,
-            queues=False,  # the bench drains the delivery jobs itself (services.events.wait_idle)
+            queues=queues,
             signed_in_user="",
             environ={
                 "RECONCILE_SCHEDULE": "0 0 0 1 1 *",
                 "METERING_SCHEDULE": "0 0 0 1 1 *",
                 "USAGE_RECONCILE_SCHEDULE": "0 0 0 1 1 *",
+                "EVENTS_WORK_QUEUE": settings.events_work_queue,
+                "OPERATIONS_WORK_QUEUE": settings.operations_work_queue,
+                "AzureWebJobsStorage": settings.tables_connection_string,
             },
             host_json=ROOT / "host.json",
         )
@@ -354,6 +370,26 @@ class _Worker:
     def cmd_wait_followers(self, timeout: float = 300.0) -> bool:
         """Wait until the background followers of publisher operations are done."""
         return self.services.follower.wait_idle(timeout)
+
+    def cmd_work_queues_idle(self, timeout: float = 120.0) -> bool:
+        """Wait until both work queues are empty (the dev host serving them); False on timeout."""
+        ends = time.monotonic() + timeout
+        queues = (self.services.events.work_queue, self.services.follower.queue)
+        while any(queue is not None and queue.waiting() for queue in queues):
+            if time.monotonic() > ends:
+                return False
+            time.sleep(0.1)
+        return True
+
+    def cmd_settle_times(self, ids: list[str]) -> dict[str, list[Any]]:
+        """Publisher operations of these subscriptions: id -> [status, completed_at epoch s or None]."""
+        store = self.services.publisher_store
+        assert store is not None
+        return {
+            op.id: [op.status, op.completed_at.timestamp() if op.completed_at else None]
+            for sid in ids
+            for op in store.list_for(sid)
+        }
 
     def cmd_publisher_operations(self, ids: list[str]) -> dict[str, int]:
         """How the publisher operations of these subscriptions ended (status -> count)."""
@@ -1120,6 +1156,316 @@ def _render_publisher(p: dict[str, Any]) -> list[str]:
         " the other finds it settled. A poll that finds it settled calls nobody; one that settles it reads the"
         " subscription back once (the `get_subscription` calls). List available plans is one call per subscription"
         " (cached 60 s; every change here is on another subscription).",
+        "",
+    ]
+
+
+# =================================================================================================
+# 7. Work on queues (event delivery and operation follow-up as queue triggers)
+
+
+class _HookServer:
+    """EVENTS_WEBHOOK_URL for the bench: stamps when each subscription's events arrive (epoch s)."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.arrivals: list[tuple[float, str, str]] = []  # (at, subscriptionId, eventType)
+        self._lock = threading.Lock()
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                at = time.time()
+                try:
+                    event = json.loads(body)
+                    with hook._lock:
+                        hook.arrivals.append((at, str(event.get("subscriptionId")), str(event.get("eventType"))))
+                except ValueError:
+                    pass
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/events"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="bench-hook", daemon=True)
+
+    def __enter__(self) -> _HookServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def first(self, event_type: str) -> dict[str, float]:
+        with self._lock:
+            found: dict[str, float] = {}
+            for at, subscription_id, kind in self.arrivals:
+                if kind == event_type:
+                    found.setdefault(subscription_id, at)
+            return found
+
+
+class _QueueWatcher:
+    """Reads the events queue (EVENTS_QUEUE_NAME) continuously, as a consumer would, stamping arrivals."""
+
+    def __init__(self, connection_string: str, name: str):
+        from azure.storage.queue import QueueClient, TextBase64DecodePolicy
+
+        self.client = QueueClient.from_connection_string(connection_string, name, message_decode_policy=TextBase64DecodePolicy())
+        self.arrivals: list[tuple[float, str, str]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="bench-queue-watcher", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                messages = list(self.client.receive_messages(messages_per_page=32, max_messages=32, visibility_timeout=300))
+            except Exception:  # noqa: BLE001 - not created yet, or Azurite busy: try again
+                messages = []
+            at = time.time()
+            for message in messages:
+                try:
+                    event = json.loads(message.content)
+                    with self._lock:
+                        self.arrivals.append((at, str(event.get("subscriptionId")), str(event.get("eventType"))))
+                    self.client.delete_message(message)
+                except Exception:  # noqa: BLE001 - counted as not arrived
+                    pass
+            if not messages:
+                self._stop.wait(0.05)
+
+    def __enter__(self) -> _QueueWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def first(self, event_type: str) -> dict[str, float]:
+        with self._lock:
+            found: dict[str, float] = {}
+            for at, subscription_id, kind in self.arrivals:
+                if kind == event_type:
+                    found.setdefault(subscription_id, at)
+            return found
+
+
+def _delays_ms(start: dict[str, float], end: dict[str, float]) -> dict[str, float]:
+    delays = [end[key] - at for key, at in start.items() if key in end]
+    return {**latency_summary(delays), "count": len(delays)} if delays else {"count": 0}
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
+    ends = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > ends:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def bench_queues(
+    bench: BenchEnvironment, events: int = 300, senders: int = 10, changes: int = 200, callers: int = 10
+) -> dict[str, Any]:
+    """The queue-triggered work as the Functions host runs it (the dev host serving the queue
+    triggers against Azurite, host.json extensions.queues): the delay from a webhook's 200 to its
+    event at the hook and on the events queue, storage requests per delivered event, and the time
+    from a publisher change's 202 to Succeeded, with and without Microsoft's Partner webhook."""
+    result: dict[str, Any] = {"events": events, "senders": senders, "changes": changes, "callers": callers}
+    result["delivery"] = {
+        "queue": _delivery_run(bench, events, senders, hook=False),
+        "queue_and_hook": _delivery_run(bench, events, senders, hook=True),
+    }
+    # -- publisher changes: 202 -> Succeeded, with Microsoft's Partner webhook and by our polls alone
+    result["followup"] = {
+        "webhook": _followup_run(bench, changes, callers, partner_webhook=True),
+        "polls_only": _followup_run(bench, changes, callers, partner_webhook=False),
+    }
+    return result
+
+
+def _delivery_run(bench: BenchEnvironment, events: int, senders: int, *, hook: bool) -> dict[str, Any]:
+    """``events`` Suspend webhooks; their events delivered by the event_delivery queue trigger to the
+    events queue alone (``hook`` False: no order to keep, no lease) or to the queue and a hook."""
+    standin = bench.standin
+    bench.reset_standin()
+    ids = standin.seed(events, plan_id="standard", quantity=5)
+    events_queue = "bq" + uuid.uuid4().hex[:10]
+    with _HookServer() as hook_server, _QueueWatcher(bench.azurite.connection_string, events_queue) as watcher:
+        sinks = {"EVENTS_WEBHOOK_URL": hook_server.url, "EVENTS_WEBHOOK_SECRET": "bench-hook-secret"} if hook else {}
+        env = bench.app_env(EVENTS_QUEUE_NAME=events_queue, **sinks)
+        with bench.app(env, "queues") as app:
+            url = app.call("serve", queues=True) + "/api/webhook"
+            app.call("reconcile")  # records the seeded subscriptions (not measured)
+            app.call("work_queues_idle")
+            deliveries = [_prepare_delivery(standin, sid, "Suspend", i) for i, sid in enumerate(ids)]
+            before = app.call("snapshot")
+            answered: dict[str, float] = {}
+            local = threading.local()
+
+            def send(delivery: _Delivery) -> int | None:
+                session = getattr(local, "session", None) or _new_session()
+                local.session = session
+                status, _, _ = _post(session, url, delivery)
+                if status == 200:
+                    answered[delivery.subscription_id] = time.time()
+                return status
+
+            def arrived() -> bool:
+                on_queue = len(watcher.first("subscription.suspended")) >= len(answered)
+                return on_queue and (not hook or len(hook_server.first("subscription.suspended")) >= len(answered))
+
+            started = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=senders, thread_name_prefix="bench-sender") as pool:
+                statuses = Counter(str(status) for status in pool.map(send, deliveries))
+            burst_seconds = time.perf_counter() - started
+            everything = _wait_for(arrived, 180)
+            delivered_seconds = time.perf_counter() - started
+            app.call("work_queues_idle")
+            after = app.call("snapshot")
+            log_counts = app.log_counts()
+    on_queue = watcher.first("subscription.suspended")
+    request_wire = _storage_counts(after, before)
+    relay_wire = _storage_counts(after, before, "relay")
+    return {
+        "statuses": dict(statuses),
+        "burst_seconds": round(burst_seconds, 3),
+        "delivered_seconds": round(delivered_seconds, 3),
+        "all_delivered": everything,
+        "delivered_on_queue": len(on_queue),
+        "to_hook_ms": _delays_ms(answered, hook_server.first("subscription.suspended")) if hook else None,
+        "to_queue_ms": _delays_ms(answered, on_queue),
+        "request_work_queue_sends": request_wire.get("queue_send", 0),
+        "relay_wire": relay_wire,
+        "relay_requests_per_event": _per(sum(relay_wire.values()), len(on_queue)),
+        "log": log_counts,
+    }
+
+
+def _followup_run(bench: BenchEnvironment, changes: int, callers: int, *, partner_webhook: bool) -> dict[str, Any]:
+    standin = bench.standin
+    bench.reset_standin()
+    ids = standin.seed(changes, plan_id="standard", quantity=5)
+    env = bench.app_env(PUBLISHER_OPERATION_POLL_SECONDS="1")
+    token = standin.sign_token(
+        {"aud": PUBLISHER_API_AUDIENCE, "azp": "0be1c4a2-0000-4000-8000-00000000be03", "roles": ["Subscriptions.ReadWrite"]}
+    )
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    accepted: dict[str, float] = {}
+    local = threading.local()
+    try:
+        with bench.app(env, "followup") as app:
+            app_url = app.call("serve", queues=True)
+            standin.webhook_url = app_url + "/api/webhook" if partner_webhook else None
+            standin.partner_webhook = partner_webhook
+            app.call("reconcile")
+            app.call("work_queues_idle")
+
+            def change(index: int) -> int | None:
+                session = getattr(local, "session", None) or _new_session()
+                local.session = session
+                try:
+                    answer = session.patch(
+                        f"{app_url}/api/subscriptions/{ids[index]}",
+                        data=json.dumps({"quantity": 6 + index % 50}),
+                        headers=headers,
+                        timeout=REQUEST_TIMEOUT,
+                    )
+                except Exception:  # noqa: BLE001 - counted as an error
+                    return None
+                if answer.status_code == 202:
+                    accepted[answer.json()["id"]] = time.time()
+                return answer.status_code
+
+            def settled() -> bool:
+                times = app.call("settle_times", ids=ids)
+                return all(times.get(op, [None, None])[1] is not None for op in accepted)
+
+            before = app.call("snapshot")
+            with ThreadPoolExecutor(max_workers=callers, thread_name_prefix="bench-caller") as pool:
+                statuses = Counter(str(status) for status in pool.map(change, range(changes)))
+            everything = _wait_for(settled, 300)
+            times = app.call("settle_times", ids=ids)
+            after = app.call("snapshot")
+    finally:
+        standin.partner_webhook = True
+    completed = {op: at for op, (_, at) in times.items() if at is not None}
+    return {
+        "statuses": dict(statuses),
+        "all_settled": everything,
+        "endings": dict(Counter(status for status, _ in times.values())),
+        "to_settled_ms": _delays_ms(accepted, completed),
+        "get_operation_calls": _diff(after["marketplace"], before["marketplace"]).get("get_operation", 0),
+    }
+
+
+def _fmt_delay(d: dict[str, Any]) -> str:
+    if not d.get("count"):
+        return "none arrived"
+    return f"p50 {d['p50']} ms, p90 {d['p90']} ms, p99 {d['p99']} ms, max {d['max']} ms ({d['count']})"
+
+
+def _render_queues(q: dict[str, Any]) -> list[str]:
+    queue, both = q["delivery"]["queue"], q["delivery"]["queue_and_hook"]
+    webhook, polls = q["followup"]["webhook"], q["followup"]["polls_only"]
+    per_event = {
+        name: round(run["request_work_queue_sends"] / max(1, run["delivered_on_queue"]) + run["relay_requests_per_event"], 2)
+        for name, run in (("queue", queue), ("both", both))
+    }
+    return [
+        "## 7. Work on queues (event delivery and operation follow-up)",
+        "",
+        'Since issue 24 nothing runs after a function answers: a state change puts a "deliver subscription X"'
+        " job on EVENTS_WORK_QUEUE and the `event_delivery` queue trigger delivers; a publisher change puts a"
+        ' "poll operation Y" job on OPERATIONS_WORK_QUEUE, invisible for `PUBLISHER_OPERATION_POLL_SECONDS`, and'
+        " `operation_followup` polls. Here the dev host serves both queue triggers against Azurite as the Functions"
+        " host does with this host.json (`batchSize` 16, the messages of a batch concurrently, empty polls backing"
+        " off to `maxPollingInterval` 2 s). Delays run from the moment the caller got its answer to the moment the"
+        " event reached a local hook (EVENTS_WEBHOOK_URL) or a consumer polling the events queue every 50 ms; both"
+        " run in the bench process, on one clock.",
+        "",
+        f"{q['events']} signed Suspend webhooks from {q['senders']} senders, each run on fresh tables:",
+        "",
+        "| Figure | Events queue only | Events queue and hook |",
+        "|---|---|---|",
+        f"| Answers | {_fmt_counts(queue['statuses'])} in {queue['burst_seconds']} s | {_fmt_counts(both['statuses'])} in {both['burst_seconds']} s |",
+        f"| All delivered | {queue['all_delivered']}, after {queue['delivered_seconds']} s | {both['all_delivered']}, after {both['delivered_seconds']} s |",
+        f"| Webhook 200 -> event on the events queue | {_fmt_delay(queue['to_queue_ms'])} | {_fmt_delay(both['to_queue_ms'])} |",
+        f"| Webhook 200 -> event at the hook | (no hook) | {_fmt_delay(both['to_hook_ms'])} |",
+        f"| Job sends on the request path | {queue['request_work_queue_sends']} | {both['request_work_queue_sends']} |",
+        f"| Delivery storage requests (event_delivery runs; the host's receive and delete included) | {_fmt_counts(queue['relay_wire'])} = {queue['relay_requests_per_event']} per event | {_fmt_counts(both['relay_wire'])} = {both['relay_requests_per_event']} per event |",
+        f"| Storage requests per delivered event, job send included | {per_event['queue']} | {per_event['both']} |",
+        "",
+        "Before issue 24 the relay ran on a thread pool of the app after the answer: 3.0 storage requests per event"
+        " with the queue as the only sink (query_page, queue_send, update; section 1 of the run of 2026-12-03), and no"
+        " delay figure could be trusted in Azure, where nothing keeps that thread alive. The job adds its send on the"
+        " request path and, on the delivery side, the host's receive (shared by a batch of up to 16) and delete. With"
+        " a hook the relay keeps order under a per-subscription lease (take, release, and a look for events written"
+        " meanwhile) and notes the queue's copy before calling the hook, as it did before.",
+        "",
+        f"{q['changes']} publisher changes (`PATCH` with a new quantity) from {q['callers']} callers,"
+        " `PUBLISHER_OPERATION_POLL_SECONDS=1`; the stand-in completes each operation after 0.2 s:",
+        "",
+        "| Figure | With Microsoft's Partner webhook | Our polls alone (no webhook) |",
+        "|---|---|---|",
+        f"| Answers | {_fmt_counts(webhook['statuses'])} | {_fmt_counts(polls['statuses'])} |",
+        f"| 202 -> Succeeded | {_fmt_delay(webhook['to_settled_ms'])} | {_fmt_delay(polls['to_settled_ms'])} |",
+        f"| How they ended | {_fmt_counts(webhook['endings'])} | {_fmt_counts(polls['endings'])} |",
+        f"| Get Operation calls | {webhook['get_operation_calls']} | {polls['get_operation_calls']} |",
+        "",
+        "Without the webhook the floor is the first poll job's visibility delay (1 s) plus the host's queue polling"
+        " (empty polls back off to 2 s); a change settled by the webhook first leaves its poll job to find it"
+        " settled and call nobody.",
         "",
     ]
 
@@ -2169,7 +2515,7 @@ def render_markdown(results: dict[str, Any], machine: dict[str, str], argv: list
         f"- Load average when the run finished: {machine['load_average']} (the machine was shared with other work;"
         " latencies and wall times carry that noise, call counts do not)",
         f"- Command: `{' '.join(['python -m devtools.bench', *_shown_args(argv)]).strip()}` (`make bench` = no arguments;"
-        " `--quick` = 100 webhooks and 500 subscriptions, printed only; `--only webhook|publisher|metering|reconcile|coldstart|console`)",
+        " `--quick` = 100 webhooks and 500 subscriptions, printed only; `--only webhook|publisher|queues|metering|readback|reconcile|coldstart|console`)",
         "",
     ]
     webhook = results.get("webhook")
@@ -2189,6 +2535,8 @@ def render_markdown(results: dict[str, Any], machine: dict[str, str], argv: list
         lines += _render_readback(results["readback"])
     if results.get("console"):
         lines += _render_console(results["console"])
+    if results.get("queues"):
+        lines += _render_queues(results["queues"])
     if results.get("interpretation"):
         lines += ["## Against the targets", ""] + [f"- {item}" for item in results["interpretation"]] + [""]
     if results.get("findings"):
@@ -2736,7 +3084,7 @@ def run(
 ) -> dict[str, Any]:
     sizes = QUICK_SIZES if quick else FULL_SIZES
     results: dict[str, Any] = {}
-    if only in (None, "webhook", "publisher", "metering", "readback", "reconcile"):
+    if only in (None, "webhook", "publisher", "queues", "metering", "readback", "reconcile"):
         with BenchEnvironment() as bench:
             if only in (None, "webhook"):
                 print(f"webhook burst: {webhooks or sizes['webhooks']} events, {sizes['senders']} senders ...", flush=True)
@@ -2746,6 +3094,12 @@ def run(
                     f"publisher changes: {sizes['publisher_changes']} from {sizes['publisher_callers']} callers ...", flush=True
                 )
                 results["publisher"] = bench_publisher(bench, sizes["publisher_changes"], sizes["publisher_callers"])
+            if only in (None, "queues"):
+                print(
+                    f"work queues: {sizes['queue_events']} webhooks, {sizes['queue_changes']} publisher changes x 2 ...",
+                    flush=True,
+                )
+                results["queues"] = bench_queues(bench, sizes["queue_events"], changes=sizes["queue_changes"])
             if only in (None, "metering"):
                 print(f"metering: {sizes['usage_events']} usage events, 20 reporters ...", flush=True)
                 results["metering"] = bench_metering(bench, sizes["usage_events"], sizes["usage_subscriptions"])
@@ -2781,7 +3135,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m devtools.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (100 webhooks, 500 subscriptions); a smoke run")
-    parser.add_argument("--only", choices=("webhook", "publisher", "metering", "readback", "reconcile", "coldstart", "console"))
+    parser.add_argument(
+        "--only", choices=("webhook", "publisher", "queues", "metering", "readback", "reconcile", "coldstart", "console")
+    )
     parser.add_argument("--reconcile-sizes", help="comma-separated subscription counts (default 1000,10000)")
     parser.add_argument("--output", help="markdown report path (default docs/benchmarks.md for a full run, none otherwise)")
     parser.add_argument("--json", help="also write the raw results as JSON to this path")

@@ -174,3 +174,19 @@ def test_console_page_views_are_bounded(environment):
     assert [key for key, page in pages.items() if page["marketplace"] and key != "subscription"] == []
     assert result["table_rows"]["state"] == 200
     assert result["scan_probe"]["rows"] == 200  # the SDK-alone read of the rows a text search reads
+
+
+def test_work_queue_section_structure(environment):
+    """Section 7: the dev host serves the queue triggers; every event arrives, every change settles."""
+    result = bench.bench_queues(environment, events=6, senders=3, changes=4, callers=2)
+    for sinks, run in result["delivery"].items():
+        assert run["statuses"] == {"200": 6} and run["all_delivered"], (sinks, run)
+        assert run["to_queue_ms"]["count"] == 6 and run["request_work_queue_sends"] == 6
+        # one job per event, received and deleted by the host, delivered once to the events queue
+        assert run["relay_wire"]["queue_delete"] == 6 and run["relay_wire"]["queue_send"] == 6
+    assert result["delivery"]["queue"]["to_hook_ms"] is None
+    assert result["delivery"]["queue_and_hook"]["to_hook_ms"]["count"] == 6
+    for path, run in result["followup"].items():
+        assert run["statuses"] == {"202": 4} and run["all_settled"], (path, run)
+        assert run["endings"] == {"Succeeded": 4} and run["to_settled_ms"]["count"] == 4
+    assert bench._render_queues(result)[0].startswith("## 7.")
