@@ -298,11 +298,11 @@ class EventRelay:
                 if ordered:
                     return False  # keep order: later events wait for this one
                 continue
+            queued = event.queue_done
             try:
-                if not event.queue_done:
+                if not queued:
                     self._send_to_queue(event.body)
-                    if self.hook_url:  # remember the queue has it, so a hook failure does not resend it
-                        self.repository.mark_event_progress(event, queue_done=True)
+                    queued = True
                 if self.hook_url and not event.hook_done:
                     self._send_to_hook(event.event_id, event.body)
                 self.repository.mark_event_delivered(event)
@@ -312,7 +312,10 @@ class EventRelay:
                 stats.errors.append(f"{event.event_id}: {type(error).__name__}")
                 log.warning("event %s for %s not delivered yet: %s", event.event_id, subscription_id, type(error).__name__)
                 try:
-                    self.repository.note_event_attempt(event, type(error).__name__)
+                    # The attempt notes whether the queue has it, so a hook failure does not resend
+                    # it (one write; a crash before it only means the queue may see it twice, same
+                    # eventId: at least once, as documented).
+                    self.repository.note_event_attempt(event, type(error).__name__, queue_done=queued)
                 except AppError:
                     pass
                 return False  # the sink is failing: the rest would too; retry later

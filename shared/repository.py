@@ -773,12 +773,6 @@ class SubscriptionRepository:
                 for entity in page:
                     yield _event_from_entity(entity)
 
-    def mark_event_progress(self, event: OutboxEvent, *, queue_done: bool) -> None:
-        entity = {"PartitionKey": event.subscription_id, "RowKey": _seq_key(EVENT_PREFIX, event.seq), "QueueDone": queue_done}
-        with _storage_errors("mark event progress"):
-            self.metrics.add(writes=1)
-            self._subscriptions.update_entity(entity, mode=UpdateMode.MERGE)
-
     def mark_event_delivered(self, event: OutboxEvent) -> None:
         entity = {
             "PartitionKey": event.subscription_id,
@@ -792,14 +786,17 @@ class SubscriptionRepository:
             self.metrics.add(writes=1)
             self._subscriptions.update_entity(entity, mode=UpdateMode.MERGE)
 
-    def note_event_attempt(self, event: OutboxEvent, error: str) -> None:
-        entity = {
+    def note_event_attempt(self, event: OutboxEvent, error: str, *, queue_done: bool = False) -> None:
+        """A failed delivery attempt; ``queue_done``: the events queue has it (not sent again)."""
+        entity: dict[str, Any] = {
             "PartitionKey": event.subscription_id,
             "RowKey": _seq_key(EVENT_PREFIX, event.seq),
             "Attempts": event.attempts + 1,
             "LastError": error[:1000],
             "LastAttemptAt": format_timestamp(self.clock()),
         }
+        if queue_done:
+            entity["QueueDone"] = True
         with _storage_errors("note event attempt"):
             self.metrics.add(writes=1)
             self._subscriptions.update_entity(entity, mode=UpdateMode.MERGE)
