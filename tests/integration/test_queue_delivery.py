@@ -13,12 +13,12 @@ from datetime import timedelta
 
 import azure.functions as func
 import pytest
-from azure.storage.queue import QueueClient, TextBase64DecodePolicy
+from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
 
 from devtools.devhost import DevHost
 from shared.domain import utc_now
 from shared.events import JOB_DELIVER, MAX_JOB_ATTEMPTS
-from shared.work_queue import POISON_MARKER, Job
+from shared.work_queue import POISON_MARKER, Job, WorkQueue
 from tests.integration.test_events import (
     HOOK_SECRET,
     EventQueue,
@@ -167,8 +167,6 @@ def test_the_dev_host_moves_a_message_to_poison_after_max_dequeue_count(azurite,
     name = queue_name()
     client = QueueClient.from_connection_string(azurite.connection_string, name)
     client.create_queue()
-    from azure.storage.queue import TextBase64EncodePolicy
-
     QueueClient.from_connection_string(
         azurite.connection_string, name, message_encode_policy=TextBase64EncodePolicy()
     ).send_message("job-1")
@@ -236,8 +234,6 @@ def waits_for_its_batch(msg: func.QueueMessage) -> None:
 
 
 def test_the_dev_host_runs_the_messages_of_a_batch_concurrently_as_the_functions_host_does(azurite):
-    from azure.storage.queue import TextBase64EncodePolicy
-
     name = queue_name()
     client = QueueClient.from_connection_string(azurite.connection_string, name, message_encode_policy=TextBase64EncodePolicy())
     client.create_queue()
@@ -252,3 +248,72 @@ def test_the_dev_host_runs_the_messages_of_a_batch_concurrently_as_the_functions
     assert sorted(BATCH_SEEN) == [f"job-{index}" for index in range(4)]
     assert not BATCH_BARRIER.broken
     assert work_messages_raw(azurite, name) == [] and work_messages_raw(azurite, name + "-poison") == []
+
+
+def job_client(azurite, name: str) -> QueueClient:
+    """A client for a work queue as the app makes one (base64 text messages)."""
+    return QueueClient.from_connection_string(
+        azurite.connection_string,
+        name,
+        message_encode_policy=TextBase64EncodePolicy(),
+        message_decode_policy=TextBase64DecodePolicy(),
+    )
+
+
+def test_tracked_delays_are_released_by_the_injected_clock_not_by_waiting(azurite):
+    """What the tests rely on instead of sleeping: a delayed job is a real message sent with a
+    visibility timeout; release_delayed(now) makes the ones due by ``now`` visible at once."""
+    now = utc_now()
+    clock = [now]
+    name = queue_name()
+    queue = WorkQueue(job_client(azurite, name), clock=lambda: clock[0]).track_delays()
+    queue.put(Job(kind=JOB_DELIVER, subscription_id="a"), delay_seconds=30)
+    queue.put(Job(kind=JOB_DELIVER, subscription_id="b"), delay_seconds=90)
+    queue.put(Job(kind=JOB_DELIVER, subscription_id="c"))  # no delay: visible, not tracked
+    assert queue.delayed() == [now + timedelta(seconds=30), now + timedelta(seconds=90)]
+    assert [m["subscriptionId"] for m in work_messages(azurite, name)] == ["c"]
+
+    assert queue.release_delayed(now + timedelta(seconds=29)) == 0
+    assert [m["subscriptionId"] for m in work_messages(azurite, name)] == ["c"]
+    assert queue.release_delayed(now + timedelta(seconds=30)) == 1
+    assert sorted(m["subscriptionId"] for m in work_messages(azurite, name)) == ["a", "c"]
+    assert queue.delayed() == [now + timedelta(seconds=90)]
+    assert queue.release_delayed() == 1  # None: every tracked delay has passed
+    assert sorted(m["subscriptionId"] for m in work_messages(azurite, name)) == ["a", "b", "c"]
+    assert queue.delayed() == [] and queue.release_delayed() == 0
+
+
+def test_an_untracked_queue_keeps_its_delays_to_storage(azurite):
+    """Production queues track nothing (no memory grows across invocations): releasing is a no-op."""
+    name = queue_name()
+    queue = WorkQueue(job_client(azurite, name))
+    queue.put(Job(kind=JOB_DELIVER, subscription_id="a"), delay_seconds=30)
+    assert queue.release_delayed() == 0 and queue.delayed() == []
+    assert work_messages(azurite, name) == [] and queue.waiting() == 1
+
+
+def test_the_poll_job_waits_the_poll_delay_then_doubles_by_the_services_clock(make_services, standin):
+    """The follow-up's time rules on the injected clock: the first poll is due after
+    PUBLISHER_OPERATION_POLL_SECONDS, an open operation's next poll after twice that."""
+    from shared import publisher
+
+    services = make_services(PUBLISHER_OPERATION_POLL_SECONDS="5")
+    subscription_id = activated(services, standin)
+    standin.partner_webhook = False
+    standin.operation_delay_seconds = 3600  # Microsoft keeps it InProgress
+    try:
+        now = utc_now()
+        services.clock = lambda: now
+        result = publisher.request_change(
+            services, publisher.ChangeRequest(subscription_id, publisher.CHANGE_QUANTITY, quantity=9), caller="test"
+        )
+        assert result.status == 202
+        queue = services.follower.queue
+        assert queue.delayed() == [now + timedelta(seconds=5)]
+        assert queue.release_delayed(now + timedelta(seconds=4)) == 0
+        assert queue.drain(services.follower.run_job) == 0  # not due: nothing polled
+        assert queue.release_delayed(now + timedelta(seconds=5)) == 1
+        assert queue.drain(services.follower.run_job) == 1  # polled once: still InProgress, put back
+        assert queue.delayed() == [now + timedelta(seconds=10)]
+    finally:
+        standin.partner_webhook = True
