@@ -188,7 +188,9 @@ def test_work_queue_section_structure(environment):
         assert run["relay_wire"]["queue_delete"] == 6 and run["relay_wire"]["queue_send"] == 6
     assert result["delivery"]["queue"]["to_hook_ms"] is None
     assert result["delivery"]["queue_and_hook"]["to_hook_ms"]["count"] == 6
+    assert set(result["followup"]) == {"webhook", "polls_only", "webhook_paced", "polls_only_paced"}
     for path, run in result["followup"].items():
-        assert run["statuses"] == {"202": 4} and run["all_settled"], (path, run)
-        assert run["endings"] == {"Succeeded": 4} and run["to_settled_ms"]["count"] == 4
+        changes = result["paced_changes"] if path.endswith("_paced") else 4
+        assert run["statuses"] == {"202": changes} and run["all_settled"], (path, run)
+        assert run["endings"] == {"Succeeded": changes} and run["to_settled_ms"]["count"] == changes
     assert bench._render_queues(result)[0].startswith("## 7.")
