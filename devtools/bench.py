@@ -483,7 +483,7 @@ class _Worker:
             target=lambda: finished.append(self.services.events.wait_idle(timeout)), name=RELAY_THREAD_PREFIX + "-jobs"
         )
         worker.start()
-        worker.join(timeout + 30)
+        worker.join()  # a drain is bounded (max_messages); never leave it running beside the next command
         return 0 if finished and finished[0] else 1
 
     def cmd_auth_loop(self, tokens: list[str]) -> list[float]:

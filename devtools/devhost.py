@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextvars
 import html
 import importlib
 import inspect
@@ -324,6 +325,29 @@ class _Out(func.Out):
         return self._value
 
 
+# Threads a function leaves running: the Functions host does not track them and may stop the
+# instance right after the answer, so the dev host names each one (marker below). Thread.start
+# tags a thread with the invocation that started it.
+THREADS_LEFT_MARKER = "function_left_threads_running"
+_current_invocation: contextvars.ContextVar[str | None] = contextvars.ContextVar("devhost_invocation", default=None)
+_original_thread_start = threading.Thread.start
+
+
+def _tagging_start(thread: threading.Thread) -> None:
+    invocation = _current_invocation.get()
+    if invocation is not None:
+        thread._devhost_invocation = invocation  # type: ignore[attr-defined]
+    _original_thread_start(thread)
+
+
+def _track_thread_starts() -> None:
+    threading.Thread.start = _tagging_start  # type: ignore[method-assign,assignment]
+
+
+def _threads_left_by(invocation_id: str) -> list[str]:
+    return [t.name for t in threading.enumerate() if getattr(t, "_devhost_invocation", None) == invocation_id and t.is_alive()]
+
+
 @dataclass
 class InvocationResult:
     """Outcome of one function invocation."""
@@ -334,6 +358,8 @@ class InvocationResult:
     error: BaseException | None = None
     duration_ms: float = 0.0
     outputs: dict[str, Any] = field(default_factory=dict)
+    #: names of the threads the function started that were still running when it returned
+    threads_left: list[str] = field(default_factory=list)
 
     @property
     def succeeded(self) -> bool:
@@ -713,6 +739,9 @@ class DevHost:
         self._http_functions = sorted((f for f in self.functions.values() if f.is_http), key=lambda f: f.http_route.precedence)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        #: "function: thread" for every thread a function left running (THREADS_LEFT_MARKER)
+        self.threads_left: list[str] = []
+        _track_thread_starts()
         self._stop = threading.Event()
         self._server: _Server | None = None
         self._server_thread: threading.Thread | None = None
@@ -925,6 +954,7 @@ class DevHost:
         context = _InvocationContext(info.name, info.directory, invocation_id)
         result = InvocationResult(info.name, invocation_id)
         started = time.perf_counter()
+        tracking = _current_invocation.set(invocation_id)
         try:
             kwargs, outputs = self._arguments(info, trigger_value, context)
             value = info.user_function(**kwargs)
@@ -934,7 +964,22 @@ class DevHost:
             result.outputs = {name: out.get() for name, out in outputs.items()}
         except Exception as exc:  # noqa: BLE001 - a failing function must not take the host down
             result.error = exc
+        finally:
+            _current_invocation.reset(tracking)
         result.duration_ms = (time.perf_counter() - started) * 1000
+        result.threads_left = _threads_left_by(invocation_id)
+        if result.threads_left:
+            with self._locks_guard:
+                self.threads_left.extend(f"{info.name}: {name}" for name in result.threads_left)
+            logger.warning(
+                "%s: 'Functions.%s' (Id=%s) returned with threads it started still running: %s. Azure Functions"
+                " does not track them and may stop the instance right after the answer; put work for later"
+                " on a queue and join work done in parallel before returning",
+                THREADS_LEFT_MARKER,
+                info.name,
+                invocation_id,
+                ", ".join(result.threads_left),
+            )
         if result.error is not None:
             logger.error(
                 "Executed 'Functions.%s' (Failed, Id=%s, Duration=%.0fms)",

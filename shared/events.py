@@ -171,25 +171,12 @@ class EventRelay:
     def from_settings(cls, settings: Settings, repository: OutboxStore, *, clock: Callable[[], datetime] = utc_now) -> EventRelay:
         from shared.work_queue import WorkQueue, queue_client
 
-        events_client: Any
-        if settings.tables_connection_string:
-            events_client = queue_client(settings, settings.events_queue_name)
-        else:
-            from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
-
-            from shared.credentials import storage_credential
-
-            endpoint = settings.events_queue_endpoint or settings.tables_endpoint.replace(".table.", ".queue.")
-            events_client = QueueClient(
-                endpoint,
-                settings.events_queue_name,
-                credential=storage_credential(settings),
-                message_encode_policy=TextBase64EncodePolicy(),
-                message_decode_policy=TextBase64DecodePolicy(),
-                retry_total=2,
-                connection_timeout=5,
-                read_timeout=10,
-            )
+        # The events queue is the application's: EVENTS_QUEUE_ENDPOINT when set, not the triggers' account.
+        events_client = queue_client(
+            settings,
+            settings.events_queue_name,
+            endpoint=settings.events_queue_endpoint or settings.tables_endpoint.replace(".table.", ".queue."),
+        )
         return cls(
             repository,
             queue_client=events_client,
@@ -395,23 +382,8 @@ class EventRelay:
         relay's clock when the queue tracks its delays). Returns jobs run."""
         if self.work_queue is None:
             return 0
-        from azure.core.exceptions import ResourceNotFoundError
-
         self.work_queue.release_delayed(self.clock())  # tracked retries already due by our clock (tests, tools)
-        done = 0
-        client = self.work_queue.client
-        while done < max_messages:
-            try:
-                batch = list(client.receive_messages(messages_per_page=16, visibility_timeout=LEASE_SECONDS, max_messages=16))
-            except ResourceNotFoundError:
-                return done
-            if not batch:
-                return done
-            for message in batch:
-                self.run_job(message.content)
-                client.delete_message(message)
-                done += 1
-        return done
+        return self.work_queue.drain(self.run_job, max_messages=max_messages)
 
     def close(self) -> None:
         """Nothing runs in the background any more; kept for callers that close the relay."""

@@ -60,9 +60,10 @@ class Job:
         )
 
 
-def queue_client(settings: Settings, queue_name: str) -> Any:
+def queue_client(settings: Settings, queue_name: str, *, endpoint: str = "") -> Any:
     """A QueueClient for ``queue_name``: the connection string locally (Azurite), otherwise the
-    managed identity on AzureWebJobsStorage__queueServiceUri (the queue triggers' connection)."""
+    managed identity on ``endpoint`` or AzureWebJobsStorage__queueServiceUri (the queue triggers'
+    connection: a work queue must be where its trigger listens)."""
     from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
 
     # Base64 text messages: what a queue-triggered Azure Function expects by default.
@@ -78,7 +79,10 @@ def queue_client(settings: Settings, queue_name: str) -> Any:
     from shared.credentials import storage_credential
 
     endpoint = (
-        settings.queue_service_uri or settings.events_queue_endpoint or settings.tables_endpoint.replace(".table.", ".queue.")
+        endpoint
+        or settings.queue_service_uri
+        or settings.events_queue_endpoint
+        or settings.tables_endpoint.replace(".table.", ".queue.")
     )
     return QueueClient(endpoint, queue_name, credential=storage_credential(settings), **options)
 
@@ -154,8 +158,10 @@ class WorkQueue:
                 pass
         return released
 
-    def drain(self, run: Callable[[str], object], *, max_messages: int = 1000, lock_seconds: int = 60) -> int:
-        """Run the visible jobs here, as the queue trigger would (tools, tests); returns jobs run."""
+    def drain(self, run: Callable[[str], object], *, max_messages: int = 1000, lock_seconds: int = 600) -> int:
+        """Run the visible jobs here, one after another, as the queue trigger would (tools, tests,
+        the bench); returns jobs run. A job whose hold ran out while the batch was worked through
+        may have been taken by another consumer: it is not deleted twice (jobs are idempotent)."""
         from azure.core.exceptions import ResourceNotFoundError
 
         done = 0
@@ -168,7 +174,10 @@ class WorkQueue:
                 return done
             for message in batch:
                 run(message.content)
-                self.client.delete_message(message)
+                try:
+                    self.client.delete_message(message)
+                except ResourceNotFoundError:  # its hold ran out and someone else received it
+                    log.info("job %s was received again before this run ended; not deleted here", message.id)
                 done += 1
         return done
 

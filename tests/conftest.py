@@ -147,10 +147,13 @@ def flag_with_waiting_event(services, sid: str) -> None:
 
 @pytest.fixture
 def devhost(devhost_session, services):
-    """The dev host serving function_app.app, wired to this test's services."""
+    """The dev host serving function_app.app, wired to this test's services. No function it ran
+    may return with a thread it started still running (the Functions host would not track it)."""
     sign_in(devhost_session, TEST_USER)
+    devhost_session.threads_left.clear()
     yield devhost_session
     sign_in(devhost_session, TEST_USER)
+    assert devhost_session.threads_left == [], "functions returned with threads still running"
 
 
 @pytest.fixture

@@ -419,3 +419,40 @@ def test_command_line_loads_settings_before_importing_the_app(tmp_path):
             proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+# -- threads a function leaves running (the host does not track them) ------------------------------
+
+threads_app = func.FunctionApp()
+LEFT_RUNNING = threading.Event()
+
+
+@threads_app.function_name("leaves_a_thread")
+@threads_app.route(route="leaves", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def leaves_a_thread(req: func.HttpRequest) -> func.HttpResponse:
+    threading.Thread(target=LEFT_RUNNING.wait, args=(10,), name="still-working", daemon=True).start()
+    return func.HttpResponse("answered")
+
+
+@threads_app.function_name("joins_its_threads")
+@threads_app.route(route="joins", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def joins_its_threads(req: func.HttpRequest) -> func.HttpResponse:
+    from shared.parallel import run_parallel
+
+    return func.HttpResponse(",".join(run_parallel([lambda: "a", lambda: "b", lambda: "c"], workers=3)))
+
+
+def test_a_function_that_returns_with_a_thread_still_running_is_named(caplog):
+    from devtools.devhost import THREADS_LEFT_MARKER
+
+    LEFT_RUNNING.clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="devtools.devhost"), DevHost(threads_app, port=0, timers=False) as host:
+            assert requests.get(host.url + "/api/joins", timeout=10).text == "a,b,c"
+            assert host.threads_left == []
+            assert requests.get(host.url + "/api/leaves", timeout=10).text == "answered"
+            assert host.threads_left == ["leaves_a_thread: still-working"]
+        warnings = [r.getMessage() for r in caplog.records if THREADS_LEFT_MARKER in r.getMessage()]
+        assert len(warnings) == 1 and "leaves_a_thread" in warnings[0] and "still-working" in warnings[0]
+    finally:
+        LEFT_RUNNING.set()
