@@ -9,7 +9,7 @@ and the app in a *separate* process (``AppProcess``: the dev host serving the re
 ``function_app.app``, or a reconciliation run), so the app's figures are not mixed with the
 stand-in's or the load generator's work on the same GIL. The app process counts storage round
 trips twice: the repository's own ``metrics`` and every HTTP request the storage SDK sends
-(``wire``), split into the request's own work (``app``) and the background event relay threads
+(``wire``), split into the request's own work (``app``) and the event delivery jobs
 (``relay``). Marketplace calls are counted by the client's ``counter`` and by the stand-in.
 
 Every phase is bounded (request timeouts, command timeouts, fixed counts) and stops by itself.
@@ -2800,13 +2800,13 @@ def interpret(results: dict[str, Any]) -> list[str]:
                 f" {answered['writes']} writes (InProgress); the design's minimum is {MIN_STORAGE_READS} reads (marker, state)"
                 f" + {MIN_STORAGE_WRITES} writes (marker create, one transaction), {BRIEF_STORAGE_READS} reads if the marker"
                 f" is read back after its create. Writes: met. Reads: {'met' if met else 'not met, see Findings'}."
-                f" The event relay adds {webhook['relay_storage_per_event']} storage requests per event in the background."
+                f" Delivering the event (its job on the work queue) adds {webhook['relay_storage_per_event']} storage requests per event off the request path."
             )
         cpu = webhook["app_cpu_ms_per_event"]
         notes.append(
             f"Latency: p50 {webhook['latency_ms']['p50']} ms, p99 {webhook['latency_ms']['p99']} ms with {webhook['senders']}"
             f" requests in flight. The app process spends {cpu} ms of CPU per event (request thread"
-            f" {webhook['handle_cpu_ms_per_event']} ms; the rest is HTTP serving and the relay threads), and one Python"
+            f" {webhook['handle_cpu_ms_per_event']} ms; the rest is HTTP serving and the delivery jobs), and one Python"
             f" process runs Python code on one core at a time: {webhook['senders']} x {cpu} ms = {webhook['senders'] * cpu:.0f} ms"
             f" of queueing, {webhook['senders'] * cpu / max(webhook['latency_ms']['p50'], 1e-9):.0%} of the p50 (Azurite, the"
             f" stand-in and the senders share the same {os.cpu_count()} cores). {1000 / cpu if cpu else 0:.0f} events/s is the"
@@ -2999,7 +2999,7 @@ def findings(results: dict[str, Any]) -> list[str]:
                 f"Storage connection pool: {pool_full} 'Connection pool is full, discarding connection' warnings during the"
                 f" webhook run: the storage SDK's default pool holds 10 connections (`shared/repository.py`"
                 f" `table_service_from_settings` sets no transport), fewer than {webhook['senders']} concurrent requests plus"
-                " their relay threads, so connections are closed and reopened under load."
+                " the delivery jobs, so connections are closed and reopened under load."
             )
     for run in results.get("reconcile", []):
         drift = run["drift_run"]
