@@ -54,6 +54,7 @@ from shared.errors import (
     MarketplaceUnavailableError,
     NotFoundError,
     PayloadTooLargeError,
+    StorageUnavailableError,
     UnprocessableError,
 )
 from shared.events import build_event_document
@@ -417,6 +418,12 @@ def _request_change(services: Services, request: ChangeRequest, *, caller: str, 
     )
     try:
         operation = _claim(services, stored, operation, request)
+    except StorageUnavailableError:
+        # The claim's answer was lost (a dropped connection, a timeout): it may have landed. Undo it
+        # if it did, so the caller's retry is not refused as operation_pending; nothing was sent.
+        _release(store, operation)
+        services.follower.follow(operation.subscription_id, operation.id)  # if the release failed too
+        raise
     except AppError:
         _forget(store, operation_id)
         raise

@@ -594,3 +594,32 @@ def test_the_openapi_document_is_served_and_every_answer_here_is_checked_against
     api.get("operations/not-a-guid", roles=(READ,))
     api.patch(str(uuid.uuid4()), {"planId": "premium"}, token=None)
     assert contract.validated == before + 3  # the http fixture validated each answer
+
+
+def test_a_claim_whose_answer_was_lost_is_undone_so_the_retry_goes_through(api, monkeypatch):
+    """The claim's transaction landed but its answer did not (a dropped pooled connection: seen in
+    the bench as 503 storage_unavailable). The 503 leaves no claim behind and nothing was sent, so
+    the caller's retry is accepted instead of being refused as operation_pending."""
+    from shared.errors import StorageUnavailableError
+    from shared.publisher_store import PublisherOperationStore
+
+    subscription_id = subscribed(api)
+    real_claim = PublisherOperationStore.claim
+
+    def claim_then_lose_the_answer(self, stored, operation):
+        real_claim(self, stored, operation)  # written at the storage...
+        raise StorageUnavailableError("storage failed during claim subscription: ServiceResponseError")  # ...answer lost
+
+    monkeypatch.setattr(PublisherOperationStore, "claim", claim_then_lose_the_answer)
+    refused = api.patch(subscription_id, {"quantity": 9})
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"] == "storage_unavailable"
+    assert api.services.repository.get(subscription_id).record.pending_operation_id == ""
+    assert publisher_rows(api.services, subscription_id) == []
+    assert changes_sent(api.standin) == 0
+
+    monkeypatch.setattr(PublisherOperationStore, "claim", real_claim)
+    retried = api.patch(subscription_id, {"quantity": 9})
+    assert retried.status_code == 202, retried.text
+    assert api.wait_for(retried.json()["id"])["status"] == "Succeeded"
+    assert changes_sent(api.standin) == 1
