@@ -400,7 +400,12 @@ def _request_change(services: Services, request: ChangeRequest, *, caller: str, 
     _validate(services, stored.record, request)
 
     now = services.clock()
-    if not store.create_index(OperationIndex(operation_id, request.subscription_id, fingerprint, caller, now)):
+    try:
+        created = store.create_index(OperationIndex(operation_id, request.subscription_id, fingerprint, caller, now))
+    except StorageUnavailableError:
+        _forget(store, operation_id)  # it may have landed: the retry with this key must not wait for it
+        raise
+    if not created:
         earlier = _replay(services, operation_id, fingerprint)  # the same key, concurrently
         if earlier is not None:
             return _accepted(earlier, replayed=True)

@@ -623,3 +623,23 @@ def test_a_claim_whose_answer_was_lost_is_undone_so_the_retry_goes_through(api, 
     assert retried.status_code == 202, retried.text
     assert api.wait_for(retried.json()["id"])["status"] == "Succeeded"
     assert changes_sent(api.standin) == 1
+
+
+def test_an_idempotency_index_whose_answer_was_lost_does_not_hold_up_the_retry_with_the_same_key(api, monkeypatch):
+    from shared.errors import StorageUnavailableError
+    from shared.publisher_store import PublisherOperationStore
+
+    subscription_id = subscribed(api)
+    real_create_index = PublisherOperationStore.create_index
+
+    def create_then_lose_the_answer(self, index):
+        real_create_index(self, index)
+        raise StorageUnavailableError("storage failed during write operation index: ServiceResponseError")
+
+    monkeypatch.setattr(PublisherOperationStore, "create_index", create_then_lose_the_answer)
+    assert api.patch(subscription_id, {"quantity": 9}, key="retry-me").status_code == 503
+    monkeypatch.setattr(PublisherOperationStore, "create_index", real_create_index)
+    retried = api.patch(subscription_id, {"quantity": 9}, key="retry-me")
+    assert retried.status_code == 202, retried.text  # not 409 request_in_progress
+    assert api.wait_for(retried.json()["id"])["status"] == "Succeeded"
+    assert changes_sent(api.standin) == 1
