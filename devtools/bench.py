@@ -1171,14 +1171,30 @@ def _render_publisher(p: dict[str, Any]) -> list[str]:
 # 7. Work on queues (event delivery and operation follow-up as queue triggers)
 
 
-class _HookServer:
-    """EVENTS_WEBHOOK_URL for the bench: stamps when each subscription's events arrive (epoch s)."""
+class _Arrivals:
+    """Events as they arrived somewhere: (epoch s, subscriptionId, eventType)."""
+
+    def __init__(self) -> None:
+        self.arrivals: list[tuple[float, str, str]] = []
+        self._lock = threading.Lock()
+
+    def first(self, event_type: str) -> dict[str, float]:
+        """When each subscription's first event of this type arrived."""
+        with self._lock:
+            found: dict[str, float] = {}
+            for at, subscription_id, kind in self.arrivals:
+                if kind == event_type:
+                    found.setdefault(subscription_id, at)
+            return found
+
+
+class _HookServer(_Arrivals):
+    """EVENTS_WEBHOOK_URL for the bench: stamps when each subscription's events arrive."""
 
     def __init__(self) -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-        self.arrivals: list[tuple[float, str, str]] = []  # (at, subscriptionId, eventType)
-        self._lock = threading.Lock()
+        super().__init__()
         hook = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -1211,24 +1227,15 @@ class _HookServer:
         self._server.shutdown()
         self._server.server_close()
 
-    def first(self, event_type: str) -> dict[str, float]:
-        with self._lock:
-            found: dict[str, float] = {}
-            for at, subscription_id, kind in self.arrivals:
-                if kind == event_type:
-                    found.setdefault(subscription_id, at)
-            return found
 
-
-class _QueueWatcher:
+class _QueueWatcher(_Arrivals):
     """Reads the events queue (EVENTS_QUEUE_NAME) continuously, as a consumer would, stamping arrivals."""
 
     def __init__(self, connection_string: str, name: str):
         from azure.storage.queue import QueueClient, TextBase64DecodePolicy
 
+        super().__init__()
         self.client = QueueClient.from_connection_string(connection_string, name, message_decode_policy=TextBase64DecodePolicy())
-        self.arrivals: list[tuple[float, str, str]] = []
-        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="bench-queue-watcher", daemon=True)
 
@@ -1257,14 +1264,6 @@ class _QueueWatcher:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(10)
-
-    def first(self, event_type: str) -> dict[str, float]:
-        with self._lock:
-            found: dict[str, float] = {}
-            for at, subscription_id, kind in self.arrivals:
-                if kind == event_type:
-                    found.setdefault(subscription_id, at)
-            return found
 
 
 def _delays_ms(start: dict[str, float], end: dict[str, float]) -> dict[str, float]:
