@@ -946,22 +946,27 @@ def _bound_by_deadline(request: Any) -> None:
     request.context.options["read_timeout"] = left
 
 
-def table_service_from_settings(settings) -> TableServiceClient:
-    """Connection string (Azurite) or endpoint + managed identity (Azure). Short timeouts, few retries."""
+def pooled_transport(**timeouts: float) -> Any:
+    """A requests transport whose pool is as large as the concurrency we run at (the SDK's default
+    of 10 connections drops and reopens connections under a burst); for the table and queue clients."""
     import requests
     from azure.core.pipeline.transport import RequestsTransport
 
-    # A pool as large as the concurrency we run at (the SDK's default of 10 drops connections under a burst).
     session = requests.Session()
     session.mount("http://", requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64))
     session.mount("https://", requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64))
+    return RequestsTransport(session=session, session_owner=False, **timeouts)
+
+
+def table_service_from_settings(settings) -> TableServiceClient:
+    """Connection string (Azurite) or endpoint + managed identity (Azure). Short timeouts, few retries."""
     timeouts = {"connection_timeout": 5, "read_timeout": 15}
     options: dict[str, Any] = {
         "raw_request_hook": _bound_by_deadline,
         "retry_total": 2,
         "retry_backoff_factor": 0.4,
         **timeouts,
-        "transport": RequestsTransport(session=session, session_owner=False, **timeouts),
+        "transport": pooled_transport(**timeouts),
     }
     if settings.tables_connection_string:
         return TableServiceClient.from_connection_string(settings.tables_connection_string, **options)

@@ -67,12 +67,15 @@ def queue_client(settings: Settings, queue_name: str, *, endpoint: str = "") -> 
     from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
 
     # Base64 text messages: what a queue-triggered Azure Function expects by default.
+    from shared.repository import pooled_transport
+
+    timeouts = {"connection_timeout": 5, "read_timeout": 10}
     options: dict[str, Any] = {
         "message_encode_policy": TextBase64EncodePolicy(),
         "message_decode_policy": TextBase64DecodePolicy(),
         "retry_total": 2,
-        "connection_timeout": 5,
-        "read_timeout": 10,
+        **timeouts,
+        "transport": pooled_transport(**timeouts),
     }
     if settings.tables_connection_string:
         return QueueClient.from_connection_string(settings.tables_connection_string, queue_name, **options)
