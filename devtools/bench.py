@@ -257,10 +257,6 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _relay_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith(RELAY_THREAD_PREFIX) and t.is_alive()]
-
-
 class _Worker:
     """Runs inside the app process: the services bundle, the dev host and the instruments."""
 
@@ -364,7 +360,6 @@ class _Worker:
             "marketplace": dict(services.marketplace.counter.counts),
             "timings": self.timings.snapshot(),
             "cpu_seconds": usage.ru_utime + usage.ru_stime,
-            "relay_threads": len(_relay_threads()),
         }
 
     def cmd_wait_followers(self, timeout: float = 300.0) -> bool:

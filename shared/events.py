@@ -27,7 +27,7 @@ from shared.state_machine import (
     EVENT_USAGE_REJECTED,
     Outcome,
 )
-from shared.work_queue import POISON_MARKER, Job, WorkQueue
+from shared.work_queue import POISON_MARKER, Job, WorkQueue, queue_client
 
 if TYPE_CHECKING:
     from shared.ports import OutboxStore
@@ -169,8 +169,6 @@ class EventRelay:
 
     @classmethod
     def from_settings(cls, settings: Settings, repository: OutboxStore, *, clock: Callable[[], datetime] = utc_now) -> EventRelay:
-        from shared.work_queue import WorkQueue, queue_client
-
         # The events queue is the application's: EVENTS_QUEUE_ENDPOINT when set, not the triggers' account.
         events_client = queue_client(
             settings,

@@ -71,6 +71,7 @@ from shared.publisher_store import (
     operation_row,
 )
 from shared.state_machine import Change, Kind, LocalStatus, Source
+from shared.work_queue import Job, WorkQueue, queue_client
 
 if TYPE_CHECKING:
     from shared.services import Services
@@ -742,8 +743,6 @@ class OperationFollower:
     """
 
     def __init__(self, services: Services):
-        from shared.work_queue import WorkQueue, queue_client
-
         self._services = services
         self.queue = WorkQueue(
             queue_client(services.settings, services.settings.operations_work_queue), clock=lambda: services.clock()
@@ -751,8 +750,6 @@ class OperationFollower:
         self.first_wait = float(services.settings.publisher_operation_poll_seconds)
 
     def follow(self, subscription_id: str, operation_id: str) -> None:
-        from shared.work_queue import Job
-
         job = Job(
             kind=JOB_POLL,
             subscription_id=subscription_id,
@@ -770,8 +767,6 @@ class OperationFollower:
     def run_job(self, message: str) -> bool:
         """Poll once (the operation_followup function's use case). True: finished (settled,
         released or out of budget); False: put back with the doubled wait."""
-        from shared.work_queue import Job
-
         job = Job.from_message(message)
         if job.kind != JOB_POLL or not job.operation_id:
             raise ValueError(f"not a poll job: {job.kind!r}")

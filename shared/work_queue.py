@@ -66,10 +66,10 @@ def queue_client(settings: Settings, queue_name: str, *, endpoint: str = "") -> 
     connection: a work queue must be where its trigger listens)."""
     from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
 
-    # Base64 text messages: what a queue-triggered Azure Function expects by default.
     from shared.repository import pooled_transport
 
     timeouts = {"connection_timeout": 5, "read_timeout": 10}
+    # Base64 text messages: what a queue-triggered Azure Function expects by default.
     options: dict[str, Any] = {
         "message_encode_policy": TextBase64EncodePolicy(),
         "message_decode_policy": TextBase64DecodePolicy(),
@@ -149,9 +149,10 @@ class WorkQueue:
         from azure.core.exceptions import HttpResponseError
 
         with self._lock:
-            due = [(mid, receipt) for mid, (receipt, at) in (self._delayed or {}).items() if now is None or at <= now]
+            tracked = self._delayed or {}
+            due = [(mid, receipt) for mid, (receipt, at) in tracked.items() if now is None or at <= now]
             for mid, _ in due:
-                del self._delayed[mid]  # type: ignore[union-attr]
+                del tracked[mid]
         released = 0
         for mid, receipt in due:
             try:
